@@ -1,0 +1,498 @@
+"""The control plane: the sidecar's settings, its listeners and its namespaces.
+
+A config file (TOML or YAML) is decoded into these msgspec structs. Loading never
+stops at the first mistake: `validate` walks the raw document against the struct
+types and collects every error with its path (``namespaces.a.targets[0].servers:
+expected array, got str``), then checks what types cannot say (ports used twice,
+listeners naming unknown namespaces, ...). `walcar config check` prints them all.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from sidecar.units import ByteSize, Duration, parse_hostport
+
+NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+TARGET_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_PARTITIONS = 1024
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=False):
+    pass
+
+
+class RetryPolicy(_Base):
+    """Backoff for transient apply errors; after max_attempts the entry is dead-lettered."""
+
+    initial_delay: Duration = Duration(0.1)
+    max_delay: Duration = Duration(30.0)
+    multiplier: float = 2.0
+    max_attempts: int = 20
+
+
+class MemcachedTarget(_Base, tag="memcached", tag_field="type"):
+    name: str
+    servers: list[str]
+    pool_size: int = 8
+    timeout: Duration = Duration(1.0)
+
+
+class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
+    name: str
+    contact_points: list[str]
+    keyspace: str
+    table: str | None = None  # KV items go to <keyspace>.<table>; default: the namespace name
+    local_dc: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    consistency: Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "ALL", "EACH_QUORUM"] = "LOCAL_QUORUM"
+    timeout: Duration = Duration(5.0)
+    create_schema: bool = True
+    replication_factor: int = 1
+
+
+class WalTarget(_Base, tag="wal", tag_field="type"):
+    """A remote region's walcar, reached over its KV API."""
+
+    name: str
+    url: str
+    token_file: str | None = None
+    timeout: Duration = Duration(5.0)
+    batch_size: int = 500
+    compress_above: ByteSize = ByteSize(64 * 1024)
+
+
+Target = MemcachedTarget | CassandraTarget | WalTarget
+
+
+class Namespace(_Base):
+    mode: Literal["async", "sync"] = "async"
+    visibility_budget: Duration = Duration(0.05)
+    partitions: int = 16
+    replay_window: Duration = Duration(72 * 3600.0)
+    duplicate_window: Duration = Duration(120.0)
+    replicas: int = 1
+    chunk_threshold: ByteSize = ByteSize(256 * 1024)
+    max_item_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    # A client-given write time further than this from the sidecar's clock is refused.
+    write_time_drift: Duration = Duration(3600.0)
+    dlq: bool = True
+    # strict: later entries of a key wait behind a dead-lettered one instead of passing it.
+    strict: bool = False
+    # relay: forward entries that came from another region to this namespace's wal targets.
+    relay: bool = False
+    primary: str | None = None  # target that serves reads and sync visibility; default: first
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    targets: list[Target] = msgspec.field(default_factory=list)
+
+    def primary_target(self) -> Target | None:
+        if self.primary is not None:
+            return next((t for t in self.targets if t.name == self.primary), None)
+        return self.targets[0] if self.targets else None
+
+    def target(self, name: str) -> Target | None:
+        return next((t for t in self.targets if t.name == name), None)
+
+
+class Listener(_Base):
+    protocol: Literal["memcached", "cql", "kv"]
+    bind: str
+    namespace: str | None = None  # kv serves every namespace by path
+    # cql: the Cassandra cluster reads and schema go to; default: the namespace's cassandra target.
+    upstream: list[str] | None = None
+    data_center: str = "datacenter1"
+    rack: str = "rack1"
+
+
+class JournalSettings(_Base):
+    publish_timeout: Duration = Duration(2.0)
+    max_inflight_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+    max_inflight_entries: int = 20_000
+    max_batch_entries: int = 512
+    # Ingress sheds writes (503 / SERVER_ERROR / Overloaded) while acks are this slow.
+    shed_ack_latency: Duration = Duration(1.0)
+
+
+class SidecarSettings(_Base):
+    region: str = "local"
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str | None = None
+    admin: str = "127.0.0.1:9901"
+    metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
+    admin_token_file: str | None = None  # bearer token for mutating admin calls
+    region_token_file: str | None = None  # bearer token other regions must present
+    shutdown_grace: Duration = Duration(2.0)
+    shutdown_deadline: Duration = Duration(30.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    journal: JournalSettings = msgspec.field(default_factory=JournalSettings)
+
+
+class Config(_Base):
+    sidecar: SidecarSettings = msgspec.field(default_factory=SidecarSettings)
+    listeners: list[Listener] = msgspec.field(default_factory=list)
+    namespaces: dict[str, Namespace] = msgspec.field(default_factory=dict)
+
+    def namespace(self, name: str) -> Namespace | None:
+        return self.namespaces.get(name)
+
+
+class ConfigError(Exception):
+    """Every problem found in a config document, each prefixed with its path."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__("\n".join(errors))
+
+
+# --- decoding -----------------------------------------------------------------
+
+_CUSTOM = {Duration: Duration.parse, ByteSize: ByteSize.parse}
+
+
+def _dec_hook(tp: type, obj: object) -> object:
+    parse = _CUSTOM.get(tp)
+    if parse is None:
+        raise NotImplementedError(tp)
+    return parse(obj)
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, Duration | ByteSize):
+        return str(obj)
+    raise NotImplementedError(type(obj))
+
+
+_JSON_NAMES = {
+    msgspec.inspect.IntType: "int",
+    msgspec.inspect.FloatType: "float",
+    msgspec.inspect.StrType: "str",
+    msgspec.inspect.BoolType: "bool",
+    msgspec.inspect.NoneType: "null",
+    msgspec.inspect.ListType: "array",
+    msgspec.inspect.DictType: "object",
+    msgspec.inspect.StructType: "object",
+}
+
+
+def _raw_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _type_name(info: msgspec.inspect.Type) -> str:
+    if isinstance(info, msgspec.inspect.CustomType):
+        return "duration" if info.cls is Duration else "size"
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return " | ".join(repr(v) for v in info.values)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return " | ".join(_type_name(t) for t in info.types)
+    return _JSON_NAMES.get(type(info), type(info).__name__)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _walk(value: object, info: msgspec.inspect.Type, path: str) -> Iterator[str]:
+    """Yield one error per problem in `value` against the type `info`."""
+    where = path or "(top level)"
+    if isinstance(info, msgspec.inspect.UnionType):
+        if value is None and any(isinstance(t, msgspec.inspect.NoneType) for t in info.types):
+            return
+        structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        if structs and structs[0].tag_field is not None:
+            yield from _walk_tagged(value, structs, path)
+            return
+        candidates = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(candidates) == 1:
+            yield from _walk(value, candidates[0], path)
+            return
+        for candidate in candidates:
+            if not list(_walk(value, candidate, path)):
+                return
+        yield f"{where}: expected {_type_name(info)}, got {_raw_name(value)}"
+        return
+    if isinstance(info, msgspec.inspect.StructType):
+        yield from _walk_struct(value, info, path)
+        return
+    if isinstance(info, msgspec.inspect.ListType):
+        if not isinstance(value, list):
+            yield f"{where}: expected array, got {_raw_name(value)}"
+            return
+        for index, item in enumerate(value):
+            yield from _walk(item, info.item_type, _join(path, index))
+        return
+    if isinstance(info, msgspec.inspect.DictType):
+        if not isinstance(value, dict):
+            yield f"{where}: expected object, got {_raw_name(value)}"
+            return
+        for key, item in value.items():
+            yield from _walk(item, info.value_type, _join(path, str(key)))
+        return
+    if isinstance(info, msgspec.inspect.LiteralType):
+        if value not in info.values:
+            allowed = ", ".join(repr(v) for v in info.values)
+            yield f"{where}: expected one of {allowed}, got {value!r}"
+        return
+    if isinstance(info, msgspec.inspect.CustomType):
+        try:
+            _CUSTOM[info.cls](value)
+        except ValueError as exc:
+            yield f"{where}: {exc}"
+        return
+    expected = _JSON_NAMES.get(type(info))
+    got = _raw_name(value)
+    if expected is None:
+        return
+    if expected == "float" and got == "int":
+        return
+    if expected != got:
+        yield f"{where}: expected {expected}, got {got}"
+
+
+def _walk_struct(value: object, info: msgspec.inspect.StructType, path: str) -> Iterator[str]:
+    where = path or "(top level)"
+    if not isinstance(value, dict):
+        yield f"{where}: expected object, got {_raw_name(value)}"
+        return
+    fields = {f.encode_name: f for f in info.fields}
+    for key in value:
+        if key == info.tag_field:
+            continue
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            yield f"{_join(path, key)}: unknown field (known: {known})"
+    for name, field in fields.items():
+        if name not in value:
+            if field.required:
+                yield f"{where}: missing required field `{name}`"
+            continue
+        yield from _walk(value[name], field.type, _join(path, name))
+
+
+def _walk_tagged(value: object, structs: list[msgspec.inspect.StructType], path: str) -> Iterator[str]:
+    where = path or "(top level)"
+    if not isinstance(value, dict):
+        yield f"{where}: expected object, got {_raw_name(value)}"
+        return
+    tag_field = structs[0].tag_field
+    tags = {s.tag: s for s in structs}
+    tag = value.get(tag_field)
+    if tag not in tags:
+        allowed = ", ".join(repr(t) for t in tags)
+        if tag is None:
+            yield f"{where}: missing required field `{tag_field}` (one of {allowed})"
+        else:
+            yield f"{_join(path, tag_field)}: expected one of {allowed}, got {tag!r}"
+        return
+    yield from _walk_struct(value, tags[tag], path)
+
+
+def _semantic_errors(config: Config) -> Iterator[str]:
+    """What the types cannot say."""
+    binds: dict[tuple[str, int], int] = {}
+    for index, listener in enumerate(config.listeners):
+        path = f"listeners[{index}]"
+        try:
+            host, port = parse_hostport(listener.bind)
+        except ValueError as exc:
+            yield f"{path}.bind: {exc}"
+            continue
+        if port in {p for (_, p) in binds}:
+            first = next(i for (_, p), i in binds.items() if p == port)
+            yield f"{path}.bind: port {port} is already used by listeners[{first}]"
+        binds[(host, port)] = index
+        if listener.protocol in ("memcached", "cql"):
+            if listener.namespace is None:
+                yield f"{path}: a {listener.protocol} listener needs `namespace`"
+            elif listener.namespace not in config.namespaces:
+                yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
+        elif listener.namespace is not None and listener.namespace not in config.namespaces:
+            yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
+        if listener.protocol == "memcached" and listener.namespace in config.namespaces:
+            ns = config.namespaces[listener.namespace]
+            if not any(isinstance(t, MemcachedTarget) for t in ns.targets):
+                yield f"{path}: namespace {listener.namespace!r} has no memcached target to read from"
+        if listener.protocol == "cql" and listener.upstream is None and listener.namespace in config.namespaces:
+            ns = config.namespaces[listener.namespace]
+            if not any(isinstance(t, CassandraTarget) for t in ns.targets):
+                yield f"{path}: set `upstream` or give namespace {listener.namespace!r} a cassandra target"
+    admin_addresses = [("sidecar.admin", config.sidecar.admin)]
+    if config.sidecar.metrics:
+        admin_addresses.append(("sidecar.metrics", config.sidecar.metrics))
+    for field, address in admin_addresses:
+        try:
+            _, port = parse_hostport(address)
+        except ValueError as exc:
+            yield f"{field}: {exc}"
+            continue
+        clash = next((i for (_, p), i in binds.items() if p == port), None)
+        if clash is not None:
+            yield f"{field}: port {port} is already used by listeners[{clash}]"
+
+    for name, ns in config.namespaces.items():
+        path = f"namespaces.{name}"
+        if not NAMESPACE_RE.match(name):
+            yield f"{path}: namespace names are lowercase letters, digits, '-' and '_' (<= 63)"
+        if not 1 <= ns.partitions <= MAX_PARTITIONS:
+            yield f"{path}.partitions: must be between 1 and {MAX_PARTITIONS}, got {ns.partitions}"
+        if ns.replicas not in (1, 3, 5):
+            yield f"{path}.replicas: must be 1, 3 or 5, got {ns.replicas}"
+        if ns.replay_window <= 0:
+            yield f"{path}.replay_window: must be positive"
+        if ns.duplicate_window <= 0 or ns.duplicate_window > ns.replay_window:
+            yield f"{path}.duplicate_window: must be positive and not longer than replay_window"
+        if ns.chunk_threshold < 1024:
+            yield f"{path}.chunk_threshold: must be at least 1KiB"
+        retry = ns.retry
+        if retry.multiplier < 1.0:
+            yield f"{path}.retry.multiplier: must be >= 1.0, got {retry.multiplier}"
+        if retry.initial_delay > retry.max_delay:
+            yield f"{path}.retry.initial_delay: must not exceed max_delay ({retry.max_delay})"
+        if retry.max_attempts < 1:
+            yield f"{path}.retry.max_attempts: must be >= 1, got {retry.max_attempts}"
+        seen: dict[str, int] = {}
+        for index, target in enumerate(ns.targets):
+            tpath = f"{path}.targets[{index}]"
+            if not TARGET_NAME_RE.match(target.name):
+                yield f"{tpath}.name: target names are lowercase letters, digits, '-' and '_'"
+            if target.name in seen:
+                yield f"{tpath}.name: duplicate target name {target.name!r} (also targets[{seen[target.name]}])"
+            seen.setdefault(target.name, index)
+            if isinstance(target, MemcachedTarget):
+                if not target.servers:
+                    yield f"{tpath}.servers: needs at least one host:port"
+                yield from _hostports(target.servers, f"{tpath}.servers")
+            elif isinstance(target, CassandraTarget):
+                if not target.contact_points:
+                    yield f"{tpath}.contact_points: needs at least one host:port"
+                yield from _hostports(target.contact_points, f"{tpath}.contact_points")
+            elif isinstance(target, WalTarget) and not target.url.startswith(("http://", "https://")):
+                yield f"{tpath}.url: expected an http:// or https:// URL, got {target.url!r}"
+        if ns.primary is not None and ns.primary not in seen:
+            yield f"{path}.primary: no target named {ns.primary!r}"
+        if ns.mode == "sync" and not ns.targets:
+            yield f"{path}.mode: sync mode needs at least one target to be visible in"
+
+
+def _hostports(values: list[str], path: str) -> Iterator[str]:
+    for index, value in enumerate(values):
+        try:
+            parse_hostport(value)
+        except ValueError as exc:
+            yield f"{path}[{index}]: {exc}"
+
+
+def parse_document(text: str, fmt: str) -> object:
+    """TOML or YAML text -> plain Python objects."""
+    if fmt == "toml":
+        return tomllib.loads(text)
+    if fmt == "yaml":
+        return yaml.safe_load(text) or {}
+    raise ValueError(f"unknown config format {fmt!r}")
+
+
+def validate(document: object, source: str = "") -> Config:
+    """Plain objects -> Config, or ConfigError listing every problem."""
+    errors = list(_walk(document, msgspec.inspect.type_info(Config), ""))
+    if errors:
+        raise ConfigError(errors, source)
+    try:
+        config = msgspec.convert(document, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:  # the walker should have caught it; keep the message
+        raise ConfigError([str(exc)], source) from None
+    semantic = list(_semantic_errors(config))
+    if semantic:
+        raise ConfigError(semantic, source)
+    return config
+
+
+def format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return "toml"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    raise ConfigError([f"{path}: unknown config format (use .toml, .yaml or .yml)"], str(path))
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror or exc}"], str(path)) from None
+    try:
+        document = parse_document(text, format_of(path))
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: not valid {format_of(path).upper()}: {exc}"], str(path)) from None
+    return validate(document, str(path))
+
+
+def to_builtins(config: Config, redact: bool = True) -> dict[str, Any]:
+    """The effective config as plain objects (defaults filled in); secrets are files, never values."""
+    data = msgspec.to_builtins(config, enc_hook=_enc_hook)
+    if redact:
+        _redact(data)
+    return data
+
+
+_SECRET_KEYS = {"password", "token", "secret"}
+
+
+def _redact(node: object) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _SECRET_KEYS and value:
+                node[key] = "<redacted>"
+            else:
+                _redact(value)
+    elif isinstance(node, list):
+        for item in node:
+            _redact(item)
+
+
+def dumps(config: Config, fmt: str = "toml") -> str:
+    data = to_builtins(config)
+    if fmt == "json":
+        return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False)
+    return msgspec.toml.encode(_drop_none(data)).decode()
+
+
+def _drop_none(node: Any) -> Any:
+    """TOML has no null: an unset optional setting is simply absent."""
+    if isinstance(node, dict):
+        return {k: _drop_none(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_drop_none(v) for v in node]
+    return node
+
+
+def stream_name(namespace: str) -> str:
+    return f"WAL_{namespace.upper()}"

@@ -65,7 +65,7 @@ class StructLogger:
     def error(self, event: str, exc_info: bool = False, **fields: Any) -> None:
         self._log(logging.ERROR, event, exc_info, fields)
 
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - mirrors logging.Logger
+    def isEnabledFor(self, level: int) -> bool:
         return self._logger.isEnabledFor(level)
 
 

@@ -1,0 +1,71 @@
+"""Session fixtures: the real services, and per-test names so tests never see each other's data."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import MemcachedProcess, NatsProcess
+from tests.support.services import Services, ensure_up
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    return ensure_up()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short token for stream, keyspace and key names private to one test."""
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def cassandra_cluster(services: Services) -> Iterator[object]:
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import Cluster
+
+    host, port = services.cassandra
+    cluster = Cluster(
+        [host],
+        port=port,
+        auth_provider=PlainTextAuthProvider(services.cassandra_user, services.cassandra_password),
+        protocol_version=4,
+    )
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cassandra_session(cassandra_cluster: object) -> object:
+    return cassandra_cluster.connect()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def keyspace(cassandra_session: object, unique: str) -> Iterator[str]:
+    name = f"ks_{unique}"
+    cassandra_session.execute(  # type: ignore[attr-defined]
+        f"CREATE KEYSPACE {name} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+    )
+    yield name
+    cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {name}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path, services: Services) -> Iterator[NatsProcess]:
+    """A nats-server of this test's own, to stop and restart at will."""
+    server = NatsProcess(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_memcached(tmp_path: Path, services: Services) -> Iterator[MemcachedProcess]:
+    server = MemcachedProcess(tmp_path / "memcached")
+    server.start()
+    yield server
+    server.stop()

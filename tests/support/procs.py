@@ -1,0 +1,128 @@
+"""Private server processes for tests that stop, kill or restart a service.
+
+Fault tests never touch the shared services: each gets its own nats-server or
+memcached on a free port, and can stop and restart it on the same port and store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.support.services import NATS_SERVER
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class ManagedProcess:
+    """A server process the test owns: start, stop (SIGTERM), kill (SIGKILL), restart."""
+
+    name = "process"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logfile = workdir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return port_open(self.port)
+
+    def start(self, timeout: float = 15.0) -> None:
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        try:
+            wait_for(self.ready, timeout, what=f"{self.name} on port {self.port}")
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not start:\n{self.logfile.read_text()[-3000:]}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_for(lambda: not port_open(self.port), 10, what=f"{self.name} port {self.port} to close")
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class NatsProcess(ManagedProcess):
+    name = "nats-server"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.monitor_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+            "-js", "-sd", str(self.workdir / "js"),
+        ]
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+
+class MemcachedProcess(ManagedProcess):
+    name = "memcached"
+
+    def command(self) -> list[str]:
+        command = [shutil.which("memcached") or "memcached", "-l", "127.0.0.1", "-p", str(self.port),
+                   "-U", "0", "-m", "128"]
+        # memcached refuses to run as root unless told which user to stay.
+        return [*command, "-u", "root"] if os.geteuid() == 0 else command

@@ -31,9 +31,45 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from sidecar import logs
+    from sidecar.app import Sidecar
+    from sidecar.log.connection import ServerTooOld
+    from sidecar.log.streams import StreamConflict
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(args.log_level or cfg.sidecar.log_level)
+    try:
+        trio.run(Sidecar(cfg, role=args.role, connect_retry=args.connect_retry).run)
+    except (ServerTooOld, StreamConflict, ConnectionError) as exc:
+        print(f"walcar: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a listener could not bind
+        print(f"walcar: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="walcar", description="write-ahead-log sidecar")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", "-c", required=True, help="config file (TOML or YAML)")
+    run.add_argument("--role", choices=["ingress", "drain", "all"], default="all",
+                     help="ingress: serve the listeners; drain: apply the journal to targets; all: both")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--connect-retry", type=float, default=30.0, metavar="SECONDS",
+                     help="how long to keep trying to reach NATS at start (default 30)")
+    run.set_defaults(func=cmd_run)
 
     cfg = sub.add_parser("config", help="inspect a config file")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)

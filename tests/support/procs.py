@@ -126,3 +126,12 @@ class MemcachedProcess(ManagedProcess):
                    "-U", "0", "-m", "128"]
         # memcached refuses to run as root unless told which user to stay.
         return [*command, "-u", "root"] if os.geteuid() == 0 else command
+
+
+class DebianNatsProcess(NatsProcess):
+    """Debian's packaged nats-server (2.9.x): too old for walcar, kept to prove the refusal."""
+
+    name = "debian-nats-server"
+
+    def command(self) -> list[str]:
+        return ["/usr/sbin/nats-server", *super().command()[1:]]

@@ -1,0 +1,26 @@
+"""What readiness is made of: the journal's connection, every listener bound, not shutting down."""
+
+from __future__ import annotations
+
+from sidecar.log.connection import NatsConnection
+
+
+class SidecarState:
+    def __init__(self) -> None:
+        self.conn: NatsConnection | None = None
+        self.listeners_expected: set[str] = set()
+        self.listeners_bound: set[str] = set()
+        self.shutting_down = False
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if self.shutting_down:
+            reasons.append("shutting down")
+        if self.conn is None:
+            reasons.append("journal not open yet")
+        elif not self.conn.connected:
+            reasons.append(f"journal disconnected from NATS ({self.conn.last_error or 'reconnecting'})")
+        missing = sorted(self.listeners_expected - self.listeners_bound)
+        if missing:
+            reasons.append(f"listeners not bound: {', '.join(missing)}")
+        return reasons

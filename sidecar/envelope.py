@@ -1,0 +1,145 @@
+"""The journaled entry: what one mutation looks like on the stream (msgpack).
+
+Versioned by `v`; fields are only ever added with defaults, and decoding ignores
+fields it does not know, so entries written by an older or newer walcar stay
+readable for the whole replay window.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import zlib
+from enum import StrEnum
+from typing import Final
+
+import msgspec
+
+ENVELOPE_VERSION: Final = 1
+
+
+class Op(StrEnum):
+    PUT = "put"  # set an item (memcached set, KV put, WriteToLog)
+    DELETE = "delete"  # delete an item, or a whole record when item is ""
+    TOUCH = "touch"  # change an item's expiry only
+    CQL = "cql"  # re-execute CQL statement(s) against Cassandra
+    MULTI = "multi"  # marker: a mutation too large for one atomic batch, stored in the chunk store
+
+
+class ChunkRef(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Where a payload too large for the stream lives (the namespace's chunk bucket)."""
+
+    object: str
+    size: int
+    chunks: int
+    digest: str  # "sha256=<hex>" of the whole payload, checked on read
+
+
+class BatchRef(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Membership of a multi-entry mutation journaled as one atomic batch."""
+
+    id: str
+    index: int
+    count: int
+
+
+class CqlStatement(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Everything needed to re-execute one CQL mutation with cassandra-driver."""
+
+    query: str
+    values: list[bytes | None] = []  # serialized bind values as the client sent them; None = null
+    types: list[str] = []  # CQL type of each bind marker (from the prepared metadata), for display
+    keyspace: str = ""
+    unset: list[int] = []  # positions of "unset" values (protocol v4 `-2`)
+    names: list[str] = []  # bind-marker names when the client bound by name
+
+
+class CqlMutation(msgspec.Struct, frozen=True, omit_defaults=True):
+    statements: list[CqlStatement]
+    batch_type: int = -1  # -1: a single statement; 0 logged, 1 unlogged (CQL BATCH)
+    consistency: int = 0x0006  # LOCAL_QUORUM
+    serial_consistency: int = 0
+
+
+class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    v: int = ENVELOPE_VERSION
+    id: str  # idempotency token: the Nats-Msg-Id
+    ns: str
+    op: Op
+    key: str  # the record id / memcached key: decides the partition and the per-key order
+    partition: int
+    item: str = ""  # item key inside a record (KV API); "" means the record itself
+    value: bytes | None = None
+    chunk: ChunkRef | None = None  # set instead of value when the payload is in the chunk store
+    content_type: str = ""
+    flags: int = 0  # memcached client flags
+    expires_at: int = 0  # absolute unix seconds; 0: never
+    write_time: int  # µs since the epoch; Cassandra's write timestamp on every apply
+    deliver_at: int = 0  # µs since the epoch; 0: now
+    origin: str = ""  # region the write entered walcar
+    targets: list[str] = []  # [] means every target of the namespace
+    cql: CqlMutation | None = None
+    batch: BatchRef | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Entry)
+_list_decoder = msgspec.msgpack.Decoder(list[Entry])
+
+
+def encode(entry: Entry) -> bytes:
+    return _encoder.encode(entry)
+
+
+def decode(data: bytes) -> Entry:
+    return _decoder.decode(data)
+
+
+def encode_many(entries: list[Entry]) -> bytes:
+    return _encoder.encode(entries)
+
+
+def decode_many(data: bytes) -> list[Entry]:
+    return _list_decoder.decode(data)
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Stable across processes and versions (crc32), unlike Python's hash()."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % partitions
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def subject_for(namespace: str, partition: int) -> str:
+    return f"wal.{namespace}.{partition}"
+
+
+def schedule_subject(namespace: str, entry_id: str) -> str:
+    """One subject per delayed entry: JetStream keeps one schedule per subject."""
+    token = uuid.uuid5(uuid.NAMESPACE_URL, entry_id).hex
+    return f"wal.{namespace}.sched.{token}"
+
+
+class WriteTimeError(ValueError):
+    """A client-given write time too far from the sidecar's clock."""
+
+
+def resolve_write_time(client_time_us: int | None, max_drift_s: float, now: int | None = None) -> int:
+    """The sidecar's clock, or the client's write time when it is within the drift bound."""
+    now = now if now is not None else now_us()
+    if client_time_us is None:
+        return now
+    drift = abs(client_time_us - now) / 1e6
+    if drift > max_drift_s:
+        direction = "future" if client_time_us > now else "past"
+        raise WriteTimeError(
+            f"write_time {client_time_us} is {drift:.0f}s in the {direction}; "
+            f"the namespace allows {max_drift_s:.0f}s of drift"
+        )
+    return client_time_us

@@ -1,0 +1,40 @@
+"""Serve an ASGI app with hypercorn on trio: the KV API, the admin endpoint, the injector."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from sidecar.units import parse_hostport
+
+
+def hypercorn_config(bind: str, graceful_timeout: float, certfile: str | None = None,
+                     keyfile: str | None = None) -> HypercornConfig:
+    host, port = parse_hostport(bind)
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None  # our own structured logs say what matters
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 75.0
+    config.h11_max_incomplete_size = 64 * 1024
+    config.backlog = 1024
+    if certfile and keyfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
+    return config
+
+
+async def serve_http(
+    app: Callable[..., Awaitable[None]],
+    config: HypercornConfig,
+    shutdown: trio.Event,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown` is set; in-flight requests get `graceful_timeout` to finish."""
+    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,191 @@
+"""The sidecar's one NATS connection: connect (retrying), check the server, watch its state."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import trio
+from nats.aio.client import Client
+
+from sidecar.log.bridge import AsyncioBridge
+from sidecar.logs import get_logger
+
+log = get_logger("nats")
+
+MIN_SERVER_VERSION = (2, 12)
+
+
+class ServerTooOld(RuntimeError):
+    pass
+
+
+class JetStreamApiError(RuntimeError):
+    def __init__(self, subject: str, error: dict[str, Any]) -> None:
+        self.code = int(error.get("code", 0))
+        self.err_code = int(error.get("err_code", 0))
+        self.description = str(error.get("description", "unknown error"))
+        super().__init__(f"{subject}: {self.description} (code {self.code}, err_code {self.err_code})")
+
+
+class NatsConnection:
+    """Owns the nats-py client; lives on the bridge's asyncio loop, reported to trio."""
+
+    def __init__(self, bridge: AsyncioBridge, url: str, creds: str | None = None, name: str = "walcar") -> None:
+        self.bridge = bridge
+        self.url = url
+        self.creds = creds
+        self.name = name
+        self.nc: Client | None = None
+        self.connected = False
+        self.server_version = ""
+        self.last_error = ""
+        self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._reconnected = trio.Event()
+        self._state_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` (in trio) after every reconnect, e.g. to re-provision streams."""
+        self._reconnect_hooks.append(hook)
+
+    def _to_trio(self, fn: Callable[[], None]) -> None:
+        if self._trio_token is None:
+            return
+        try:
+            self._trio_token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    def _set_state(self, connected: bool, error: str = "") -> None:
+        self.connected = connected
+        if error:
+            self.last_error = error
+        if connected:
+            self._reconnected.set()
+            self._reconnected = trio.Event()
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def wait_state_change(self) -> None:
+        await self._state_changed.wait()
+
+    async def connect(self, retry_for: float = 0.0) -> None:
+        """Connect, retrying for `retry_for` seconds; then check the server version."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        deadline = trio.current_time() + retry_for
+        delay = 0.1
+        while True:
+            try:
+                self.nc = await self.bridge.run(self._connect_async)
+                break
+            except ServerTooOld:
+                raise
+            except Exception as exc:  # nats-py raises several unrelated types when unreachable
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if trio.current_time() + delay > deadline:
+                    raise ConnectionError(f"cannot connect to NATS at {self.url}: {self.last_error}") from None
+                log.warning("nats_connect_retry", url=self.url, error=self.last_error, retry_in=f"{delay:.1f}s")
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._set_state(True)
+        log.info("nats_connected", url=self.url, server_version=self.server_version)
+
+    async def _connect_async(self) -> Client:
+        async def disconnected() -> None:
+            log.warning("nats_disconnected", url=self.url)
+            self._to_trio(lambda: self._set_state(False, "disconnected"))
+
+        async def reconnected() -> None:
+            log.info("nats_reconnected", url=self.url)
+            self._to_trio(self._after_reconnect)
+
+        async def error(exc: Exception) -> None:
+            self._to_trio(lambda: setattr(self, "last_error", f"{type(exc).__name__}: {exc}"))
+
+        options: dict[str, Any] = {
+            "servers": [u.strip() for u in self.url.split(",")],
+            "name": self.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+            "skip_subject_validation": True,
+            # While disconnected, nats-py would buffer publishes and send them on reconnect;
+            # the journal refuses writes while disconnected instead, so keep the buffer small.
+            "pending_size": 8 * 1024 * 1024,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+        }
+        if self.creds:
+            options["user_credentials"] = self.creds
+        nc = await nats.connect(**options)
+        version = nc.connected_server_version
+        self.server_version = f"{version.major}.{version.minor}.{version.patch}"
+        if (version.major, version.minor) < MIN_SERVER_VERSION:
+            await nc.close()
+            raise ServerTooOld(
+                f"nats-server {self.server_version} at {self.url} is too old: walcar needs >= "
+                f"{MIN_SERVER_VERSION[0]}.{MIN_SERVER_VERSION[1]} (atomic batch publish, message schedules)"
+            )
+        if not nc._server_info.get("jetstream"):
+            await nc.close()
+            raise ServerTooOld(f"nats-server at {self.url} has JetStream disabled: start it with -js")
+        return nc
+
+    def _after_reconnect(self) -> None:
+        self._set_state(True)
+        for hook in self._reconnect_hooks:
+            self._spawn_hook(hook)
+
+    def _spawn_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(hook)
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Reconnect hooks run in this nursery."""
+        self._nursery = nursery
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+        nc = self._require()
+
+        async def call() -> bytes:
+            msg = await nc.request(subject, payload, timeout=timeout)
+            return msg.data
+
+        return await self.bridge.run(call)
+
+    async def js_api(self, subject: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        """A JetStream API call ($JS.API.<subject>), raising JetStreamApiError on an error reply."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        data = await self.request(f"$JS.API.{subject}", payload, timeout)
+        reply: dict[str, Any] = json.loads(data) if data else {}
+        if "error" in reply:
+            raise JetStreamApiError(subject, reply["error"])
+        return reply
+
+    def _require(self) -> Client:
+        if self.nc is None:
+            raise ConnectionError("not connected to NATS")
+        return self.nc
+
+    async def close(self) -> None:
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+
+        async def close_it() -> None:
+            # drain() would flush subscriptions; close() is enough once the writer has settled.
+            await nc.close()
+
+        try:
+            await self.bridge.run(close_it, timeout=5)
+        except Exception as exc:  # closing a broken connection can fail in many ways; nothing to do
+            log.warning("nats_close_failed", error=str(exc))
+        self._set_state(False)

@@ -1,0 +1,106 @@
+"""The journal: entries in, durable answers out.
+
+Decides how an entry goes to JetStream — a plain publish on its partition subject,
+a scheduled message for a delayed one, a chunk-store object plus marker for a large
+payload, an atomic batch for a multi-entry mutation, or one chunked MULTI marker for
+a mutation over the atomic-batch limits — and hands it to the group-commit writer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from sidecar.config import Config, Namespace
+from sidecar.envelope import Entry, Op, encode, encode_many, new_id, now_us, schedule_subject, subject_for
+from sidecar.log.chunks import ChunkError, ChunkStore
+from sidecar.log.writer import MAX_ATOMIC_MESSAGES, Durable, JournalWriter, Message, WriteResult
+
+# One atomic batch must fit comfortably in the server's limits (1000 messages; each
+# message under max_payload); beyond these the mutation is stored as one MULTI object.
+MAX_ATOMIC_BYTES = 4 * 1024 * 1024
+
+
+class UnknownNamespace(KeyError):
+    pass
+
+
+def _rfc3339(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Journal:
+    def __init__(self, config: Config, writer: JournalWriter, chunks: ChunkStore) -> None:
+        self.config = config
+        self.writer = writer
+        self.chunks = chunks
+
+    def namespace(self, name: str) -> Namespace:
+        ns = self.config.namespaces.get(name)
+        if ns is None:
+            raise UnknownNamespace(name)
+        return ns
+
+    def message_for(self, entry: Entry) -> Message:
+        """The JetStream message of an entry that is already small enough for the stream."""
+        headers = {"Nats-Msg-Id": entry.id}
+        subject = subject_for(entry.ns, entry.partition)
+        if entry.deliver_at and entry.deliver_at > now_us():
+            # The stream holds the entry and publishes it to its partition at deliver_at;
+            # nothing waits in the sidecar's memory, and a restart loses nothing.
+            headers["Nats-Schedule"] = f"@at {_rfc3339(entry.deliver_at)}"
+            headers["Nats-Schedule-Target"] = subject
+            subject = schedule_subject(entry.ns, entry.id)
+        return Message(subject, encode(entry), headers)
+
+    async def _externalize(self, entry: Entry, ns: Namespace) -> Entry:
+        """Move a payload above the chunk threshold into the chunk store."""
+        if entry.value is None or len(entry.value) <= ns.chunk_threshold:
+            return entry
+        ref = await self.chunks.put(entry.ns, entry.id, entry.value)
+        return msgspec.structs.replace(entry, value=None, chunk=ref)
+
+    async def append(self, entry: Entry) -> WriteResult:
+        ns = self.namespace(entry.ns)
+        try:
+            entry = await self._externalize(entry, ns)
+        except ChunkError as exc:
+            return WriteResult(Durable.FALSE, message=str(exc))
+        message = self.message_for(entry)
+        return await self.writer.publish(message.subject, message.payload, message.headers)
+
+    async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
+        """Journal several entries as one mutation: all of them or none."""
+        if not entries:
+            raise ValueError("a mutation needs at least one entry")
+        if len(entries) == 1:
+            return await self.append(entries[0])
+        namespace = entries[0].ns
+        ns = self.namespace(namespace)
+        small = all(e.value is None or len(e.value) <= ns.chunk_threshold for e in entries)
+        messages = [self.message_for(e) for e in entries] if small else []
+        if small and len(messages) <= MAX_ATOMIC_MESSAGES and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
+            return await self.writer.publish_atomic(messages)
+        return await self._append_multi(entries, mutation_id or new_id())
+
+    async def _append_multi(self, entries: list[Entry], mutation_id: str) -> WriteResult:
+        """Over the batch limits: the whole mutation as one object, one MULTI marker on the stream."""
+        first = entries[0]
+        try:
+            ref = await self.chunks.put(first.ns, f"multi-{mutation_id}", encode_many(entries))
+        except ChunkError as exc:
+            return WriteResult(Durable.FALSE, message=str(exc))
+        marker = Entry(
+            id=mutation_id,
+            ns=first.ns,
+            op=Op.MULTI,
+            key=first.key,
+            partition=first.partition,
+            chunk=ref,
+            write_time=first.write_time,
+            origin=first.origin,
+            targets=first.targets,
+        )
+        message = self.message_for(marker)
+        return await self.writer.publish(message.subject, message.payload, message.headers)

@@ -1,0 +1,58 @@
+"""Open the journal for a config: NATS thread, connection, streams, writer, chunk store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from sidecar.config import Config
+from sidecar.log.bridge import AsyncioBridge
+from sidecar.log.chunks import ChunkStore
+from sidecar.log.connection import NatsConnection
+from sidecar.log.journal import Journal
+from sidecar.log.streams import provision_namespace
+from sidecar.log.writer import JournalWriter
+from sidecar.logs import get_logger
+
+log = get_logger("journal")
+
+
+async def provision_all(conn: NatsConnection, config: Config) -> None:
+    for name, ns in config.namespaces.items():
+        await provision_namespace(conn, name, ns)
+
+
+@asynccontextmanager
+async def open_journal(
+    config: Config, connect_retry: float = 0.0, name: str = "walcar", use_fastpath: bool = True
+) -> AsyncIterator[Journal]:
+    bridge = AsyncioBridge().start()
+    conn = NatsConnection(bridge, config.sidecar.nats_url, config.sidecar.nats_creds, name=name)
+    try:
+        await conn.connect(retry_for=connect_retry)
+        await provision_all(conn, config)
+
+        async def reprovision() -> None:
+            try:
+                await provision_all(conn, config)
+            except Exception as exc:  # keep running: writes answer false until the stream is back
+                log.error("reprovision_failed", error=str(exc))
+
+        conn.on_reconnect(reprovision)
+        writer = JournalWriter(conn, config.sidecar.journal, use_fastpath=use_fastpath)
+        async with trio.open_nursery() as nursery:
+            conn.attach(nursery)
+            await writer.start(nursery)
+            journal = Journal(config, writer, ChunkStore(conn))
+            try:
+                yield journal
+            finally:
+                writer.close()
+                with trio.move_on_after(config.sidecar.journal.publish_timeout + 1):
+                    await writer.drain()
+                nursery.cancel_scope.cancel()
+    finally:
+        await conn.close()
+        bridge.close()

@@ -1,0 +1,290 @@
+"""The key-value API as an ASGI application (served by hypercorn on trio).
+
+Routes:
+    POST   /v1/log/{namespace}            WriteToLog
+    PUT    /v1/kv/{namespace}/{id}        PutItems
+    DELETE /v1/kv/{namespace}/{id}        DeleteItems (listed item keys, or the whole record)
+    POST   /v1/kv/{namespace}/mutate      MutateItems (puts and deletes over several ids, atomically)
+    GET    /openapi.json
+
+Every write answers {durable, visible, message, sequence, duplicate}: 200 when the
+journal acked it, 503 + Retry-After when it is false or unknown. Bad input is 400
+naming the field, a body over the limit 413, an unknown namespace 404.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import msgspec
+
+from sidecar.envelope import Entry, Op, WriteTimeError, new_id
+from sidecar.ingress import Ack, Ingress, TooLarge
+from sidecar.log.journal import UnknownNamespace
+from sidecar.logs import get_logger
+from sidecar.protocols.kv import models
+from sidecar.protocols.kv.openapi import openapi_document
+
+log = get_logger("kv")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON = b"application/json"
+MSGPACK = b"application/msgpack"
+_MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
+_FIELD_RE = re.compile(r" - at `\$(.*)`$")
+_UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
+MAX_MUTATIONS = 10_000
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, error: str, field: str = "") -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.field = field
+
+
+def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's "Expected `str`, got `int` - at `$.items[0].key`" -> ("items[0].key", message)."""
+    text = str(exc)
+    match = _FIELD_RE.search(text)
+    path, message = (match.group(1).lstrip("."), text[: match.start()]) if match else ("", text)
+    unknown = _UNKNOWN_FIELD_RE.search(message)
+    if unknown:  # the path points at the object; name the field itself
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    return path, message
+
+
+def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
+    if (value is None) == (text is None):
+        raise HttpError(400, "give exactly one of `value` (bytes) and `text` (UTF-8 string)", where)
+    return value if value is not None else text.encode()  # type: ignore[union-attr]
+
+
+class KvApp:
+    def __init__(self, ingress: Ingress, max_body: int = 32 * 1024 * 1024) -> None:
+        self.ingress = ingress
+        self.max_body = max_body
+        self._openapi = msgspec.json.encode(openapi_document())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        wants_msgpack = False
+        try:
+            headers = dict(scope.get("headers") or [])
+            content_type = headers.get(b"content-type", JSON).split(b";")[0].strip().lower()
+            accept = headers.get(b"accept", b"")
+            wants_msgpack = content_type in _MSGPACK_TYPES or any(t in accept for t in _MSGPACK_TYPES)
+            status, body = await self._route(scope, receive, content_type in _MSGPACK_TYPES)
+        except HttpError as exc:
+            status, body = exc.status, models.ErrorResponse(error=exc.error, field=exc.field)
+        except Exception as exc:  # a bug: answer 500 and say so in the log, never drop the connection
+            log.error("kv_handler_failed", exc_info=True, path=scope.get("path"), error=str(exc))
+            status, body = 500, models.ErrorResponse(error=f"internal error: {type(exc).__name__}")
+        await self._respond(send, status, body, wants_msgpack)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _respond(self, send: Send, status: int, body: object, as_msgpack: bool) -> None:
+        if isinstance(body, bytes):
+            payload, content_type = body, JSON
+        elif as_msgpack:
+            payload, content_type = msgspec.msgpack.encode(body), MSGPACK
+        else:
+            payload, content_type = msgspec.json.encode(body), JSON
+        headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "client disconnected before the body was complete")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise HttpError(413, f"request body over {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _decode(self, body: bytes, kind: type[Any], msgpack: bool) -> Any:
+        try:
+            if msgpack:
+                return msgspec.msgpack.decode(body, type=kind)
+            return msgspec.json.decode(body, type=kind)
+        except msgspec.ValidationError as exc:
+            field, message = _field_of(exc)
+            raise HttpError(400, message, field) from None
+        except msgspec.DecodeError as exc:
+            raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
+
+    async def _route(self, scope: Scope, receive: Receive, msgpack: bool) -> tuple[int, object]:
+        method = scope["method"]
+        raw = scope.get("raw_path") or scope["path"].encode()
+        parts = [unquote(p.decode("latin-1")) for p in raw.split(b"?")[0].split(b"/")[1:]]
+        if parts == ["openapi.json"] and method == "GET":
+            return 200, self._openapi
+        if len(parts) == 3 and parts[:2] == ["v1", "log"]:
+            self._allow(method, "POST")
+            return await self._write_to_log(parts[2], await self._body(receive), msgpack)
+        if len(parts) == 4 and parts[:2] == ["v1", "kv"]:
+            namespace, record = parts[2], parts[3]
+            if record == "mutate" and method == "POST":
+                return await self._mutate(namespace, await self._body(receive), msgpack)
+            self._allow(method, "PUT", "DELETE")
+            body = await self._body(receive)
+            if method == "PUT":
+                return await self._put(namespace, record, body, msgpack)
+            return await self._delete(namespace, record, body, msgpack)
+        raise HttpError(404, f"no route for {method} {scope['path']}")
+
+    @staticmethod
+    def _allow(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise HttpError(405, f"method {method} not allowed here (use {', '.join(allowed)})")
+
+    def _entry(self, namespace: str, op: Op, key: str, where: str = "", **kwargs: Any) -> Entry:
+        try:
+            return self.ingress.entry(namespace, op, key, **kwargs)
+        except UnknownNamespace:
+            raise HttpError(404, f"unknown namespace {namespace!r}") from None
+        except TooLarge as exc:
+            raise HttpError(413, str(exc), where) from None
+        except WriteTimeError as exc:
+            raise HttpError(400, str(exc), "lifecycle.write_time") from None
+
+    @staticmethod
+    def _answer(ack: Ack) -> tuple[int, models.WriteResponse]:
+        response = models.WriteResponse(
+            durable=ack.durable,
+            visible=ack.visible,
+            message=ack.message,
+            sequence=ack.sequence,
+            duplicate=ack.duplicate,
+        )
+        return (200 if ack.ok else 503), response
+
+    @staticmethod
+    def _lifecycle(lifecycle: models.Lifecycle | None) -> dict[str, Any]:
+        if lifecycle is None:
+            return {}
+        if lifecycle.delay_ms < 0:
+            raise HttpError(400, "delay_ms must not be negative", "lifecycle.delay_ms")
+        return {"delay_ms": lifecycle.delay_ms, "write_time": lifecycle.write_time}
+
+    async def _write_to_log(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        request: models.WriteToLog = self._decode(body, models.WriteToLog, msgpack)
+        if (request.payload is None) == (request.text is None):
+            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
+        payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
+        targets = request.target or []
+        ns = self._namespace(namespace)
+        unknown = [t for t in targets if ns.target(t) is None]
+        if unknown:
+            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
+        entry = self._entry(
+            namespace, Op.PUT, request.key, "payload",
+            value=payload,
+            entry_id=request.idempotency_token,
+            targets=targets,
+            content_type=request.content_type,
+            **self._lifecycle(request.lifecycle),
+        )
+        return self._answer(await self.ingress.write(entry))
+
+    def _namespace(self, namespace: str) -> Any:
+        try:
+            return self.ingress.namespace(namespace)
+        except UnknownNamespace:
+            raise HttpError(404, f"unknown namespace {namespace!r}") from None
+
+    def _put_entries(
+        self, namespace: str, record: str, items: list[models.Item], lifecycle: dict[str, Any], where: str
+    ) -> list[Entry]:
+        if not items:
+            raise HttpError(400, "a put needs at least one item", f"{where}items")
+        entries = []
+        for index, item in enumerate(items):
+            path = f"{where}items[{index}]"
+            value = _value_of(item.value, item.text, path)
+            if item.ttl_s < 0:
+                raise HttpError(400, "ttl_s must not be negative", f"{path}.ttl_s")
+            entry = self._entry(namespace, Op.PUT, record, path, item=item.key, value=value, **lifecycle)
+            if item.ttl_s:
+                entry.expires_at = entry.write_time // 1_000_000 + item.ttl_s
+            entries.append(entry)
+        return entries
+
+    def _delete_entries(
+        self, namespace: str, record: str, item_keys: list[str] | None, lifecycle: dict[str, Any], where: str
+    ) -> list[Entry]:
+        if item_keys is None:
+            return [self._entry(namespace, Op.DELETE, record, **lifecycle)]
+        if not item_keys:
+            raise HttpError(400, "item_keys is empty: omit it to delete the whole record", f"{where}item_keys")
+        return [self._entry(namespace, Op.DELETE, record, item=key, **lifecycle) for key in item_keys]
+
+    async def _journal(self, entries: list[Entry], token: str | None) -> tuple[int, object]:
+        """Ids derive from the idempotency token, so a retried request maps to the same entries."""
+        base_id = token or new_id()
+        for index, entry in enumerate(entries):
+            entry.id = f"{base_id}:{index}"
+        return self._answer(await self.ingress.write_mutation(entries, base_id))
+
+    async def _put(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        request: models.PutItems = self._decode(body, models.PutItems, msgpack)
+        self._namespace(namespace)
+        entries = self._put_entries(namespace, record, request.items, self._lifecycle(request.lifecycle), "")
+        return await self._journal(entries, request.idempotency_token)
+
+    async def _delete(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        request = self._decode(body, models.DeleteItems, msgpack) if body.strip() else models.DeleteItems()
+        self._namespace(namespace)
+        entries = self._delete_entries(namespace, record, request.item_keys, self._lifecycle(request.lifecycle), "")
+        return await self._journal(entries, request.idempotency_token)
+
+    async def _mutate(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        request: models.MutateItems = self._decode(body, models.MutateItems, msgpack)
+        self._namespace(namespace)
+        if not request.mutations:
+            raise HttpError(400, "mutations is empty", "mutations")
+        if len(request.mutations) > MAX_MUTATIONS:
+            raise HttpError(413, f"at most {MAX_MUTATIONS} mutations per request", "mutations")
+        lifecycle = self._lifecycle(request.lifecycle)
+        entries: list[Entry] = []
+        for index, mutation in enumerate(request.mutations):
+            where = f"mutations[{index}]."
+            if mutation.op == "put":
+                if mutation.item_keys is not None:
+                    raise HttpError(400, "a put takes `items`, not `item_keys`", f"{where}item_keys")
+                entries += self._put_entries(namespace, mutation.id, mutation.items or [], lifecycle, where)
+            else:
+                if mutation.items is not None:
+                    raise HttpError(400, "a delete takes `item_keys`, not `items`", f"{where}items")
+                entries += self._delete_entries(namespace, mutation.id, mutation.item_keys, lifecycle, where)
+        if len(entries) > MAX_MUTATIONS:
+            raise HttpError(413, f"at most {MAX_MUTATIONS} items per mutation", "mutations")
+        return await self._journal(entries, request.idempotency_token)

@@ -1,0 +1,90 @@
+"""Wire structs of the key-value API (JSON or msgpack, by Content-Type).
+
+Modelled on Netflix's WAL (WriteToLog) and KV (PutItems, DeleteItems, MutateItems)
+APIs. Binary fields (`payload`, `value`) are base64 in JSON and raw bytes in msgpack;
+`text` is a UTF-8 convenience for either.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from sidecar.log.writer import Durable
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+class Lifecycle(_Strict):
+    delay_ms: int = 0  # deliver no earlier than this many ms from now
+    write_time: int | None = None  # µs since the epoch; default: the sidecar's clock
+
+
+class WriteToLog(_Strict):
+    key: str
+    payload: bytes | None = None
+    text: str | None = None
+    target: list[str] | None = None  # a subset of the namespace's targets; default all
+    lifecycle: Lifecycle | None = None
+    idempotency_token: str | None = None
+    content_type: str = ""
+
+
+class Item(_Strict):
+    key: str
+    value: bytes | None = None
+    text: str | None = None
+    ttl_s: int = 0  # seconds; 0: no expiry
+
+
+class PutItems(_Strict):
+    items: list[Item]
+    lifecycle: Lifecycle | None = None
+    idempotency_token: str | None = None
+
+
+class DeleteItems(_Strict):
+    item_keys: list[str] | None = None  # absent: delete the whole record
+    lifecycle: Lifecycle | None = None
+    idempotency_token: str | None = None
+
+
+class Mutation(_Strict):
+    op: Literal["put", "delete"]
+    id: str
+    items: list[Item] | None = None  # put
+    item_keys: list[str] | None = None  # delete; absent: the whole record
+
+
+class MutateItems(_Strict):
+    mutations: list[Mutation]
+    lifecycle: Lifecycle | None = None
+    idempotency_token: str | None = None
+
+
+class WriteResponse(msgspec.Struct, kw_only=True):
+    durable: Durable
+    visible: bool = False
+    message: str = ""
+    sequence: int = 0
+    duplicate: bool = False
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    error: str
+    field: str = ""
+    durable: Durable | None = None
+
+
+class ItemOut(msgspec.Struct, kw_only=True, omit_defaults=True):
+    key: str
+    value: bytes
+    expires_at: int = 0
+
+
+class GetItemsResponse(msgspec.Struct, kw_only=True):
+    id: str
+    items: list[ItemOut]

@@ -1,0 +1,94 @@
+"""/openapi.json for the KV API, generated from the same msgspec structs that decode requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sidecar.protocols.kv import models
+
+_REF = "#/components/schemas/{name}"
+
+
+def _body(name: str) -> dict[str, Any]:
+    schema = {"$ref": _REF.format(name=name)}
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}},
+    }
+
+
+def _responses(ok: str) -> dict[str, Any]:
+    def ref(name: str) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}
+
+    return {
+        "200": {"description": ok, "content": ref("WriteResponse")},
+        "400": {"description": "invalid input; `field` names the offending field", "content": ref("ErrorResponse")},
+        "404": {"description": "unknown namespace", "content": ref("ErrorResponse")},
+        "413": {"description": "body or value too large", "content": ref("ErrorResponse")},
+        "503": {
+            "description": "not durable: the journal refused, failed or timed out (durable false/unknown); "
+            "retry after Retry-After seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "content": ref("WriteResponse"),
+        },
+    }
+
+
+_NS = {
+    "name": "namespace", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]*$"},
+}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+
+
+def openapi_document() -> dict[str, Any]:
+    structs = (
+        models.WriteToLog, models.PutItems, models.DeleteItems, models.MutateItems,
+        models.WriteResponse, models.ErrorResponse,
+    )
+    _, components = msgspec.json.schema_components(structs, ref_template=_REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "walcar key-value API",
+            "version": "1",
+            "description": "Every write is journaled to NATS JetStream before it is answered. "
+            "`durable` is true only with the journal's acknowledgement in hand.",
+        },
+        "paths": {
+            "/v1/log/{namespace}": {
+                "post": {
+                    "operationId": "writeToLog",
+                    "parameters": [_NS],
+                    "requestBody": _body("WriteToLog"),
+                    "responses": _responses("journaled"),
+                }
+            },
+            "/v1/kv/{namespace}/{id}": {
+                "put": {
+                    "operationId": "putItems",
+                    "parameters": [_NS, _ID],
+                    "requestBody": _body("PutItems"),
+                    "responses": _responses("journaled"),
+                },
+                "delete": {
+                    "operationId": "deleteItems",
+                    "parameters": [_NS, _ID],
+                    "requestBody": {**_body("DeleteItems"), "required": False},
+                    "responses": _responses("journaled"),
+                },
+            },
+            "/v1/kv/{namespace}/mutate": {
+                "post": {
+                    "operationId": "mutateItems",
+                    "parameters": [_NS],
+                    "requestBody": _body("MutateItems"),
+                    "responses": _responses("all mutations journaled atomically"),
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }

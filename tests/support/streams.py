@@ -1,0 +1,78 @@
+"""Read a stream back in tests, with nats-py on a throwaway asyncio loop in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import trio
+
+from sidecar import envelope
+
+
+@dataclass
+class StoredMessage:
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+    time_ns: int
+
+    def entry(self) -> envelope.Entry:
+        return envelope.decode(self.data)
+
+
+async def _read_all(nats_url: str, stream: str, subject: str | None) -> list[StoredMessage]:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        if info.state.messages == 0:
+            return []
+        filter_subject = subject or ">"
+        sub = await js.pull_subscribe(filter_subject, stream=stream)
+        out: list[StoredMessage] = []
+        try:
+            # The consumer knows how many messages match at creation: fetch exactly those.
+            expected = (await sub.consumer_info()).num_pending
+            while len(out) < expected:
+                try:
+                    batch = await sub.fetch(min(1000, expected - len(out)), timeout=5.0)
+                except nats.errors.TimeoutError:
+                    break
+                for msg in batch:
+                    meta = msg.metadata
+                    out.append(StoredMessage(
+                        seq=meta.sequence.stream, subject=msg.subject, headers=dict(msg.headers or {}),
+                        data=msg.data, time_ns=int(meta.timestamp.timestamp() * 1e9),
+                    ))
+                    await msg.ack()
+        finally:
+            await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
+async def read_stream(nats_url: str, stream: str, subject: str | None = None) -> list[StoredMessage]:
+    return await trio.to_thread.run_sync(lambda: asyncio.run(_read_all(nats_url, stream, subject)))
+
+
+async def _api(nats_url: str, subject: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    nc = await nats.connect(nats_url)
+    try:
+        reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=5)
+        return json.loads(reply.data)
+    finally:
+        await nc.close()
+
+
+async def js_api(nats_url: str, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    return await trio.to_thread.run_sync(lambda: asyncio.run(_api(nats_url, subject, body)))
+
+
+async def stream_state(nats_url: str, stream: str) -> dict[str, Any]:
+    return (await js_api(nats_url, f"STREAM.INFO.{stream}"))["state"]

@@ -1,0 +1,72 @@
+"""The journal envelope: stable partitions, readable across versions, honest write times."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar import envelope
+from sidecar.envelope import ChunkRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError
+from sidecar.log import fastpath
+
+
+def test_round_trip_every_field() -> None:
+    entry = Entry(
+        id="tok", ns="sessions", op=Op.CQL, key="user:1", partition=3, item="name", value=b"\x00v",
+        chunk=ChunkRef(object="o", size=10, chunks=1, digest="sha256=ab"), content_type="text/plain", flags=7,
+        expires_at=1_900_000_000, write_time=1_700_000_000_000_000, deliver_at=1_700_000_001_000_000,
+        origin="us-east-1", targets=["cache"],
+        cql=CqlMutation(statements=[CqlStatement(query="INSERT ...", values=[b"\x01", None], types=["int", "text"])],
+                        batch_type=0),
+        batch=envelope.BatchRef(id="b", index=1, count=2),
+    )
+    assert envelope.decode(envelope.encode(entry)) == entry
+
+
+def test_entries_from_a_newer_walcar_stay_readable() -> None:
+    """A later version may add fields; this one ignores what it does not know."""
+    newer = {"v": 2, "id": "x", "ns": "n", "op": "put", "key": "k", "partition": 0, "write_time": 1,
+             "value": b"v", "shiny_new_field": {"anything": [1, 2]}}
+    entry = envelope.decode(msgspec.msgpack.encode(newer))
+    assert (entry.v, entry.id, entry.value) == (2, "x", b"v")
+
+
+def test_entries_from_an_older_walcar_get_defaults() -> None:
+    older = {"id": "x", "ns": "n", "op": "delete", "key": "k", "partition": 1, "write_time": 5}
+    entry = envelope.decode(msgspec.msgpack.encode(older))
+    assert entry.v == 1 and entry.item == "" and entry.targets == [] and entry.origin == ""
+
+
+def test_partition_is_stable_across_processes() -> None:
+    # Pinned values: a change here would move every key to another partition.
+    assert [envelope.partition_of(k, 16) for k in ("a", "user:1", "é", "")] == [3, 2, 14, 0]
+
+
+@given(st.text(), st.integers(1, 1024))
+def test_partition_in_range(key: str, partitions: int) -> None:
+    assert 0 <= envelope.partition_of(key, partitions) < partitions
+
+
+def test_write_time_drift() -> None:
+    now = 1_700_000_000_000_000
+    assert envelope.resolve_write_time(None, 60, now) == now
+    assert envelope.resolve_write_time(now - 59_000_000, 60, now) == now - 59_000_000
+    with pytest.raises(WriteTimeError, match="61s in the past"):
+        envelope.resolve_write_time(now - 61_000_000, 60, now)
+    with pytest.raises(WriteTimeError, match="in the future"):
+        envelope.resolve_write_time(now + 3_600_000_000, 60, now)
+
+
+def test_schedule_subject_is_one_token_per_entry() -> None:
+    first = envelope.schedule_subject("ns", "id-1")
+    assert first == envelope.schedule_subject("ns", "id-1") != envelope.schedule_subject("ns", "id-2")
+    assert first.startswith("wal.ns.sched.") and first.count(".") == 3
+
+
+def test_fastpath_publish_matches_the_nats_protocol() -> None:
+    command = fastpath.encode_publish("wal.n.1", b"_INBOX.x.7", {"Nats-Msg-Id": "abc"}, b"hello")
+    headers = b"NATS/1.0\r\nNats-Msg-Id: abc\r\n\r\n"
+    assert command == b"HPUB wal.n.1 _INBOX.x.7 %d %d\r\n%shello\r\n" % (len(headers), len(headers) + 5, headers)
+    assert fastpath.encode_publish("s", b"", None, b"x") == b"PUB s 1\r\nx\r\n"

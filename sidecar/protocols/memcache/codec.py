@@ -1,0 +1,816 @@
+"""Server side of the memcached text + meta protocol, sans I/O (h11 style).
+
+`RequestParser` turns bytes from a client into `commands` events; the ``encode_*``
+functions turn results into response bytes. Nothing here touches a socket.
+
+Behaviour follows memcached 1.6.18 (proto_text.c), including its error strings, which
+errors are suppressed by ``noreply``, and which malformed requests make it swallow the
+data block. Deliberate differences, all stricter:
+
+* keys with control characters are refused (memcached only splits on spaces);
+* flags above 2**32-1 and exptimes outside int32 are refused (memcached truncates);
+* a data block not followed by ``\\r\\n`` is fatal (memcached carries on, out of sync);
+* a command line longer than ``max_line_length`` is fatal (multi-key gets may be longer).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, TypeAlias
+
+from .commands import (
+    NEED_DATA,
+    ClientError,
+    Command,
+    CommandError,
+    Delete,
+    FlushAll,
+    IncrDecr,
+    MetaArithmetic,
+    MetaCommand,
+    MetaDebug,
+    MetaDelete,
+    MetaGet,
+    MetaNoop,
+    MetaSet,
+    NeedData,
+    ProtocolError,
+    Quit,
+    Retrieve,
+    ServerError,
+    Stats,
+    Store,
+    Touch,
+    ValueItem,
+    Verbosity,
+    Version,
+    b64encode_key,
+)
+
+__all__ = [
+    "CLIENT_ERROR_BAD_FORMAT",
+    "DELETED",
+    "END",
+    "ERROR",
+    "EXISTS",
+    "MN",
+    "NOT_FOUND",
+    "NOT_STORED",
+    "OK",
+    "STORED",
+    "TOUCHED",
+    "Event",
+    "RequestParser",
+    "encode_client_error",
+    "encode_meta",
+    "encode_meta_debug",
+    "encode_meta_response",
+    "encode_number",
+    "encode_server_error",
+    "encode_stats",
+    "encode_value",
+    "encode_values",
+    "encode_version",
+    "meta_return_flags",
+    "parse_meta_flags",
+    "quiet_suppresses",
+]
+
+Event: TypeAlias = Command | ProtocolError
+
+U32_MAX: Final = 0xFFFFFFFF
+U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+I32_MIN: Final = -(2**31)
+I32_MAX: Final = 2**31 - 1
+
+BAD_FORMAT: Final = "bad command line format"
+CLIENT_ERROR_BAD_FORMAT: Final = b"CLIENT_ERROR bad command line format\r\n"
+_DELETE_USAGE: Final = "bad command line format.  Usage: delete <key> [noreply]"
+_TOO_LARGE: Final = "object too large for cache"
+_BAD_CHUNK: Final = "bad data chunk"
+
+# Meta limits from proto_text.c: at most 19 tokens (MFLAG_MAX_OPT_LENGTH counts the
+# tokenizer's terminal token) and an O token of at most 32 bytes including the 'O'.
+_META_MAX_TOKENS: Final = 19
+_MAX_OPAQUE: Final = 31
+
+_ERROR_EVENT: Final = CommandError("unknown command")
+_ARITY_EVENT: Final = CommandError("wrong number of arguments")
+_has_ctrl: Final = re.compile(rb"[\x00-\x1f\x7f]").search
+_MULTIGET_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
+
+_NAMES: Final[dict[bytes, str]] = {
+    name.encode(): name
+    for name in ("get", "gets", "gat", "gats", "set", "add", "replace", "append", "prepend", "cas", "incr", "decr")
+}
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def parse_uint(token: bytes, limit: int) -> int | None:
+    """Unsigned decimal up to ``limit`` (memcached's safe_strtoul/strtoull), else None.
+
+    isdigit() first so int() never sees signs, spaces or underscores."""
+    if not token.isdigit():
+        return None
+    if len(token) > 20:
+        token = token.lstrip(b"0") or b"0"
+        if len(token) > 20:
+            return None
+    value = int(token)
+    return value if value <= limit else None
+
+
+def parse_int32(token: bytes) -> int | None:
+    """Signed 32-bit decimal (memcached's safe_strtol), else None."""
+    if token[:1] == b"-":
+        magnitude = parse_uint(token[1:], -I32_MIN)
+        return None if magnitude is None else -magnitude
+    return parse_uint(token, I32_MAX)
+
+
+# --------------------------------------------------------------------------- meta flags
+
+# How the parser validates each meta flag's token (memcached's _meta_flag_preparse).
+# Every meta command accepts every known flag; unknown ones are an error.
+_PLAIN, _BASE64, _TTL, _CLIENT_FLAGS, _CAS, _MODE, _INITIAL, _DELTA = range(8)
+_FLAG_KINDS: Final[dict[int, int]] = {
+    **{ord(c): _PLAIN for c in "lOPLkstcfvhuqI"},
+    ord("b"): _BASE64,
+    ord("N"): _TTL,
+    ord("T"): _TTL,
+    ord("R"): _TTL,
+    ord("F"): _CLIENT_FLAGS,
+    ord("C"): _CAS,
+    ord("M"): _MODE,
+    ord("J"): _INITIAL,
+    ord("D"): _DELTA,
+}
+_BAD_TOKEN: Final = "bad token in command line format"
+_CHR: Final = tuple(chr(i) for i in range(256))
+
+
+def _flag_token_error(kind: int, token: bytes) -> str | None:
+    """Validate a numeric/mode token; the message is memcached's for that flag."""
+    if kind == _TTL:
+        return None if parse_int32(token) is not None else _BAD_TOKEN
+    if kind == _CLIENT_FLAGS:
+        return None if parse_uint(token, U32_MAX) is not None else BAD_FORMAT
+    if kind == _CAS:
+        return None if parse_uint(token, U64_MAX) is not None else _BAD_TOKEN
+    if kind == _MODE:
+        return None if len(token) == 1 else "incorrect length for M token"
+    if kind == _INITIAL:
+        return None if parse_uint(token, U64_MAX) is not None else "invalid numeric initial value"
+    return None if parse_uint(token, U64_MAX) is not None else "invalid numeric delta value"
+
+
+def _decode_key(key: bytes) -> bytes | None:
+    try:
+        decoded = binascii.a2b_base64(key, strict_mode=True)
+    except binascii.Error:
+        return None
+    return decoded or None
+
+
+def parse_meta_flags(tokens: list[bytes], key: bytes) -> tuple[dict[str, bytes], bytes, str | None]:
+    """Parse meta flag tokens into {flag: token}; returns (flags, key, error message).
+
+    The key comes back base64-decoded when ``b`` is present. Like memcached, a
+    duplicate or unknown flag stops at once, other errors are reported after the scan
+    (last one wins)."""
+    flags: dict[str, bytes] = {}
+    error: str | None = None
+    for token in tokens:
+        code = token[0]
+        flag = _CHR[code]
+        if code >= 127 or flag in flags:
+            return flags, key, "duplicate flag"
+        kind = _FLAG_KINDS.get(code)
+        if kind is None:
+            return flags, key, "invalid flag"
+        rest = token[1:]
+        flags[flag] = rest
+        if kind == _PLAIN:
+            continue
+        if kind == _BASE64:
+            decoded = _decode_key(key)
+            if decoded is None:
+                error = "error decoding key"
+            else:
+                key = decoded
+            continue
+        problem = _flag_token_error(kind, rest)
+        if problem is not None:
+            # A bad F sets no message of its own in memcached: an earlier one stands.
+            error = (error or problem) if kind == _CLIENT_FLAGS else problem
+    return flags, key, error
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+class RequestParser:
+    """Incremental parser for client requests: `feed` bytes, then call `next_event`
+    until it returns `NEED_DATA`.
+
+    Events are commands (see `commands.Command`) or `ProtocolError`s. After a fatal
+    error the parser is `broken`: it drops further input and only returns NEED_DATA.
+    next_event never raises on any input.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_max_item_size",
+        "_max_key_length",
+        "_max_line_length",
+        "_max_multiget_line_length",
+        "_need",
+        "_pending",
+        "_pos",
+        "_scan",
+        "_swallow",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_item_size: int = 1024 * 1024,
+        max_key_length: int = 250,
+        max_line_length: int = 8192,
+        max_multiget_line_length: int = 1024 * 1024,
+    ) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of unconsumed input
+        self._scan = 0  # where to resume looking for b"\n" (no newline in [_pos, _scan))
+        self._pending: Store | MetaSet | None = None  # storage command waiting for its data
+        self._need = 0  # its data length (without the trailing \r\n)
+        self._swallow = 0  # bytes of a refused data block still to discard
+        self._broken = False
+        self._max_item_size = max_item_size
+        self._max_key_length = max_key_length
+        self._max_line_length = max(max_line_length, 8)
+        self._max_multiget_line_length = max(max_multiget_line_length, self._max_line_length)
+
+    @property
+    def broken(self) -> bool:
+        """A fatal error happened; the connection must be closed."""
+        return self._broken
+
+    @property
+    def idle(self) -> bool:
+        """Between commands: not inside a data block, nothing buffered."""
+        return self._pending is None and not self._swallow and self._pos == len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes (any split is fine)."""
+        if self._broken:
+            return
+        if self._swallow and self._pos == len(self._buf):
+            # Discard a refused data block without buffering it.
+            view = memoryview(data).cast("B")
+            if len(view) <= self._swallow:
+                self._swallow -= len(view)
+                return
+            data = view[self._swallow :]
+            self._swallow = 0
+        self._buf += data
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete command or error event, or NEED_DATA."""
+        if self._pending is not None:
+            return self._finish_value()
+        if self._swallow and not self._do_swallow():
+            return self._need_data()
+        buf = self._buf
+        pos = self._pos
+        nl = buf.find(b"\n", self._scan)
+        if nl < 0:
+            return self._partial_line()
+        if nl - pos > self._max_line_length and self._too_long(nl - pos):
+            return self._fail(ClientError("line too long", fatal=True))
+        end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+        line = bytes(buf[pos:end])
+        self._pos = self._scan = nl + 1
+        parts = line.split()
+        if not parts:
+            return _ERROR_EVENT
+        handler = _HANDLERS.get(parts[0])
+        if handler is None:
+            return self._unknown(parts)
+        if _has_ctrl(line) is not None:
+            # Meta commands (b"m..") always answer errors; text ones not with noreply.
+            return ClientError(BAD_FORMAT, noreply=parts[-1] == b"noreply" and parts[0][0] != 109)
+        return handler(self, parts)
+
+    # ------------------------------------------------------------------ buffer plumbing
+
+    def _need_data(self) -> NeedData:
+        """Drop consumed bytes (cheap: bytearray deletes at the front in O(1))."""
+        pos = self._pos
+        if pos:
+            del self._buf[:pos]
+            self._scan -= pos
+            self._pos = 0
+        return NEED_DATA
+
+    def _partial_line(self) -> ProtocolError | NeedData:
+        pending = len(self._buf) - self._pos
+        if pending > self._max_line_length and self._too_long(pending):
+            return self._fail(ClientError("line too long", fatal=True))
+        self._scan = len(self._buf)
+        return self._need_data()
+
+    def _too_long(self, length: int) -> bool:
+        """Multi-key gets may exceed max_line_length (memcached allows them unbounded)."""
+        if self._buf.startswith(_MULTIGET_PREFIXES, self._pos):
+            return length > self._max_multiget_line_length
+        return True
+
+    def _fail(self, event: ProtocolError) -> ProtocolError:
+        self._broken = True
+        self._pending = None
+        self._swallow = 0
+        self._buf = bytearray()
+        self._pos = self._scan = 0
+        return event
+
+    def _do_swallow(self) -> bool:
+        """Discard what is buffered of a refused data block; True once it is all gone."""
+        take = min(len(self._buf) - self._pos, self._swallow)
+        self._swallow -= take
+        self._pos += take
+        self._scan = self._pos
+        return not self._swallow
+
+    def _await_value(self, event: Store | MetaSet, length: int) -> Event | NeedData:
+        self._pending = event
+        self._need = length
+        return self._finish_value()
+
+    def _finish_value(self) -> Event | NeedData:
+        event = self._pending
+        assert event is not None
+        buf = self._buf
+        start = self._pos
+        stop = start + self._need
+        if len(buf) < stop + 2:
+            return self._need_data()
+        if buf[stop] != 13 or buf[stop + 1] != 10:
+            # memcached cannot resync either: the client's framing is wrong.
+            noreply = event.noreply if type(event) is Store else False
+            return self._fail(ClientError(_BAD_CHUNK, fatal=True, noreply=noreply))
+        if self._need > 4096:
+            with memoryview(buf) as view:
+                event.value = bytes(view[start:stop])
+        else:
+            event.value = bytes(buf[start:stop])
+        self._pending = None
+        self._pos = self._scan = stop + 2
+        return event
+
+    def _refuse_data(self, length: int, event: ProtocolError) -> ProtocolError:
+        """Answer with an error and discard the data block that follows the line."""
+        self._swallow = length + 2
+        return event
+
+    def _unknown(self, parts: list[bytes]) -> ProtocolError:
+        if parts[-1].startswith(b"HTTP/"):
+            # memcached closes on HTTP requests without answering.
+            return self._fail(CommandError("HTTP request", fatal=True, noreply=True))
+        return _ERROR_EVENT
+
+    def _bad_key(self, key: bytes) -> bool:
+        return len(key) > self._max_key_length
+
+    # ------------------------------------------------------------------ text commands
+
+    def _retrieve(self, parts: list[bytes]) -> Event:
+        if len(parts) < 2:
+            return _ARITY_EVENT
+        keys = parts[1:]
+        limit = self._max_key_length
+        for key in keys:
+            if len(key) > limit:
+                return ClientError(BAD_FORMAT)
+        return Retrieve(_NAMES[parts[0]], keys)
+
+    def _gat(self, parts: list[bytes]) -> Event:
+        if len(parts) < 2:
+            return _ARITY_EVENT
+        exptime = parse_int32(parts[1])
+        if exptime is None:
+            return ClientError("invalid exptime argument")
+        keys = parts[2:]
+        limit = self._max_key_length
+        for key in keys:
+            if len(key) > limit:
+                return ClientError(BAD_FORMAT)
+        return Retrieve(_NAMES[parts[0]], keys, exptime)
+
+    def _store(self, parts: list[bytes]) -> Event | NeedData:
+        command = _NAMES[parts[0]]
+        is_cas = command == "cas"
+        count = len(parts)
+        if count != 5 + is_cas and count != 6 + is_cas:
+            return _ARITY_EVENT
+        noreply = parts[-1] == b"noreply"
+        key = parts[1]
+        flags = parse_uint(parts[2], U32_MAX)
+        exptime = parse_int32(parts[3])
+        length = parse_int32(parts[4])
+        cas = parse_uint(parts[5], U64_MAX) if is_cas else None
+        if (
+            self._bad_key(key)
+            or flags is None
+            or exptime is None
+            or length is None
+            or length < 0
+            or (is_cas and cas is None)
+        ):
+            # Like memcached, the data block is not swallowed: it is read as a command.
+            return ClientError(BAD_FORMAT, noreply=noreply)
+        if length > self._max_item_size:
+            return self._refuse_data(length, ServerError(_TOO_LARGE, noreply=noreply))
+        return self._await_value(Store(command, key, b"", flags, exptime, cas, noreply), length)
+
+    def _incr_decr(self, parts: list[bytes]) -> Event:
+        if len(parts) not in (3, 4):
+            return _ARITY_EVENT
+        noreply = parts[-1] == b"noreply"
+        if self._bad_key(parts[1]):
+            return ClientError(BAD_FORMAT, noreply=noreply)
+        delta = parse_uint(parts[2], U64_MAX)
+        if delta is None:
+            return ClientError("invalid numeric delta argument", noreply=noreply)
+        return IncrDecr(_NAMES[parts[0]], parts[1], delta, noreply)
+
+    def _touch(self, parts: list[bytes]) -> Event:
+        if len(parts) not in (3, 4):
+            return _ARITY_EVENT
+        noreply = parts[-1] == b"noreply"
+        if self._bad_key(parts[1]):
+            return ClientError(BAD_FORMAT, noreply=noreply)
+        exptime = parse_int32(parts[2])
+        if exptime is None:
+            return ClientError("invalid exptime argument", noreply=noreply)
+        return Touch(parts[1], exptime, noreply)
+
+    def _delete(self, parts: list[bytes]) -> Event:
+        count = len(parts)
+        if not 2 <= count <= 4:
+            return _ARITY_EVENT
+        noreply = False
+        if count > 2:
+            # memcached still accepts the legacy hold time, but only "0".
+            hold_is_zero = parts[2] == b"0"
+            noreply = parts[-1] == b"noreply"
+            if not ((count == 3 and (hold_is_zero or noreply)) or (hold_is_zero and noreply)):
+                return ClientError(_DELETE_USAGE, noreply=noreply)
+        if self._bad_key(parts[1]):
+            return ClientError(BAD_FORMAT, noreply=noreply)
+        return Delete(parts[1], noreply)
+
+    def _verbosity(self, parts: list[bytes]) -> Event:
+        if len(parts) not in (2, 3):
+            return _ARITY_EVENT
+        noreply = parts[-1] == b"noreply"
+        level = parse_uint(parts[1], U32_MAX)
+        if level is None:
+            return ClientError(BAD_FORMAT, noreply=noreply)
+        return Verbosity(level, noreply)
+
+    def _flush_all(self, parts: list[bytes]) -> Event:
+        count = len(parts)
+        if count > 3:
+            return _ARITY_EVENT
+        noreply = parts[-1] == b"noreply"
+        if count == 1 + noreply:
+            return FlushAll(0, noreply)
+        delay = parse_int32(parts[1])
+        if delay is None:
+            return ClientError("invalid exptime argument", noreply=noreply)
+        return FlushAll(delay, noreply)
+
+    def _stats(self, parts: list[bytes]) -> Event:
+        return Stats(parts[1:])
+
+    def _version(self, parts: list[bytes]) -> Event:
+        return Version()
+
+    def _quit(self, parts: list[bytes]) -> Event:
+        return Quit()
+
+    # ------------------------------------------------------------------ meta commands
+
+    def _meta(self, parts: list[bytes]) -> Event:
+        """mg, md and ma share everything but error wording and the ma mode check."""
+        count = len(parts)
+        if count < 2:
+            return _ARITY_EVENT
+        command = parts[0]
+        key = parts[1]
+        if self._bad_key(key):
+            return ClientError(BAD_FORMAT)
+        if count > _META_MAX_TOKENS:
+            return ClientError("options flags are too long" if command == b"mg" else "options flags too long")
+        flags, key, error = parse_meta_flags(parts[2:], key)
+        if error is not None:
+            return ClientError(error if command == b"mg" else "invalid or duplicate flag")
+        if command == b"ma" and flags.get("M", b"I") not in (b"I", b"+", b"D", b"-"):
+            return ClientError("invalid mode for ma M token")
+        if len(flags.get("O", b"")) > _MAX_OPAQUE:
+            return ClientError("opaque token too long")
+        if command == b"mg":
+            return MetaGet(key, flags)
+        if command == b"md":
+            return MetaDelete(key, flags)
+        return MetaArithmetic(key, flags)
+
+    def _meta_set(self, parts: list[bytes]) -> Event | NeedData:
+        count = len(parts)
+        if count < 2:
+            return _ARITY_EVENT
+        key = parts[1]
+        if self._bad_key(key) or count == 2:
+            return ClientError(BAD_FORMAT)
+        if count > _META_MAX_TOKENS:
+            return ClientError("options flags too long")
+        length = parse_int32(parts[2])
+        if length is None or length < 0:
+            return ClientError(BAD_FORMAT)  # length unknown: nothing to swallow
+        flags, key, error = parse_meta_flags(parts[3:], key)
+        if error is None:
+            if flags.get("M", b"S") not in (b"S", b"E", b"A", b"P", b"R"):
+                error = "invalid mode for ms M token"
+            elif len(flags.get("O", b"")) > _MAX_OPAQUE:
+                error = "opaque token too long"
+        if error is not None:
+            return self._refuse_data(length, ClientError(error))
+        if length > self._max_item_size:
+            return self._refuse_data(length, ServerError(_TOO_LARGE))
+        return self._await_value(MetaSet(key, flags, b""), length)
+
+    def _meta_debug(self, parts: list[bytes]) -> Event:
+        if len(parts) < 2 or self._bad_key(parts[1]):
+            return ClientError(BAD_FORMAT)
+        if len(parts) > 2 and parts[2] == b"b":
+            key = _decode_key(parts[1])
+            if key is None:
+                return ClientError(BAD_FORMAT)
+            return MetaDebug(key, True)
+        return MetaDebug(parts[1], False)
+
+    def _meta_noop(self, parts: list[bytes]) -> Event:
+        return MetaNoop()
+
+
+_Handler: TypeAlias = Callable[[RequestParser, list[bytes]], "Event | NeedData"]
+_HANDLERS: Final[dict[bytes, _Handler]] = {
+    b"get": RequestParser._retrieve,
+    b"gets": RequestParser._retrieve,
+    b"gat": RequestParser._gat,
+    b"gats": RequestParser._gat,
+    b"set": RequestParser._store,
+    b"add": RequestParser._store,
+    b"replace": RequestParser._store,
+    b"append": RequestParser._store,
+    b"prepend": RequestParser._store,
+    b"cas": RequestParser._store,
+    b"incr": RequestParser._incr_decr,
+    b"decr": RequestParser._incr_decr,
+    b"touch": RequestParser._touch,
+    b"delete": RequestParser._delete,
+    b"verbosity": RequestParser._verbosity,
+    b"flush_all": RequestParser._flush_all,
+    b"stats": RequestParser._stats,
+    b"version": RequestParser._version,
+    b"quit": RequestParser._quit,
+    b"mg": RequestParser._meta,
+    b"md": RequestParser._meta,
+    b"ma": RequestParser._meta,
+    b"ms": RequestParser._meta_set,
+    b"me": RequestParser._meta_debug,
+    b"mn": RequestParser._meta_noop,
+}
+
+
+# --------------------------------------------------------------------------- text responses
+
+END: Final = b"END\r\n"
+STORED: Final = b"STORED\r\n"
+NOT_STORED: Final = b"NOT_STORED\r\n"
+EXISTS: Final = b"EXISTS\r\n"
+NOT_FOUND: Final = b"NOT_FOUND\r\n"
+DELETED: Final = b"DELETED\r\n"
+TOUCHED: Final = b"TOUCHED\r\n"
+OK: Final = b"OK\r\n"
+ERROR: Final = b"ERROR\r\n"
+MN: Final = b"MN\r\n"
+
+
+def encode_value(key: bytes, flags: int, value: bytes, cas: int | None = None) -> bytes:
+    """One VALUE line plus its data block (no END)."""
+    if cas is None:
+        head = b"VALUE %b %d %d\r\n" % (key, flags, len(value))
+    else:
+        head = b"VALUE %b %d %d %d\r\n" % (key, flags, len(value), cas)
+    return b"".join((head, value, b"\r\n"))
+
+
+def encode_values(items: Iterable[ValueItem], *, with_cas: bool = False) -> bytes:
+    """A whole get/gets/gat/gats answer: the hits, then END."""
+    chunks: list[bytes] = []
+    for item in items:
+        cas = (item.cas or 0) if with_cas else None
+        chunks.append(encode_value(item.key, item.flags, item.value, cas))
+    chunks.append(END)
+    return b"".join(chunks)
+
+
+def encode_number(value: int) -> bytes:
+    """incr/decr answer."""
+    return b"%d\r\n" % value
+
+
+def encode_version(version: str | bytes) -> bytes:
+    return b"VERSION %b\r\n" % (version.encode() if isinstance(version, str) else version)
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bool):
+        return b"1" if value else b"0"
+    return str(value).encode()
+
+
+def encode_stats(stats: Mapping[str, object] | Iterable[tuple[str | bytes, object]]) -> bytes:
+    """STAT <name> <value> lines, then END."""
+    pairs = stats.items() if isinstance(stats, Mapping) else stats
+    lines = [b"STAT %b %b\r\n" % (_as_bytes(name), _as_bytes(value)) for name, value in pairs]
+    lines.append(END)
+    return b"".join(lines)
+
+
+def encode_client_error(message: str) -> bytes:
+    return b"CLIENT_ERROR %b\r\n" % message.encode()
+
+
+def encode_server_error(message: str) -> bytes:
+    return b"SERVER_ERROR %b\r\n" % message.encode()
+
+
+# --------------------------------------------------------------------------- meta responses
+
+# Return codes that the q flag hides, per command, as memcached 1.6.18 does it:
+# mg hides only the miss (EN); ms and md hide HD; ma hides its success answer, HD or
+# VA, unless the item was just created by N (auto-vivify). Errors are never hidden.
+_QUIET_HIDES: Final[dict[str, frozenset[bytes]]] = {
+    "mg": frozenset({b"EN"}),
+    "ms": frozenset({b"HD"}),
+    "md": frozenset({b"HD"}),
+    "ma": frozenset({b"HD", b"VA"}),
+}
+
+
+def quiet_suppresses(command: str, code: bytes, *, vivified: bool = False) -> bool:
+    """Whether a request with the q flag gets no answer for this return code."""
+    if vivified and command == "ma":
+        return False
+    hidden = _QUIET_HIDES.get(command)
+    return hidden is not None and code in hidden
+
+
+# Which requested flags each command reflects back, by outcome (proto_text.c).
+_MG_HIT_FLAGS: Final = frozenset("stcflhOk")
+_MS_FLAGS: Final = frozenset("Okc")
+_MA_HIT_FLAGS: Final = frozenset("ctOk")
+_MISS_FLAGS: Final = frozenset("Ok")
+
+
+def _reflected(command: str, code: bytes) -> frozenset[str]:
+    hit = code == b"HD" or code == b"VA"
+    if command == "ms":
+        return _MS_FLAGS
+    if hit and command == "mg":
+        return _MG_HIT_FLAGS
+    if hit and command == "ma":
+        return _MA_HIT_FLAGS
+    return _MISS_FLAGS
+
+
+def meta_return_flags(
+    request: MetaCommand,
+    code: bytes,
+    *,
+    cas: int | None = None,
+    client_flags: int | None = None,
+    ttl: int | None = None,
+    size: int | None = None,
+    last_access: int | None = None,
+    fetched: bool | None = None,
+    win_sent: bool = False,
+    stale: bool = False,
+    won: bool = False,
+) -> bytes:
+    """The return flags memcached appends after ``code`` for this request, each with its
+    leading space, in request order (e.g. request ``O123 k`` -> `` O123 kfoo``).
+
+    ``ttl`` is the remaining TTL (-1: never expires). A requested value passed as None
+    is left out. For mg hits, Z/X/W (win_sent/stale/won) are appended last."""
+    reflected = _reflected(request.COMMAND, code)
+    out: list[bytes] = []
+    for flag, token in request.flags.items():
+        if flag not in reflected:
+            continue
+        if flag == "O":
+            out.append(b"O" + token)
+        elif flag == "k":
+            out.append(b"k" + request.wire_key + (b" b" if "b" in request.flags else b""))
+        elif flag == "c":
+            if cas is not None or request.COMMAND == "ms":
+                out.append(b"c%d" % (cas or 0))
+        else:
+            value = _FLAG_VALUES[flag](client_flags, ttl, size, last_access, fetched)
+            if value is not None:
+                out.append(b"%b%d" % (flag.encode(), value))
+    if request.COMMAND == "mg" and (code == b"HD" or code == b"VA"):
+        if win_sent:
+            out.append(b"Z")
+        if stale:
+            out.append(b"X")
+        if won:
+            out.append(b"W")
+    if not out:
+        return b""
+    return b" " + b" ".join(out)
+
+
+_FlagValue: TypeAlias = Callable[[int | None, int | None, int | None, int | None, bool | None], int | None]
+_FLAG_VALUES: Final[dict[str, _FlagValue]] = {
+    "f": lambda flags, ttl, size, la, fetched: flags,
+    "t": lambda flags, ttl, size, la, fetched: ttl,
+    "s": lambda flags, ttl, size, la, fetched: size,
+    "l": lambda flags, ttl, size, la, fetched: la,
+    "h": lambda flags, ttl, size, la, fetched: None if fetched is None else int(fetched),
+}
+
+
+def encode_meta(code: bytes, return_flags: bytes = b"", value: bytes | None = None) -> bytes:
+    """A meta response line (``return_flags`` as built by meta_return_flags); for VA
+    the size comes from ``value`` and the data block follows."""
+    if code == b"VA":
+        if value is None:
+            raise ValueError("a VA response needs a value")
+        return b"".join((b"VA %d" % len(value), return_flags, b"\r\n", value, b"\r\n"))
+    return b"%b%b\r\n" % (code, return_flags)
+
+
+def encode_meta_response(
+    request: MetaCommand,
+    code: bytes,
+    *,
+    value: bytes | None = None,
+    vivified: bool = False,
+    cas: int | None = None,
+    client_flags: int | None = None,
+    ttl: int | None = None,
+    size: int | None = None,
+    last_access: int | None = None,
+    fetched: bool | None = None,
+    win_sent: bool = False,
+    stale: bool = False,
+    won: bool = False,
+) -> bytes:
+    """The full answer to a meta request, or b"" when its q flag hides this code.
+
+    ``code`` is VA (needs ``value``), HD, EN, NF, NS or EX; ``vivified`` marks an ma
+    that created the item via N (memcached answers those even in quiet mode)."""
+    if "q" in request.flags and quiet_suppresses(request.COMMAND, code, vivified=vivified):
+        return b""
+    flags = meta_return_flags(
+        request,
+        code,
+        cas=cas,
+        client_flags=client_flags,
+        ttl=ttl,
+        size=size,
+        last_access=last_access,
+        fetched=fetched,
+        win_sent=win_sent,
+        stale=stale,
+        won=won,
+    )
+    return encode_meta(code, flags, value)
+
+
+def encode_meta_debug(key: bytes, info: Mapping[str, object], *, base64: bool = False) -> bytes:
+    """``ME <key> k=v ...`` (key re-encoded as base64 for binary keys, like memcached)."""
+    wire_key = b64encode_key(key) if base64 else key
+    fields = b" ".join(b"%b=%b" % (name.encode(), _as_bytes(value)) for name, value in info.items())
+    return b"ME %b %b\r\n" % (wire_key, fields)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import trio
 
 from sidecar.config import Config, Namespace
+from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import CqlMutation, Entry, Op, new_id, now_us, partition_of, resolve_write_time
 from sidecar.log.journal import Journal, UnknownNamespace
 from sidecar.log.writer import Durable, WriteResult
@@ -36,10 +38,12 @@ class TooLarge(ValueError):
 
 
 class Ingress:
-    def __init__(self, config: Config, journal: Journal) -> None:
+    def __init__(self, config: Config, journal: Journal, applied: AppliedTracker | None = None) -> None:
         self.config = config
         self.journal = journal
         self.region = config.sidecar.region
+        # Fed by the drain's applied notices (wired by the sidecar at start).
+        self.applied = applied or AppliedTracker()
 
     def namespace(self, name: str) -> Namespace:
         ns = self.config.namespaces.get(name)
@@ -89,17 +93,38 @@ class Ingress:
         )
 
     async def write(self, entry: Entry) -> Ack:
-        return self._ack(await self.journal.append(entry))
+        return await self._answer([entry], await self.journal.append(entry))
 
     async def write_mutation(self, entries: list[Entry], mutation_id: str | None = None) -> Ack:
         """Several entries as one all-or-nothing mutation."""
-        return self._ack(await self.journal.append_atomic(entries, mutation_id))
+        return await self._answer(entries, await self.journal.append_atomic(entries, mutation_id))
 
-    @staticmethod
-    def _ack(result: WriteResult) -> Ack:
-        return Ack(
-            durable=result.durable,
-            sequence=result.sequence,
-            duplicate=result.duplicate,
-            message=result.message,
-        )
+    async def _answer(self, entries: list[Entry], result: WriteResult) -> Ack:
+        ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,
+                  message=result.message)
+        if not result.ok or not result.sequence:
+            return ack
+        namespace = entries[0].ns
+        ns = self.namespace(namespace)
+        all_targets = [t.name for t in ns.targets]
+        # An atomic batch stores its entries at consecutive sequences; a MULTI marker is one.
+        first = result.sequence - len(entries) + 1 if result.count == len(entries) else result.sequence
+        sequences = []
+        for offset, entry in enumerate(entries):
+            sequence = first + offset if result.count == len(entries) else result.sequence
+            sequences.append(sequence)
+            if not result.duplicate:
+                self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
+        primary = ns.primary_target()
+        if ns.mode == "sync" and primary is not None and not entries[0].deliver_at:
+            ack.visible = await self._visible(namespace, primary.name, sequences, ns.visibility_budget)
+        return ack
+
+    async def _visible(self, namespace: str, target: str, sequences: list[int], budget: float) -> bool:
+        """Wait up to the budget for the drain to report every sequence applied by `target`."""
+        deadline = trio.current_time() + budget
+        for sequence in sequences:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0 or not await self.applied.wait_applied(namespace, target, sequence, remaining):
+                return False
+        return True

@@ -17,11 +17,14 @@ import trio
 from sidecar.admin.app import AdminApp
 from sidecar.admin.state import SidecarState
 from sidecar.config import Config, Listener
+from sidecar.drain.notices import subscribe_applied
+from sidecar.drain.service import DrainService
 from sidecar.http import hypercorn_config, serve_http
 from sidecar.ingress import Ingress
 from sidecar.log.service import open_journal
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
+from sidecar.reads import Readers
 
 log = get_logger("sidecar")
 
@@ -38,6 +41,8 @@ class Sidecar:
         self._shutdown = trio.Event()
         self._stop_listeners = trio.Event()
         self.ingress: Ingress | None = None
+        self.drain: DrainService | None = None
+        self._readers = Readers(config)
 
     def request_shutdown(self, reason: str = "requested") -> None:
         if not self._shutdown.is_set():
@@ -54,22 +59,32 @@ class Sidecar:
             admin_stop = trio.Event()
             await outer.start(self._serve_admin, admin_stop)
             async with open_journal(config, connect_retry=self.connect_retry) as journal:
-                self.state.conn = journal.writer.conn
+                conn = journal.writer.conn
+                self.state.conn = conn
                 self.ingress = Ingress(config, journal)
-                log.info("journal_ready", nats_url=config.sidecar.nats_url,
-                         server_version=journal.writer.conn.server_version)
-                async with trio.open_nursery() as listeners:
-                    if self.role in ("ingress", "all"):
-                        for listener in config.listeners:
-                            await listeners.start(self._serve_listener, listener)
-                    task_status.started(self)
-                    log.info("ready")
-                    await self._shutdown.wait()
-                    await trio.sleep(config.sidecar.shutdown_grace)
-                    log.info("listeners_stopping")
-                    self._stop_listeners.set()
-                    listeners.cancel_scope.deadline = trio.current_time() + deadline
-                log.info("listeners_stopped")
+                log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
+                ingress_role = self.role in ("ingress", "all")
+                if ingress_role:
+                    await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))
+                async with trio.open_nursery() as services:
+                    if self.role in ("drain", "all") and any(ns.targets for ns in config.namespaces.values()):
+                        self.drain = await services.start(DrainService(config, journal).run)
+                    async with trio.open_nursery() as listeners:
+                        if ingress_role:
+                            for listener in config.listeners:
+                                await listeners.start(self._serve_listener, listener)
+                        task_status.started(self)
+                        log.info("ready")
+                        await self._shutdown.wait()
+                        await trio.sleep(config.sidecar.shutdown_grace)
+                        log.info("listeners_stopping")
+                        self._stop_listeners.set()
+                        listeners.cancel_scope.deadline = trio.current_time() + deadline
+                    log.info("listeners_stopped")
+                    await self._readers.close()
+                    if self.drain is not None:
+                        await self.drain.stop(deadline)
+                    services.cancel_scope.cancel()
             log.info("journal_closed")
             admin_stop.set()
             outer.cancel_scope.cancel()
@@ -92,7 +107,7 @@ class Sidecar:
         self.state.listeners_expected.add(name)
         assert self.ingress is not None
         if listener.protocol == "kv":
-            app = KvApp(self.ingress)
+            app = KvApp(self.ingress, self._readers)
             config = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_http, app, config, self._stop_listeners)

@@ -121,6 +121,14 @@ class JournalSettings(_Base):
     shed_ack_latency: Duration = Duration(1.0)
 
 
+class DrainSettings(_Base):
+    lease_ttl: Duration = Duration(10.0)  # a dead drainer's partitions move after at most this long
+    ack_wait: Duration = Duration(30.0)  # JetStream redelivery timeout; held entries send +WPI well before
+    max_inflight: int = 1000  # entries held per partition (bounds memory, whatever the backlog)
+    fetch_batch: int = 256
+    max_run: int = 64  # entries of one key applied in one round
+
+
 class SidecarSettings(_Base):
     region: str = "local"
     nats_url: str = "nats://127.0.0.1:4222"
@@ -133,6 +141,7 @@ class SidecarSettings(_Base):
     shutdown_deadline: Duration = Duration(30.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     journal: JournalSettings = msgspec.field(default_factory=JournalSettings)
+    drain: DrainSettings = msgspec.field(default_factory=DrainSettings)
 
 
 class Config(_Base):

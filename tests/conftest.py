@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import MemcachedProcess, NatsProcess
+from tests.support.procs import CassandraProcess, MemcachedProcess, NatsProcess
 from tests.support.services import Services, ensure_up
 
 
@@ -69,3 +69,12 @@ def private_memcached(tmp_path: Path, services: Services) -> Iterator[MemcachedP
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def private_cassandra(tmp_path: Path, services: Services) -> Iterator[CassandraProcess]:
+    """A Cassandra node of this test's own, to stop and restart (slow: ~10-20 s to start)."""
+    node = CassandraProcess(tmp_path / "cassandra")
+    node.start()
+    yield node
+    node.stop()

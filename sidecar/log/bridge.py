@@ -28,6 +28,7 @@ class AsyncioBridge:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._started = threading.Event()
         self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -60,6 +61,15 @@ class AsyncioBridge:
         if self._closed:
             raise BridgeClosed("the NATS thread is closed")
         self.loop.call_soon_threadsafe(fn, *args)
+
+    def spawn(self, factory: Callable[[], Awaitable[Any]]) -> None:
+        """Start `factory()` as a task on the asyncio loop (fire and forget, referenced until done)."""
+        self.call_soon(self._spawn, factory)
+
+    def _spawn(self, factory: Callable[[], Awaitable[Any]]) -> None:
+        task = self.loop.create_task(factory())  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run(self, factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         """Await `factory()` on the asyncio loop from trio; cancelling the trio side cancels it."""

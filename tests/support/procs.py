@@ -135,3 +135,35 @@ class DebianNatsProcess(NatsProcess):
 
     def command(self) -> list[str]:
         return ["/usr/sbin/nats-server", *super().command()[1:]]
+
+
+def services_module():
+    from importlib.machinery import SourceFileLoader
+
+    from tests.support.services import SCRIPT
+
+    return SourceFileLoader("walcar_services", str(SCRIPT)).load_module()
+
+
+class CassandraProcess(ManagedProcess):
+    """A Cassandra node of the test's own (same cached jars, own ports and data): stop it, start it again."""
+
+    name = "cassandra"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.storage_port = free_port()
+        self.jmx_port = free_port()
+        self._services = services_module()
+
+    def command(self) -> list[str]:
+        return self._services.cassandra_command(self.workdir, self.port, self.storage_port, self.jmx_port)
+
+    def ready(self) -> bool:
+        try:
+            return self._services.cql_release_version(self.port) is not None
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 180.0) -> None:
+        super().start(timeout)

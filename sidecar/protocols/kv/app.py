@@ -5,6 +5,7 @@ Routes:
     PUT    /v1/kv/{namespace}/{id}        PutItems
     DELETE /v1/kv/{namespace}/{id}        DeleteItems (listed item keys, or the whole record)
     POST   /v1/kv/{namespace}/mutate      MutateItems (puts and deletes over several ids, atomically)
+    GET    /v1/kv/{namespace}/{id}        GetItems, read through the namespace's primary target (?items=a,b)
     GET    /openapi.json
 
 Every write answers {durable, visible, message, sequence, duplicate}: 200 when the
@@ -17,16 +18,18 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import msgspec
 
+from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry, Op, WriteTimeError, new_id
 from sidecar.ingress import Ack, Ingress, TooLarge
 from sidecar.log.journal import UnknownNamespace
 from sidecar.logs import get_logger
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
+from sidecar.reads import NoReadableTarget, Readers
 
 log = get_logger("kv")
 
@@ -68,8 +71,9 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
 
 
 class KvApp:
-    def __init__(self, ingress: Ingress, max_body: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = 32 * 1024 * 1024) -> None:
         self.ingress = ingress
+        self.readers = readers or Readers(ingress.config)
         self.max_body = max_body
         self._openapi = msgspec.json.encode(openapi_document())
 
@@ -154,12 +158,29 @@ class KvApp:
             namespace, record = parts[2], parts[3]
             if record == "mutate" and method == "POST":
                 return await self._mutate(namespace, await self._body(receive), msgpack)
-            self._allow(method, "PUT", "DELETE")
+            self._allow(method, "GET", "PUT", "DELETE")
+            if method == "GET":
+                return await self._get(namespace, record, scope.get("query_string", b""))
             body = await self._body(receive)
             if method == "PUT":
                 return await self._put(namespace, record, body, msgpack)
             return await self._delete(namespace, record, body, msgpack)
         raise HttpError(404, f"no route for {method} {scope['path']}")
+
+    async def _get(self, namespace: str, record: str, query: bytes) -> tuple[int, object]:
+        self._namespace(namespace)
+        params = parse_qs(query.decode("latin-1"))
+        items = [i for value in params.get("items", []) for i in value.split(",") if i] or None
+        try:
+            found = await self.readers.get_items(namespace, record, items)
+        except NoReadableTarget as exc:
+            raise HttpError(404, str(exc)) from None
+        except ApplyError as exc:
+            raise HttpError(503, f"primary target unavailable: {exc.message}") from None
+        if not found:
+            raise HttpError(404, f"no items for id {record!r}")
+        out = [models.ItemOut(key=key, value=value, expires_at=expires) for key, value, expires in sorted(found)]
+        return 200, models.GetItemsResponse(id=record, items=out)
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:

@@ -47,7 +47,7 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 def openapi_document() -> dict[str, Any]:
     structs = (
         models.WriteToLog, models.PutItems, models.DeleteItems, models.MutateItems,
-        models.WriteResponse, models.ErrorResponse,
+        models.WriteResponse, models.ErrorResponse, models.GetItemsResponse,
     )
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
     return {
@@ -73,6 +73,19 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [_NS, _ID],
                     "requestBody": _body("PutItems"),
                     "responses": _responses("journaled"),
+                },
+                "get": {
+                    "operationId": "getItems",
+                    "parameters": [_NS, _ID, {"name": "items", "in": "query", "required": False,
+                                              "schema": {"type": "string"},
+                                              "description": "comma-separated item keys (default: all)"}],
+                    "responses": {
+                        "200": {"description": "the record's items, read through the primary target",
+                                "content": {"application/json": {"schema": {"$ref": _REF.format(
+                                    name="GetItemsResponse")}}}},
+                        "404": {"description": "unknown namespace, or no such record"},
+                        "503": {"description": "the primary target is unavailable"},
+                    },
                 },
                 "delete": {
                     "operationId": "deleteItems",

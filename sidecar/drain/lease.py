@@ -1,0 +1,140 @@
+"""Partition ownership: leases in a NATS KV bucket whose entries expire after the lease TTL.
+
+Why leases and not JetStream priority groups (pinned client): pinning hands a
+partition to a new client when the old one goes quiet, but the old owner's
+unacked messages come back only after their AckWait — after newer ones were
+already delivered to the new owner — so per-key order would break on every
+failover. A lease tells the new owner exactly when it owns the partition, and it
+then resets the consumer to the ack floor before applying anything
+(see consumer.py).
+
+A lease is created with KV `create` (fails if someone holds it), renewed with
+`update` against its last revision (fails if it was lost), and expires with the
+bucket's max age when its owner dies. Drainers also heartbeat a `members.<id>`
+key, so each can take a fair share of the partitions and hand back the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.log.connection import NatsConnection
+from sidecar.logs import get_logger
+
+log = get_logger("drain.lease")
+
+BUCKET = "walcar_leases"
+
+
+def bucket_name(ttl: float) -> str:
+    """A KV bucket's max age is fixed at creation, so the TTL is part of its name."""
+    return f"{BUCKET}_{int(ttl * 1000)}ms"
+
+
+class Leases:
+    def __init__(self, conn: NatsConnection, owner: str, ttl: float) -> None:
+        self.conn = conn
+        self.owner = owner
+        self.ttl = ttl
+        self._kv: Any = None  # nats-py KeyValue (NATS thread only)
+        self.bucket = bucket_name(ttl)
+
+    async def open(self) -> None:
+        nc = self.conn.nc
+        assert nc is not None
+
+        async def open_bucket() -> Any:
+            from nats.js.api import KeyValueConfig
+
+            js = nc.jetstream()
+            try:
+                return await js.key_value(self.bucket)
+            except Exception:  # not there yet: create it (a racing drainer may win; then bind)
+                try:
+                    return await js.create_key_value(KeyValueConfig(bucket=self.bucket, ttl=self.ttl, history=1))
+                except Exception:
+                    return await js.key_value(self.bucket)
+
+        self._kv = await self.conn.bridge.run(open_bucket)
+
+    async def acquire(self, key: str) -> int | None:
+        """The revision of a fresh lease on `key`, or None when another drainer holds it."""
+        kv = self._kv
+
+        async def create() -> int | None:
+            from nats.js.errors import KeyWrongLastSequenceError
+
+            try:
+                return await kv.create(key, self.owner.encode())
+            except KeyWrongLastSequenceError:
+                return None
+
+        return await self.conn.bridge.run(create)
+
+    async def renew(self, key: str, revision: int) -> int | None:
+        """The new revision, or None when the lease was lost (expired and taken, or deleted)."""
+        kv = self._kv
+
+        async def update() -> int | None:
+            from nats.js.errors import KeyWrongLastSequenceError
+
+            try:
+                return await kv.update(key, self.owner.encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                return None
+
+        return await self.conn.bridge.run(update)
+
+    async def release(self, key: str, revision: int) -> None:
+        kv = self._kv
+
+        async def delete() -> None:
+            try:
+                await kv.delete(key, last=revision)
+            except Exception as exc:  # lost already: nothing to release
+                log.debug("lease_release_failed", key=key, error=str(exc))
+
+        await self.conn.bridge.run(delete)
+
+    async def heartbeat(self) -> None:
+        kv = self._kv
+        await self.conn.bridge.run(lambda: kv.put(f"members.{self.owner}", b"alive"))
+
+    async def leave(self) -> None:
+        """On a clean stop: drop out of the member list at once, so the others take full shares now."""
+        kv = self._kv
+        await self.conn.bridge.run(lambda: kv.purge(f"members.{self.owner}"))
+
+    async def members(self) -> list[str]:
+        kv = self._kv
+
+        async def keys() -> list[str]:
+            try:
+                found = await kv.keys()
+            except Exception:  # nats-py raises NoKeysError on an empty bucket
+                return []
+            return [k.split(".", 1)[1] for k in found if k.startswith("members.")]
+
+        return await self.conn.bridge.run(keys)
+
+    async def holders(self) -> dict[str, str]:
+        """lease key -> owner, for status output."""
+        kv = self._kv
+
+        async def read() -> dict[str, str]:
+            try:
+                found = await kv.keys()
+            except Exception:
+                return {}
+            out = {}
+            for key in found:
+                if key.startswith("lease."):
+                    entry = await kv.get(key)
+                    out[key] = (entry.value or b"").decode()
+            return out
+
+        return await self.conn.bridge.run(read)
+
+
+def lease_key(namespace: str, target: str, partition: int) -> str:
+    return f"lease.{namespace}.{target}.{partition}"

@@ -1,0 +1,404 @@
+"""One partition of one target: fetch in order, apply per key in order, across keys at once.
+
+Entries wait in per-key lanes. Each round takes, for every key that is ready, the
+run of entries at the head of its lane and hands all those runs to the target in
+one call; a key never has two entries in flight. What a run applied is acked (one
+crossing for the round) and announced as applied; where it stopped, the error's
+class decides:
+
+- transient:   the key is parked for a backoff (exponential, jittered); other keys
+               keep flowing; after `max_attempts` the entry is dead-lettered
+- unavailable: the target is down; the breaker stops every round until a probe
+               succeeds; no attempts are counted, nothing is dead-lettered
+- permanent:   dead-lettered at once; later entries of the key proceed (or, with
+               `strict`, wait until the dead letter is replayed or purged)
+
+Held entries are bounded by `max_inflight`, so memory stays flat however long the
+backlog in JetStream is; entries held past a third of AckWait get `+WPI`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
+from sidecar.drain.dlq import dead_letter, dlq_headers
+from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
+from sidecar.envelope import Entry, Op, decode, decode_many
+from sidecar.log.chunks import ChunkError
+from sidecar.logs import get_logger
+
+if TYPE_CHECKING:
+    from sidecar.drain.service import TargetDrainer
+
+log = get_logger("drain")
+
+_LAST_APPLIED_KEYS = 100_000
+
+
+class Held:
+    __slots__ = ("attempts", "data", "entry", "first_failure", "last_error", "last_failure", "reply", "seq")
+
+    def __init__(self, delivered: Delivered, entry: Entry) -> None:
+        self.seq = delivered.seq
+        self.reply = delivered.reply
+        self.data = delivered.data
+        self.entry = entry
+        self.attempts = 0
+        self.first_failure = 0.0
+        self.last_failure = 0.0
+        self.last_error = ""
+
+
+def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
+    """Exponential with equal jitter: half fixed, half random, capped."""
+    delay = min(maximum, initial * multiplier ** max(0, attempts - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class PartitionWorker:
+    def __init__(self, drainer: TargetDrainer, partition: int, consumer: PartitionConsumer) -> None:
+        self.drainer = drainer
+        self.partition = partition
+        self.consumer = consumer
+        settings = drainer.settings
+        self.max_inflight = settings.max_inflight
+        self.fetch_batch = settings.fetch_batch
+        self.max_run = settings.max_run
+        self.ack_wait = settings.ack_wait
+        self.lanes: dict[str, deque[Held]] = {}
+        self.ready: set[str] = set()
+        self.parked: dict[str, float] = {}  # key -> trio time it may retry
+        self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
+        self.held: dict[int, Held] = {}
+        self.last_applied: OrderedDict[str, int] = OrderedDict()
+        self._work = trio.Event()
+        self._space = trio.Event()
+        self._stopping = False
+        self.cancel_scope: trio.CancelScope | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self.cancel_scope = scope
+            start = await self.consumer.take_over()
+            log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
+                     partition=self.partition, from_seq=start)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fetch_loop)
+                nursery.start_soon(self._keepalive_loop)
+                nursery.start_soon(self._blocked_loop)
+                await self._apply_loop()
+                nursery.cancel_scope.cancel()
+        await self.consumer.unbind()
+
+    def stop(self) -> None:
+        """Graceful: the round in flight finishes and is acked, then the worker exits."""
+        self._stopping = True
+        self._work.set()
+
+    def abort(self) -> None:
+        """The lease is lost: stop at once; another owner replays from the ack floor."""
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    # --- fetching -----------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            await self.drainer.wait_not_paused()
+            room = self.max_inflight - len(self.held)
+            if room <= 0:
+                self._space = trio.Event()
+                await self._space.wait()
+                continue
+            try:
+                delivered = await self.consumer.fetch(min(room, self.fetch_batch), timeout=1.0)
+                failures = 0
+            except Exception as exc:  # NATS away: the journal reconnects by itself; retry gently
+                failures += 1
+                log.warning("drain_fetch_failed", namespace=self.drainer.namespace, target=self.drainer.name,
+                            partition=self.partition, error=f"{type(exc).__name__}: {exc}")
+                await trio.sleep(min(5.0, 0.2 * 2 ** failures))
+                continue
+            if delivered:
+                self._take(delivered)
+
+    def _take(self, delivered: list[Delivered]) -> None:
+        skip: list[str] = []
+        for item in delivered:
+            if item.seq in self.held:
+                continue  # a redelivery of something this worker still holds
+            try:
+                entry = decode(item.data)
+            except msgspec.DecodeError as exc:
+                log.error("undecodable_entry", namespace=self.drainer.namespace, seq=item.seq, error=str(exc))
+                entry = Entry(id=f"undecodable-{item.seq}", ns=self.drainer.namespace, op=Op.PUT,
+                              key=f"undecodable-{item.seq}", partition=self.partition, write_time=0)
+                held = Held(item, entry)
+                self._dead_letter_soon(held, ApplyError(ErrorClass.PERMANENT, f"undecodable entry: {exc}"))
+                continue
+            if not self.drainer.wants(entry) or self.last_applied.get(entry.key, 0) >= item.seq:
+                skip.append(item.reply)
+                continue
+            held = Held(item, entry)
+            self.held[item.seq] = held
+            lane = self.lanes.get(entry.key)
+            if lane is None:
+                lane = self.lanes[entry.key] = deque()
+            lane.append(held)
+            if entry.key not in self.parked and entry.key not in self.blocked:
+                self.ready.add(entry.key)
+        self.consumer.signal(skip)
+        if self.ready:
+            self._work.set()
+
+    # --- applying -------------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        while True:
+            self._unpark_due()
+            if not self.ready:
+                if self._stopping:
+                    return
+                self._work = trio.Event()
+                wake = min(self.parked.values(), default=trio.current_time() + 1.0)
+                with trio.move_on_at(wake):
+                    await self._work.wait()
+                continue
+            await self.drainer.wait_not_paused()
+            await self.drainer.breaker.wait_until_usable()
+            granted = await self.drainer.limiter.acquire(len(self.ready))
+            keys = list(self.ready)[:granted]
+            began = trio.current_time()
+            failed = True
+            try:
+                failed = await self._round(keys)
+            finally:
+                self.drainer.limiter.release(granted, trio.current_time() - began, failed)
+
+    def _unpark_due(self) -> None:
+        now = trio.current_time()
+        for key, when in list(self.parked.items()):
+            if when <= now:
+                del self.parked[key]
+                if self.lanes.get(key) and key not in self.blocked:
+                    self.ready.add(key)
+
+    def _run_for(self, key: str) -> list[Held]:
+        lane = self.lanes[key]
+        if lane[0].entry.op is Op.MULTI:
+            return [lane[0]]
+        run = []
+        for held in lane:
+            if held.entry.op is Op.MULTI or len(run) >= self.max_run:
+                break
+            run.append(held)
+        return run
+
+    async def _round(self, keys: list[str]) -> bool:
+        """Apply one run per key; returns whether the round failed entirely."""
+        drainer = self.drainer
+        runs = [self._run_for(key) for key in keys]
+        for key in keys:
+            self.ready.discard(key)
+        outcomes = await self._apply_runs(runs)
+        acks: list[str] = []
+        applied: list[int] = []
+        chunked: list[Held] = []
+        any_success = False
+        unavailable = False
+        last_error = ""
+        for key, run, outcome in zip(keys, runs, outcomes, strict=True):
+            lane = self.lanes[key]
+            for held in run[: outcome.applied]:
+                lane.popleft()
+                del self.held[held.seq]
+                acks.append(held.reply)
+                applied.append(held.seq)
+                self._remember(key, held.seq)
+                if held.entry.chunk is not None:
+                    chunked.append(held)
+            if outcome.applied:
+                any_success = True
+            if outcome.error is not None:
+                last_error = outcome.error.message
+                unavailable = unavailable or outcome.error.error_class is ErrorClass.UNAVAILABLE
+                await self._failed(key, run[outcome.applied], outcome.error)
+            elif lane and key not in self.parked and key not in self.blocked:
+                self.ready.add(key)
+            if not lane:
+                self.lanes.pop(key, None)
+        self.consumer.signal(acks)
+        drainer.applied(applied)
+        for held in chunked:
+            await drainer.chunk_applied(held.entry)
+        all_failed = not any_success and bool(last_error)
+        drainer.breaker.record(succeeded=any_success or not last_error, unavailable=unavailable and not any_success,
+                               error=last_error)
+        drainer.stats.applied += len(applied)
+        if last_error:
+            drainer.stats.last_error = last_error
+        self._space.set()
+        return all_failed
+
+    async def _apply_runs(self, runs: list[list[Held]]) -> list[RunOutcome]:
+        """Resolve chunked payloads and MULTI markers, then one target call for the rest."""
+        outcomes: list[RunOutcome | None] = [None] * len(runs)
+        plain: list[tuple[int, list[Entry]]] = []
+        for index, run in enumerate(runs):
+            if run[0].entry.op is Op.MULTI:
+                outcomes[index] = await self._apply_multi(run[0].entry)
+                continue
+            try:
+                entries = [await self._with_payload(held.entry) for held in run]
+            except ApplyError as exc:
+                outcomes[index] = RunOutcome(0, exc)
+                continue
+            plain.append((index, entries))
+        if plain:
+            began = time.monotonic()
+            try:
+                results = await self.drainer.target.apply([entries for _, entries in plain])
+            except ApplyError as exc:
+                results = [RunOutcome(0, exc) for _ in plain]
+            except Exception as exc:  # a target bug must not kill the partition: retry as transient
+                log.error("target_apply_crashed", exc_info=True, target=self.drainer.name, error=str(exc))
+                results = [RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, f"{type(exc).__name__}: {exc}"))
+                           for _ in plain]
+            self.drainer.stats.observe_latency(time.monotonic() - began)
+            for (index, _), result in zip(plain, results, strict=True):
+                outcomes[index] = result
+        return [o if o is not None else RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "lost")) for o in outcomes]
+
+    async def _with_payload(self, entry: Entry) -> Entry:
+        if entry.chunk is None or entry.value is not None:
+            return entry
+        try:
+            value = await self.drainer.chunks.get(entry.ns, entry.chunk)
+        except ChunkError as exc:
+            corrupt = "corrupt" in str(exc) or "not found" in str(exc).lower()
+            raise ApplyError(ErrorClass.PERMANENT if corrupt else ErrorClass.TRANSIENT, str(exc)) from None
+        return msgspec.structs.replace(entry, value=value)
+
+    async def _apply_multi(self, marker: Entry) -> RunOutcome:
+        """A mutation over the atomic-batch limits: apply its entries, in order per key."""
+        assert marker.chunk is not None
+        try:
+            entries = decode_many(await self.drainer.chunks.get(marker.ns, marker.chunk))
+        except ChunkError as exc:
+            return RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, str(exc)))
+        except msgspec.DecodeError as exc:
+            return RunOutcome(0, ApplyError(ErrorClass.PERMANENT, f"undecodable mutation: {exc}"))
+        runs: dict[str, list[Entry]] = {}
+        for entry in entries:
+            if self.drainer.wants(entry):
+                runs.setdefault(entry.key, []).append(entry)
+        keys = list(runs)
+        for start in range(0, len(keys), 512):
+            batch = [runs[k] for k in keys[start : start + 512]]
+            results = await self.drainer.target.apply(batch)
+            for run, result in zip(batch, results, strict=True):
+                if result.error is not None:
+                    return RunOutcome(0, result.error)
+                if result.applied < len(run):
+                    return RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "mutation partly applied"))
+        return RunOutcome(1)
+
+    def _remember(self, key: str, seq: int) -> None:
+        self.last_applied[key] = seq
+        self.last_applied.move_to_end(key)
+        if len(self.last_applied) > _LAST_APPLIED_KEYS:
+            self.last_applied.popitem(last=False)
+
+    # --- failures ---------------------------------------------------------------------
+
+    async def _failed(self, key: str, held: Held, error: ApplyError) -> None:
+        drainer = self.drainer
+        retry = drainer.retry
+        now = time.time()
+        held.first_failure = held.first_failure or now
+        held.last_failure = now
+        held.last_error = error.message
+        if error.error_class is ErrorClass.UNAVAILABLE:
+            self.parked[key] = trio.current_time() + retry.initial_delay
+            return
+        held.attempts += 1
+        if error.error_class is ErrorClass.TRANSIENT and held.attempts < retry.max_attempts:
+            drainer.stats.retries += 1
+            delay = backoff(held.attempts, retry.initial_delay, retry.max_delay, retry.multiplier)
+            self.parked[key] = trio.current_time() + delay
+            log.debug("apply_retry", target=drainer.name, key=key, seq=held.seq, attempts=held.attempts,
+                      delay=f"{delay:.2f}s", error=error.message)
+            return
+        error_class = "permanent" if error.error_class is ErrorClass.PERMANENT else "exhausted"
+        await self._dead_letter(key, held, error, error_class)
+
+    def _dead_letter_soon(self, held: Held, error: ApplyError) -> None:
+        """An entry that never reached a lane (undecodable): dead-letter it straight away."""
+        self.drainer.spawn(lambda: self._dead_letter(held.entry.key, held, error, "permanent", in_lane=False))
+
+    async def _dead_letter(self, key: str, held: Held, error: ApplyError, error_class: str,
+                           in_lane: bool = True) -> None:
+        drainer = self.drainer
+        lane = self.lanes.get(key)
+        superseded = bool(lane and len(lane) > 1)
+        now = time.time()
+        if drainer.dlq_enabled:
+            headers = dlq_headers(
+                target=drainer.name, error=error, error_class=error_class, attempts=held.attempts, seq=held.seq,
+                subject=f"wal.{drainer.namespace}.{self.partition}", key=key,
+                first_failure=held.first_failure or now, last_failure=held.last_failure or now,
+                superseded=superseded,
+            )
+            result = await dead_letter(drainer.writer, drainer.namespace, key, held.data, headers)
+            if not result.ok:  # keep it in the journal and try again later
+                log.warning("dead_letter_failed", target=drainer.name, seq=held.seq, error=result.message)
+                if in_lane:
+                    self.parked[key] = trio.current_time() + drainer.retry.initial_delay
+                return
+        log.warning("dead_lettered" if drainer.dlq_enabled else "dropped_without_dlq", namespace=drainer.namespace,
+                    target=drainer.name, key=key, seq=held.seq, error_class=error_class, error=error.message,
+                    attempts=held.attempts)
+        drainer.stats.dead_lettered += 1
+        self.consumer.signal([held.reply])
+        if not in_lane:
+            return
+        assert lane is not None
+        lane.popleft()
+        del self.held[held.seq]
+        if drainer.strict and drainer.dlq_enabled:
+            self.blocked.add(key)
+        elif lane:
+            self.ready.add(key)
+        if not lane:
+            self.lanes.pop(key, None)
+        self._space.set()
+
+    async def _blocked_loop(self) -> None:
+        """Strict mode: a key resumes once its dead letters were replayed or purged."""
+        while True:
+            await trio.sleep(2.0)
+            for key in list(self.blocked):
+                if not await self.drainer.has_dead_letters(key):
+                    self.blocked.discard(key)
+                    if self.lanes.get(key):
+                        self.ready.add(key)
+                        self._work.set()
+
+    async def _keepalive_loop(self) -> None:
+        """+WPI for everything held, so parked keys and an open breaker never cause redeliveries."""
+        interval = max(1.0, self.ack_wait / 3)
+        while True:
+            await trio.sleep(interval)
+            self.consumer.signal([held.reply for held in self.held.values()], IN_PROGRESS)
+

@@ -1,0 +1,298 @@
+"""The drain: every (namespace, target) drained by its own consumers, partitions shared via leases.
+
+Each target gets a TargetDrainer (its adapter, concurrency limit, circuit breaker,
+stats); each partition of it a PartitionWorker while this process holds its lease.
+The assignment loop heartbeats, renews leases (a lost one aborts its worker at
+once), takes a fair share of the free partitions (units / live drainers) and hands
+back any excess, so drain-only deployments scale out and a dead drainer's
+partitions move within a lease TTL.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, stream_name
+from sidecar.drain.applied import applied_subject
+from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
+from sidecar.drain.chunkgc import ChunkCollector
+from sidecar.drain.consumer import PartitionConsumer
+from sidecar.drain.dlq import key_token
+from sidecar.drain.lease import Leases, lease_key
+from sidecar.drain.partition import PartitionWorker
+from sidecar.drain.pauses import Pauses
+from sidecar.drain.targets import build_target
+from sidecar.drain.targets.base import ApplyError
+from sidecar.envelope import Entry
+from sidecar.log.journal import Journal
+from sidecar.log.streams import dlq_stream_name
+from sidecar.logs import get_logger
+
+log = get_logger("drain")
+
+
+class DrainStats:
+    __slots__ = ("applied", "dead_lettered", "last_error", "latency", "retries")
+
+    def __init__(self) -> None:
+        self.applied = 0
+        self.retries = 0
+        self.dead_lettered = 0
+        self.last_error = ""
+        self.latency = 0.0  # EWMA of a target call, seconds
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency = seconds if self.latency == 0 else self.latency * 0.9 + seconds * 0.1
+
+
+class TargetDrainer:
+    def __init__(self, service: DrainService, namespace: str, ns: Namespace, target: Target) -> None:
+        self.service = service
+        self.namespace = namespace
+        self.ns = ns
+        self.name = target.name
+        self.config = target
+        self.target = build_target(target, namespace, service.config)
+        self.settings: DrainSettings = service.config.sidecar.drain
+        self.retry: RetryPolicy = ns.retry
+        self.strict = ns.strict
+        self.dlq_enabled = ns.dlq
+        self.limiter = AdaptiveLimit()
+        self.breaker = CircuitBreaker()
+        self.stats = DrainStats()
+        self.writer = service.journal.writer
+        self.chunks = service.journal.chunks
+
+    @property
+    def state(self) -> str:
+        if self.service.pauses.is_paused(self.namespace, self.name):
+            return "paused"
+        if self.breaker.state is not BreakerState.CLOSED:
+            return "breaker-open" if self.breaker.state is BreakerState.OPEN else "breaker-half-open"
+        return "draining"
+
+    def wants(self, entry: Entry) -> bool:
+        return self.target.wants(entry)
+
+    def applied(self, sequences: list[int]) -> None:
+        if sequences:
+            self.service.notify_applied(self.namespace, self.name, sequences)
+
+    async def chunk_applied(self, entry: Entry) -> None:
+        assert entry.chunk is not None
+        needed = {d.name for d in self.service.drainers_of(self.namespace) if d.wants(entry)}
+        try:
+            await self.service.chunkgc.applied(self.namespace, entry.chunk.object, self.name, needed)
+        except Exception as exc:  # the object outlives its use until the bucket's max age; not worth failing for
+            log.warning("chunk_gc_failed", namespace=self.namespace, object=entry.chunk.object, error=str(exc))
+
+    async def wait_not_paused(self) -> None:
+        await self.service.pauses.wait_resumed(self.namespace, self.name)
+
+    async def has_dead_letters(self, key: str) -> bool:
+        subject = f"waldlq.{self.namespace}.{self.name}.{key_token(key)}"
+        info = await self.service.journal.writer.conn.js_api(
+            f"STREAM.INFO.{dlq_stream_name(self.namespace)}", {"subjects_filter": subject}
+        )
+        return bool((info.get("state") or {}).get("subjects"))
+
+    def spawn(self, factory: Callable[[], Awaitable[None]]) -> None:
+        self.service.spawn(factory)
+
+    def consumer(self, partition: int) -> PartitionConsumer:
+        return PartitionConsumer(
+            self.service.journal.writer.conn,
+            stream_name(self.namespace),
+            self.name,
+            f"wal.{self.namespace}.{partition}",
+            partition,
+            ack_wait=self.settings.ack_wait,
+            max_ack_pending=self.settings.max_inflight * 2,
+        )
+
+    async def probe_loop(self) -> None:
+        """While the breaker is open: probe the target's health, backing off, until it answers."""
+        attempt = 0
+        while True:
+            if self.breaker.state is not BreakerState.OPEN:
+                attempt = 0
+                await trio.sleep(0.2)
+                continue
+            await trio.sleep(self.breaker.next_probe_delay(attempt))
+            try:
+                await self.target.health()
+            except ApplyError as exc:
+                attempt += 1
+                self.stats.last_error = exc.message
+                continue
+            except Exception as exc:  # an unexpected probe failure counts as still down
+                attempt += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            log.info("breaker_probe_succeeded", namespace=self.namespace, target=self.name)
+            self.breaker.probe_succeeded()
+
+
+@dataclass
+class _Lease:
+    key: str
+    revision: int
+    drainer: TargetDrainer
+    partition: int
+    worker: PartitionWorker
+    renewed_at: float
+    done: trio.Event
+
+
+class DrainService:
+    def __init__(self, config: Config, journal: Journal, owner: str | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.owner = owner or uuid.uuid4().hex[:12]
+        settings = config.sidecar.drain
+        conn = journal.writer.conn
+        self.leases = Leases(conn, self.owner, settings.lease_ttl)
+        self.chunkgc = ChunkCollector(conn, journal.chunks,
+                                      max((ns.replay_window for ns in config.namespaces.values()), default=3600.0))
+        self.pauses = Pauses(conn)
+        self.drainers = [
+            TargetDrainer(self, name, ns, target)
+            for name, ns in config.namespaces.items()
+            for target in ns.targets
+        ]
+        self.held: dict[str, _Lease] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+
+    def drainers_of(self, namespace: str) -> list[TargetDrainer]:
+        return [d for d in self.drainers if d.namespace == namespace]
+
+    def drainer(self, namespace: str, target: str) -> TargetDrainer | None:
+        return next((d for d in self.drainers if d.namespace == namespace and d.name == target), None)
+
+    def spawn(self, factory: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(factory)
+
+    def notify_applied(self, namespace: str, target: str, sequences: list[int]) -> None:
+        conn = self.journal.writer.conn
+        nc = conn.nc
+        if nc is None:
+            return
+        payload = msgspec.msgpack.encode(sequences)
+        subject = applied_subject(namespace, target)
+        conn.bridge.spawn(lambda: nc.publish(subject, payload))
+
+    async def run(self, *, task_status: trio.TaskStatus[DrainService] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.leases.open()
+        await self.chunkgc.open()
+        await self.pauses.open()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.pauses.watch)
+            for drainer in self.drainers:
+                await drainer.target.start()
+                nursery.start_soon(drainer.probe_loop)
+            log.info("drain_started", owner=self.owner, targets=",".join(f"{d.namespace}/{d.name}"
+                                                                       for d in self.drainers))
+            task_status.started(self)
+            try:
+                await self._assignment_loop(nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _assignment_loop(self, nursery: trio.Nursery) -> None:
+        interval = max(0.5, self.config.sidecar.drain.lease_ttl / 3)
+        units = [(d, p) for d in self.drainers for p in range(d.ns.partitions)]
+        while not self._stopping:
+            try:
+                await self._tick(nursery, units)
+            except Exception as exc:  # NATS away or similar: keep what we hold until the TTL says otherwise
+                log.warning("drain_assignment_failed", error=f"{type(exc).__name__}: {exc}")
+                self._abort_stale()
+            await trio.sleep(interval)
+
+    async def _tick(self, nursery: trio.Nursery, units: list[tuple[TargetDrainer, int]]) -> None:
+        await self.leases.heartbeat()
+        for key, lease in list(self.held.items()):
+            if lease.done.is_set():
+                self.held.pop(key, None)
+                await self.leases.release(key, lease.revision)
+                continue
+            revision = await self.leases.renew(key, lease.revision)
+            if revision is None:
+                log.warning("lease_lost", key=key)
+                lease.worker.abort()
+                self.held.pop(key, None)
+                continue
+            lease.revision, lease.renewed_at = revision, time.monotonic()
+        members = max(1, len(await self.leases.members()))
+        share = math.ceil(len(units) / members)
+        free = [(d, p) for d, p in units if lease_key(d.namespace, d.name, p) not in self.held]
+        random.shuffle(free)
+        for drainer, partition in free:
+            if len(self.held) >= share or self._stopping:
+                break
+            key = lease_key(drainer.namespace, drainer.name, partition)
+            revision = await self.leases.acquire(key)
+            if revision is None:
+                continue
+            worker = PartitionWorker(drainer, partition, drainer.consumer(partition))
+            lease = _Lease(key, revision, drainer, partition, worker, time.monotonic(), trio.Event())
+            self.held[key] = lease
+            nursery.start_soon(self._supervise, lease)
+        while len(self.held) > share:
+            key, lease = next(iter(self.held.items()))
+            log.info("partition_handed_back", key=key, share=share)
+            lease.worker.stop()
+            await lease.done.wait()
+            self.held.pop(key, None)
+            await self.leases.release(key, lease.revision)
+
+    def _abort_stale(self) -> None:
+        """Leases not renewed for a TTL may belong to someone else by now: stop applying them."""
+        ttl = self.config.sidecar.drain.lease_ttl
+        for key, lease in list(self.held.items()):
+            if time.monotonic() - lease.renewed_at > ttl * 0.9:
+                log.warning("lease_expired_unrenewed", key=key)
+                lease.worker.abort()
+                self.held.pop(key, None)
+
+    async def _supervise(self, lease: _Lease) -> None:
+        try:
+            await lease.worker.run()
+        except Exception as exc:  # the partition is released and retried on a later tick
+            log.error("partition_worker_failed", exc_info=True, key=lease.key, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            lease.done.set()
+
+    async def stop(self, deadline: float) -> None:
+        """Finish in-flight rounds, ack them, and hand every partition back at once."""
+        self._stopping = True
+        for lease in self.held.values():
+            lease.worker.stop()
+        with trio.move_on_after(deadline):
+            for lease in list(self.held.values()):
+                await lease.done.wait()
+        for lease in list(self.held.values()):
+            lease.worker.abort()
+            try:
+                await self.leases.release(lease.key, lease.revision)
+            except Exception as exc:  # NATS gone: the lease expires by itself
+                log.warning("lease_release_failed", key=lease.key, error=str(exc))
+        self.held.clear()
+        try:
+            await self.leases.leave()
+        except Exception as exc:  # NATS gone: the heartbeat key expires by itself
+            log.warning("drain_leave_failed", error=str(exc))
+        for drainer in self.drainers:
+            await drainer.target.close()
+        log.info("drain_stopped", owner=self.owner)

@@ -1,0 +1,417 @@
+"""The drain against real targets: outages, faults, poison entries, a killed drainer, fan-out, sync mode."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import trio
+from pymemcache.client.base import Client as MemcacheClient
+
+from sidecar.config import stream_name
+from sidecar.drain.service import DrainService
+from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
+from sidecar.envelope import Entry, Op
+from sidecar.ingress import Ingress
+from sidecar.log.service import open_journal
+from sidecar.log.streams import dlq_stream_name
+from tests.support.httpload import KvConnection
+from tests.support.procs import CassandraProcess, MemcachedProcess
+from tests.support.services import Services
+from tests.support.sidecar import (
+    SidecarProcess,
+    base_url,
+    build_config,
+    kv_listener,
+    running_sidecar,
+    sidecar_document,
+)
+from tests.support.streams import read_stream
+
+FAST_RETRY = {"initial_delay": "20ms", "max_delay": "500ms", "multiplier": 2.0, "max_attempts": 50}
+DRAIN = {"lease_ttl": "2s", "ack_wait": "10s"}
+
+
+def memcached_target(name: str, address: tuple[str, int]) -> dict:
+    return {"name": name, "type": "memcached", "servers": [f"{address[0]}:{address[1]}"]}
+
+
+def cassandra_target(name: str, port: int, keyspace: str) -> dict:
+    password_file = Path(__file__).parents[2] / "examples" / "cassandra.password"
+    return {"name": name, "type": "cassandra", "contact_points": [f"127.0.0.1:{port}"], "keyspace": keyspace,
+            "username": "cassandra", "password_file": str(password_file), "consistency": "ONE", "timeout": "2s"}
+
+
+async def write_load(writer: str | Ingress, namespace: str, keys: list[str], total: int,
+                     workers: int = 32) -> dict[str, str]:
+    """`total` writes spread over `keys`, each acked durable; returns each key's last value.
+
+    Through a sidecar's KV API ("host:port") where that sidecar is another process, else straight into
+    the in-process sidecar's ingress: the same entries and acks, without the test's time going to HTTP."""
+    last: dict[str, str] = {}
+    work = iter(range(total))
+
+    async def worker() -> None:
+        connection = None
+        if isinstance(writer, str):
+            host, port = writer.rsplit(":", 1)
+            connection = await KvConnection.open(host, int(port))
+
+        async def write(key: str, value: str) -> None:
+            if connection is None:
+                assert isinstance(writer, Ingress)
+                ack = await writer.write(writer.entry(namespace, Op.PUT, key, value=value.encode()))
+                assert ack.ok, ack
+            else:
+                _, body = await connection.post(f"/v1/log/{namespace}", {"key": key, "text": value})
+                assert body["durable"] == "true", body
+
+        for i in work:
+            key = keys[i % len(keys)]
+            await write(key, f"{key}={i}")
+            # One key's writes are issued in increasing i by whichever worker holds them; keep the highest acked.
+            if key not in last or int(last[key].split("=")[1]) < i:
+                last[key] = f"{key}={i}"
+        if connection is not None:
+            await connection.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(workers):
+            nursery.start_soon(worker)
+    return last
+
+
+def memcached_values(address: tuple[str, int], keys: list[str]) -> dict[str, str]:
+    client = MemcacheClient(address)
+    try:
+        found = {}
+        for start in range(0, len(keys), 100):
+            batch = client.get_many(keys[start : start + 100])
+            found.update({k: v.decode() for k, v in batch.items()})
+        return found
+    finally:
+        client.close()
+
+
+async def wait_converged(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    diff = None
+    while time.monotonic() < deadline:
+        diff = await trio.to_thread.run_sync(check)
+        if not diff:
+            return
+        await trio.sleep(0.5)
+    raise AssertionError(f"{what} did not converge: {str(diff)[:500]}")
+
+
+async def test_memcached_down_then_back_drains_the_backlog(services: Services, private_memcached: MemcachedProcess,
+                                                           unique: str) -> None:
+    address = ("127.0.0.1", private_memcached.port)
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 8, "retry": FAST_RETRY, "targets": [memcached_target("cache", address)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    keys = [f"{unique}-k{i}" for i in range(500)]
+    async with running_sidecar(config) as sidecar:
+        await trio.to_thread.run_sync(private_memcached.stop)
+        last = await write_load(sidecar.ingress, unique, keys, 20_000)
+        drainer = sidecar.drain.drainer(unique, "cache")
+        assert drainer.state == "breaker-open"
+        await trio.to_thread.run_sync(private_memcached.start)
+        await wait_converged(lambda: {k: v for k, v in memcached_values(address, keys).items() if last[k] != v}
+                             or set(keys) - set(memcached_values(address, keys)), 90, "memcached")
+        assert drainer.stats.dead_lettered == 0
+
+
+async def test_cassandra_down_then_back_with_original_writetimes(services: Services,
+                                                                private_cassandra: CassandraProcess,
+                                                                unique: str) -> None:
+    keyspace = f"ks_{unique}"
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 8, "retry": FAST_RETRY,
+                  "targets": [cassandra_target("db", private_cassandra.port, keyspace)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    keys = [f"k{i}" for i in range(500)]
+    async with running_sidecar(config) as sidecar:
+        await wait_for_async(lambda: sidecar.drain.drainer(unique, "db").target.session is not None, 60)
+        await trio.to_thread.run_sync(private_cassandra.stop)
+        last = await write_load(sidecar.ingress, unique, keys, 20_000)
+        await trio.to_thread.run_sync(private_cassandra.start)
+        journal = {}
+        for message in await read_stream(services.nats_url, stream_name(unique)):
+            entry = message.entry()
+            journal[entry.key] = (entry.value.decode(), entry.write_time)  # stream order: the last one wins
+        assert {k: v for k, (v, _) in journal.items()} == last
+
+        def diff() -> dict:
+            rows = cassandra_rows(private_cassandra.port, keyspace, unique)
+            return {k: (rows.get(k), expected) for k, expected in journal.items() if rows.get(k) != expected}
+
+        await wait_converged(diff, 120, "cassandra")
+
+
+async def wait_for_async(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await trio.sleep(0.1)
+
+
+def cassandra_rows(port: int, keyspace: str, table: str) -> dict[str, tuple[str, int]]:
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster(["127.0.0.1"], port=port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"),
+                      protocol_version=4)
+    try:
+        session = cluster.connect()
+        rows = session.execute(f"SELECT id, value, WRITETIME(value) AS wt FROM {keyspace}.{table}")
+        return {row.id: (row.value.decode(), row.wt) for row in rows}
+    except Exception:
+        return {}
+    finally:
+        cluster.shutdown()
+
+
+class FlakyTarget:
+    """The real target behind a fault injector: 10% of runs fail transiently before reaching it."""
+
+    def __init__(self, real: object, rate: float) -> None:
+        self.real = real
+        self.name = real.name  # type: ignore[attr-defined]
+        self.rate = rate
+        self.injected = 0
+
+    def __getattr__(self, item: str) -> object:
+        return getattr(self.real, item)
+
+    async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
+        doomed = {i for i in range(len(runs)) if random.random() < self.rate}
+        self.injected += len(doomed)
+        passed = [run for i, run in enumerate(runs) if i not in doomed]
+        results = iter(await self.real.apply(passed) if passed else [])  # type: ignore[attr-defined]
+        return [RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "injected fault")) if i in doomed else next(results)
+                for i in range(len(runs))]
+
+
+async def test_ordering_per_key_under_transient_faults(services: Services, unique: str) -> None:
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 4, "retry": FAST_RETRY, "targets": [memcached_target("cache", services.memcached)]}},
+        drain=DRAIN,
+    ))
+    keys = [f"{unique}-o{i}" for i in range(100)]
+    last: dict[str, str] = {}
+    async with open_journal(config) as journal:
+        ingress = Ingress(config, journal)
+        service = DrainService(config, journal)
+        drainer = service.drainer(unique, "cache")
+        flaky = FlakyTarget(drainer.target, 0.10)
+        drainer.target = flaky
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+
+            async def writer(worker: int) -> None:
+                for i in range(worker, 20_000, 20):
+                    key = keys[i % 100]
+                    ack = await ingress.write(ingress.entry(unique, Op.PUT, key, value=f"{i}".encode()))
+                    assert ack.ok
+                    last[key] = str(i)
+
+            async with trio.open_nursery() as writers:
+                for worker in range(20):
+                    writers.start_soon(writer, worker)
+            # Each key's writes come from one worker (i % 20 fixes i % 100's worker), in increasing order.
+            await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+                                          if last[k] != v}, 60, "memcached under faults")
+            assert flaky.injected > 100 and drainer.stats.retries > 100
+            assert drainer.stats.dead_lettered == 0
+            await service.stop(5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_permanent_error_goes_to_dlq_and_others_keep_flowing(services: Services, cassandra_session,
+                                                                   unique: str) -> None:
+    keyspace = f"ks_{unique}"
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 4, "retry": FAST_RETRY,
+                  "targets": [cassandra_target("db", services.cassandra[1], keyspace)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    huge_item = "x" * 70_000  # Cassandra refuses clustering keys over 64 KiB: a permanent error
+    try:
+        async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config)) as client:
+            # Paused while writing, so the poison and the entry after it are queued together when it fails.
+            await sidecar.drain.pauses.set(unique, "db", True)
+            before = (await client.put(f"/v1/kv/{unique}/good", json={"items": [{"key": "a", "text": "1"}]})).json()
+            bad = (await client.put(f"/v1/kv/{unique}/poison", json={"items": [{"key": huge_item, "text": "p"},
+                                                                               {"key": "after", "text": "later"}]}))
+            after = (await client.put(f"/v1/kv/{unique}/good", json={"items": [{"key": "b", "text": "2"}]})).json()
+            assert before["durable"] == bad.json()["durable"] == after["durable"] == "true"
+            await sidecar.drain.pauses.set(unique, "db", False)
+            drainer = sidecar.drain.drainer(unique, "db")
+            await wait_for_async(lambda: drainer.stats.dead_lettered == 1, 30)
+
+            async def rows(record: str) -> dict[str, bytes]:
+                response = await client.get(f"/v1/kv/{unique}/{record}")
+                return {i["key"]: i["value"] for i in response.json()["items"]} if response.status_code == 200 else {}
+
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (len(await rows("good")) < 2 or not await rows("poison")):
+                await trio.sleep(0.2)
+            assert set(await rows("good")) == {"a", "b"}
+            assert set(await rows("poison")) == {"after"}  # the later entry of the same key went past the poison
+        letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+        assert len(letters) == 1
+        letter = letters[0]
+        headers = letter.headers
+        assert headers["Walcar-Target"] == "db" and headers["Walcar-Error-Class"] == "permanent"
+        assert "InvalidRequest" in headers["Walcar-Error"] and headers["Walcar-Attempts"] == "1"
+        assert headers["Walcar-Key"] == "poison"
+        assert headers["Walcar-Superseded"] == "true"
+        assert headers["Walcar-First-Failure"] <= headers["Walcar-Last-Failure"]
+        original = letter.entry()  # the DLQ payload is the whole original entry
+        assert (original.key, original.item, original.value) == ("poison", huge_item, b"p")
+        assert int(headers["Walcar-Original-Seq"]) == bad.json()["sequence"] - 1
+    finally:
+        cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+
+async def test_killed_drainer_hands_its_partitions_over(services: Services, tmp_path: Path, unique: str) -> None:
+    namespaces = {unique: {"partitions": 8, "retry": FAST_RETRY,
+                           "targets": [memcached_target("cache", services.memcached)]}}
+    ingress_doc = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
+    ingress = SidecarProcess(ingress_doc, tmp_path / "ingress", role="ingress").start()
+    drainers = [SidecarProcess(sidecar_document(services.nats_url, namespaces, drain=DRAIN), tmp_path / f"d{i}",
+                               role="drain").start() for i in range(2)]
+    keys = [f"{unique}-s{i}" for i in range(200)]
+    try:
+        bind = ingress_doc["listeners"][0]["bind"]
+        first = await write_load(bind, unique, keys, 4000)
+        drainers[0].proc.send_signal(signal.SIGKILL)  # mid-stream: whatever it held is unacked
+        second = await write_load(bind, unique, keys, 4000)
+        last = {k: second.get(k, first.get(k)) for k in keys}
+        await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+                                      if last[k] != v}, 60, "memcached after a drainer died")
+        assert "partition_acquired" in drainers[1].log()
+        taken = drainers[1].log().count("partition_acquired")
+        assert taken == 8, f"the survivor holds {taken} of 8 partitions"
+    finally:
+        for process in [ingress, *drainers]:
+            process.stop()
+
+
+async def test_fan_out_a_stopped_target_does_not_hold_back_the_other(services: Services,
+                                                                     private_memcached: MemcachedProcess,
+                                                                     unique: str) -> None:
+    down = ("127.0.0.1", private_memcached.port)
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 4, "retry": FAST_RETRY,
+                  "targets": [memcached_target("down", down), memcached_target("up", services.memcached)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    keys = [f"{unique}-f{i}" for i in range(200)]
+    async with running_sidecar(config) as sidecar:
+        await trio.to_thread.run_sync(private_memcached.stop)
+        began = time.monotonic()
+        last = await write_load(sidecar.ingress, unique, keys, 3000)
+        await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+                                      if last[k] != v} or set(keys) - set(memcached_values(services.memcached, keys)),
+                             20, "the healthy target")
+        assert time.monotonic() - began < 15
+        await trio.to_thread.run_sync(private_memcached.start)
+        await wait_converged(lambda: set(keys) - set(memcached_values(down, keys)), 60, "the recovered target")
+
+
+async def test_sync_namespace_answers_visible_and_reads_see_it(services: Services, cassandra_session,
+                                                               unique: str) -> None:
+    keyspace = f"ks_{unique}"
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 4, "mode": "sync", "visibility_budget": "2s",
+                  "targets": [cassandra_target("db", services.cassandra[1], keyspace)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    try:
+        async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config)) as client:
+            for i in range(20):
+                put = await client.put(f"/v1/kv/{unique}/user{i}", json={"items": [{"key": "name", "text": f"n{i}"}]})
+                assert put.json() == {"durable": "true", "visible": True, "message": "", "sequence": i + 1,
+                                      "duplicate": False}
+                read = await client.get(f"/v1/kv/{unique}/user{i}")
+                assert read.status_code == 200
+                assert read.json()["items"] == [{"key": "name", "value": _b64(f"n{i}")}]
+    finally:
+        cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+async def test_16mib_value_chunked_applied_and_chunks_deleted(services: Services, cassandra_session,
+                                                              unique: str) -> None:
+    keyspace = f"ks_{unique}"
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 2, "max_item_size": "17MiB",
+                  "targets": [cassandra_target("db", services.cassandra[1], keyspace)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    payload = bytes(random.getrandbits(8) for _ in range(1024)) * (16 * 1024)
+    try:
+        async with running_sidecar(config) as sidecar, \
+                httpx.AsyncClient(base_url=base_url(config), timeout=60) as client:
+            response = await client.post(f"/v1/log/{unique}", content=msgspec.msgpack.encode(
+                {"key": "big", "payload": payload}), headers={"content-type": "application/msgpack"})
+            assert msgspec.msgpack.decode(response.content)["durable"] == "true"
+            entry = (await read_stream(services.nats_url, stream_name(unique)))[0].entry()
+            assert entry.chunk is not None and entry.value is None
+            drainer = sidecar.drain.drainer(unique, "db")
+            await wait_for_async(lambda: drainer.stats.applied == 1 or drainer.stats.dead_lettered, 60)
+            assert drainer.stats.applied == 1, drainer.stats.last_error
+            chunks = sidecar.ingress.journal.chunks
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and await chunks.exists(unique, entry.chunk.object):
+                await trio.sleep(0.2)
+            assert not await chunks.exists(unique, entry.chunk.object), "the chunks outlived the apply"
+        row = cassandra_session.execute(f"SELECT value, WRITETIME(value) AS wt FROM {keyspace}.{unique} "
+                                        "WHERE id = 'big' AND key = ''").one()
+        assert row.value == payload and row.wt == entry.write_time
+    finally:
+        cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+
+async def test_entries_for_other_targets_are_skipped(services: Services, cassandra_session, unique: str) -> None:
+    """WriteToLog with `target` reaches only the named target; the other acks it without applying."""
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 2, "targets": [memcached_target("a", services.memcached),
+                                               cassandra_target("b", services.cassandra[1], f"ks_{unique}")]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    try:
+        async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config)) as client:
+            response = await client.post(f"/v1/log/{unique}", json={"key": f"{unique}-only-a", "text": "v",
+                                                                    "target": ["a"]})
+            assert response.json()["durable"] == "true"
+            await wait_converged(lambda: {f"{unique}-only-a"} - set(memcached_values(services.memcached,
+                                                                                    [f"{unique}-only-a"])), 20, "a")
+            b = sidecar.drain.drainer(unique, "b")
+            await trio.sleep(1.0)
+            assert b.stats.applied == 0
+            assert (await client.get(f"/v1/kv/{unique}/{unique}-only-a")).status_code == 200  # primary: a
+    finally:
+        cassandra_session.execute(f"DROP KEYSPACE IF EXISTS ks_{unique}")

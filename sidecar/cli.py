@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--format", choices=["toml", "yaml", "json"])
     check.set_defaults(func=cmd_config_check)
+
+    from sidecar.inject.cli import add_parser as add_inject_parser  # walcar inject serve|wait-ready
+
+    add_inject_parser(sub)
     return parser
 
 

@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# walcar: the sidecar, the injector webhook and the drain, one image (used by helm/walcar).
+#   docker build -t ghcr.io/walcar/walcar:0.1.0 .
+ARG PYTHON_VERSION=3.11
+
+# Build stage: a virtualenv holding only the package and its dependencies. A compiler is here in
+# case a dependency has no wheel for the platform (cassandra-driver's extensions); it stays behind.
+FROM python:${PYTHON_VERSION}-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CASS_DRIVER_NO_CYTHON=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/walcar
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+RUN /opt/walcar/bin/pip install . \
+    && /opt/walcar/bin/walcar --help > /dev/null
+
+# Runtime stage: slim Python, the virtualenv, a non-root user. Numeric USER so the kubelet can
+# verify runAsNonRoot; no writes needed (the chart runs it with readOnlyRootFilesystem).
+FROM python:${PYTHON_VERSION}-slim
+ARG UID=10001
+RUN groupadd --system --gid ${UID} walcar \
+    && useradd --system --uid ${UID} --gid ${UID} --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin walcar
+COPY --from=build /opt/walcar /opt/walcar
+ENV PATH=/opt/walcar/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER ${UID}:${UID}
+# KV API, admin (health, readiness, metrics), memcached, CQL, injector webhook
+EXPOSE 8080 9901 11211 9042 8443
+ENTRYPOINT ["walcar"]
+CMD ["--help"]

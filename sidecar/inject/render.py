@@ -1,0 +1,114 @@
+"""The per-pod walcar config: the control plane plus what this pod asked for.
+
+The control plane (the chart's ConfigMap: `[sidecar]` settings and the namespace
+configs) stays the single source of namespace behaviour. The injector adds only the
+per-pod part, never namespace settings:
+
+- `listeners`: one per requested protocol, on loopback at the injector's ports, all
+  writing to the pod's `walcar.io/namespace` (kv without a namespace serves every
+  namespace by path). Listeners in the control plane are replaced.
+- `namespaces`: narrowed to the pod's namespace when it names one, so a pod's
+  sidecar provisions and drains only what it writes.
+- `sidecar`: admin on the pod IP (kubelet probes it), log level, the drain deadline
+  as `shutdown_deadline`, the NATS URL and credentials file the injector mounts.
+
+The result is validated with the same rules as `walcar config check`, so a pod whose
+annotations cannot work is refused at admission instead of crash-looping later.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar import config as config_mod
+from sidecar.inject.annotations import NAMESPACE, PROTOCOLS_KEY, PodOptions
+from sidecar.inject.settings import InjectorSettings
+
+NATS_CREDS_DIR = "/var/run/secrets/walcar/nats"
+NATS_CREDS_FILE = "nats.creds"
+GRACE_MARGIN_SECONDS = 5  # process start-up of `walcar drain`, the kubelet's own slack
+
+
+class RenderError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+def load_control_plane(path: str | Path) -> dict[str, Any]:
+    """Read and validate the control plane; ConfigError lists every problem (the injector refuses to start)."""
+    config_mod.load(path)  # the same checks as `walcar config check`
+    path = Path(path)
+    document = config_mod.parse_document(path.read_text(), config_mod.format_of(path))
+    if not isinstance(document, dict):  # load() would have said so; keep the type honest
+        raise config_mod.ConfigError([f"{path}: expected a mapping at the top level"], str(path))
+    return document
+
+
+def _listener_name(listener: dict[str, Any]) -> str:
+    return f"{listener['protocol']} listener"
+
+
+def _explain(errors: list[str], listeners: list[dict[str, Any]]) -> list[str]:
+    """`listeners[0]: ...` means nothing to the pod's author: name the protocol they asked for."""
+    explained = []
+    for error in errors:
+        for index, listener in enumerate(listeners):
+            prefix = f"listeners[{index}]"
+            if error.startswith(prefix):
+                error = f"{PROTOCOLS_KEY} ({_listener_name(listener)}){error[len(prefix):]}"
+                break
+        explained.append(error)
+    return explained
+
+
+def pod_config(control_plane: dict[str, Any], settings: InjectorSettings,
+               options: PodOptions) -> tuple[dict[str, Any], config_mod.Config]:
+    """The document the pod's sidecar will load (and its parsed form), or RenderError saying why it cannot."""
+    document = copy.deepcopy(control_plane)
+    namespaces: dict[str, Any] = document.get("namespaces") or {}
+    if options.namespace is not None:
+        if options.namespace not in namespaces:
+            known = ", ".join(sorted(namespaces)) or "none"
+            raise RenderError([f"{NAMESPACE}: unknown namespace {options.namespace!r} "
+                               f"(the walcar control plane has: {known})"])
+        document["namespaces"] = {options.namespace: namespaces[options.namespace]}
+
+    sidecar = dict(document.get("sidecar") or {})
+    if settings.nats_url:
+        sidecar["nats_url"] = settings.nats_url
+    if settings.nats_creds_secret:
+        sidecar["nats_creds"] = f"{NATS_CREDS_DIR}/{NATS_CREDS_FILE}"
+    sidecar["admin"] = f"0.0.0.0:{settings.ports.admin}"
+    sidecar.pop("metrics", None)  # one scrape port per pod: the admin port
+    sidecar["log_level"] = options.log_level
+    sidecar["shutdown_deadline"] = str(settings.drain_deadline)
+    document["sidecar"] = sidecar
+
+    listeners = []
+    for protocol in options.protocols:
+        listener: dict[str, Any] = {"protocol": protocol, "bind": f"127.0.0.1:{settings.ports.for_protocol(protocol)}"}
+        if options.namespace is not None:
+            listener["namespace"] = options.namespace
+        listeners.append(listener)
+    document["listeners"] = listeners
+
+    try:
+        parsed = config_mod.validate(document)
+    except config_mod.ConfigError as exc:
+        raise RenderError(_explain(exc.errors, listeners)) from None
+    return document, parsed
+
+
+def dump(document: dict[str, Any]) -> str:
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def required_grace_seconds(cfg: config_mod.Config) -> int:
+    """The pod's terminationGracePeriodSeconds must cover the sidecar's grace + deadline."""
+    return math.ceil(cfg.sidecar.shutdown_grace + cfg.sidecar.shutdown_deadline) + GRACE_MARGIN_SECONDS

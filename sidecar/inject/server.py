@@ -1,0 +1,157 @@
+"""The webhook over HTTPS: POST /mutate, GET /healthz, GET /readyz (hypercorn on trio).
+
+The ASGI app is a thin shell around `Injector.handle`; whatever arrives, the answer
+is an AdmissionReview (400 only for a body that is not JSON, 413 for one too large),
+never a 500. The serving certificate is re-read when its files change (cert-manager
+or a Helm upgrade rotates the Secret; kubelet updates the mount), so rotation needs
+no restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sidecar.http import hypercorn_config, serve_http
+from sidecar.inject.patch import Injector
+from sidecar.inject.settings import InjectorSettings
+from sidecar.logs import get_logger
+
+log = get_logger("inject")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+MAX_BODY = 8 * 1024 * 1024  # the API server caps an object at ~3 MiB; a review wraps one or two
+
+
+class InjectorApp:
+    def __init__(self, injector: Injector, max_body: int = MAX_BODY) -> None:
+        self.injector = injector
+        self.max_body = max_body
+        self.ready = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/mutate":
+            if method != "POST":
+                await _json(send, 405, {"error": "POST an AdmissionReview to /mutate"})
+                return
+            await self._mutate(receive, send)
+        elif path == "/healthz" and method == "GET":
+            await _json(send, 200, {"status": "alive"})
+        elif path == "/readyz" and method == "GET":
+            if self.ready:
+                await _json(send, 200, {"status": "ready"})
+            else:
+                await _json(send, 503, {"status": "not ready"})
+        else:
+            await _json(send, 404, {"error": f"no route for {method} {path}"})
+
+    async def _mutate(self, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await _json(send, 413, {"error": f"request body over {self.max_body} bytes"})
+                return
+            if not message.get("more_body", False):
+                break
+        status, review, decision = self.injector.handle(bytes(body))
+        fields = dict(decision.pod)
+        if decision.message:
+            fields["reason"] = decision.message
+        if decision.warnings:
+            fields["warnings"] = "; ".join(decision.warnings)
+        log.info("admission", outcome=decision.outcome, allowed=decision.allowed, uid=review["response"]["uid"],
+                 ms=round((time.perf_counter() - started) * 1000, 2), **fields)
+        await _json(send, status, review)
+
+
+async def _json(send: Send, status: int, body: object) -> None:
+    payload = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    })
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _stamp(*paths: str) -> tuple[tuple[int, int], ...]:
+    stamps = []
+    for path in paths:
+        info = os.stat(path)
+        stamps.append((info.st_mtime_ns, info.st_size))
+    return tuple(stamps)
+
+
+async def _reload_certificate(context: ssl.SSLContext, certfile: str, keyfile: str, interval: float) -> None:
+    """New handshakes use the new certificate; a half-updated pair is skipped and retried at the next tick."""
+    seen = _stamp(certfile, keyfile)
+    while True:
+        await trio.sleep(interval)
+        try:
+            stamp = _stamp(certfile, keyfile)
+            if stamp == seen:
+                continue
+            # check the pair on a scratch context first: a mismatched half-update must not reach the live one
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("certificate_reload_failed", error=str(exc), cert_file=certfile)
+            continue
+        seen = stamp
+        log.info("certificate_reloaded", cert_file=certfile)
+
+
+async def serve(settings: InjectorSettings, injector: Injector, shutdown: trio.Event, *,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the webhook until `shutdown` is set; readiness fails first so Service endpoints move away."""
+    config = hypercorn_config(settings.bind, graceful_timeout=5.0, certfile=settings.cert_file,
+                              keyfile=settings.key_file)
+    app = InjectorApp(injector)
+    stop_http = trio.Event()
+    async with trio.open_nursery() as background:
+        if settings.cert_file and settings.key_file:
+            context = config.create_ssl_context()
+            assert context is not None
+            # hypercorn builds its context once; hand it ours so reloads reach new handshakes
+            config.create_ssl_context = lambda: context  # type: ignore[method-assign]
+            background.start_soon(_reload_certificate, context, settings.cert_file, settings.key_file,
+                                  float(settings.cert_reload_interval))
+        async with trio.open_nursery() as http:
+            await http.start(serve_http, app, config, stop_http)
+            app.ready = True
+            log.info("injector_ready", bind=settings.bind, tls=bool(settings.cert_file), image=settings.image,
+                     native_sidecar=settings.native_sidecar)
+            task_status.started()
+            await shutdown.wait()
+            app.ready = False
+            log.info("injector_stopping")
+            await trio.sleep(1.0)  # let a readiness probe see 503 before the socket closes
+            stop_http.set()
+            http.cancel_scope.deadline = trio.current_time() + config.graceful_timeout + 1
+        background.cancel_scope.cancel()
+    log.info("injector_stopped")

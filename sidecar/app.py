@@ -9,18 +9,22 @@ settles every write it took; the process exits by `shutdown_deadline`.
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import trio
 
 from sidecar.admin.app import AdminApp
+from sidecar.admin.dlq import DeadLetters
 from sidecar.admin.state import SidecarState
+from sidecar.admin.status import StatusPoller
 from sidecar.config import Config, Listener
 from sidecar.drain.notices import subscribe_applied
+from sidecar.drain.pauses import Pauses
 from sidecar.drain.service import DrainService
 from sidecar.http import hypercorn_config, serve_http
 from sidecar.ingress import Ingress
+from sidecar.log.journal import Journal
 from sidecar.log.service import open_journal
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
@@ -29,7 +33,6 @@ from sidecar.reads import Readers
 log = get_logger("sidecar")
 
 Role = Literal["ingress", "drain", "all"]
-ListenerServer = Callable[..., Awaitable[None]]
 
 
 class Sidecar:
@@ -42,53 +45,79 @@ class Sidecar:
         self._stop_listeners = trio.Event()
         self.ingress: Ingress | None = None
         self.drain: DrainService | None = None
+        self.pauses: Pauses | None = None
+        self.poller: StatusPoller | None = None
+        self.dead_letters: DeadLetters | None = None
         self._readers = Readers(config)
+        self._admin_token = _read_secret(config.sidecar.admin_token_file)
+        if role in ("ingress", "all"):
+            # Known up front, so readiness cannot pass before the last listener is bound.
+            self.state.listeners_expected.update(_listener_name(item) for item in config.listeners)
 
     def request_shutdown(self, reason: str = "requested") -> None:
         if not self._shutdown.is_set():
-            log.info("shutdown_requested", reason=reason)
+            log.info("shutdown_requested", reason=reason, deadline=str(self.config.sidecar.shutdown_deadline))
             self.state.shutting_down = True
             self._shutdown.set()
 
+    def replay_progress(self) -> list[Any]:
+        return []
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        deadline = config.sidecar.shutdown_deadline
         log.info("starting", role=self.role, region=config.sidecar.region, namespaces=",".join(config.namespaces))
         async with trio.open_nursery() as outer:
             outer.start_soon(self._watch_signals)
+            outer.start_soon(self._enforce_deadline, outer.cancel_scope)
             admin_stop = trio.Event()
             await outer.start(self._serve_admin, admin_stop)
             async with open_journal(config, connect_retry=self.connect_retry) as journal:
-                conn = journal.writer.conn
-                self.state.conn = conn
-                self.ingress = Ingress(config, journal)
-                log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
-                ingress_role = self.role in ("ingress", "all")
-                if ingress_role:
-                    await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))
-                async with trio.open_nursery() as services:
-                    if self.role in ("drain", "all") and any(ns.targets for ns in config.namespaces.values()):
-                        self.drain = await services.start(DrainService(config, journal).run)
-                    async with trio.open_nursery() as listeners:
-                        if ingress_role:
-                            for listener in config.listeners:
-                                await listeners.start(self._serve_listener, listener)
-                        task_status.started(self)
-                        log.info("ready")
-                        await self._shutdown.wait()
-                        await trio.sleep(config.sidecar.shutdown_grace)
-                        log.info("listeners_stopping")
-                        self._stop_listeners.set()
-                        listeners.cancel_scope.deadline = trio.current_time() + deadline
-                    log.info("listeners_stopped")
-                    await self._readers.close()
-                    if self.drain is not None:
-                        await self.drain.stop(deadline)
-                    services.cancel_scope.cancel()
+                await self._serve(journal, task_status)
             log.info("journal_closed")
             admin_stop.set()
             outer.cancel_scope.cancel()
         log.info("stopped")
+
+    async def _serve(self, journal: Journal, task_status: Any) -> None:
+        config = self.config
+        conn = journal.writer.conn
+        self.state.conn = conn
+        self.ingress = Ingress(config, journal)
+        self.pauses = Pauses(conn)
+        await self.pauses.open()
+        self.dead_letters = DeadLetters(conn, journal.writer)
+        log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
+        ingress_role = self.role in ("ingress", "all")
+        if ingress_role:
+            await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))
+        async with trio.open_nursery() as services:
+            services.start_soon(self.pauses.watch)
+            if self.role in ("drain", "all") and any(ns.targets for ns in config.namespaces.values()):
+                self.drain = await services.start(DrainService(config, journal, pauses=self.pauses).run)
+            self.poller = StatusPoller(config, conn, self.pauses, self.drain)
+            services.start_soon(self.poller.run)
+            async with trio.open_nursery() as listeners:
+                if ingress_role:
+                    for listener in config.listeners:
+                        await listeners.start(self._serve_listener, listener)
+                task_status.started(self)
+                log.info("ready")
+                await self._shutdown.wait()
+                await trio.sleep(config.sidecar.shutdown_grace)
+                log.info("listeners_stopping")
+                self._stop_listeners.set()
+            log.info("listeners_stopped")
+            await self._readers.close()
+            if self.drain is not None:
+                await self.drain.stop(config.sidecar.shutdown_deadline)
+            services.cancel_scope.cancel()
+
+    async def _enforce_deadline(self, scope: trio.CancelScope) -> None:
+        """Whatever is still running at the deadline is cancelled: the process exits on time."""
+        await self._shutdown.wait()
+        scope.deadline = trio.current_time() + self.config.sidecar.shutdown_deadline
+        await trio.sleep(self.config.sidecar.shutdown_deadline)
+        log.warning("shutdown_deadline_reached", deadline=str(self.config.sidecar.shutdown_deadline))
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -96,27 +125,45 @@ class Sidecar:
                 self.request_shutdown(signal.Signals(signum).name)
 
     async def _serve_admin(self, stop: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        config = hypercorn_config(self.config.sidecar.admin, graceful_timeout=1.0)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_http, AdminApp(self.state), config, stop)
+            # Admin and scrape connections never hold the shutdown open: one second, then they go.
+            admin = hypercorn_config(self.config.sidecar.admin, graceful_timeout=1.0)
+            await nursery.start(serve_http, AdminApp(self, self._admin_token), admin, stop)
             log.info("admin_bound", bind=self.config.sidecar.admin)
+            if self.config.sidecar.metrics:
+                scrape = hypercorn_config(self.config.sidecar.metrics, graceful_timeout=1.0)
+                await nursery.start(serve_http, AdminApp(self, metrics_only=True), scrape, stop)
+                log.info("metrics_bound", bind=self.config.sidecar.metrics)
             task_status.started()
 
     async def _serve_listener(self, listener: Listener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        name = f"{listener.protocol}@{listener.bind}"
-        self.state.listeners_expected.add(name)
+        name = _listener_name(listener)
         assert self.ingress is not None
-        if listener.protocol == "kv":
-            app = KvApp(self.ingress, self._readers)
-            config = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_http, app, config, self._stop_listeners)
-                self.state.listeners_bound.add(name)
-                log.info("listener_bound", protocol=listener.protocol, bind=listener.bind,
-                         namespace=listener.namespace or "*")
-                task_status.started()
-            return
-        raise NotImplementedError(f"the {listener.protocol} listener is not built yet")
+        async with trio.open_nursery() as nursery:
+            if listener.protocol == "kv":
+                app = KvApp(self.ingress, self._readers)
+                http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
+                await nursery.start(serve_http, app, http, self._stop_listeners)
+            elif listener.protocol == "memcached":
+                from sidecar.protocols.memcache.server import serve_memcached
+
+                await nursery.start(serve_memcached, listener, self.ingress, self.config, self._stop_listeners)
+            else:
+                from sidecar.protocols.cql.server import serve_cql
+
+                await nursery.start(serve_cql, listener, self.ingress, self.config, self._stop_listeners)
+            self.state.listeners_bound.add(name)
+            log.info("listener_bound", protocol=listener.protocol, bind=listener.bind,
+                     namespace=listener.namespace or "*")
+            task_status.started()
+
+
+def _listener_name(listener: Listener) -> str:
+    return f"{listener.protocol}@{listener.bind}"
+
+
+def _read_secret(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path else None
 
 
 async def run_sidecar(config: Config, role: Role = "all") -> None:

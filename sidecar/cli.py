@@ -1,7 +1,9 @@
 """`walcar` — the sidecar's command line.
 
-    walcar run --config FILE [--role ingress|drain|all]
-    walcar config check FILE [--format toml|yaml|json]
+    walcar run --config FILE [--role ingress|drain|all]     the sidecar
+    walcar config check FILE [--format toml|yaml|json]       validate a config
+    walcar status | dlq ... | drain --wait                  operate a running sidecar (admin endpoint)
+    walcar inject serve | wait-ready                        the Kubernetes injector
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar import config as config_mod
+from sidecar.admin.cli import CliError
+from sidecar.admin.cli import add_parsers as add_admin_parsers
+from sidecar.inject.cli import add_parser as add_inject_parser
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -78,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", choices=["toml", "yaml", "json"])
     check.set_defaults(func=cmd_config_check)
 
-    from sidecar.inject.cli import add_parser as add_inject_parser  # walcar inject serve|wait-ready
-
+    add_admin_parsers(sub)
     add_inject_parser(sub)
     return parser
 
@@ -90,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except CliError as exc:
+        print(f"walcar: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
 

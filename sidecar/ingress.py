@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import msgspec
 import trio
 
+from sidecar.admin.metrics import WriteCounters
 from sidecar.config import Config, Namespace
 from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import CqlMutation, Entry, Op, new_id, now_us, partition_of, resolve_write_time
@@ -44,6 +45,7 @@ class Ingress:
         self.region = config.sidecar.region
         # Fed by the drain's applied notices (wired by the sidecar at start).
         self.applied = applied or AppliedTracker()
+        self.counters = WriteCounters()
 
     def namespace(self, name: str) -> Namespace:
         ns = self.config.namespaces.get(name)
@@ -92,12 +94,19 @@ class Ingress:
             cql=cql,
         )
 
-    async def write(self, entry: Entry) -> Ack:
-        return await self._answer([entry], await self.journal.append(entry))
+    async def write(self, entry: Entry, protocol: str = "kv") -> Ack:
+        began = trio.current_time()
+        result = await self.journal.append(entry)
+        self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, trio.current_time() - began)
+        return await self._answer([entry], result)
 
-    async def write_mutation(self, entries: list[Entry], mutation_id: str | None = None) -> Ack:
+    async def write_mutation(self, entries: list[Entry], mutation_id: str | None = None, protocol: str = "kv") -> Ack:
         """Several entries as one all-or-nothing mutation."""
-        return await self._answer(entries, await self.journal.append_atomic(entries, mutation_id))
+        began = trio.current_time()
+        result = await self.journal.append_atomic(entries, mutation_id)
+        op = entries[0].op.value if len({e.op for e in entries}) == 1 else "mutate"
+        self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
+        return await self._answer(entries, result)
 
     async def _answer(self, entries: list[Entry], result: WriteResult) -> Ack:
         ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,

@@ -1,22 +1,55 @@
-"""The admin HTTP endpoint (Envoy-style): liveness, readiness."""
+"""The admin HTTP endpoint (Envoy-style).
+
+    GET  /healthz                          the process is alive
+    GET  /readyz                           200 only when the journal is connected and every listener bound
+    GET  /metrics                          Prometheus text
+    GET  /v1/drain                         status per namespace/target
+    POST /v1/drain/{ns}/{target}/pause     stop applying (kept across restarts); .../resume
+    GET  /v1/dlq/{ns}?target=&after=&limit=   dead letters, paged by sequence
+    GET  /v1/dlq/{ns}/{seq}                one dead letter, whole, with its error headers
+    POST /v1/dlq/{ns}/replay|purge         by target, sequence range or list, key glob
+    GET  /v1/config                        the effective config, secrets redacted
+    POST /v1/shutdown                      graceful shutdown (what `walcar drain --wait` calls)
+
+Mutating calls are POST only and, when `admin_token_file` is set, need
+`Authorization: Bearer <token>`.
+"""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import msgspec
 
-from sidecar.admin.state import SidecarState
+from sidecar import config as config_mod
+from sidecar.admin import metrics
+from sidecar.admin.dlq import DlqFilter
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
 
 class AdminApp:
-    def __init__(self, state: SidecarState) -> None:
-        self.state = state
+    def __init__(self, sidecar: Sidecar, token: str | None = None, metrics_only: bool = False) -> None:
+        self.sidecar = sidecar
+        self.token = token
+        self.metrics_only = metrics_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -29,24 +62,117 @@ class AdminApp:
                     return
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
-        if path == "/healthz" and method == "GET":
-            await self._json(send, 200, {"status": "alive"})
-        elif path == "/readyz" and method == "GET":
-            reasons = self.state.not_ready_reasons()
-            if reasons:
-                await self._json(send, 503, {"status": "not ready", "reasons": reasons})
-            else:
-                await self._json(send, 200, {"status": "ready"})
-        else:
-            await self._json(send, 404, {"error": f"no route for {method} {path}"})
-
-    @staticmethod
-    async def _json(send: Send, status: int, body: object) -> None:
-        payload = msgspec.json.encode(body)
+        try:
+            status, body, content_type = await self._route(scope, receive)
+        except AdminError as exc:
+            status, body, content_type = exc.status, msgspec.json.encode({"error": exc.message}), b"application/json"
+        except Exception as exc:  # a bug: say so, keep serving
+            status, body, content_type = 500, msgspec.json.encode({"error": f"{type(exc).__name__}: {exc}"}), \
+                b"application/json"
         await send({
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
         })
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _json(status: int, body: object) -> tuple[int, bytes, bytes]:
+        return status, msgspec.json.encode(body), b"application/json"
+
+    def _authorize(self, scope: Scope) -> None:
+        if not self.token:
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode(errors="replace")
+        if not hmac.compare_digest(given, f"Bearer {self.token}"):
+            raise AdminError(401, "this call needs Authorization: Bearer <admin token>")
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        sidecar = self.sidecar
+        if path == "/metrics" and method == "GET":
+            return 200, metrics.render(sidecar, sidecar.poller), PROMETHEUS_TEXT
+        if self.metrics_only:
+            raise AdminError(404, "this port serves only /metrics")
+        if path == "/healthz" and method == "GET":
+            return self._json(200, {"status": "alive"})
+        if path == "/readyz" and method == "GET":
+            reasons = sidecar.state.not_ready_reasons()
+            return self._json(503, {"status": "not ready", "reasons": reasons}) if reasons \
+                else self._json(200, {"status": "ready"})
+        if path == "/v1/config" and method == "GET":
+            return self._json(200, config_mod.to_builtins(sidecar.config))
+        if path == "/v1/shutdown" and method == "POST":
+            self._authorize(scope)
+            sidecar.request_shutdown("admin /v1/shutdown")
+            return self._json(202, {"status": "shutting down",
+                                    "deadline_s": float(sidecar.config.sidecar.shutdown_deadline)})
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["v1", "drain"]:
+            return await self._drain(scope, method, parts[2:])
+        if parts[:2] == ["v1", "dlq"] and len(parts) >= 3:
+            return await self._dlq(scope, receive, method, parts[2], parts[3:], query)
+        raise AdminError(404, f"no route for {method} {path}")
+
+    async def _drain(self, scope: Scope, method: str, rest: list[str]) -> tuple[int, bytes, bytes]:
+        sidecar = self.sidecar
+        if not rest and method == "GET":
+            rows = sidecar.poller.rows() if sidecar.poller is not None else []
+            return self._json(200, {"targets": rows, "replays": sidecar.replay_progress()})
+        if len(rest) == 3 and rest[2] in ("pause", "resume"):
+            if method != "POST":
+                raise AdminError(405, "pause and resume are POST")
+            self._authorize(scope)
+            namespace, target, action = rest
+            ns = sidecar.config.namespaces.get(namespace)
+            if ns is None or ns.target(target) is None:
+                raise AdminError(404, f"no target {target!r} in namespace {namespace!r}")
+            if sidecar.pauses is None:
+                raise AdminError(503, "the journal is not open yet")
+            await sidecar.pauses.set(namespace, target, action == "pause")
+            return self._json(200, {"namespace": namespace, "target": target, "paused": action == "pause"})
+        raise AdminError(404, f"no route for {method} /v1/drain/{'/'.join(rest)}")
+
+    async def _dlq(self, scope: Scope, receive: Receive, method: str, namespace: str, rest: list[str],
+                   query: dict[str, list[str]]) -> tuple[int, bytes, bytes]:
+        sidecar = self.sidecar
+        if namespace not in sidecar.config.namespaces:
+            raise AdminError(404, f"unknown namespace {namespace!r}")
+        letters = sidecar.dead_letters
+        if letters is None:
+            raise AdminError(503, "the journal is not open yet")
+        if not rest and method == "GET":
+            flt = DlqFilter(target=(query.get("target") or [None])[0], seq_from=int((query.get("after") or [0])[0]) + 1,
+                            key=(query.get("key") or [None])[0])
+            limit = min(1000, int((query.get("limit") or [100])[0]))
+            page = await letters.list(namespace, flt, limit=limit)
+            next_after = page[-1].seq if len(page) == limit else None
+            return self._json(200, {"dead_letters": page, "next_after": next_after})
+        if len(rest) == 1 and rest[0].isdigit() and method == "GET":
+            letter = await letters.show(namespace, int(rest[0]))
+            if letter is None:
+                raise AdminError(404, f"no dead letter {rest[0]} in namespace {namespace!r}")
+            return self._json(200, letter)
+        if len(rest) == 1 and rest[0] in ("replay", "purge"):
+            if method != "POST":
+                raise AdminError(405, f"{rest[0]} is POST")
+            self._authorize(scope)
+            body = await self._body(receive)
+            try:
+                flt = msgspec.json.decode(body or b"{}", type=DlqFilter)
+            except msgspec.DecodeError as exc:
+                raise AdminError(400, f"bad filter: {exc}") from None
+            if rest[0] == "replay":
+                return self._json(200, await letters.replay(namespace, flt))
+            return self._json(200, await letters.purge(namespace, flt))
+        raise AdminError(404, f"no route for {method} /v1/dlq/{namespace}/{'/'.join(rest)}")

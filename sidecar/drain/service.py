@@ -153,7 +153,8 @@ class _Lease:
 
 
 class DrainService:
-    def __init__(self, config: Config, journal: Journal, owner: str | None = None) -> None:
+    def __init__(self, config: Config, journal: Journal, owner: str | None = None,
+                 pauses: Pauses | None = None) -> None:
         self.config = config
         self.journal = journal
         self.owner = owner or uuid.uuid4().hex[:12]
@@ -162,7 +163,8 @@ class DrainService:
         self.leases = Leases(conn, self.owner, settings.lease_ttl)
         self.chunkgc = ChunkCollector(conn, journal.chunks,
                                       max((ns.replay_window for ns in config.namespaces.values()), default=3600.0))
-        self.pauses = Pauses(conn)
+        self._own_pauses = pauses is None
+        self.pauses = pauses or Pauses(conn)
         self.drainers = [
             TargetDrainer(self, name, ns, target)
             for name, ns in config.namespaces.items()
@@ -194,10 +196,11 @@ class DrainService:
     async def run(self, *, task_status: trio.TaskStatus[DrainService] = trio.TASK_STATUS_IGNORED) -> None:
         await self.leases.open()
         await self.chunkgc.open()
-        await self.pauses.open()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self.pauses.watch)
+            if self._own_pauses:
+                await self.pauses.open()
+                nursery.start_soon(self.pauses.watch)
             for drainer in self.drainers:
                 await drainer.target.start()
                 nursery.start_soon(drainer.probe_loop)

@@ -1,0 +1,142 @@
+"""Prometheus metrics, collected at scrape time from the counters the hot paths already keep.
+
+The journal and the drain count in plain attributes (an integer add per event);
+prometheus-client only sees them when /metrics is scraped, through one custom
+collector. Nothing on a write's path takes a lock for metrics.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from sidecar.admin.status import StatusPoller
+    from sidecar.app import Sidecar
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """A fixed-bucket histogram cheap enough for every write (a bisect and two adds)."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+class WriteCounters:
+    """Writes by (namespace, protocol, op, durable result), and journal ack latency per namespace."""
+
+    def __init__(self) -> None:
+        self.writes: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+        self.ack_latency: defaultdict[str, Histogram] = defaultdict(Histogram)
+
+    def record(self, namespace: str, protocol: str, op: str, durable: str, seconds: float) -> None:
+        self.writes[(namespace, protocol, op, durable)] += 1
+        self.ack_latency[namespace].observe(seconds)
+
+
+class SidecarCollector:
+    def __init__(self, sidecar: Sidecar, poller: StatusPoller | None) -> None:
+        self.sidecar = sidecar
+        self.poller = poller
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._writes()
+        yield from self._journal()
+        yield from self._drain()
+
+    def _writes(self) -> Iterator[Metric]:
+        ingress = self.sidecar.ingress
+        if ingress is None:
+            return
+        counters = ingress.counters
+        writes = CounterMetricFamily("walcar_writes", "Mutations received, by journal result "
+                                     "(durable true/false/unknown)", labels=["namespace", "protocol", "op", "durable"])
+        for labels, value in sorted(counters.writes.items()):
+            writes.add_metric(list(labels), value)
+        yield writes
+        latency = HistogramMetricFamily("walcar_journal_ack_seconds", "Time from a write entering the journal "
+                                        "writer to its PubAck (or failure)", labels=["namespace"])
+        for namespace, histogram in sorted(counters.ack_latency.items()):
+            latency.add_metric([namespace], histogram.cumulative(), histogram.sum)
+        yield latency
+
+    def _journal(self) -> Iterator[Metric]:
+        ingress = self.sidecar.ingress
+        if ingress is None:
+            return
+        stats = ingress.journal.writer.stats
+        yield GaugeMetricFamily("walcar_journal_inflight_bytes", "Journal bytes awaiting their PubAck",
+                                value=stats.inflight_bytes)
+        yield GaugeMetricFamily("walcar_journal_inflight_entries", "Journal entries awaiting their PubAck",
+                                value=stats.inflight_entries)
+        yield CounterMetricFamily("walcar_journal_shed", "Writes refused at once because the journal was down "
+                                  "or overloaded", value=stats.shed)
+        connected = self.sidecar.state.conn is not None and self.sidecar.state.conn.connected
+        yield GaugeMetricFamily("walcar_journal_connected", "1 while connected to NATS", value=int(connected))
+
+    def _drain(self) -> Iterator[Metric]:
+        labels = ["namespace", "target"]
+        backlog = GaugeMetricFamily("walcar_drain_backlog", "Entries not yet applied (consumer pending)", labels=labels)
+        oldest = GaugeMetricFamily("walcar_drain_oldest_unapplied_seconds", "Age of the oldest unapplied entry",
+                                   labels=labels)
+        rate = GaugeMetricFamily("walcar_drain_apply_rate", "Entries applied per second (all drainers)", labels=labels)
+        dlq = GaugeMetricFamily("walcar_dlq_depth", "Dead letters waiting", labels=labels)
+        if self.poller is not None:
+            for row in self.poller.rows():
+                key = [row.namespace, row.target]
+                backlog.add_metric(key, row.backlog)
+                oldest.add_metric(key, row.oldest_age_s)
+                rate.add_metric(key, row.rate)
+                dlq.add_metric(key, row.dlq)
+        yield from (backlog, oldest, rate, dlq)
+        drain = self.sidecar.drain
+        if drain is None:
+            return
+        applied = CounterMetricFamily("walcar_drain_applied", "Entries this process applied", labels=labels)
+        retries = CounterMetricFamily("walcar_drain_retries", "Transient apply failures retried", labels=labels)
+        dead = CounterMetricFamily("walcar_drain_dead_lettered", "Entries sent to the DLQ", labels=labels)
+        latency = GaugeMetricFamily("walcar_drain_apply_latency_seconds", "Smoothed latency of one target call",
+                                    labels=labels)
+        limit = GaugeMetricFamily("walcar_drain_concurrency_limit", "Adaptive limit of runs in flight", labels=labels)
+        breaker = GaugeMetricFamily("walcar_drain_breaker_open", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                                    labels=labels)
+        owned = GaugeMetricFamily("walcar_drain_partitions_owned", "Partitions this process drains", labels=labels)
+        states = {"closed": 0, "half-open": 1, "open": 2}
+        for drainer in drain.drainers:
+            key = [drainer.namespace, drainer.name]
+            applied.add_metric(key, drainer.stats.applied)
+            retries.add_metric(key, drainer.stats.retries)
+            dead.add_metric(key, drainer.stats.dead_lettered)
+            latency.add_metric(key, drainer.stats.latency)
+            limit.add_metric(key, drainer.limiter.limit)
+            breaker.add_metric(key, states[drainer.breaker.state.value])
+            owned.add_metric(key, sum(1 for lease in drain.held.values() if lease.drainer is drainer))
+        yield from (applied, retries, dead, latency, limit, breaker, owned)
+
+
+def render(sidecar: Sidecar, poller: StatusPoller | None) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SidecarCollector(sidecar, poller))  # type: ignore[arg-type]
+    return generate_latest(registry)

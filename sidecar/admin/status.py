@@ -1,0 +1,150 @@
+"""Drain status per (namespace, target), from JetStream itself so any sidecar can answer for all.
+
+Every few seconds the poller reads each partition consumer (pending, ack floor), the
+oldest unapplied entry's time, and the DLQ's subjects. Backlog, oldest age and rate
+are therefore global (every drainer's work); breaker state, last error and owned
+partitions are this process's own.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from sidecar.config import Config, stream_name
+from sidecar.drain.consumer import consumer_name
+from sidecar.log.connection import JetStreamApiError, NatsConnection
+from sidecar.log.streams import dlq_stream_name
+from sidecar.logs import get_logger
+
+if TYPE_CHECKING:
+    from sidecar.drain.pauses import Pauses
+    from sidecar.drain.service import DrainService
+
+log = get_logger("admin.status")
+
+POLL_INTERVAL = 2.0
+
+
+class TargetStatus(msgspec.Struct, kw_only=True):
+    namespace: str
+    target: str
+    type: str
+    backlog: int = 0
+    oldest_age_s: float = 0.0
+    rate: float = 0.0
+    state: str = "unknown"  # draining | paused | breaker-open | breaker-half-open | idle
+    dlq: int = 0
+    last_error: str = ""
+    partitions: int = 0
+    owned_here: int = 0
+    updated_at: str = ""
+
+
+def _parse_time(text: str) -> float:
+    # JetStream times are RFC3339 with nanoseconds; Python takes microseconds.
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
+
+
+class StatusPoller:
+    def __init__(self, config: Config, conn: NatsConnection, pauses: Pauses | None,
+                 drain: DrainService | None) -> None:
+        self.config = config
+        self.conn = conn
+        self.pauses = pauses
+        self.drain = drain
+        self._rows: dict[tuple[str, str], TargetStatus] = {}
+        self._floors: dict[tuple[str, str, int], tuple[int, float]] = {}
+
+    def rows(self) -> list[TargetStatus]:
+        return [self._annotate(row) for row in self._rows.values()]
+
+    def _annotate(self, row: TargetStatus) -> TargetStatus:
+        """Fold in this process's live view: pause, breaker, last error, owned partitions."""
+        out = msgspec.structs.replace(row)
+        drainer = self.drain.drainer(row.namespace, row.target) if self.drain is not None else None
+        if self.pauses is not None and self.pauses.is_paused(row.namespace, row.target):
+            out.state = "paused"
+        elif drainer is not None and drainer.state.startswith("breaker"):
+            out.state = drainer.state
+        else:
+            out.state = "draining" if row.backlog else "idle"
+        if drainer is not None:
+            out.last_error = drainer.stats.last_error or drainer.breaker.last_error
+            out.owned_here = sum(1 for lease in self.drain.held.values() if lease.drainer is drainer)  # type: ignore[union-attr]
+        return out
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception as exc:  # NATS away: keep the last known numbers
+                log.debug("status_poll_failed", error=f"{type(exc).__name__}: {exc}")
+            await trio.sleep(POLL_INTERVAL)
+
+    async def poll(self) -> None:
+        for name, ns in self.config.namespaces.items():
+            dlq_counts = await self._dlq_counts(name) if ns.dlq else {}
+            for target in ns.targets:
+                row = TargetStatus(namespace=name, target=target.name, type=type(target).__name__
+                                   .removesuffix("Target").lower(), partitions=ns.partitions)
+                oldest = 0.0
+                for partition in range(ns.partitions):
+                    pending, first_time, rate = await self._partition(name, target.name, partition)
+                    row.backlog += pending
+                    row.rate += rate
+                    if first_time:
+                        oldest = max(oldest, time.time() - first_time)
+                row.oldest_age_s = round(oldest, 3)
+                row.rate = round(row.rate, 1)
+                row.dlq = dlq_counts.get(target.name, 0)
+                row.updated_at = datetime.now().astimezone().isoformat(timespec="seconds")
+                self._rows[(name, target.name)] = row
+
+    async def _partition(self, namespace: str, target: str, partition: int) -> tuple[int, float, float]:
+        """(pending entries, time of the oldest unapplied one or 0, entries/s since the last poll)."""
+        stream = stream_name(namespace)
+        subject = f"wal.{namespace}.{partition}"
+        try:
+            info = await self.conn.js_api(f"CONSUMER.INFO.{stream}.{consumer_name(target, partition)}")
+        except JetStreamApiError:
+            info = None
+        if info is None:  # never drained yet: everything on the partition is pending
+            state = (await self.conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": subject}))["state"]
+            pending = int((state.get("subjects") or {}).get(subject, 0))
+            return pending, await self._first_time(stream, subject, 1) if pending else 0.0, 0.0
+        pending = int(info.get("num_pending", 0)) + int(info.get("num_ack_pending", 0))
+        floor = info.get("ack_floor") or {}
+        acked = int(floor.get("consumer_seq", 0))
+        now = time.monotonic()
+        previous = self._floors.get((namespace, target, partition))
+        self._floors[(namespace, target, partition)] = (acked, now)
+        rate = 0.0
+        if previous is not None and now > previous[1]:
+            rate = max(0.0, (acked - previous[0]) / (now - previous[1]))
+        first = await self._first_time(stream, subject, int(floor.get("stream_seq", 0)) + 1) if pending else 0.0
+        return pending, first, rate
+
+    async def _first_time(self, stream: str, subject: str, from_seq: int) -> float:
+        try:
+            reply = await self.conn.js_api(f"STREAM.MSG.GET.{stream}", {"seq": from_seq, "next_by_subj": subject})
+        except JetStreamApiError:
+            return 0.0
+        return _parse_time(reply["message"]["time"])
+
+    async def _dlq_counts(self, namespace: str) -> dict[str, int]:
+        try:
+            info = await self.conn.js_api(f"STREAM.INFO.{dlq_stream_name(namespace)}",
+                                          {"subjects_filter": f"waldlq.{namespace}.>"})
+        except JetStreamApiError:
+            return {}
+        counts: dict[str, int] = {}
+        for subject, count in ((info.get("state") or {}).get("subjects") or {}).items():
+            target = subject.split(".")[2]
+            counts[target] = counts.get(target, 0) + int(count)
+        return counts

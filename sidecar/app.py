@@ -141,7 +141,8 @@ class Sidecar:
         assert self.ingress is not None
         async with trio.open_nursery() as nursery:
             if listener.protocol == "kv":
-                app = KvApp(self.ingress, self._readers)
+                app = KvApp(self.ingress, self._readers,
+                            region_token=_read_secret(self.config.sidecar.region_token_file))
                 http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
                 await nursery.start(serve_http, app, http, self._stop_listeners)
             elif listener.protocol == "memcached":

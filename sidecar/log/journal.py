@@ -70,6 +70,21 @@ class Journal:
         message = self.message_for(entry)
         return await self.writer.publish(message.subject, message.payload, message.headers)
 
+    async def append_many(self, entries: list[Entry]) -> list[WriteResult]:
+        """Independent entries in one group commit, journaled in the order given (per-key order holds).
+
+        Used for batches replicated from another region: each entry keeps its id (so a retried
+        batch is deduplicated entry by entry) and is stored or refused on its own."""
+        prepared: list[Entry | WriteResult] = []
+        for entry in entries:
+            try:
+                prepared.append(await self._externalize(entry, self.namespace(entry.ns)))
+            except ChunkError as exc:
+                prepared.append(WriteResult(Durable.FALSE, message=str(exc)))
+        messages = [self.message_for(e) for e in prepared if isinstance(e, Entry)]
+        results = iter(await self.writer.publish_many(messages))
+        return [next(results) if isinstance(e, Entry) else e for e in prepared]
+
     async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
         """Journal several entries as one mutation: all of them or none."""
         if not entries:

@@ -82,7 +82,7 @@ _ack_decoder = msgspec.json.Decoder(_PubAck)
 class _Write:
     """One logical write: a single message or an atomic batch of messages."""
 
-    __slots__ = ("atomic", "messages", "nbytes", "result", "waiter")
+    __slots__ = ("atomic", "group", "messages", "nbytes", "result", "waiter")
 
     def __init__(self, messages: list[Message], atomic: bool, nbytes: int) -> None:
         self.messages = messages
@@ -90,6 +90,17 @@ class _Write:
         self.nbytes = nbytes
         self.result: WriteResult | None = None
         self.waiter: trio.lowlevel.Task | None = None
+        self.group: _Group | None = None
+
+
+class _Group:
+    """Writes submitted together (publish_many): one waiter for all of them."""
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, count: int) -> None:
+        self.remaining = count
+        self.done = trio.Event()
 
 
 class _Batch:
@@ -337,23 +348,46 @@ class JournalWriter:
         nbytes = sum(len(m.payload) for m in messages)
         return await self._submit(_Write(messages, True, nbytes))
 
-    async def _submit(self, write: _Write) -> WriteResult:
+    async def publish_many(self, messages: list[Message]) -> list[WriteResult]:
+        """Independent writes queued together, in order, so they share a group commit and keep their order."""
+        writes = [_Write([m], False, len(m.payload)) for m in messages]
+        if not writes:
+            return []
+        total = _Write(messages, False, sum(w.nbytes for w in writes))  # capacity is reserved for all at once
+        refusal = await self._admit(total)
+        if refusal is not None:
+            return [refusal] * len(writes)
+        group = _Group(len(writes))
+        for write in writes:
+            write.group = group
+        self._queue.extend(writes)
+        self._wake.set()
+        await group.done.wait()
+        return [w.result for w in writes]  # type: ignore[misc]
+
+    async def _admit(self, write: _Write) -> WriteResult | None:
+        """Refuse at once, or reserve in-flight room (waiting at most the publish timeout)."""
         stats = self.stats
         refusal = self._refusal(write)
+        if refusal is None:
+            count = len(write.messages)
+            if (
+                stats.inflight_entries + count > self.settings.max_inflight_entries
+                or stats.inflight_bytes + write.nbytes > self.settings.max_inflight_bytes
+            ) and not await self._wait_for_capacity(write):
+                refusal = _fail("journal overloaded: in-flight limit reached; retry later")
+            else:
+                stats.inflight_entries += count
+                stats.inflight_bytes += write.nbytes
+                return None
+        stats.shed += len(write.messages)
+        stats.failed += len(write.messages)
+        return refusal
+
+    async def _submit(self, write: _Write) -> WriteResult:
+        refusal = await self._admit(write)
         if refusal is not None:
-            stats.shed += 1
-            stats.failed += 1
             return refusal
-        count = len(write.messages)
-        if (
-            stats.inflight_entries + count > self.settings.max_inflight_entries
-            or stats.inflight_bytes + write.nbytes > self.settings.max_inflight_bytes
-        ) and not await self._wait_for_capacity(write):
-            stats.shed += 1
-            stats.failed += 1
-            return _fail("journal overloaded: in-flight limit reached; retry later")
-        stats.inflight_entries += count
-        stats.inflight_bytes += write.nbytes
         self._queue.append(write)
         self._wake.set()
         # Park without an Event: the settle step reschedules this task with the result.
@@ -433,6 +467,10 @@ class JournalWriter:
             if write.waiter is not None:
                 trio.lowlevel.reschedule(write.waiter, outcome.Value(result))
                 write.waiter = None
+            elif write.group is not None:
+                write.group.remaining -= 1
+                if write.group.remaining == 0:
+                    write.group.done.set()
         now = time.monotonic()
         for batch in batches:
             stats.last_ack_latency = now - batch.submitted

@@ -2,6 +2,8 @@
 
 Routes:
     POST   /v1/log/{namespace}            WriteToLog
+    POST   /v1/log/{namespace}/batch      entries replicated from another region (bearer token when configured)
+    GET    /healthz                       the API answers (what a remote region's drain probes)
     PUT    /v1/kv/{namespace}/{id}        PutItems
     DELETE /v1/kv/{namespace}/{id}        DeleteItems (listed item keys, or the whole record)
     POST   /v1/kv/{namespace}/mutate      MutateItems (puts and deletes over several ids, atomically)
@@ -15,7 +17,9 @@ naming the field, a body over the limit 413, an unknown namespace 404.
 
 from __future__ import annotations
 
+import hmac
 import re
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -23,7 +27,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from sidecar.drain.targets.base import ApplyError
-from sidecar.envelope import Entry, Op, WriteTimeError, new_id
+from sidecar.envelope import Entry, Op, WriteTimeError, new_id, partition_of
 from sidecar.ingress import Ack, Ingress, TooLarge
 from sidecar.log.journal import UnknownNamespace
 from sidecar.logs import get_logger
@@ -71,10 +75,12 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
 
 
 class KvApp:
-    def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = 64 * 1024 * 1024,
+                 region_token: str | None = None) -> None:
         self.ingress = ingress
         self.readers = readers or Readers(ingress.config)
         self.max_body = max_body
+        self.region_token = region_token
         self._openapi = msgspec.json.encode(openapi_document())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,7 +95,7 @@ class KvApp:
             content_type = headers.get(b"content-type", JSON).split(b";")[0].strip().lower()
             accept = headers.get(b"accept", b"")
             wants_msgpack = content_type in _MSGPACK_TYPES or any(t in accept for t in _MSGPACK_TYPES)
-            status, body = await self._route(scope, receive, content_type in _MSGPACK_TYPES)
+            status, body = await self._route(scope, receive, content_type in _MSGPACK_TYPES, headers)
         except HttpError as exc:
             status, body = exc.status, models.ErrorResponse(error=exc.error, field=exc.field)
         except Exception as exc:  # a bug: answer 500 and say so in the log, never drop the connection
@@ -119,7 +125,7 @@ class KvApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _body(self, receive: Receive) -> bytes:
+    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -132,7 +138,20 @@ class KvApp:
                 raise HttpError(413, f"request body over {self.max_body} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                break
+        body = b"".join(chunks)
+        encoding = (headers or {}).get(b"content-encoding", b"identity").strip().lower()
+        if encoding == b"gzip":
+            inflater = zlib.decompressobj(wbits=31)
+            try:
+                body = inflater.decompress(body, self.max_body + 1)
+            except zlib.error as exc:
+                raise HttpError(400, f"bad gzip body: {exc}") from None
+            if len(body) > self.max_body or inflater.unconsumed_tail:
+                raise HttpError(413, f"request body over {self.max_body} bytes once decompressed")
+        elif encoding not in (b"identity", b""):
+            raise HttpError(415, f"unsupported content-encoding {encoding.decode(errors='replace')}")
+        return body
 
     def _decode(self, body: bytes, kind: type[Any], msgpack: bool) -> Any:
         try:
@@ -145,12 +164,19 @@ class KvApp:
         except msgspec.DecodeError as exc:
             raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
 
-    async def _route(self, scope: Scope, receive: Receive, msgpack: bool) -> tuple[int, object]:
+    async def _route(self, scope: Scope, receive: Receive, msgpack: bool,
+                     headers: dict[bytes, bytes]) -> tuple[int, object]:
         method = scope["method"]
         raw = scope.get("raw_path") or scope["path"].encode()
         parts = [unquote(p.decode("latin-1")) for p in raw.split(b"?")[0].split(b"/")[1:]]
         if parts == ["openapi.json"] and method == "GET":
             return 200, self._openapi
+        if parts == ["healthz"] and method == "GET":
+            return 200, b'{"status":"alive"}'
+        if len(parts) == 4 and parts[:2] == ["v1", "log"] and parts[3] == "batch":
+            self._allow(method, "POST")
+            self._authorize_region(headers)
+            return await self._replicated(parts[2], await self._body(receive, headers), msgpack)
         if len(parts) == 3 and parts[:2] == ["v1", "log"]:
             self._allow(method, "POST")
             return await self._write_to_log(parts[2], await self._body(receive), msgpack)
@@ -181,6 +207,29 @@ class KvApp:
             raise HttpError(404, f"no items for id {record!r}")
         out = [models.ItemOut(key=key, value=value, expires_at=expires) for key, value, expires in sorted(found)]
         return 200, models.GetItemsResponse(id=record, items=out)
+
+    def _authorize_region(self, headers: dict[bytes, bytes]) -> None:
+        if self.region_token is None:
+            return
+        given = headers.get(b"authorization", b"").decode(errors="replace")
+        if not hmac.compare_digest(given, f"Bearer {self.region_token}"):
+            raise HttpError(401, "cross-region batches need a valid bearer token (sidecar.region_token_file)")
+
+    async def _replicated(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        batch: models.ReplicationBatch = self._decode(body, models.ReplicationBatch, msgpack)
+        ns = self._namespace(namespace)
+        for index, entry in enumerate(batch.entries):
+            if entry.ns != namespace:
+                raise HttpError(400, f"entry for namespace {entry.ns!r} sent to {namespace!r}", f"entries[{index}].ns")
+            if not entry.origin:
+                raise HttpError(400, "a replicated entry names its origin region", f"entries[{index}].origin")
+            # Partition counts are per region: place the entry by this region's count.
+            entry.partition = partition_of(entry.key, ns.partitions)
+        results = await self.ingress.write_replicated(batch.entries)
+        out = [models.WriteResponse(durable=r.durable, message=r.message, sequence=r.sequence, duplicate=r.duplicate)
+               for r in results]
+        status = 200 if all(r.ok for r in results) else 503
+        return status, models.ReplicationResponse(results=out)
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:

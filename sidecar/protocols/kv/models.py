@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 
+from sidecar.envelope import Entry
 from sidecar.log.writer import Durable
 
 
@@ -88,3 +89,13 @@ class ItemOut(msgspec.Struct, kw_only=True, omit_defaults=True):
 class GetItemsResponse(msgspec.Struct, kw_only=True):
     id: str
     items: list[ItemOut]
+
+
+class ReplicationBatch(msgspec.Struct, kw_only=True):
+    """Entries drained from another region's journal: journaled here as they are (id, write time, origin)."""
+
+    entries: list[Entry]
+
+
+class ReplicationResponse(msgspec.Struct, kw_only=True):
+    results: list[WriteResponse]

@@ -1,0 +1,140 @@
+"""Pure pieces of the drain: run collapsing, backoff, the adaptive limit, the breaker, ack subjects, notices."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.drain.applied import AppliedTracker
+from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
+from sidecar.drain.consumer import parse_reply
+from sidecar.drain.partition import backoff
+from sidecar.drain.targets.memcached import cache_key, collapse
+from sidecar.envelope import Entry, Op
+
+NOW = 1_800_000_000.0
+
+
+def entry(op: Op, value: bytes = b"", expires_at: int = 0, flags: int = 0, key: str = "k", item: str = "") -> Entry:
+    return Entry(id="i", ns="n", op=op, key=key, partition=0, item=item, value=value, flags=flags,
+                 expires_at=expires_at, write_time=1)
+
+
+def test_collapse_keeps_the_last_effect() -> None:
+    assert collapse([entry(Op.PUT, b"a"), entry(Op.PUT, b"b", flags=3)], NOW).kind == "set"
+    assert collapse([entry(Op.PUT, b"a"), entry(Op.PUT, b"b", flags=3)], NOW).value == b"b"
+    assert collapse([entry(Op.PUT, b"a"), entry(Op.DELETE)], NOW).kind == "delete"
+    last = collapse([entry(Op.DELETE), entry(Op.PUT, b"c")], NOW)
+    assert (last.kind, last.value) == ("set", b"c")
+
+
+def test_collapse_touch_after_set_moves_the_expiry() -> None:
+    effect = collapse([entry(Op.PUT, b"a", expires_at=int(NOW) + 10), entry(Op.TOUCH, expires_at=int(NOW) + 99)], NOW)
+    assert (effect.kind, effect.value, effect.exptime) == ("set", b"a", int(NOW) + 99)
+    assert collapse([entry(Op.DELETE), entry(Op.TOUCH, expires_at=int(NOW) + 5)], NOW).kind == "delete"
+    assert collapse([entry(Op.TOUCH, expires_at=int(NOW) + 5)], NOW).kind == "touch"
+
+
+def test_an_already_expired_set_removes_the_key() -> None:
+    """Applied late, a set that has expired by now must leave what it would have left: nothing."""
+    assert collapse([entry(Op.PUT, b"a", expires_at=int(NOW) - 1)], NOW).kind == "delete"
+    assert collapse([entry(Op.PUT, b"a", expires_at=0)], NOW).kind == "set"
+
+
+def test_cache_keys() -> None:
+    assert cache_key(entry(Op.PUT, key="user:1")) == b"user:1"
+    assert cache_key(entry(Op.PUT, key="user:1", item="name")) == b"user:1/name"
+    assert cache_key(entry(Op.PUT, key="b64:AP8=")) == b"\x00\xff"
+
+
+@given(st.integers(1, 60), st.floats(0.001, 1), st.floats(1, 60), st.floats(1, 4))
+def test_backoff_is_bounded_and_jittered(attempts: int, initial: float, maximum: float, multiplier: float) -> None:
+    delay = backoff(attempts, initial, maximum, multiplier)
+    cap = min(maximum, initial * multiplier ** (attempts - 1))
+    assert cap / 2 <= delay <= cap
+
+
+async def test_adaptive_limit_grows_when_fast_and_shrinks_on_errors() -> None:
+    limit = AdaptiveLimit(initial=10, minimum=2, maximum=100)
+    for _ in range(5):
+        granted = await limit.acquire(50)
+        limit.release(granted, 0.001, failed=False)
+    assert limit.limit == 15
+    granted = await limit.acquire(50)
+    limit.release(granted, 0.001, failed=True)
+    assert limit.limit == 11
+    granted = await limit.acquire(50)
+    limit.release(granted, 0.5, failed=False)  # far slower than the best seen: back off
+    assert limit.limit == 8
+
+
+async def test_adaptive_limit_blocks_when_used_up() -> None:
+    limit = AdaptiveLimit(initial=4, minimum=1)
+    assert await limit.acquire(10) == 4
+    got = []
+
+    async def second() -> None:
+        got.append(await limit.acquire(2))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        limit.release(4, 0.001, failed=False)
+    assert got == [2]
+
+
+async def test_breaker_opens_probes_and_closes() -> None:
+    breaker = CircuitBreaker(failure_rounds=3)
+    for _ in range(2):
+        breaker.record(succeeded=False, unavailable=False, error="timeout")
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record(succeeded=False, unavailable=False, error="timeout")
+    assert breaker.state is BreakerState.OPEN and breaker.last_error == "timeout"
+    with trio.move_on_after(0.05) as scope:
+        await breaker.wait_until_usable()
+    assert scope.cancelled_caught  # open: nothing goes through
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.HALF_OPEN
+    await breaker.wait_until_usable()  # the one trial round
+    with trio.move_on_after(0.05) as scope:
+        await breaker.wait_until_usable()
+    assert scope.cancelled_caught  # a second round waits for the trial's verdict
+    breaker.record(succeeded=True, unavailable=False)
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_breaker_opens_at_once_when_the_target_is_unreachable() -> None:
+    breaker = CircuitBreaker(failure_rounds=5)
+    breaker.record(succeeded=False, unavailable=True, error="connection refused")
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.next_probe_delay(0) < breaker.next_probe_delay(3) <= breaker.probe_max
+
+
+def test_parse_ack_reply_subjects() -> None:
+    assert parse_reply("$JS.ACK.WAL_X.drain-c-0.1.42.7.1700000000000000000.3") == (42, 1, 1700000000000000000)
+    assert parse_reply("$JS.ACK.hub.ACC.WAL_X.drain-c-0.2.43.8.1700000000000000001.0.abc") == \
+        (43, 2, 1700000000000000001)
+
+
+async def test_applied_tracker_waits_and_remembers_early_notices() -> None:
+    tracker = AppliedTracker()
+    tracker.applied("n", "cache", [5])
+    assert await tracker.wait_applied("n", "cache", 5, 0.01)  # the notice beat the waiter
+    assert not await tracker.wait_applied("n", "cache", 6, 0.01)
+    tracker.journaled("n", "k", 7, ["cache", "db"])
+    tracker.journaled("n", "k", 9, ["cache", "db"])
+    assert tracker.has_unapplied("n", "cache", "k")
+    tracker.applied("n", "cache", [9])  # per key, applying 9 means 7 was applied before it
+    assert not tracker.has_unapplied("n", "cache", "k")
+    assert tracker.has_unapplied("n", "db", "k")
+
+    async def later() -> None:
+        await trio.sleep(0.02)
+        tracker.applied("n", "db", [7, 9])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        assert await tracker.wait_key_applied("n", "db", "k", 1.0)

@@ -20,7 +20,7 @@ import trio
 
 
 class AdaptiveLimit:
-    def __init__(self, initial: int = 64, minimum: int = 4, maximum: int = 2048) -> None:
+    def __init__(self, initial: int = 128, minimum: int = 4, maximum: int = 4096) -> None:
         self.limit = initial
         self.minimum = minimum
         self.maximum = maximum

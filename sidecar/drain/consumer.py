@@ -13,6 +13,8 @@ order are applied a second time, in order, which leaves every key at its last va
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +59,8 @@ class PartitionConsumer:
         self.subject = subject
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
-        self._sub: Any = None  # nats-py pull subscription (NATS thread only)
+        self._sub: Any = None  # nats-py pull subscription, when the fast path is unavailable (NATS thread only)
+        self._pull: _RawPull | None = None
 
     def _config(self, start_seq: int) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -101,18 +104,20 @@ class PartitionConsumer:
     async def _bind(self) -> None:
         nc = self.conn.nc
         assert nc is not None
+        if fastpath.supported(nc):
+            self._pull = await self.conn.bridge.run(lambda: _RawPull.open(nc, self.stream, self.name))
+            return
 
         async def bind() -> Any:
-            if self._sub is not None:
-                try:
-                    await self._sub.unsubscribe()
-                except Exception:  # a stale subscription after a reconnect; nothing to do
-                    pass
             return await nc.jetstream().pull_subscribe_bind(self.name, stream=self.stream)
 
         self._sub = await self.conn.bridge.run(bind)
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        """Up to `batch` deliveries, as soon as any are there; [] after `timeout` without any."""
+        pull = self._pull
+        if pull is not None:
+            return await self.conn.bridge.run(lambda: pull.fetch(batch, timeout))
         sub = self._sub
 
         async def fetch() -> list[Delivered]:
@@ -150,13 +155,74 @@ class PartitionConsumer:
 
     async def unbind(self) -> None:
         sub, self._sub = self._sub, None
-        if sub is None:
-            return
+        pull, self._pull = self._pull, None
 
         async def unsubscribe() -> None:
             try:
-                await sub.unsubscribe()
+                if sub is not None:
+                    await sub.unsubscribe()
+                if pull is not None:
+                    await pull.close()
             except Exception:  # already gone with the connection
                 pass
 
         await self.conn.bridge.run(unsubscribe)
+
+
+class _RawPull:
+    """Pull requests on a private inbox, deliveries collected below nats-py's per-message API.
+
+    nats-py's fetch costs a task switch and a uuid per message; here the parser hands
+    each delivery straight to `_on_message`, and a fetch returns the whole burst that
+    arrived. One pull request stays outstanding until the server fills or expires it;
+    deliveries that land after a fetch returned wait in the buffer for the next one.
+    Lives on the NATS thread.
+    """
+
+    def __init__(self, nc: Any, stream: str, consumer: str) -> None:
+        self.nc = nc
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.inbox = nc.new_inbox()
+        self.buffer: list[Delivered] = []
+        self.outstanding = 0
+        self.arrived = asyncio.Event()
+        self.sub: Any = None
+
+    @classmethod
+    async def open(cls, nc: Any, stream: str, consumer: str) -> _RawPull:
+        pull = cls(nc, stream, consumer)
+        pull.sub = await nc.subscribe(pull.inbox)
+        fastpath.route(nc, pull.sub._id, pull._on_message)
+        return pull
+
+    def _on_message(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if not reply and headers and headers.startswith(b"NATS/1.0 "):
+            status = headers[9:12]
+            if status != b"100":  # 404 no messages, 408 request expired, 409 limits: the request is over
+                self.outstanding = 0
+                self.arrived.set()
+            return
+        text = reply.decode()
+        seq, deliveries, timestamp = parse_reply(text)
+        self.buffer.append(Delivered(seq, text, data, deliveries, timestamp))
+        self.outstanding = max(0, self.outstanding - 1)
+        self.arrived.set()
+
+    async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        if not self.buffer:
+            if self.outstanding == 0:
+                body = json.dumps({"batch": batch, "expires": int(timeout * 1e9)}).encode()
+                await self.nc.publish(self.subject, body, reply=self.inbox)
+                self.outstanding = batch
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout + 1.0)
+            except TimeoutError:
+                self.outstanding = 0  # the request's end was lost (e.g. a reconnect): ask again next time
+            await asyncio.sleep(0)  # let the rest of the burst be parsed
+        out, self.buffer = self.buffer[:batch], self.buffer[batch:]
+        return out
+
+    async def close(self) -> None:
+        fastpath.unroute(self.nc, self.sub._id)
+        await self.sub.unsubscribe()

@@ -10,8 +10,9 @@ then resets the consumer to the ack floor before applying anything
 
 A lease is created with KV `create` (fails if someone holds it), renewed with
 `update` against its last revision (fails if it was lost), and expires with the
-bucket's max age when its owner dies. Drainers also heartbeat a `members.<id>`
-key, so each can take a fair share of the partitions and hand back the rest.
+bucket's max age when its owner dies. Drainers also heartbeat a
+`members.<namespace>.<target>.<id>` key per target they drain, so each can take a
+fair share of that target's partitions and hand back the rest.
 """
 
 from __future__ import annotations
@@ -96,24 +97,41 @@ class Leases:
 
         await self.conn.bridge.run(delete)
 
-    async def heartbeat(self) -> None:
-        kv = self._kv
-        await self.conn.bridge.run(lambda: kv.put(f"members.{self.owner}", b"alive"))
-
-    async def leave(self) -> None:
-        """On a clean stop: drop out of the member list at once, so the others take full shares now."""
-        kv = self._kv
-        await self.conn.bridge.run(lambda: kv.purge(f"members.{self.owner}"))
-
-    async def members(self) -> list[str]:
+    async def heartbeat(self, groups: list[str]) -> None:
+        """Announce this drainer in each group (a namespace/target) it drains."""
         kv = self._kv
 
-        async def keys() -> list[str]:
+        async def put() -> None:
+            for group in groups:
+                await kv.put(f"members.{group}.{self.owner}", b"alive")
+
+        await self.conn.bridge.run(put)
+
+    async def leave(self, groups: list[str]) -> None:
+        """On a clean stop: drop out of the member lists at once, so the others take full shares now."""
+        kv = self._kv
+
+        async def purge() -> None:
+            for group in groups:
+                await kv.purge(f"members.{group}.{self.owner}")
+
+        await self.conn.bridge.run(purge)
+
+    async def members(self) -> dict[str, int]:
+        """group -> live drainers in it (a drainer of other namespaces does not shrink this one's share)."""
+        kv = self._kv
+
+        async def keys() -> dict[str, int]:
             try:
                 found = await kv.keys()
             except Exception:  # nats-py raises NoKeysError on an empty bucket
-                return []
-            return [k.split(".", 1)[1] for k in found if k.startswith("members.")]
+                return {}
+            counts: dict[str, int] = {}
+            for key in found:
+                if key.startswith("members."):
+                    group = key[len("members."):].rsplit(".", 1)[0]
+                    counts[group] = counts.get(group, 0) + 1
+            return counts
 
         return await self.conn.bridge.run(keys)
 
@@ -138,3 +156,7 @@ class Leases:
 
 def lease_key(namespace: str, target: str, partition: int) -> str:
     return f"lease.{namespace}.{target}.{partition}"
+
+
+def group_name(namespace: str, target: str) -> str:
+    return f"{namespace}.{target}"

@@ -26,7 +26,7 @@ from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreak
 from sidecar.drain.chunkgc import ChunkCollector
 from sidecar.drain.consumer import PartitionConsumer
 from sidecar.drain.dlq import key_token
-from sidecar.drain.lease import Leases, lease_key
+from sidecar.drain.lease import Leases, group_name, lease_key
 from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.targets import build_target
@@ -214,17 +214,17 @@ class DrainService:
 
     async def _assignment_loop(self, nursery: trio.Nursery) -> None:
         interval = max(0.5, self.config.sidecar.drain.lease_ttl / 3)
-        units = [(d, p) for d in self.drainers for p in range(d.ns.partitions)]
         while not self._stopping:
             try:
-                await self._tick(nursery, units)
+                await self._tick(nursery)
             except Exception as exc:  # NATS away or similar: keep what we hold until the TTL says otherwise
                 log.warning("drain_assignment_failed", error=f"{type(exc).__name__}: {exc}")
                 self._abort_stale()
             await trio.sleep(interval)
 
-    async def _tick(self, nursery: trio.Nursery, units: list[tuple[TargetDrainer, int]]) -> None:
-        await self.leases.heartbeat()
+    async def _tick(self, nursery: trio.Nursery) -> None:
+        groups = [group_name(d.namespace, d.name) for d in self.drainers]
+        await self.leases.heartbeat(groups)
         for key, lease in list(self.held.items()):
             if lease.done.is_set():
                 self.held.pop(key, None)
@@ -237,12 +237,22 @@ class DrainService:
                 self.held.pop(key, None)
                 continue
             lease.revision, lease.renewed_at = revision, time.monotonic()
-        members = max(1, len(await self.leases.members()))
-        share = math.ceil(len(units) / members)
-        free = [(d, p) for d, p in units if lease_key(d.namespace, d.name, p) not in self.held]
+        members = await self.leases.members()
+        for drainer in self.drainers:
+            if self._stopping:
+                break
+            group = group_name(drainer.namespace, drainer.name)
+            share = math.ceil(drainer.ns.partitions / max(1, members.get(group, 1)))
+            await self._balance(nursery, drainer, share)
+
+    async def _balance(self, nursery: trio.Nursery, drainer: TargetDrainer, share: int) -> None:
+        """Take free partitions of this target up to the fair share; hand back any beyond it."""
+        mine = [lease for lease in self.held.values() if lease.drainer is drainer]
+        free = [p for p in range(drainer.ns.partitions)
+                if lease_key(drainer.namespace, drainer.name, p) not in self.held]
         random.shuffle(free)
-        for drainer, partition in free:
-            if len(self.held) >= share or self._stopping:
+        for partition in free:
+            if len(mine) >= share or self._stopping:
                 break
             key = lease_key(drainer.namespace, drainer.name, partition)
             revision = await self.leases.acquire(key)
@@ -251,14 +261,15 @@ class DrainService:
             worker = PartitionWorker(drainer, partition, drainer.consumer(partition))
             lease = _Lease(key, revision, drainer, partition, worker, time.monotonic(), trio.Event())
             self.held[key] = lease
+            mine.append(lease)
             nursery.start_soon(self._supervise, lease)
-        while len(self.held) > share:
-            key, lease = next(iter(self.held.items()))
-            log.info("partition_handed_back", key=key, share=share)
+        while len(mine) > share:
+            lease = mine.pop()
+            log.info("partition_handed_back", key=lease.key, share=share)
             lease.worker.stop()
             await lease.done.wait()
-            self.held.pop(key, None)
-            await self.leases.release(key, lease.revision)
+            self.held.pop(lease.key, None)
+            await self.leases.release(lease.key, lease.revision)
 
     def _abort_stale(self) -> None:
         """Leases not renewed for a TTL may belong to someone else by now: stop applying them."""
@@ -293,7 +304,7 @@ class DrainService:
                 log.warning("lease_release_failed", key=lease.key, error=str(exc))
         self.held.clear()
         try:
-            await self.leases.leave()
+            await self.leases.leave([group_name(d.namespace, d.name) for d in self.drainers])
         except Exception as exc:  # NATS gone: the heartbeat key expires by itself
             log.warning("drain_leave_failed", error=str(exc))
         for drainer in self.drainers:

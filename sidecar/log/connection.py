@@ -47,6 +47,7 @@ class NatsConnection:
         self._reconnected = trio.Event()
         self._state_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._closing = False
 
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` (in trio) after every reconnect, e.g. to re-provision streams."""
@@ -96,7 +97,8 @@ class NatsConnection:
 
     async def _connect_async(self) -> Client:
         async def disconnected() -> None:
-            log.warning("nats_disconnected", url=self.url)
+            if not self._closing:
+                log.warning("nats_disconnected", url=self.url)
             self._to_trio(lambda: self._set_state(False, "disconnected"))
 
         async def reconnected() -> None:
@@ -179,6 +181,7 @@ class NatsConnection:
         nc = self.nc
         if nc is None or nc.is_closed:
             return
+        self._closing = True
 
         async def close_it() -> None:
             # drain() would flush subscriptions; close() is enough once the writer has settled.

@@ -7,7 +7,8 @@ needs "append these HPUB commands" and "tell me each reply to my ack inbox", so
 this module does exactly that against three nats-py internals:
 
 - ``Client._pending`` / ``_pending_data_size`` / ``_flush_pending()`` — the outbound buffer
-- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG
+- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the journal's acks,
+  the drain's pulled messages)
 
 They are checked when the writer starts; when a nats-py release changes them,
 `supported()` is false and the writer falls back to the public API (slower, same
@@ -21,7 +22,7 @@ from typing import Any
 
 HEADER_LINE = b"NATS/1.0\r\n"
 
-RawAckHandler = Callable[[bytes, bytes, bytes | None], None]
+RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]  # (subject, reply, data, headers)
 
 
 def supported(nc: Any) -> bool:
@@ -54,14 +55,27 @@ def append_commands(nc: Any, commands: list[bytes], size: int) -> Awaitable[Any]
     return nc._flush_pending()
 
 
-def route_acks(nc: Any, sid: int, handler: RawAckHandler) -> None:
-    """Deliver every message of subscription `sid` to `handler(subject, data, headers)` directly."""
-    original = nc._process_msg
+def route(nc: Any, sid: int, handler: RawHandler) -> None:
+    """Deliver every message of subscription `sid` to `handler(subject, reply, data, headers)` directly.
 
-    async def dispatch(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if msg_sid == sid:
-            handler(subject, data, headers)
-            return
-        await original(msg_sid, subject, reply, data, headers)
+    Several subscriptions can be routed; one dispatch table per client."""
+    routes: dict[int, RawHandler] | None = getattr(nc, "_walcar_routes", None)
+    if routes is None:
+        routes = nc._walcar_routes = {}
+        original = nc._process_msg
 
-    nc._process_msg = dispatch
+        async def dispatch(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            target = routes.get(msg_sid)
+            if target is not None:
+                target(subject, reply, data, headers)
+                return
+            await original(msg_sid, subject, reply, data, headers)
+
+        nc._process_msg = dispatch
+    routes[sid] = handler
+
+
+def unroute(nc: Any, sid: int) -> None:
+    routes = getattr(nc, "_walcar_routes", None)
+    if routes is not None:
+        routes.pop(sid, None)

@@ -182,7 +182,7 @@ class _NatsSide:
         subject = f"{self.inbox.decode()}.*"
         if self.use_fastpath:
             sub = await nc.subscribe(subject)
-            fastpath.route_acks(nc, sub._id, self.on_raw_ack)
+            fastpath.route(nc, sub._id, self.on_raw_ack)
         else:
             await nc.subscribe(subject, cb=self.on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         asyncio.get_running_loop().create_task(self.send_loop())
@@ -257,7 +257,7 @@ class _NatsSide:
         for reply in [r for r, (w, _, _) in self.pending.items() if w is write]:
             del self.pending[reply]
 
-    def on_raw_ack(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+    def on_raw_ack(self, subject: bytes, _reply: bytes, data: bytes, headers: bytes | None) -> None:
         entry = self.pending.pop(subject, None)
         if entry is not None:
             self.resolve(entry, data, _status_of(headers))

@@ -1,0 +1,208 @@
+"""Drain benchmark: a prefilled backlog drained to memcached and Cassandra, against direct writes, same run.
+
+    python bench/drain/run.py [--entries 1000000] [--keys 100000] [--small 200000] [--record]
+
+For each target: the journal is prefilled with `--entries` 200-byte writes over `--keys`
+keys, then a drain-only `walcar run --role drain` applies it; the rate is measured
+from the backlog (JetStream consumer state) falling to zero. In the same run the same
+number of writes go to the target directly with its own client library (pymemcache
+set_many in batches of 100 from 4 threads; cassandra-driver execute_concurrent,
+concurrency 128). The drainer's peak RSS is read from /proc for the full backlog and
+for a `--small` one, to show memory does not grow with the backlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tomli_w
+import trio
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import Cluster
+from cassandra.concurrent import execute_concurrent_with_args
+from pymemcache.client.base import Client as MemcacheClient
+
+from bench.common import machine, record, table
+from sidecar import config as config_mod
+from sidecar.envelope import Entry, Op, now_us, partition_of
+from sidecar.log.service import open_journal
+from tests.support.services import ensure_up
+
+PAYLOAD = b"v" * 200
+PARTITIONS = 16
+PASSWORD_FILE = Path(__file__).resolve().parents[2] / "examples" / "cassandra.password"
+
+
+def target_settings(kind: str, services: object, keyspace: str) -> dict:
+    if kind == "memcached":
+        host, port = services.memcached  # type: ignore[attr-defined]
+        return {"name": "t", "type": "memcached", "servers": [f"{host}:{port}"], "pool_size": 8}
+    host, port = services.cassandra  # type: ignore[attr-defined]
+    return {"name": "t", "type": "cassandra", "contact_points": [f"{host}:{port}"], "keyspace": keyspace,
+            "username": "cassandra", "password_file": str(PASSWORD_FILE), "consistency": "ONE"}
+
+
+async def prefill(config: config_mod.Config, namespace: str, entries: int, keys: int) -> None:
+    async with open_journal(config) as journal:
+        writer = journal.writer
+        batch = 2000
+        for start in range(0, entries, batch):
+            messages = []
+            for i in range(start, min(entries, start + batch)):
+                key = f"{namespace}-{i % keys}"
+                entry = Entry(id=f"{namespace}-{i}", ns=namespace, op=Op.PUT, key=key,
+                              partition=partition_of(key, PARTITIONS), value=PAYLOAD, write_time=now_us())
+                messages.append(journal.message_for(entry))
+            results = await writer.publish_many(messages)
+            assert all(r.ok for r in results), results[0]
+
+
+async def backlog(config: config_mod.Config, namespace: str) -> int:
+    async with open_journal(config) as journal:
+        total = 0
+        stream = config_mod.stream_name(namespace)
+        for p in range(PARTITIONS):
+            try:
+                info = await journal.writer.conn.js_api(f"CONSUMER.INFO.{stream}.drain-t-{p}")
+                total += int(info["num_pending"]) + int(info["num_ack_pending"])
+            except Exception:
+                subject = f"wal.{namespace}.{p}"
+                state = await journal.writer.conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": subject})
+                total += int((state["state"].get("subjects") or {}).get(f"wal.{namespace}.{p}", 0))
+        return total
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def drain(kind: str, services: object, entries: int, keys: int) -> tuple[float, float]:
+    """(entries/s, peak RSS MiB) of a drain-only sidecar through a prefilled backlog."""
+    namespace = f"b{uuid.uuid4().hex[:8]}"
+    keyspace = f"bench_{namespace}"
+    document = {
+        "sidecar": {"nats_url": services.nats_url, "admin": "127.0.0.1:0", "log_level": "warning",  # type: ignore[attr-defined]
+                    "journal": {"max_inflight_entries": 50_000}},
+        "namespaces": {namespace: {"partitions": PARTITIONS, "targets": [target_settings(kind, services, keyspace)]}},
+    }
+    from tests.support.procs import free_port
+
+    document["sidecar"]["admin"] = f"127.0.0.1:{free_port()}"
+    config = config_mod.validate(document)
+    trio.run(prefill, config, namespace, entries, keys)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "walcar.toml"
+        path.write_text(tomli_w.dumps(document))
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--config", str(path), "--role", "drain"])
+        try:
+            samples: list[tuple[float, int]] = []
+            peak = 0.0
+            while True:
+                time.sleep(0.5)
+                left = trio.run(backlog, config, namespace)
+                samples.append((time.monotonic(), left))
+                peak = max(peak, peak_rss_mib(proc.pid))
+                if left == 0:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the drainer exited with {proc.returncode}")
+            started = next(t for t, left in samples if left < entries)  # the drain is under way
+            begin_left = next(left for t, left in samples if t == started)
+            rate = begin_left / max(0.001, samples[-1][0] - started)
+            return rate, peak
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            _drop(kind, services, keyspace)
+
+
+def _drop(kind: str, services: object, keyspace: str) -> None:
+    if kind == "cassandra":
+        cluster = _cluster(services)
+        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        cluster.shutdown()
+
+
+def _cluster(services: object) -> Cluster:
+    host, port = services.cassandra  # type: ignore[attr-defined]
+    return Cluster([host], port=port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"), protocol_version=4)
+
+
+def direct_memcached(services: object, entries: int, keys: int, threads: int = 4) -> float:
+    prefix = uuid.uuid4().hex[:8]
+
+    def work(worker: int) -> None:
+        client = MemcacheClient(services.memcached, default_noreply=False)  # type: ignore[attr-defined]
+        for start in range(worker * 100, entries, threads * 100):
+            client.set_many({f"{prefix}-{i % keys}": PAYLOAD for i in range(start, min(entries, start + 100))})
+        client.close()
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return entries / (time.monotonic() - began)
+
+
+def direct_cassandra(services: object, entries: int, keys: int) -> float:
+    cluster = _cluster(services)
+    session = cluster.connect()
+    keyspace = f"bench_direct_{uuid.uuid4().hex[:8]}"
+    session.execute(f"CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', "
+                    "'replication_factor': 1}")
+    session.execute(f"CREATE TABLE {keyspace}.t (id text, key text, value blob, PRIMARY KEY (id, key))")
+    insert = session.prepare(f"INSERT INTO {keyspace}.t (id, key, value) VALUES (?, ?, ?) USING TIMESTAMP ?")
+    began = time.monotonic()
+    for start in range(0, entries, 20_000):
+        args = [(f"k{i % keys}", "", PAYLOAD, now_us()) for i in range(start, min(entries, start + 20_000))]
+        execute_concurrent_with_args(session, insert, args, concurrency=128)
+    rate = entries / (time.monotonic() - began)
+    session.execute(f"DROP KEYSPACE {keyspace}")
+    cluster.shutdown()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--small", type=int, default=200_000, help="a smaller backlog, to compare peak RSS")
+    parser.add_argument("--targets", default="memcached,cassandra")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    services = ensure_up()
+    rows = []
+    for kind in args.targets.split(","):
+        direct = direct_memcached(services, args.entries, args.keys) if kind == "memcached" \
+            else direct_cassandra(services, args.entries, args.keys)
+        rate, peak = drain(kind, services, args.entries, args.keys)
+        _, small_peak = drain(kind, services, args.small, min(args.keys, args.small))
+        rows.append([kind, f"{direct:,.0f}/s", f"{rate:,.0f}/s", f"{rate / direct:.2f}x",
+                     f"{small_peak:.0f} MiB ({args.small:,})", f"{peak:.0f} MiB ({args.entries:,})"])
+        print(table(["target", "direct", "drain", "drain/direct", "drainer peak RSS, small backlog",
+                     "drainer peak RSS, full backlog"], rows), flush=True)
+    result = table(["target", "direct", "drain", "drain/direct", "drainer peak RSS, small backlog",
+                    "drainer peak RSS, full backlog"], rows)
+    if args.record:
+        command = f"python bench/drain/run.py --entries {args.entries} --keys {args.keys} --small {args.small}"
+        record("Drain", f"`{command}` — {machine()}; 200-byte values, {PARTITIONS} partitions, one drain-only "
+                        f"sidecar; direct = pymemcache set_many (4 threads) / cassandra-driver execute_concurrent "
+                        f"(128).\n\n{result}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Journal benchmark: walcar's group-commit writer against raw nats-py pipelined publish, same server, same run.
+
+    python bench/journal/run.py [--messages 100000] [--clients 500] [--http-seconds 10] [--record]
+
+1. raw nats-py: one asyncio task publishing 200-byte messages with a Nats-Msg-Id and a
+   reply subject under one wildcard ack inbox (pipelined, a window of in-flight acks)
+2. walcar JournalWriter.publish from N concurrent trio clients (the same messages)
+3. the full ingress path: Entry envelopes through Journal.append from N trio clients
+4. the KV HTTP API (`POST /v1/log/{ns}`) of a real `walcar run`, 32 keep-alive connections
+
+Prints rates, ratios against (1), and ack latency p50/p99. Needs `scripts/services up nats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import nats
+import tomli_w
+import trio
+
+from bench.common import machine, percentile, record, table
+from sidecar import config as config_mod
+from sidecar.envelope import Entry, Op, now_us, partition_of
+from sidecar.log.service import open_journal
+from tests.support.httpload import KvConnection
+from tests.support.procs import free_port, wait_for
+from tests.support.services import ensure_up
+
+PAYLOAD = b"x" * 200
+
+
+async def raw_nats(url: str, count: int, window: int = 20_000) -> tuple[float, list[float]]:
+    nc = await nats.connect(url, skip_subject_validation=True, pending_size=64 * 1024 * 1024)
+    stream = f"BENCH_RAW_{uuid.uuid4().hex[:8].upper()}"
+    await nc.request(f"$JS.API.STREAM.CREATE.{stream}", json.dumps(
+        {"name": stream, "subjects": [f"benchraw.{stream}.>"], "storage": "file"}).encode())
+    done = asyncio.Event()
+    acked = 0
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+
+    async def on_ack(msg: nats.aio.msg.Msg) -> None:
+        nonlocal acked
+        acked += 1
+        latencies.append(time.perf_counter() - sent_at.pop(msg.subject))
+        if acked == count:
+            done.set()
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(f"{inbox}.*", cb=on_ack)
+    began = time.perf_counter()
+    for i in range(count):
+        reply = f"{inbox}.{i}"
+        sent_at[reply] = time.perf_counter()
+        await nc.publish(f"benchraw.{stream}.{i % 16}", PAYLOAD, reply=reply, headers={"Nats-Msg-Id": f"r{i}"})
+        while i - acked > window:
+            await asyncio.sleep(0)
+    await done.wait()
+    rate = count / (time.perf_counter() - began)
+    await nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"")
+    await nc.close()
+    return rate, latencies
+
+
+async def walcar_writer(url: str, count: int, clients: int, envelopes: bool) -> tuple[float, list[float]]:
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    config = config_mod.validate({"sidecar": {"nats_url": url}, "namespaces": {name: {"partitions": 16}}})
+    latencies: list[float] = []
+    async with open_journal(config) as journal:
+        per_client = count // clients
+
+        async def client(c: int) -> None:
+            for i in range(per_client):
+                began = time.perf_counter()
+                if envelopes:
+                    key = f"user-{c}-{i % 50}"
+                    entry = Entry(id=f"e{c}-{i}", ns=name, op=Op.PUT, key=key, partition=partition_of(key, 16),
+                                  value=PAYLOAD, write_time=now_us())
+                    result = await journal.append(entry)
+                else:
+                    result = await journal.writer.publish(f"wal.{name}.{i % 16}", PAYLOAD,
+                                                          {"Nats-Msg-Id": f"w{c}-{i}"})
+                latencies.append(time.perf_counter() - began)
+                assert result.ok, result
+
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for c in range(clients):
+                nursery.start_soon(client, c)
+        rate = per_client * clients / (time.perf_counter() - began)
+        await journal.writer.conn.js_api(f"STREAM.DELETE.{config_mod.stream_name(name)}")
+    return rate, latencies
+
+
+async def kv_http(url: str, seconds: float, connections: int = 32) -> tuple[float, list[float]]:
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    port, admin = free_port(), free_port()
+    document = {"sidecar": {"nats_url": url, "admin": f"127.0.0.1:{admin}", "log_level": "warning"},
+                "listeners": [{"protocol": "kv", "bind": f"127.0.0.1:{port}"}], "namespaces": {name: {}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "walcar.toml"
+        path.write_text(tomli_w.dumps(document))
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--config", str(path)])
+        try:
+            wait_for(lambda: _ready(admin), 30, what="the sidecar")
+            latencies: list[float] = []
+            deadline = time.monotonic() + seconds
+
+            async def client(c: int) -> None:
+                connection = await KvConnection.open("127.0.0.1", port)
+                i = 0
+                while time.monotonic() < deadline:
+                    began = time.perf_counter()
+                    status, _ = await connection.post(f"/v1/log/{name}", {"key": f"k{c}-{i % 100}", "text": "v" * 200})
+                    latencies.append(time.perf_counter() - began)
+                    assert status == 200
+                    i += 1
+                await connection.aclose()
+
+            began = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for c in range(connections):
+                    nursery.start_soon(client, c)
+            return len(latencies) / (time.perf_counter() - began), latencies
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _ready(admin: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=0.5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--http-seconds", type=float, default=10.0)
+    parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
+    args = parser.parse_args()
+    url = ensure_up().nats_url
+
+    raw_rate, raw_lat = asyncio.run(raw_nats(url, args.messages))
+    writer_rate, writer_lat = trio.run(walcar_writer, url, args.messages, args.clients, False)
+    entry_rate, entry_lat = trio.run(walcar_writer, url, args.messages, args.clients, True)
+    http_rate, http_lat = trio.run(kv_http, url, args.http_seconds)
+
+    def row(name: str, rate: float, latencies: list[float]) -> list[str]:
+        return [name, f"{rate:,.0f}/s", f"{rate / raw_rate:.2f}x", f"{percentile(latencies, 0.5) * 1e3:.2f} ms",
+                f"{percentile(latencies, 0.99) * 1e3:.2f} ms"]
+
+    result = table(["path", "rate", "vs raw", "ack p50", "ack p99"], [
+        row("raw nats-py pipelined publish (1 asyncio task)", raw_rate, raw_lat),
+        row(f"JournalWriter.publish, {args.clients} trio clients", writer_rate, writer_lat),
+        row(f"Journal.append (envelopes), {args.clients} trio clients", entry_rate, entry_lat),
+        row("KV API POST /v1/log, 32 keep-alive connections", http_rate, http_lat),
+    ])
+    print(result)
+    if args.record:
+        command = (f"python bench/journal/run.py --messages {args.messages} --clients {args.clients} "
+                   f"--http-seconds {args.http_seconds:g}")
+        record("Journal", f"`{command}` — {machine()}, 200-byte writes, shared nats-server v2.15.2 "
+                          f"(file store, R1).\n\n{result}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Where a request goes: answered locally, forwarded, journaled, or sent to Cassandra synchronously.
+
+Sans-I/O: the decision is a pure function of the statement's classification
+(:func:`~.statements.classify`) and the connection's keyspace, so it is unit
+tested on strings.  The proxy looks at as little of a request as it can: the
+``peek_*`` helpers read the query string or prepared id straight out of a frame
+body, so a forwarded SELECT is never fully decoded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from enum import StrEnum
+from typing import Final
+
+from .statements import Statement, StatementKind, classify
+
+__all__ = [
+    "SYSTEM_TABLES",
+    "ClassifyCache",
+    "Route",
+    "route_of",
+]
+
+# Answered by the sidecar itself, so a driver sees exactly one host: the sidecar.
+SYSTEM_TABLES: Final = frozenset({"local", "peers", "peers_v2"})
+
+
+class Route(StrEnum):
+    LOCAL = "local"  # system.local / system.peers(_v2): synthesized by the sidecar
+    FORWARD = "forward"  # reads, schema tables, anything the sidecar does not interpret
+    JOURNAL = "journal"  # INSERT / UPDATE / DELETE / BATCH: journaled, acked after the journal
+    SYNC = "sync"  # LWT and counters: results depend on state, so Cassandra answers them
+    TRUNCATE = "truncate"  # synchronous and logged
+    DDL = "ddl"  # synchronous, logged, followed by a schema-agreement wait
+    USE = "use"  # per-connection keyspace
+
+
+_WRITES: Final = frozenset({StatementKind.INSERT, StatementKind.UPDATE, StatementKind.DELETE, StatementKind.BATCH})
+
+
+def route_of(st: Statement, keyspace: str | None = None) -> Route:
+    """The route of a classified statement on a connection whose keyspace is ``keyspace``.
+
+    A write the classifier could not parse is forwarded as is (Cassandra will
+    answer it, or reject it with its own syntax error) rather than journaled on
+    a guess.  Writes to system keyspaces are forwarded: they are Cassandra's
+    own bookkeeping, not application data.
+    """
+    kind = st.kind
+    if kind == StatementKind.SELECT:
+        if st.table in SYSTEM_TABLES and (st.keyspace or keyspace) == "system" and st.error is None:
+            return Route.LOCAL
+        return Route.FORWARD
+    if kind in _WRITES:
+        if st.error is not None or st.is_system:
+            return Route.FORWARD
+        if st.conditional or st.counter_update or st.batch_type == "COUNTER":
+            return Route.SYNC
+        return Route.JOURNAL
+    if kind == StatementKind.USE:
+        return Route.USE if st.error is None else Route.FORWARD
+    if kind == StatementKind.TRUNCATE:
+        return Route.TRUNCATE
+    if kind == StatementKind.DDL:
+        return Route.DDL
+    return Route.FORWARD
+
+
+class ClassifyCache:
+    """An LRU of :func:`classify` results: drivers send the same statement texts over and over."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._cache: OrderedDict[str, Statement] = OrderedDict()
+
+    def __call__(self, query: str) -> Statement:
+        cache = self._cache
+        st = cache.get(query)
+        if st is not None:
+            cache.move_to_end(query)
+            return st
+        st = classify(query)
+        cache[query] = st
+        if len(cache) > self.size:
+            cache.popitem(last=False)
+        return st

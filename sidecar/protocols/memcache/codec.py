@@ -7,7 +7,10 @@ Behaviour follows memcached 1.6.18 (proto_text.c), including its error strings, 
 errors are suppressed by ``noreply``, and which malformed requests make it swallow the
 data block. Deliberate differences, all stricter:
 
-* keys with control characters are refused (memcached only splits on spaces);
+* keys with control characters are refused (memcached only splits on spaces); with
+  ``control_chars_in_keys=True`` only those Python's ``bytes.split`` would also split
+  on (tab, vertical tab, form feed, a bare CR) and NUL are, which is what memcached
+  clients such as memaslap rely on and what pymemcache (the drain) can still send;
 * flags above 2**32-1 and exptimes outside int32 are refused (memcached truncates);
 * a data block not followed by ``\\r\\n`` is fatal (memcached carries on, out of sync);
 * a command line longer than ``max_line_length`` is fatal (multi-key gets may be longer).
@@ -99,6 +102,8 @@ _MAX_OPAQUE: Final = 31
 _ERROR_EVENT: Final = CommandError("unknown command")
 _ARITY_EVENT: Final = CommandError("wrong number of arguments")
 _has_ctrl: Final = re.compile(rb"[\x00-\x1f\x7f]").search
+# Control characters that would change how a line splits into tokens, or that no client can send.
+_has_splitting_ctrl: Final = re.compile(rb"[\x00\t\r\x0b\x0c]").search
 _MULTIGET_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
 
 _NAMES: Final[dict[bytes, str]] = {
@@ -225,6 +230,7 @@ class RequestParser:
     __slots__ = (
         "_broken",
         "_buf",
+        "_control_chars_in_keys",
         "_max_item_size",
         "_max_key_length",
         "_max_line_length",
@@ -243,8 +249,10 @@ class RequestParser:
         max_key_length: int = 250,
         max_line_length: int = 8192,
         max_multiget_line_length: int = 1024 * 1024,
+        control_chars_in_keys: bool = False,
     ) -> None:
         self._buf = bytearray()
+        self._control_chars_in_keys = control_chars_in_keys
         self._pos = 0  # start of unconsumed input
         self._scan = 0  # where to resume looking for b"\n" (no newline in [_pos, _scan))
         self._pending: Store | MetaSet | None = None  # storage command waiting for its data
@@ -302,7 +310,9 @@ class RequestParser:
         handler = _HANDLERS.get(parts[0])
         if handler is None:
             return self._unknown(parts)
-        if _has_ctrl(line) is not None:
+        if _has_ctrl(line) is not None and (
+            not self._control_chars_in_keys or _has_splitting_ctrl(line) is not None
+        ):
             # Meta commands (b"m..") always answer errors; text ones not with noreply.
             return ClientError(BAD_FORMAT, noreply=parts[-1] == b"noreply" and parts[0][0] != 109)
         return handler(self, parts)

@@ -1,0 +1,98 @@
+"""Memcached keys and expiry times as the journal stores them.
+
+Entry keys are msgpack strings, so a memcached key becomes text:
+
+* a key that is valid UTF-8 without spaces or control characters is stored as is;
+* anything else (binary keys of meta commands with the ``b`` flag, non-UTF-8 bytes)
+  is stored as ``b64:<base64 of the raw key>``; so is a key that itself starts with
+  ``b64:``, so the mapping is reversible. The drain decodes the prefix back.
+
+Both forms of the same raw key (text command, or meta command with a base64 key
+that decodes to the same bytes) map to one entry key, so per-key ordering holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import re
+import secrets
+import time
+from typing import Final
+
+BINARY_KEY_PREFIX: Final = "b64:"
+THIRTY_DAYS: Final = 30 * 24 * 3600
+EXPIRED: Final = -1  # an expiry already in the past: the item is gone at once
+
+_unsafe: Final = re.compile(r"[\x00-\x20\x7f]").search
+
+__all__ = [
+    "BINARY_KEY_PREFIX",
+    "EXPIRED",
+    "absolute_expiry",
+    "entry_key",
+    "memcached_key",
+    "new_entry_id",
+    "ttl_to_expiry",
+]
+
+
+def entry_key(raw: bytes) -> str:
+    """The journal key for a raw memcached key."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and not text.startswith(BINARY_KEY_PREFIX) and _unsafe(text) is None:
+        return text
+    return BINARY_KEY_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def memcached_key(key: str) -> bytes:
+    """The raw memcached key of a journal key (inverse of `entry_key`)."""
+    if key.startswith(BINARY_KEY_PREFIX):
+        return base64.b64decode(key[len(BINARY_KEY_PREFIX):])
+    return key.encode("utf-8")
+
+
+def absolute_expiry(exptime: int, now: float | None = None) -> int:
+    """Memcached's exptime as absolute unix seconds: 0 never, `EXPIRED` if already past.
+
+    Like memcached: up to 30 days is relative to now, more is an absolute unix time,
+    negative means expired. Converting at ingress keeps a late replay from extending a TTL.
+    """
+    if exptime == 0:
+        return 0
+    if exptime < 0:
+        return EXPIRED
+    current = int(now if now is not None else time.time())
+    if exptime <= THIRTY_DAYS:
+        return current + exptime
+    return exptime if exptime > current else EXPIRED
+
+
+def ttl_to_expiry(ttl: int, now: float | None = None) -> int:
+    """A remaining TTL as memcached reports it (mg `t`: -1 never) as absolute unix seconds."""
+    if ttl < 0:
+        return 0
+    current = int(now if now is not None else time.time())
+    return current + max(ttl, 1)  # t0: still there, for less than a second
+
+
+class _Ids:
+    """Entry ids (the journal's dedup token): a random per-process prefix and a counter.
+
+    memcached requests carry no idempotency token, so the id only has to be unique;
+    this is several times cheaper than a uuid4 per write (one urandom syscall each)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = "mc" + secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+new_entry_id = _Ids()

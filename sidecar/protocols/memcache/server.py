@@ -1,0 +1,425 @@
+"""The memcached listener: a thin trio loop around `codec.RequestParser` and `handlers.Handlers`.
+
+Per connection, commands are taken in order and answered in order (pipelining
+works), but they need not run one at a time:
+
+* unconditional writes in a row are journaled concurrently — that is where the
+  throughput comes from — yet handed to the journal in arrival order (each waits
+  until the one before it is queued in the journal writer), and answered in order;
+* reads run alongside them;
+* anything that must see what came before it (conditional writes, gat, stats,
+  flush_all) waits until every earlier command of the connection finished, and
+  the connection reads nothing more until it is done (memcached's own order).
+
+A noreply write still holds its place in the answer order: nothing after it is
+answered before it is journaled (or failed).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from typing import Any, Final
+
+import trio
+
+from sidecar.config import Config, Listener
+from sidecar.ingress import Ingress
+from sidecar.logs import get_logger
+from sidecar.units import parse_hostport
+
+from .backend import Backend
+from .codec import RequestParser
+from .commands import NEED_DATA, Command, ProtocolError
+from .handlers import Handlers, JournalJob, Kind, memcached_target
+from .stats import FrontStats
+
+__all__ = ["MemcacheServer", "serve_memcached"]
+
+log = get_logger("memcached")
+
+_RECEIVE: Final = 256 * 1024
+MAX_PENDING: Final = 4096  # answers a connection may owe before it stops reading
+MAX_OUT_BYTES: Final = 8 * 1024 * 1024  # unsent answer bytes before it stops reading
+LINGER: Final = 1.0  # seconds to wait for the client to close after we half-closed
+_ACCEPT_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class _Slot:
+    __slots__ = ("data", "ready")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ready = False
+
+
+class Responses:
+    """Answers of one connection in command order; filled in any order, sent in order."""
+
+    def __init__(self) -> None:
+        self.slots: deque[_Slot] = deque()
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.wake = trio.Event()
+        self.space = trio.Event()
+        self.closing = False  # everything up to the close point is queued: send it, then close
+        self.sending = False  # a send_all is in progress (sender task or the reader's direct reply)
+        self._close_slot: _Slot | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.slots) >= MAX_PENDING or self.out_bytes >= MAX_OUT_BYTES
+
+    def reserve(self) -> _Slot:
+        slot = _Slot()
+        self.slots.append(slot)
+        return slot
+
+    def fill(self, slot: _Slot, data: bytes) -> None:
+        slot.data = data
+        slot.ready = True
+        if self.slots and self.slots[0] is slot:
+            self._advance()
+
+    def answer(self, data: bytes) -> None:
+        """An answer known now; still sent after everything owed before it."""
+        if not self.slots:
+            if data:
+                self.out.append(data)
+                self.out_bytes += len(data)
+                self.wake.set()
+            return
+        self.fill(self.reserve(), data)
+
+    def close(self) -> None:
+        """Close the connection once every answer owed so far is sent."""
+        if self._close_slot is None:
+            self._close_slot = self.reserve()
+            self.fill(self._close_slot, b"")
+
+    def _advance(self) -> None:
+        slots = self.slots
+        while slots and slots[0].ready:
+            slot = slots.popleft()
+            if slot.data:
+                self.out.append(slot.data)
+                self.out_bytes += len(slot.data)
+            if slot is self._close_slot:
+                self.closing = True
+                slots.clear()
+        self.wake.set()
+        if not self.full:  # noreply answers are empty: room can come back without a send
+            self.space.set()
+
+    def take(self) -> bytes:
+        data = b"".join(self.out)
+        self.out.clear()
+        self.out_bytes = 0
+        return data
+
+    def freed(self) -> None:
+        if not self.full:
+            self.space.set()
+
+
+class Connection:
+    def __init__(self, server: MemcacheServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.handlers = server.handlers
+        self.stream = stream
+        self.responses = Responses()
+        # Like memcached, accept control characters in keys (memaslap sends them); the journal
+        # stores such keys as b64:<base64>.
+        self.parser = RequestParser(max_item_size=server.max_item_size, control_chars_in_keys=True)
+        self.outstanding = 0
+        self.settled = trio.Event()  # set when outstanding drops to 0
+        self.last_gate: trio.Event | None = None  # set once the latest journal write is queued
+        self.stopping = False
+        self.client_gone = False  # the client closed its side (or the connection broke)
+        self._nursery: trio.Nursery | None = None
+
+    def stop(self) -> None:
+        """Read no more commands; answer those already read, then close.
+
+        Shutting the socket's read side ends a pending receive with EOF (no cancel scope
+        around every receive: that is per-command cost)."""
+        self.stopping = True
+        try:
+            self.stream.socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                await self._read_loop()
+                self.responses.close()
+            if self.responses.closing and not self.client_gone and not self.stopping:
+                await self._linger()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """We close (quit, fatal error) with the client possibly still sending: half-close and discard
+        its input for a moment, so the kernel does not reset the connection and lose our last answer."""
+        with trio.move_on_after(LINGER):
+            try:
+                await self.stream.send_eof()
+                while await self.stream.receive_some(_RECEIVE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        parser = self.parser
+        responses = self.responses
+        receive_some = self.stream.receive_some
+        while not self.stopping:
+            try:
+                data = await receive_some(_RECEIVE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self.client_gone = not self.stopping
+                return
+            parser.feed(data)
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    break
+                if not await self._dispatch(event):  # type: ignore[arg-type]
+                    return
+                if responses.full:
+                    await self._wait_for_space()
+
+    async def _wait_for_space(self) -> None:
+        responses = self.responses
+        while responses.full and not responses.closing:
+            responses.space = trio.Event()
+            await responses.space.wait()
+
+    async def _dispatch(self, event: Command | ProtocolError) -> bool:
+        """Handle one event; False when the connection must close after the answers owed."""
+        if isinstance(event, ProtocolError):
+            if not await self._reply(event.response):
+                return False
+            if event.fatal:
+                self.responses.close()
+                return False
+            return True
+        handlers = self.handlers
+        kind = handlers.classify(event)
+        inline = not self.outstanding and self.parser.idle
+        if kind is Kind.JOURNAL:
+            job = handlers.journal_job(event)
+            if type(job) is bytes:
+                return await self._reply(job)
+            if inline:
+                # Nothing else in flight or read: no task, no ordering gate needed.
+                self.last_gate = None
+                return await self._reply(await handlers.journal(job))  # type: ignore[arg-type]
+            self._journal(job)  # type: ignore[arg-type]
+            return True
+        if kind is Kind.READ:
+            if inline:
+                return await self._reply(await handlers.read(event))
+            self._spawn(self._read, self.responses.reserve(), event)
+            return True
+        if kind is Kind.SYNC:
+            await self._settle()
+            return await self._reply(await handlers.sync(event))
+        if kind is Kind.LOCAL:
+            return await self._reply(handlers.local(event))
+        self.responses.close()  # quit
+        return False
+
+    # ------------------------------------------------------------------ concurrent work
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        self.outstanding += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def _done(self) -> None:
+        self.outstanding -= 1
+        if not self.outstanding:
+            self.settled.set()
+
+    async def _settle(self) -> None:
+        """Wait until every command read before now has finished."""
+        while self.outstanding:
+            self.settled = trio.Event()
+            await self.settled.wait()
+
+    def _journal(self, job: JournalJob) -> None:
+        slot = self.responses.reserve()
+        gate = self.last_gate
+        if gate is not None and gate.is_set():
+            gate = None
+        mine = trio.Event()
+        self.last_gate = mine
+        self._spawn(self._journal_task, slot, job, gate, mine)
+
+    async def _journal_task(self, slot: _Slot, job: JournalJob, gate: trio.Event | None, mine: trio.Event) -> None:
+        data = b""
+        try:
+            if gate is not None:
+                await gate.wait()
+            if not job.hold:
+                # The journal queues the entry before its first checkpoint, so the next write
+                # (woken by this) cannot overtake it. A held one (chunked) releases after its ack.
+                mine.set()
+            data = await self.handlers.journal(job)
+        finally:
+            mine.set()
+            self.responses.fill(slot, data)
+            self._done()
+
+    async def _read(self, slot: _Slot, event: Command) -> None:
+        data = b""
+        try:
+            data = await self.handlers.read(event)
+        finally:
+            self.responses.fill(slot, data)
+            self._done()
+
+    # ------------------------------------------------------------------ writing
+
+    async def _reply(self, data: bytes) -> bool:
+        """An answer the reader has now: sent at once when nothing is owed or being sent before it
+        (the common one-request-at-a-time case: no hand-off to the sender task), else queued.
+        False when the client is gone."""
+        responses = self.responses
+        if responses.slots or responses.out or responses.sending:
+            responses.answer(data)
+            return True
+        if not data:
+            return True
+        responses.sending = True
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.client_gone = True
+            return False
+        finally:
+            responses.sending = False
+            if responses.out or responses.closing:
+                responses.wake.set()
+        return True
+
+    async def _send_loop(self, scope: trio.CancelScope) -> None:
+        responses = self.responses
+        stream = self.stream
+        try:
+            while True:
+                if responses.out and not responses.sending:
+                    responses.sending = True
+                    try:
+                        await stream.send_all(responses.take())
+                    finally:
+                        responses.sending = False
+                    responses.freed()
+                elif responses.closing and not responses.out and not responses.sending:
+                    scope.cancel()
+                    return
+                else:
+                    await responses.wake.wait()
+                    responses.wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.client_gone = True
+            # The client is gone: stop everything. Journal writes already queued still
+            # complete in the journal writer; only their answers are dropped.
+            scope.cancel()
+
+
+class MemcacheServer:
+    """One memcached listener: its connections, their handlers, and graceful stop."""
+
+    def __init__(self, handlers: Handlers, max_item_size: int) -> None:
+        self.handlers = handlers
+        self.max_item_size = max_item_size
+        self.connections: set[Connection] = set()
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS:
+                    log.error("accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self.handle, stream)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        connection = Connection(self, stream)
+        stats = self.handlers.stats
+        stats.curr_connections += 1
+        stats.total_connections += 1
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        except Exception:  # a bug in one connection must not take the listener down
+            log.error("connection_failed", exc_info=True)
+        finally:
+            self.connections.discard(connection)
+            stats.curr_connections -= 1
+
+    def stop_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.stop()
+
+
+async def serve_memcached(
+    listener: Listener,
+    ingress: Ingress,
+    config: Config,
+    stop: trio.Event,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve one memcached listener until `stop` is set, then finish in-flight commands and close.
+
+    In-flight commands get at most `sidecar.shutdown_deadline` seconds after `stop`.
+    """
+    if listener.namespace is None:
+        raise ValueError(f"memcached listener {listener.bind} needs a namespace")
+    ns = ingress.namespace(listener.namespace)
+    target = memcached_target(ns)
+    host, port = parse_hostport(listener.bind)
+    sockets = await trio.open_tcp_listeners(port, host=host)
+    stats = FrontStats()
+    try:
+        async with trio.open_nursery() as backend_nursery:
+            backend = Backend(target, backend_nursery) if target is not None else None
+            handlers = Handlers(ingress, listener.namespace, backend, stats)
+            server = MemcacheServer(handlers, int(ns.max_item_size))
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for sock in sockets:
+                        accepting.start_soon(server.accept_loop, sock, connections)
+                    log.info("memcached_listening", bind=listener.bind, namespace=listener.namespace,
+                             target=target.name if target else "", servers=",".join(target.servers) if target else "")
+                    task_status.started()
+                    await stop.wait()
+                    accepting.cancel_scope.cancel()
+                for sock in sockets:
+                    await sock.aclose()
+                log.info("memcached_stopping", bind=listener.bind, connections=len(server.connections))
+                server.stop_connections()
+                connections.cancel_scope.deadline = trio.current_time() + config.sidecar.shutdown_deadline
+            if backend is not None:
+                backend.close()
+            backend_nursery.cancel_scope.cancel()
+    finally:
+        for sock in sockets:
+            with trio.CancelScope(shield=True):
+                await sock.aclose()
+    log.info("memcached_stopped", bind=listener.bind)

@@ -11,12 +11,16 @@ list of stream sequences). The ingress uses it twice:
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 import trio
 
 APPLIED_SUBJECT = "walapplied.{namespace}.{target}"
 _RECENT = 65_536  # applied sequences remembered per target, for notices that beat the waiter
+# Keys tracked as unapplied at most. With no drain reporting back (none configured, or all down
+# for long), the oldest are forgotten rather than growing without bound; a conditional op on a
+# forgotten key then does not wait for it (the same as a key written by another sidecar).
+MAX_TRACKED_KEYS = 200_000
 
 
 def applied_subject(namespace: str, target: str) -> str:
@@ -36,7 +40,7 @@ class AppliedTracker:
     def __init__(self) -> None:
         self._targets: dict[tuple[str, str], _TargetView] = {}
         # (namespace, target, key) -> sequences this sidecar journaled and `target` has not applied, oldest first
-        self._unapplied: dict[tuple[str, str, str], list[int]] = {}
+        self._unapplied: OrderedDict[tuple[str, str, str], list[int]] = OrderedDict()
         self._key_of: dict[tuple[str, str, int], str] = {}
 
     def _view(self, namespace: str, target: str) -> _TargetView:
@@ -54,8 +58,19 @@ class AppliedTracker:
         for target in targets:
             if sequence in self._view(namespace, target).recent:
                 continue  # the notice beat the ack
-            self._unapplied.setdefault((namespace, target, key), []).append(sequence)
+            slot = (namespace, target, key)
+            pending = self._unapplied.get(slot)
+            if pending is None:
+                pending = self._unapplied[slot] = []
+                if len(self._unapplied) > MAX_TRACKED_KEYS:
+                    self._forget_oldest()
+            pending.append(sequence)
             self._key_of[(namespace, target, sequence)] = key
+
+    def _forget_oldest(self) -> None:
+        (namespace, target, _), sequences = self._unapplied.popitem(last=False)
+        for sequence in sequences:
+            self._key_of.pop((namespace, target, sequence), None)
 
     def has_unapplied(self, namespace: str, target: str, key: str) -> bool:
         return bool(self._unapplied.get((namespace, target, key)))

@@ -321,6 +321,7 @@ class JournalWriter:
         self._queue: list[_Write] = []
         self._wake = trio.Event()
         self._capacity_freed = trio.Event()
+        self._waiting: deque[_Write] = deque()  # writers queued for in-flight room, first come first served
         self._inflight_batches: deque[_Batch] = deque()
         self._nats: _NatsSide | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -366,23 +367,29 @@ class JournalWriter:
         return [w.result for w in writes]  # type: ignore[misc]
 
     async def _admit(self, write: _Write) -> WriteResult | None:
-        """Refuse at once, or reserve in-flight room (waiting at most the publish timeout)."""
+        """Refuse at once, or reserve in-flight room (waiting at most the publish timeout).
+
+        Admission is first come, first served: while anyone waits for room, later writers
+        queue behind them, so writes a client pipelines are journaled in the order sent."""
         stats = self.stats
         refusal = self._refusal(write)
         if refusal is None:
-            count = len(write.messages)
-            if (
-                stats.inflight_entries + count > self.settings.max_inflight_entries
-                or stats.inflight_bytes + write.nbytes > self.settings.max_inflight_bytes
-            ) and not await self._wait_for_capacity(write):
+            if (self._waiting or self._over_capacity(write)) and not await self._wait_for_capacity(write):
                 refusal = _fail("journal overloaded: in-flight limit reached; retry later")
             else:
-                stats.inflight_entries += count
+                stats.inflight_entries += len(write.messages)
                 stats.inflight_bytes += write.nbytes
                 return None
         stats.shed += len(write.messages)
         stats.failed += len(write.messages)
         return refusal
+
+    def _over_capacity(self, write: _Write) -> bool:
+        stats, settings = self.stats, self.settings
+        return stats.inflight_entries > 0 and (
+            stats.inflight_entries + len(write.messages) > settings.max_inflight_entries
+            or stats.inflight_bytes + write.nbytes > settings.max_inflight_bytes
+        )
 
     async def _submit(self, write: _Write) -> WriteResult:
         refusal = await self._admit(write)
@@ -412,19 +419,20 @@ class JournalWriter:
         return None
 
     async def _wait_for_capacity(self, write: _Write) -> bool:
-        """Over the in-flight bounds: wait (at most the publish timeout) for acks to free room."""
-        stats, settings = self.stats, self.settings
-        count = len(write.messages)
-        deadline = trio.current_time() + settings.publish_timeout
-        while (
-            stats.inflight_entries + count > settings.max_inflight_entries
-            or stats.inflight_bytes + write.nbytes > settings.max_inflight_bytes
-        ) and stats.inflight_entries > 0:
-            with trio.move_on_at(deadline):
-                await self._capacity_freed.wait()
-            if trio.current_time() >= deadline:
-                return False
-        return True
+        """Queue for room in arrival order; False when the publish timeout passes first."""
+        deadline = trio.current_time() + self.settings.publish_timeout
+        self._waiting.append(write)
+        try:
+            while self._waiting[0] is not write or self._over_capacity(write):
+                with trio.move_on_at(deadline):
+                    await self._capacity_freed.wait()
+                if trio.current_time() >= deadline:
+                    return False
+            return True
+        finally:
+            self._waiting.remove(write)
+            self._capacity_freed.set()  # the next in line re-checks
+            self._capacity_freed = trio.Event()
 
     async def _batcher(self) -> None:
         max_batch = self.settings.max_batch_entries

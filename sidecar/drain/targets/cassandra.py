@@ -135,6 +135,16 @@ class CassandraTarget:
             session.default_timeout = self.settings.timeout
             if self.settings.create_schema:
                 self._create_schema(session)
+        except Exception:
+            cluster.shutdown()
+            raise
+        self.cluster, self.session = cluster, session
+
+    def _kv_statements(self) -> dict[str, PreparedStatement]:
+        """Blocking, once: the KV table's statements. A namespace used only for CQL never needs them,
+        so their table may not exist (create_schema = false) without harm to anything else."""
+        if not self._kv:
+            assert self.session is not None
             kv = {
                 "put": f"INSERT INTO {self.keyspace}.{self.table} (id, key, value) VALUES (?, ?, ?) "
                        "USING TIMESTAMP ? AND TTL ?",
@@ -142,11 +152,8 @@ class CassandraTarget:
                 "delete_record": f"DELETE FROM {self.keyspace}.{self.table} USING TIMESTAMP ? WHERE id = ?",
                 "get": f"SELECT key, value, TTL(value) AS ttl FROM {self.keyspace}.{self.table} WHERE id = ?",
             }
-            prepared = {name: session.prepare(query) for name, query in kv.items()}
-        except Exception:
-            cluster.shutdown()
-            raise
-        self.cluster, self.session, self._kv = cluster, session, prepared
+            self._kv = {name: self.session.prepare(query) for name, query in kv.items()}
+        return self._kv
 
     def _create_schema(self, session: Session) -> None:
         session.execute(
@@ -219,6 +226,13 @@ class CassandraTarget:
         failures: dict[tuple[int, int], ApplyError] = {}
         for index, run in enumerate(runs):
             for position, entry in enumerate(run):
+                if entry.op in (Op.PUT, Op.DELETE) and not self._kv:
+                    try:
+                        self._kv_statements()
+                    except Exception as exc:
+                        message = f"KV table: {type(exc).__name__}: {exc}"
+                        failures[(index, position)] = ApplyError(classify(exc), message)
+                    continue
                 if entry.op is not Op.CQL or entry.cql is None:
                     continue
                 for statement in entry.cql.statements:
@@ -280,7 +294,8 @@ class CassandraTarget:
         if not runs:
             return []
         unprepared: dict[tuple[int, int], ApplyError] = {}
-        if any(entry.op is Op.CQL for run in runs for entry in run):
+        if any(entry.op is Op.CQL or (entry.op in (Op.PUT, Op.DELETE) and not self._kv)
+               for run in runs for entry in run):
             unprepared = await trio.to_thread.run_sync(self._prepare_round, runs)
         outcomes: list[RunOutcome | None] = [None] * len(runs)
         token = trio.lowlevel.current_trio_token()
@@ -342,7 +357,11 @@ class CassandraTarget:
     async def get_items(self, record: str, items: list[str] | None = None) -> list[tuple[str, bytes, int]]:
         """(item key, value, expires_at) of a record, read at the target's consistency."""
         session = await self._ensure_connected()
-        statement = self._kv["get"].bind((record,))
+        try:
+            statements = await trio.to_thread.run_sync(self._kv_statements)
+        except Exception as exc:
+            raise ApplyError(classify(exc), f"KV table: {exc}") from None
+        statement = statements["get"].bind((record,))
         statement.consistency_level = self.consistency
         rows = await _to_trio(session.execute_async(statement))
         now = int(time.time())

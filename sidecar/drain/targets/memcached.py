@@ -15,7 +15,6 @@ when applied removes the key instead (that is what it would have done by now).
 
 from __future__ import annotations
 
-import base64
 import socket
 import time
 from collections import defaultdict
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 
 import trio
 from pymemcache.client.base import Client
-from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheIllegalInputError,
@@ -34,14 +32,13 @@ from pymemcache.exceptions import (
 from sidecar.config import MemcachedTarget as MemcachedSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
+from sidecar.protocols.memcache.keys import memcached_key
+from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.units import parse_hostport
-
-BINARY_KEY_PREFIX = "b64:"
 
 
 def cache_key(entry: Entry) -> bytes:
-    key = entry.key
-    raw = base64.b64decode(key[len(BINARY_KEY_PREFIX):]) if key.startswith(BINARY_KEY_PREFIX) else key.encode()
+    raw = memcached_key(entry.key)
     return raw + b"/" + entry.item.encode() if entry.item else raw
 
 
@@ -118,7 +115,7 @@ class MemcachedTarget:
         self.settings = settings
         self.name = settings.name
         self.servers = {address: _Server(address, settings) for address in settings.servers}
-        self.ring = RendezvousHash(list(settings.servers))
+        self.addresses = list(settings.servers)
         self.limiter = trio.CapacityLimiter(max(1, settings.pool_size))
 
     async def start(self) -> None:
@@ -133,9 +130,10 @@ class MemcachedTarget:
         return addressed_to(entry, self.name) and entry.op in (Op.PUT, Op.DELETE, Op.TOUCH)
 
     def server_for(self, key: bytes) -> _Server:
+        """The same choice the memcached front's reads make (routing.server_for_key)."""
         if len(self.servers) == 1:
             return next(iter(self.servers.values()))
-        return self.servers[self.ring.get_node(key.decode("latin-1"))]
+        return self.servers[server_for_key(self.addresses, key)]
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         now = time.time()

@@ -9,6 +9,8 @@ settles every write it took; the process exits by `shutdown_deadline`.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,35 +130,54 @@ class Sidecar:
         async with trio.open_nursery() as nursery:
             # Admin and scrape connections never hold the shutdown open: one second, then they go.
             admin = hypercorn_config(self.config.sidecar.admin, graceful_timeout=1.0)
-            await nursery.start(serve_http, AdminApp(self, self._admin_token), admin, stop)
+            with _naming_bind("admin", self.config.sidecar.admin):
+                await nursery.start(serve_http, AdminApp(self, self._admin_token), admin, stop)
             log.info("admin_bound", bind=self.config.sidecar.admin)
             if self.config.sidecar.metrics:
                 scrape = hypercorn_config(self.config.sidecar.metrics, graceful_timeout=1.0)
-                await nursery.start(serve_http, AdminApp(self, metrics_only=True), scrape, stop)
+                with _naming_bind("metrics", self.config.sidecar.metrics):
+                    await nursery.start(serve_http, AdminApp(self, metrics_only=True), scrape, stop)
                 log.info("metrics_bound", bind=self.config.sidecar.metrics)
             task_status.started()
 
     async def _serve_listener(self, listener: Listener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         name = _listener_name(listener)
         assert self.ingress is not None
+        if listener.protocol == "kv":
+            app = KvApp(self.ingress, self._readers, region_token=_read_secret(self.config.sidecar.region_token_file))
+            http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
+            server, args = serve_http, (app, http, self._stop_listeners)
+        elif listener.protocol == "memcached":
+            from sidecar.protocols.memcache.server import serve_memcached
+
+            server, args = serve_memcached, (listener, self.ingress, self.config, self._stop_listeners)
+        else:
+            from sidecar.protocols.cql.server import serve_cql
+
+            server, args = serve_cql, (listener, self.ingress, self.config, self._stop_listeners)
         async with trio.open_nursery() as nursery:
-            if listener.protocol == "kv":
-                app = KvApp(self.ingress, self._readers,
-                            region_token=_read_secret(self.config.sidecar.region_token_file))
-                http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
-                await nursery.start(serve_http, app, http, self._stop_listeners)
-            elif listener.protocol == "memcached":
-                from sidecar.protocols.memcache.server import serve_memcached
-
-                await nursery.start(serve_memcached, listener, self.ingress, self.config, self._stop_listeners)
-            else:
-                from sidecar.protocols.cql.server import serve_cql
-
-                await nursery.start(serve_cql, listener, self.ingress, self.config, self._stop_listeners)
+            with _naming_bind(f"{listener.protocol} listener", listener.bind):
+                await nursery.start(server, *args)
             self.state.listeners_bound.add(name)
             log.info("listener_bound", protocol=listener.protocol, bind=listener.bind,
                      namespace=listener.namespace or "*")
             task_status.started()
+
+
+@contextmanager
+def _naming_bind(what: str, bind: str) -> Iterator[None]:
+    """A bind failure says which address, not just "Address already in use"."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind the {what} to {bind}: {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        leaf = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, OSError):
+            raise OSError(leaf.errno, f"cannot bind the {what} to {bind}: {leaf.strerror or leaf}") from None
+        raise
 
 
 def _listener_name(listener: Listener) -> str:

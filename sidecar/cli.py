@@ -52,15 +52,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {error}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(args.log_level or cfg.sidecar.log_level)
+    expected = (ServerTooOld, StreamConflict, ConnectionError, OSError)  # OSError: a listener could not bind
     try:
         trio.run(Sidecar(cfg, role=args.role, connect_retry=args.connect_retry).run)
-    except (ServerTooOld, StreamConflict, ConnectionError) as exc:
+    except expected as exc:
         print(f"walcar: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as exc:  # a listener could not bind
-        print(f"walcar: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:  # nurseries wrap the one error that stopped the start
+        leaf = _first_leaf(group)
+        if not isinstance(leaf, expected):
+            raise
+        print(f"walcar: {leaf}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:

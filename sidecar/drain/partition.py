@@ -79,7 +79,7 @@ class PartitionWorker:
         self.held: dict[int, Held] = {}
         self.last_applied: OrderedDict[str, int] = OrderedDict()
         self._work = trio.Event()
-        self._space = trio.Event()
+        self._credit_out = 0  # granted to the consumer, not delivered yet
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
 
@@ -88,12 +88,12 @@ class PartitionWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
-            start = await self.consumer.take_over()
+            start = await self.consumer.take_over(self._take)
             log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
                      partition=self.partition, from_seq=start)
             task_status.started()
+            self._refill()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._fetch_loop)
                 nursery.start_soon(self._keepalive_loop)
                 nursery.start_soon(self._blocked_loop)
                 await self._apply_loop()
@@ -110,30 +110,20 @@ class PartitionWorker:
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
-    # --- fetching -----------------------------------------------------------------
+    # --- deliveries ---------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        failures = 0
-        while not self._stopping:
-            await self.drainer.wait_not_paused()
-            room = self.max_inflight - len(self.held)
-            if room <= 0:
-                self._space = trio.Event()
-                await self._space.wait()
-                continue
-            try:
-                delivered = await self.consumer.fetch(min(room, self.fetch_batch), timeout=1.0)
-                failures = 0
-            except Exception as exc:  # NATS away: the journal reconnects by itself; retry gently
-                failures += 1
-                log.warning("drain_fetch_failed", namespace=self.drainer.namespace, target=self.drainer.name,
-                            partition=self.partition, error=f"{type(exc).__name__}: {exc}")
-                await trio.sleep(min(5.0, 0.2 * 2 ** failures))
-                continue
-            if delivered:
-                self._take(delivered)
+    def _refill(self) -> None:
+        """Grant the consumer what fits in memory; in bites, not one entry at a time."""
+        if self._stopping:
+            return
+        room = self.max_inflight - len(self.held) - self._credit_out
+        if room >= min(self.fetch_batch, self.max_inflight) // 4 or (room > 0 and not self._credit_out):
+            self._credit_out += room
+            self.consumer.grant(room)
 
     def _take(self, delivered: list[Delivered]) -> None:
+        """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
+        self._credit_out = max(0, self._credit_out - len(delivered))
         skip: list[str] = []
         for item in delivered:
             if item.seq in self.held:
@@ -159,6 +149,8 @@ class PartitionWorker:
             if entry.key not in self.parked and entry.key not in self.blocked:
                 self.ready.add(entry.key)
         self.consumer.signal(skip)
+        if skip:
+            self._refill()
         if self.ready:
             self._work.set()
 
@@ -248,7 +240,7 @@ class PartitionWorker:
         drainer.stats.applied += len(applied)
         if last_error:
             drainer.stats.last_error = last_error
-        self._space.set()
+        self._refill()
         return all_failed
 
     async def _apply_runs(self, runs: list[list[Held]]) -> list[RunOutcome]:
@@ -267,14 +259,7 @@ class PartitionWorker:
             plain.append((index, entries))
         if plain:
             began = time.monotonic()
-            try:
-                results = await self.drainer.target.apply([entries for _, entries in plain])
-            except ApplyError as exc:
-                results = [RunOutcome(0, exc) for _ in plain]
-            except Exception as exc:  # a target bug must not kill the partition: retry as transient
-                log.error("target_apply_crashed", exc_info=True, target=self.drainer.name, error=str(exc))
-                results = [RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, f"{type(exc).__name__}: {exc}"))
-                           for _ in plain]
+            results = await self.drainer.pump.apply([entries for _, entries in plain])
             self.drainer.stats.observe_latency(time.monotonic() - began)
             for (index, _), result in zip(plain, results, strict=True):
                 outcomes[index] = result
@@ -306,7 +291,7 @@ class PartitionWorker:
         keys = list(runs)
         for start in range(0, len(keys), 512):
             batch = [runs[k] for k in keys[start : start + 512]]
-            results = await self.drainer.target.apply(batch)
+            results = await self.drainer.pump.apply(batch)
             for run, result in zip(batch, results, strict=True):
                 if result.error is not None:
                     return RunOutcome(0, result.error)
@@ -382,7 +367,7 @@ class PartitionWorker:
             self.ready.add(key)
         if not lane:
             self.lanes.pop(key, None)
-        self._space.set()
+        self._refill()
 
     async def _blocked_loop(self) -> None:
         """Strict mode: a key resumes once its dead letters were replayed or purged."""

@@ -29,6 +29,7 @@ from sidecar.drain.dlq import key_token
 from sidecar.drain.lease import Leases, group_name, lease_key
 from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
+from sidecar.drain.pump import ApplyPump
 from sidecar.drain.targets import build_target
 from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry
@@ -61,6 +62,7 @@ class TargetDrainer:
         self.name = target.name
         self.config = target
         self.target = build_target(target, namespace, service.config)
+        self.pump = ApplyPump(self.target)
         self.settings: DrainSettings = service.config.sidecar.drain
         self.retry: RetryPolicy = ns.retry
         self.strict = ns.strict
@@ -116,6 +118,7 @@ class TargetDrainer:
             partition,
             ack_wait=self.settings.ack_wait,
             max_ack_pending=self.settings.max_inflight * 2,
+            fetch_batch=self.settings.fetch_batch,
         )
 
     async def probe_loop(self) -> None:
@@ -185,13 +188,7 @@ class DrainService:
             self._nursery.start_soon(factory)
 
     def notify_applied(self, namespace: str, target: str, sequences: list[int]) -> None:
-        conn = self.journal.writer.conn
-        nc = conn.nc
-        if nc is None:
-            return
-        payload = msgspec.msgpack.encode(sequences)
-        subject = applied_subject(namespace, target)
-        conn.bridge.spawn(lambda: nc.publish(subject, payload))
+        self.journal.writer.conn.publish_soon([(applied_subject(namespace, target), msgspec.msgpack.encode(sequences))])
 
     async def run(self, *, task_status: trio.TaskStatus[DrainService] = trio.TASK_STATUS_IGNORED) -> None:
         await self.leases.open()
@@ -204,6 +201,7 @@ class DrainService:
             for drainer in self.drainers:
                 await drainer.target.start()
                 nursery.start_soon(drainer.probe_loop)
+                nursery.start_soon(drainer.pump.run)
             log.info("drain_started", owner=self.owner, targets=",".join(f"{d.namespace}/{d.name}"
                                                                        for d in self.drainers))
             task_status.started(self)

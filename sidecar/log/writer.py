@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -29,6 +30,7 @@ from nats.aio.msg import Msg
 from sidecar.config import JournalSettings
 from sidecar.log import fastpath
 from sidecar.log.connection import NatsConnection
+from sidecar.log.handoff import Handoff
 from sidecar.logs import get_logger
 
 log = get_logger("journal")
@@ -297,7 +299,7 @@ class _NatsSide:
         self.flush_scheduled = False
         settled, finished = self.settled, self.finished
         self.settled, self.finished = [], []
-        self.writer.to_trio(settled, finished)
+        self.writer.settled.put((settled, finished))
 
     def expire(self, batch: _Batch) -> None:
         timeout = self.writer.settings.publish_timeout
@@ -333,6 +335,11 @@ class JournalWriter:
         assert nc is not None, "connect before starting the journal writer"
         self._nats = _NatsSide(self, nc.new_inbox(), self.use_fastpath and fastpath.supported(nc))
         await self.conn.bridge.run(self._nats.start)
+        queue = self._nats.queue
+        # One thread wake-up per burst in each direction (see handoff.py).
+        self.outbox: Handoff[_Batch] = Handoff(self.conn.bridge.loop.call_soon_threadsafe,
+                                               lambda batches: [queue.put_nowait(b) for b in batches])
+        self.settled: Handoff[tuple[list[_Write], list[_Batch]]] = Handoff(self._to_trio, self._settle_all)
         nursery.start_soon(self._batcher)
 
     # --- trio side -------------------------------------------------------------
@@ -446,16 +453,20 @@ class JournalWriter:
                 batch = _Batch(writes)
                 self._inflight_batches.append(batch)
                 assert self._nats is not None
-                self.conn.bridge.call_soon(self._nats.queue.put_nowait, batch)
+                self.outbox.put(batch)
 
-    def to_trio(self, writes: list[_Write], batches: list[_Batch]) -> None:
-        """Called on the NATS thread: one crossing back for everything settled since the last."""
+    def _to_trio(self, fn: Callable[[], None]) -> None:
+        """Wake the trio thread (used by the settled handoff, on the NATS thread)."""
         if self._trio_token is None:
             return
         try:
-            self._trio_token.run_sync_soon(self._settle, writes, batches)
+            self._trio_token.run_sync_soon(fn)
         except trio.RunFinishedError:
             pass
+
+    def _settle_all(self, items: list[tuple[list[_Write], list[_Batch]]]) -> None:
+        for writes, batches in items:
+            self._settle(writes, batches)
 
     def _settle(self, writes: list[_Write], batches: list[_Batch]) -> None:
         stats = self.stats

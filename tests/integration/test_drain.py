@@ -215,7 +215,7 @@ async def test_ordering_per_key_under_transient_faults(services: Services, uniqu
         service = DrainService(config, journal)
         drainer = service.drainer(unique, "cache")
         flaky = FlakyTarget(drainer.target, 0.10)
-        drainer.target = flaky
+        drainer.target = drainer.pump.target = flaky
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
 

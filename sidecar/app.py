@@ -51,6 +51,8 @@ class Sidecar:
         self.poller: StatusPoller | None = None
         self.dead_letters: DeadLetters | None = None
         self._readers = Readers(config)
+        self._replays: list[Any] = []
+        self._services: trio.Nursery | None = None
         self._admin_token = _read_secret(config.sidecar.admin_token_file)
         if role in ("ingress", "all"):
             # Known up front, so readiness cannot pass before the last listener is bound.
@@ -63,7 +65,28 @@ class Sidecar:
             self._shutdown.set()
 
     def replay_progress(self) -> list[Any]:
-        return []
+        return [job.progress for job in self._replays]
+
+    async def start_replay(self, request: Any) -> Any:
+        """A point-in-time replay inside this sidecar (POST /v1/replay); ReplayError if it cannot run."""
+        from sidecar.replay.job import start_replay
+        from sidecar.replay.request import ReplayError
+
+        if self._services is None or self.ingress is None:
+            raise ReplayError("the journal is not open yet", exit_code=1)
+        job = await start_replay(self.config, self.ingress.journal, request, self._services)
+        # Keep every running job and the last few finished ones, for GET /v1/drain.
+        running = [j for j in self._replays if not j.finished]
+        done = [j for j in self._replays if j.finished][-5:]
+        self._replays = [*done, *running, job]
+        return job
+
+    def stop_replay(self, job_id: str) -> bool:
+        for job in self._replays:
+            if job.progress.id == job_id:
+                job.stop()
+                return True
+        return False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -93,6 +116,7 @@ class Sidecar:
         if ingress_role:
             await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))
         async with trio.open_nursery() as services:
+            self._services = services
             services.start_soon(self.pauses.watch)
             if self.role in ("drain", "all") and any(ns.targets for ns in config.namespaces.values()):
                 self.drain = await services.start(DrainService(config, journal, pauses=self.pauses).run)
@@ -110,6 +134,8 @@ class Sidecar:
                 self._stop_listeners.set()
             log.info("listeners_stopped")
             await self._readers.close()
+            for job in self._replays:
+                job.stop()
             if self.drain is not None:
                 await self.drain.stop(config.sidecar.shutdown_deadline)
             services.cancel_scope.cancel()

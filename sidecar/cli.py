@@ -3,6 +3,7 @@
     walcar run --config FILE [--role ingress|drain|all]     the sidecar
     walcar config check FILE [--format toml|yaml|json]       validate a config
     walcar status | dlq ... | drain --wait                  operate a running sidecar (admin endpoint)
+    walcar replay | verify                                  point-in-time replay; compare targets with the journal
     walcar inject serve | wait-ready                        the Kubernetes injector
 """
 
@@ -17,6 +18,7 @@ from sidecar import config as config_mod
 from sidecar.admin.cli import CliError
 from sidecar.admin.cli import add_parsers as add_admin_parsers
 from sidecar.inject.cli import add_parser as add_inject_parser
+from sidecar.replay.cli import add_parser as add_replay_parser
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     add_admin_parsers(sub)
+    add_replay_parser(sub)
     add_inject_parser(sub)
     return parser
 

@@ -167,14 +167,14 @@ class ConfigError(Exception):
 _CUSTOM = {Duration: Duration.parse, ByteSize: ByteSize.parse}
 
 
-def _dec_hook(tp: type, obj: object) -> object:
+def dec_hook(tp: type, obj: object) -> object:
     parse = _CUSTOM.get(tp)
     if parse is None:
         raise NotImplementedError(tp)
     return parse(obj)
 
 
-def _enc_hook(obj: object) -> object:
+def enc_hook(obj: object) -> object:
     if isinstance(obj, Duration | ByteSize):
         return str(obj)
     raise NotImplementedError(type(obj))
@@ -431,7 +431,7 @@ def validate(document: object, source: str = "") -> Config:
     if errors:
         raise ConfigError(errors, source)
     try:
-        config = msgspec.convert(document, Config, dec_hook=_dec_hook)
+        config = msgspec.convert(document, Config, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:  # the walker should have caught it; keep the message
         raise ConfigError([str(exc)], source) from None
     semantic = list(_semantic_errors(config))
@@ -464,7 +464,7 @@ def load(path: str | Path) -> Config:
 
 def to_builtins(config: Config, redact: bool = True) -> dict[str, Any]:
     """The effective config as plain objects (defaults filled in); secrets are files, never values."""
-    data = msgspec.to_builtins(config, enc_hook=_enc_hook)
+    data = msgspec.to_builtins(config, enc_hook=enc_hook)
     if redact:
         _redact(data)
     return data

@@ -10,6 +10,8 @@
     POST /v1/dlq/{ns}/replay|purge         by target, sequence range or list, key glob
     GET  /v1/config                        the effective config, secrets redacted
     POST /v1/shutdown                      graceful shutdown (what `walcar drain --wait` calls)
+    POST /v1/replay                        start a point-in-time replay in this sidecar (progress: /v1/drain)
+    POST /v1/replay/{id}/stop              stop it cleanly
 
 Mutating calls are POST only and, when `admin_token_file` is set, need
 `Authorization: Bearer <token>`.
@@ -118,6 +120,8 @@ class AdminApp:
             return self._json(202, {"status": "shutting down",
                                     "deadline_s": float(sidecar.config.sidecar.shutdown_deadline)})
         parts = path.strip("/").split("/")
+        if parts[:2] == ["v1", "replay"]:
+            return await self._replay(scope, receive, method, parts[2:])
         if parts[:2] == ["v1", "drain"]:
             return await self._drain(scope, method, parts[2:])
         if parts[:2] == ["v1", "dlq"] and len(parts) >= 3:
@@ -142,6 +146,25 @@ class AdminApp:
             await sidecar.pauses.set(namespace, target, action == "pause")
             return self._json(200, {"namespace": namespace, "target": target, "paused": action == "pause"})
         raise AdminError(404, f"no route for {method} /v1/drain/{'/'.join(rest)}")
+
+    async def _replay(self, scope: Scope, receive: Receive, method: str, rest: list[str]) -> tuple[int, bytes, bytes]:
+        if method != "POST":
+            raise AdminError(405, "replay calls are POST (progress is in GET /v1/drain)")
+        self._authorize(scope)
+        from sidecar.replay.request import ReplayError, ReplayRequest, decode_request
+
+        if len(rest) == 2 and rest[1] == "stop":
+            if not self.sidecar.stop_replay(rest[0]):
+                raise AdminError(404, f"no replay job {rest[0]!r}")
+            return self._json(200, {"id": rest[0], "stopping": True})
+        if rest:
+            raise AdminError(404, f"no route for POST /v1/replay/{'/'.join(rest)}")
+        try:
+            request = decode_request(await self._body(receive), ReplayRequest)
+            job = await self.sidecar.start_replay(request)
+        except ReplayError as exc:
+            raise AdminError(400 if exc.exit_code == 2 else 503, exc.message) from None
+        return self._json(202, job.progress)
 
     async def _dlq(self, scope: Scope, receive: Receive, method: str, namespace: str, rest: list[str],
                    query: dict[str, list[str]]) -> tuple[int, bytes, bytes]:

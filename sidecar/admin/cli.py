@@ -104,6 +104,13 @@ def status_table(targets: list[dict[str, Any]]) -> str:
     return table(["NAMESPACE", "TARGET", "TYPE", "BACKLOG", "OLDEST", "RATE", "STATE", "DLQ", "LAST ERROR"], rows)
 
 
+def replays_table(jobs: list[dict[str, Any]]) -> str:
+    rows = [[j["id"], j["namespace"], j["target"], j["state"],
+             f"{j.get('position', 0):,}/{j.get('to_seq', 0):,}", str(j.get("applied", 0)), str(j.get("failed", 0)),
+             f"{j.get('rate', 0):.0f}/s", age(j["eta_s"]) if j.get("eta_s") else "-"] for j in jobs]
+    return table(["REPLAY", "NAMESPACE", "TARGET", "STATE", "POSITION", "APPLIED", "FAILED", "RATE", "ETA"], rows)
+
+
 def letters_table(letters: list[dict[str, Any]]) -> str:
     rows = [[str(d["seq"]), d["time"][:19].replace("T", " "), d["target"], d["key"][:40], d["error_class"],
              str(d["attempts"]), "yes" if d["superseded"] else "no", d["error"][:60]] for d in letters]
@@ -123,8 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.watch:
                 sys.stdout.write("\x1b[2J\x1b[H")
             print(status_table(reply["targets"]))
-            for job in reply.get("replays") or []:
-                print(f"replay {job}")
+            if reply.get("replays"):
+                print()
+                print(replays_table(reply["replays"]))
         if not args.watch:
             return 0
         sys.stdout.flush()

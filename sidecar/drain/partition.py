@@ -30,8 +30,8 @@ import trio
 from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
-from sidecar.envelope import Entry, Op, decode, decode_many
-from sidecar.log.chunks import ChunkError
+from sidecar.envelope import Entry, Op, decode
+from sidecar.log.payloads import PayloadError, expand_multi, with_payload
 from sidecar.logs import get_logger
 
 if TYPE_CHECKING:
@@ -266,24 +266,18 @@ class PartitionWorker:
         return [o if o is not None else RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "lost")) for o in outcomes]
 
     async def _with_payload(self, entry: Entry) -> Entry:
-        if entry.chunk is None or entry.value is not None:
-            return entry
         try:
-            value = await self.drainer.chunks.get(entry.ns, entry.chunk)
-        except ChunkError as exc:
-            corrupt = "corrupt" in str(exc) or "not found" in str(exc).lower()
-            raise ApplyError(ErrorClass.PERMANENT if corrupt else ErrorClass.TRANSIENT, str(exc)) from None
-        return msgspec.structs.replace(entry, value=value)
+            return await with_payload(self.drainer.chunks, entry)
+        except PayloadError as exc:
+            raise ApplyError(ErrorClass.PERMANENT if exc.permanent else ErrorClass.TRANSIENT, exc.message) from None
 
     async def _apply_multi(self, marker: Entry) -> RunOutcome:
         """A mutation over the atomic-batch limits: apply its entries, in order per key."""
-        assert marker.chunk is not None
         try:
-            entries = decode_many(await self.drainer.chunks.get(marker.ns, marker.chunk))
-        except ChunkError as exc:
-            return RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, str(exc)))
-        except msgspec.DecodeError as exc:
-            return RunOutcome(0, ApplyError(ErrorClass.PERMANENT, f"undecodable mutation: {exc}"))
+            entries = await expand_multi(self.drainer.chunks, marker)
+        except PayloadError as exc:
+            error_class = ErrorClass.PERMANENT if exc.permanent else ErrorClass.TRANSIENT
+            return RunOutcome(0, ApplyError(error_class, exc.message))
         runs: dict[str, list[Entry]] = {}
         for entry in entries:
             if self.drainer.wants(entry):

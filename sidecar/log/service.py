@@ -26,21 +26,25 @@ async def provision_all(conn: NatsConnection, config: Config) -> None:
 
 @asynccontextmanager
 async def open_journal(
-    config: Config, connect_retry: float = 0.0, name: str = "walcar", use_fastpath: bool = True
+    config: Config, connect_retry: float = 0.0, name: str = "walcar", use_fastpath: bool = True,
+    provision: bool = True,
 ) -> AsyncIterator[Journal]:
+    """`provision=False` for tools that only read (replay, verify): streams are used as they are,
+    never created or changed by a config that may differ from the running sidecars'."""
     bridge = AsyncioBridge().start()
     conn = NatsConnection(bridge, config.sidecar.nats_url, config.sidecar.nats_creds, name=name)
     try:
         await conn.connect(retry_for=connect_retry)
-        await provision_all(conn, config)
+        if provision:
+            await provision_all(conn, config)
 
-        async def reprovision() -> None:
-            try:
-                await provision_all(conn, config)
-            except Exception as exc:  # keep running: writes answer false until the stream is back
-                log.error("reprovision_failed", error=str(exc))
+            async def reprovision() -> None:
+                try:
+                    await provision_all(conn, config)
+                except Exception as exc:  # keep running: writes answer false until the stream is back
+                    log.error("reprovision_failed", error=str(exc))
 
-        conn.on_reconnect(reprovision)
+            conn.on_reconnect(reprovision)
         writer = JournalWriter(conn, config.sidecar.journal, use_fastpath=use_fastpath)
         async with trio.open_nursery() as nursery:
             conn.attach(nursery)

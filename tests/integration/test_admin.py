@@ -229,3 +229,27 @@ def test_status_against_a_dead_address_is_a_clear_error() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == "walcar: cannot reach admin at 127.0.0.1:1: connection refused"
     assert "Traceback" not in result.stderr
+
+
+async def test_replay_started_through_the_admin_endpoint(services: Services, private_memcached: MemcachedProcess,
+                                                         tmp_path: Path, unique: str) -> None:
+    namespaces = {unique: {"partitions": 2, "targets": [memcached_target("cache", services.memcached)]}}
+    document = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
+    process = SidecarProcess(document, tmp_path / "sidecar").start()
+    keys = [f"{unique}-r{i}" for i in range(200)]
+    try:
+        last = await write_load(document["listeners"][0]["bind"], unique, keys, 400)
+        target = {"type": "memcached", "name": "warm", "servers": [f"127.0.0.1:{private_memcached.port}"]}
+        started = httpx.post(f"{process.admin}/v1/replay",
+                             json={"namespace": unique, "target_config": target, "last_value_only": True})
+        assert started.status_code == 202, started.text
+        job = started.json()["id"]
+        await wait_until(lambda: next(j for j in httpx.get(f"{process.admin}/v1/drain").json()["replays"]
+                                      if j["id"] == job)["state"] == "done", 30, "the replay to finish")
+        assert memcached_values(("127.0.0.1", private_memcached.port), keys) == last
+        table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout
+        assert job in table and "done" in table
+        bad = httpx.post(f"{process.admin}/v1/replay", json={"namespace": unique, "target": "nope"})
+        assert bad.status_code == 400 and "nope" in bad.json()["error"]
+    finally:
+        process.stop()

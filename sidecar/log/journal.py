@@ -20,6 +20,9 @@ from sidecar.log.writer import MAX_ATOMIC_MESSAGES, Durable, JournalWriter, Mess
 # One atomic batch must fit comfortably in the server's limits (1000 messages; each
 # message under max_payload); beyond these the mutation is stored as one MULTI object.
 MAX_ATOMIC_BYTES = 4 * 1024 * 1024
+# An entry that is still too big for one message once its value is chunked (a CQL batch
+# with many large values, say) goes to the chunk store whole, behind a MULTI marker.
+MAX_ENTRY_BYTES = 900 * 1024
 
 
 class UnknownNamespace(KeyError):
@@ -68,6 +71,8 @@ class Journal:
         except ChunkError as exc:
             return WriteResult(Durable.FALSE, message=str(exc))
         message = self.message_for(entry)
+        if len(message.payload) > MAX_ENTRY_BYTES:
+            return await self._append_multi([entry], entry.id)
         return await self.writer.publish(message.subject, message.payload, message.headers)
 
     async def append_many(self, entries: list[Entry]) -> list[WriteResult]:

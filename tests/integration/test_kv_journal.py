@@ -203,3 +203,22 @@ async def test_delayed_entry_appears_on_its_partition_no_earlier_than_asked(conf
     assert time.monotonic() - asked >= 1.9
     entry = delivered[0].entry()
     assert entry.key == key and entry.value == b"x" and entry.deliver_at > entry.write_time
+
+
+async def test_an_entry_too_big_for_one_message_goes_to_the_chunk_store_whole(services: Services,
+                                                                              unique: str) -> None:
+    """A CQL entry's values are not chunked one by one: over a message's size, the entry goes whole."""
+    from sidecar.envelope import CqlMutation, CqlStatement, decode_many
+    from sidecar.ingress import Ingress
+    from sidecar.log.service import open_journal
+
+    config = build_config(sidecar_document(services.nats_url, {unique: {}}))
+    statements = [CqlStatement(query="INSERT INTO ks.t (id, v) VALUES (?, ?)", values=[b"k", b"x" * 200_000])] * 6
+    async with open_journal(config) as journal:
+        ingress = Ingress(config, journal)
+        entry = ingress.entry(unique, Op.CQL, "ks.t:6b", cql=CqlMutation(statements=statements, batch_type=1))
+        ack = await ingress.write(entry)
+        assert ack.ok, ack
+        marker = (await read_stream(services.nats_url, stream_name(unique)))[0].entry()
+        assert marker.op == Op.MULTI and marker.id == entry.id
+        assert decode_many(await journal.chunks.get(unique, marker.chunk)) == [entry]

@@ -1,4 +1,4 @@
-"""Serve an ASGI app with hypercorn on trio: the KV API, the admin endpoint, the injector."""
+"""ASGI on hypercorn and trio, shared by the KV API, the admin endpoint and the injector."""
 
 from __future__ import annotations
 
@@ -10,6 +10,33 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from sidecar.units import parse_hostport
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+JSON = b"application/json"
+
+
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Our apps hold no state that needs a lifespan: acknowledge startup and shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = JSON,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                    *(headers or [])],
+    })
+    await send({"type": "http.response.body", "body": body})
 
 
 def hypercorn_config(bind: str, graceful_timeout: float, certfile: str | None = None,

@@ -20,8 +20,7 @@ Mutating calls are POST only and, when `admin_token_file` is set, need
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import msgspec
@@ -29,13 +28,11 @@ import msgspec
 from sidecar import config as config_mod
 from sidecar.admin import metrics
 from sidecar.admin.dlq import DlqFilter
+from sidecar.http import Receive, Scope, Send, respond, serve_lifespan
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -55,13 +52,8 @@ class AdminApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         try:
@@ -71,12 +63,7 @@ class AdminApp:
         except Exception as exc:  # a bug: say so, keep serving
             status, body, content_type = 500, msgspec.json.encode({"error": f"{type(exc).__name__}: {exc}"}), \
                 b"application/json"
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await respond(send, status, body, content_type)
 
     @staticmethod
     def _json(status: int, body: object) -> tuple[int, bytes, bytes]:

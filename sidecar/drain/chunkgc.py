@@ -30,22 +30,7 @@ class ChunkCollector:
         self._kv: Any = None
 
     async def open(self) -> None:
-        nc = self.conn.nc
-        assert nc is not None
-
-        async def open_bucket() -> Any:
-            from nats.js.api import KeyValueConfig
-
-            js = nc.jetstream()
-            try:
-                return await js.key_value(BUCKET)
-            except Exception:  # create it; a racing drainer may win, then bind
-                try:
-                    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, ttl=self.ttl, history=1))
-                except Exception:
-                    return await js.key_value(BUCKET)
-
-        self._kv = await self.conn.bridge.run(open_bucket)
+        self._kv = await self.conn.key_value(BUCKET, self.ttl)
 
     async def applied(self, namespace: str, obj: str, target: str, needed: set[str]) -> bool:
         """Record that `target` applied the entry of `obj`; True when this call deleted it."""

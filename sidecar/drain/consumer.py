@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
-import trio
 
 from sidecar.log import fastpath
 from sidecar.log.connection import JetStreamApiError, NatsConnection
@@ -65,15 +64,7 @@ class _Channel:
     """Per connection: deliveries to trio, credit grants to the NATS thread, each once per burst."""
 
     def __init__(self, conn: NatsConnection) -> None:
-        token = trio.lowlevel.current_trio_token()
-
-        def to_trio(fn: Callable[[], None]) -> None:
-            try:
-                token.run_sync_soon(fn)
-            except trio.RunFinishedError:
-                pass
-
-        self.deliveries: Handoff[tuple[PartitionConsumer, list[Delivered]]] = Handoff(to_trio, self._deliver)
+        self.deliveries: Handoff[tuple[PartitionConsumer, list[Delivered]]] = Handoff(conn.to_trio, self._deliver)
         self.grants: Handoff[tuple[_Pull, int]] = Handoff(conn.bridge.loop.call_soon_threadsafe, self._grant)
 
     @staticmethod

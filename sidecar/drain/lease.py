@@ -41,22 +41,7 @@ class Leases:
         self.bucket = bucket_name(ttl)
 
     async def open(self) -> None:
-        nc = self.conn.nc
-        assert nc is not None
-
-        async def open_bucket() -> Any:
-            from nats.js.api import KeyValueConfig
-
-            js = nc.jetstream()
-            try:
-                return await js.key_value(self.bucket)
-            except Exception:  # not there yet: create it (a racing drainer may win; then bind)
-                try:
-                    return await js.create_key_value(KeyValueConfig(bucket=self.bucket, ttl=self.ttl, history=1))
-                except Exception:
-                    return await js.key_value(self.bucket)
-
-        self._kv = await self.conn.bridge.run(open_bucket)
+        self._kv = await self.conn.key_value(self.bucket, self.ttl)
 
     async def acquire(self, key: str) -> int | None:
         """The revision of a fresh lease on `key`, or None when another drainer holds it."""

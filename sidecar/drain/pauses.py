@@ -27,22 +27,7 @@ class Pauses:
         self._kv: Any = None
 
     async def open(self) -> None:
-        nc = self.conn.nc
-        assert nc is not None
-
-        async def open_bucket() -> Any:
-            from nats.js.api import KeyValueConfig
-
-            js = nc.jetstream()
-            try:
-                return await js.key_value(BUCKET)
-            except Exception:  # create it; a racing sidecar may win, then bind
-                try:
-                    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1))
-                except Exception:
-                    return await js.key_value(BUCKET)
-
-        self._kv = await self.conn.bridge.run(open_bucket)
+        self._kv = await self.conn.key_value(BUCKET)
         await self.refresh()
 
     async def refresh(self) -> None:

@@ -13,21 +13,17 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from sidecar.http import hypercorn_config, serve_http
+from sidecar.http import Receive, Scope, Send, hypercorn_config, respond, serve_http, serve_lifespan
 from sidecar.inject.patch import Injector
 from sidecar.inject.settings import InjectorSettings
 from sidecar.logs import get_logger
 
 log = get_logger("inject")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 8 * 1024 * 1024  # the API server caps an object at ~3 MiB; a review wraps one or two
 
@@ -40,13 +36,8 @@ class InjectorApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
@@ -90,13 +81,7 @@ class InjectorApp:
 
 
 async def _json(send: Send, status: int, body: object) -> None:
-    payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    })
-    await send({"type": "http.response.body", "body": payload})
+    await respond(send, status, json.dumps(body).encode())
 
 
 def _stamp(*paths: str) -> tuple[tuple[int, int], ...]:

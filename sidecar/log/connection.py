@@ -84,7 +84,8 @@ class NatsConnection:
         """Run `hook` (in trio) after every reconnect, e.g. to re-provision streams."""
         self._reconnect_hooks.append(hook)
 
-    def _to_trio(self, fn: Callable[[], None]) -> None:
+    def to_trio(self, fn: Callable[[], None]) -> None:
+        """From the NATS thread: run `fn` on the trio thread soon (nothing if trio is gone)."""
         if self._trio_token is None:
             return
         try:
@@ -130,14 +131,14 @@ class NatsConnection:
         async def disconnected() -> None:
             if not self._closing:
                 log.warning("nats_disconnected", url=self.url)
-            self._to_trio(lambda: self._set_state(False, "disconnected"))
+            self.to_trio(lambda: self._set_state(False, "disconnected"))
 
         async def reconnected() -> None:
             log.info("nats_reconnected", url=self.url)
-            self._to_trio(self._after_reconnect)
+            self.to_trio(self._after_reconnect)
 
         async def error(exc: Exception) -> None:
-            self._to_trio(lambda: setattr(self, "last_error", f"{type(exc).__name__}: {exc}"))
+            self.to_trio(lambda: setattr(self, "last_error", f"{type(exc).__name__}: {exc}"))
 
         options: dict[str, Any] = {
             "servers": [u.strip() for u in self.url.split(",")],
@@ -184,6 +185,26 @@ class NatsConnection:
     def attach(self, nursery: trio.Nursery) -> None:
         """Reconnect hooks run in this nursery."""
         self._nursery = nursery
+
+    async def key_value(self, bucket: str, ttl: float = 0.0) -> Any:
+        """A nats-py KeyValue bucket (for use on the NATS thread), created if missing.
+
+        Several sidecars may race to create it: whoever loses binds to the winner's."""
+        nc = self._require()
+
+        async def open_bucket() -> Any:
+            from nats.js.api import KeyValueConfig
+
+            js = nc.jetstream()
+            try:
+                return await js.key_value(bucket)
+            except Exception:  # not there yet (nats-py raises several types)
+                try:
+                    return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl or None, history=1))
+                except Exception:
+                    return await js.key_value(bucket)
+
+        return await self.bridge.run(open_bucket)
 
     async def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
         nc = self._require()

@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -339,7 +338,7 @@ class JournalWriter:
         # One thread wake-up per burst in each direction (see handoff.py).
         self.outbox: Handoff[_Batch] = Handoff(self.conn.bridge.loop.call_soon_threadsafe,
                                                lambda batches: [queue.put_nowait(b) for b in batches])
-        self.settled: Handoff[tuple[list[_Write], list[_Batch]]] = Handoff(self._to_trio, self._settle_all)
+        self.settled: Handoff[tuple[list[_Write], list[_Batch]]] = Handoff(self.conn.to_trio, self._settle_all)
         nursery.start_soon(self._batcher)
 
     # --- trio side -------------------------------------------------------------
@@ -454,15 +453,6 @@ class JournalWriter:
                 self._inflight_batches.append(batch)
                 assert self._nats is not None
                 self.outbox.put(batch)
-
-    def _to_trio(self, fn: Callable[[], None]) -> None:
-        """Wake the trio thread (used by the settled handoff, on the NATS thread)."""
-        if self._trio_token is None:
-            return
-        try:
-            self._trio_token.run_sync_soon(fn)
-        except trio.RunFinishedError:
-            pass
 
     def _settle_all(self, items: list[tuple[list[_Write], list[_Batch]]]) -> None:
         for writes, batches in items:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hmac
 import re
 import zlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -28,6 +27,7 @@ import msgspec
 
 from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry, Op, WriteTimeError, new_id, partition_of
+from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
 from sidecar.ingress import Ack, Ingress, TooLarge
 from sidecar.log.journal import UnknownNamespace
 from sidecar.logs import get_logger
@@ -37,11 +37,7 @@ from sidecar.reads import NoReadableTarget, Readers
 
 log = get_logger("kv")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-JSON = b"application/json"
 MSGPACK = b"application/msgpack"
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 _FIELD_RE = re.compile(r" - at `\$(.*)`$")
@@ -85,7 +81,7 @@ class KvApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -103,15 +99,6 @@ class KvApp:
             status, body = 500, models.ErrorResponse(error=f"internal error: {type(exc).__name__}")
         await self._respond(send, status, body, wants_msgpack)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     async def _respond(self, send: Send, status: int, body: object, as_msgpack: bool) -> None:
         if isinstance(body, bytes):
             payload, content_type = body, JSON
@@ -119,11 +106,7 @@ class KvApp:
             payload, content_type = msgspec.msgpack.encode(body), MSGPACK
         else:
             payload, content_type = msgspec.json.encode(body), JSON
-        headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
-        if status == 503:
-            headers.append((b"retry-after", b"1"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await respond(send, status, payload, content_type, [(b"retry-after", b"1")] if status == 503 else None)
 
     async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes:
         chunks: list[bytes] = []

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.config import stream_name
 from tests.integration.test_drain import cassandra_target, memcached_target, memcached_values, write_load
 from tests.support.httpload import KvConnection
-from tests.support.procs import MemcachedProcess
+from tests.support.procs import MemcachedProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 from tests.support.streams import read_stream
@@ -251,5 +251,32 @@ async def test_replay_started_through_the_admin_endpoint(services: Services, pri
         assert job in table and "done" in table
         bad = httpx.post(f"{process.admin}/v1/replay", json={"namespace": unique, "target": "nope"})
         assert bad.status_code == 400 and "nope" in bad.json()["error"]
+    finally:
+        process.stop()
+
+
+async def test_metrics_on_a_scrape_port_of_their_own_and_a_token_on_mutations(services: Services, tmp_path: Path,
+                                                                             unique: str) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("t0ken\n")
+    scrape = f"127.0.0.1:{free_port()}"
+    namespaces = {unique: {"partitions": 2, "targets": [memcached_target("cache", services.memcached)]}}
+    document = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN, metrics=scrape,
+                                admin_token_file=str(token))
+    process = SidecarProcess(document, tmp_path / "sidecar").start()
+    try:
+        assert "walcar_journal_connected 1.0" in httpx.get(f"http://{scrape}/metrics").text
+        assert httpx.get(f"http://{scrape}/v1/drain").status_code == 404  # only /metrics on the scrape port
+        refused = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause")
+        assert refused.status_code == 401
+        paused = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause",
+                            headers={"authorization": "Bearer t0ken"})
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        assert httpx.get(f"{process.admin}/v1/drain").status_code == 200  # reads need no token
+        via_config = walcar("status", "--config", str(process.config_path), "--json")
+        assert via_config.returncode == 0 and json.loads(via_config.stdout)["targets"][0]["state"] == "paused"
+        resumed = walcar("drain", "--wait", "--config", str(process.config_path))  # the token comes from the config
+        assert resumed.returncode == 0, resumed.stderr
+        assert process.proc.wait(15) == 0
     finally:
         process.stop()

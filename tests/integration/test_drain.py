@@ -12,6 +12,7 @@ import msgspec
 import trio
 from pymemcache.client.base import Client as MemcacheClient
 
+from sidecar.admin.dlq import DlqFilter
 from sidecar.config import stream_name
 from sidecar.drain.service import DrainService
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
@@ -415,3 +416,43 @@ async def test_entries_for_other_targets_are_skipped(services: Services, cassand
             assert (await client.get(f"/v1/kv/{unique}/{unique}-only-a")).status_code == 200  # primary: a
     finally:
         cassandra_session.execute(f"DROP KEYSPACE IF EXISTS ks_{unique}")
+
+
+async def test_strict_namespace_holds_a_key_behind_its_dead_letter(services: Services, cassandra_session,
+                                                                  unique: str) -> None:
+    """strict = true: later writes of a poisoned key wait until its dead letter is purged; other keys flow."""
+    keyspace = f"ks_{unique}"
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {unique: {"partitions": 2, "strict": True, "retry": FAST_RETRY,
+                  "targets": [cassandra_target("db", services.cassandra[1], keyspace)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    try:
+        async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config)) as client:
+            drainer = sidecar.drain.drainer(unique, "db")
+            poison = await client.put(f"/v1/kv/{unique}/k", json={"items": [{"key": "x" * 70_000, "text": "p"}]})
+            assert poison.json()["durable"] == "true"
+            await wait_for_async(lambda: drainer.stats.dead_lettered == 1, 30)
+            later = await client.put(f"/v1/kv/{unique}/k", json={"items": [{"key": "later", "text": "v"}]})
+            other = await client.put(f"/v1/kv/{unique}/other", json={"items": [{"key": "a", "text": "v"}]})
+            assert later.json()["durable"] == other.json()["durable"] == "true"
+
+            async def items(record: str) -> set[str]:
+                response = await client.get(f"/v1/kv/{unique}/{record}")
+                return {i["key"] for i in response.json()["items"]} if response.status_code == 200 else set()
+
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not await items("other"):
+                await trio.sleep(0.2)
+            assert await items("other") == {"a"}
+            await trio.sleep(2.5)  # the strict key stays blocked however long we wait
+            assert await items("k") == set()
+            letters = await sidecar.dead_letters.list(unique, DlqFilter(target="db"))
+            await sidecar.dead_letters.purge(unique, DlqFilter(seqs=[letters[0].seq]))
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not await items("k"):
+                await trio.sleep(0.2)
+            assert await items("k") == {"later"}
+    finally:
+        cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ from sidecar.logs import get_logger
 from sidecar.units import parse_hostport
 
 log = get_logger("drain.cassandra")
+
+IN_FLIGHT = 512  # statements one apply call keeps running at once
 
 
 def classify(exc: BaseException) -> ErrorClass:
@@ -287,70 +290,88 @@ class CassandraTarget:
     # --- apply -----------------------------------------------------------------------
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
+        """Every entry of every run in flight at once (at most IN_FLIGHT statements).
+
+        Order inside a run does not matter here: each write carries its entry's write time,
+        so Cassandra keeps the last one whatever order they land in. A run counts as applied
+        up to its first failure; entries after it that did land are applied again on the
+        retry, which changes nothing (same values, same timestamps)."""
         try:
             await self._ensure_connected()
         except ApplyError as exc:
             return [RunOutcome(0, exc) for _ in runs]
         if not runs:
             return []
-        unprepared: dict[tuple[int, int], ApplyError] = {}
+        failures: dict[tuple[int, int], ApplyError] = {}
         if any(entry.op is Op.CQL or (entry.op in (Op.PUT, Op.DELETE) and not self._kv)
                for run in runs for entry in run):
-            unprepared = await trio.to_thread.run_sync(self._prepare_round, runs)
-        outcomes: list[RunOutcome | None] = [None] * len(runs)
+            failures = await trio.to_thread.run_sync(self._prepare_round, runs)
+        now = time.time()
+        pending: deque[tuple[int, int, int, Any]] = deque()
+        for index, run in enumerate(runs):
+            for position, entry in enumerate(run):
+                if (index, position) in failures:
+                    continue
+                try:
+                    request = self._request(entry, now)
+                except Exception as exc:  # building it failed: the statement itself is the problem
+                    failures[(index, position)] = ApplyError(classify(exc), f"{type(exc).__name__}: {exc}")
+                    continue
+                if request is not None:  # None: nothing to do here (a touch)
+                    pending.append((index, position, entry.write_time, request))
+        await self._send_all(pending, failures)
+        outcomes = []
+        for index, run in enumerate(runs):
+            first = next(((p, failures[(index, p)]) for p in range(len(run)) if (index, p) in failures), None)
+            outcomes.append(RunOutcome(len(run)) if first is None else RunOutcome(first[0], first[1]))
+        return outcomes
+
+    async def _send_all(self, pending: deque[tuple[int, int, int, Any]],
+                        failures: dict[tuple[int, int], ApplyError]) -> None:
+        """Keep up to IN_FLIGHT statements running on the driver's threads; one crossing back at the end."""
+        if not pending:
+            return
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         lock = threading.Lock()
-        remaining = [len(runs)]
-        now = time.time()
+        state = {"running": 0}
 
-        def finish(index: int, applied: int, error: ApplyError | None) -> None:
-            outcomes[index] = RunOutcome(applied, error)
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                try:
-                    token.run_sync_soon(done.set)
-                except trio.RunFinishedError:
-                    pass
-
-        def send(index: int, position: int) -> None:
-            run = runs[index]
-            while position < len(run):
-                if (index, position) in unprepared:
-                    finish(index, position, unprepared[(index, position)])
-                    return
-                try:
-                    request = self._request(run[position], now)
-                except Exception as exc:  # preparing failed: the statement itself is the problem
-                    finish(index, position, ApplyError(classify(exc), f"{type(exc).__name__}: {exc}"))
-                    return
-                if request is None:
-                    position += 1
-                    continue
-                session, statement, parameters = request
-                self.timestamps.set(run[position].write_time)
+        def start_next() -> None:
+            while True:
+                with lock:
+                    if not pending:
+                        if state["running"] == 0:
+                            try:
+                                token.run_sync_soon(done.set)
+                            except trio.RunFinishedError:
+                                pass
+                        return
+                    if state["running"] >= IN_FLIGHT:
+                        return
+                    index, position, write_time, (session, statement, parameters) = pending.popleft()
+                    state["running"] += 1
+                self.timestamps.set(write_time)  # journaled CQL goes with its entry's write time
                 try:
                     future = session.execute_async(statement, parameters)
                 except Exception as exc:
-                    finish(index, position, ApplyError(classify(exc), f"{type(exc).__name__}: {exc}"))
-                    return
-                future.add_callbacks(_next, _failed, callback_args=(index, position),
+                    landed(exc, index, position)
+                    continue
+                future.add_callbacks(landed_ok, landed, callback_args=(index, position),
                                      errback_args=(index, position))
-                return
-            finish(index, len(run), None)
 
-        def _next(_: object, index: int, position: int) -> None:
-            send(index, position + 1)
+        def landed_ok(_: object, index: int, position: int) -> None:
+            with lock:
+                state["running"] -= 1
+            start_next()
 
-        def _failed(exc: BaseException, index: int, position: int) -> None:
-            finish(index, position, ApplyError(classify(exc), f"{type(exc).__name__}: {exc}"))
+        def landed(exc: BaseException, index: int, position: int) -> None:
+            failures[(index, position)] = ApplyError(classify(exc), f"{type(exc).__name__}: {exc}")
+            with lock:
+                state["running"] -= 1
+            start_next()
 
-        for index in range(len(runs)):
-            send(index, 0)
+        start_next()
         await done.wait()
-        return [outcome or RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "lost")) for outcome in outcomes]
 
     # --- reads (GET /v1/kv through the primary target) -----------------------------
 

@@ -20,13 +20,8 @@ its CPUs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
-import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,104 +30,50 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import tomli_w  # noqa: E402
-from cassandra.auth import PlainTextAuthProvider  # noqa: E402
-from cassandra.cluster import Cluster, Session  # noqa: E402
-from cassandra.concurrent import execute_concurrent_with_args  # noqa: E402
-from cassandra.policies import DCAwareRoundRobinPolicy  # noqa: E402
+from cassandra.cluster import Cluster, Session
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.policies import DCAwareRoundRobinPolicy
 
-from tests.support.services import ensure_up  # noqa: E402
+from bench.common import (
+    SidecarProcess,
+    cassandra_cluster,
+    cpu_seconds,
+    delete_streams,
+    free_port,
+    median,
+    percentile,
+    report,
+    sidecar_document,
+    start_walcar,
+)
+from tests.support.services import ensure_up
 
-DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## CQL front"
+SECTION = "CQL front"
+WALCAR_HOW = "walcar run --role ingress"
 KEYSPACE = "walcar_bench_cql"
 SEED_ROWS = 20_000
 VALUE = b"v" * 100
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port} did not open")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def start_walcar(workdir: Path, nats_url: str, cassandra: str, namespace: str) -> tuple[subprocess.Popen, int, str]:
-    """`walcar run`; if it cannot serve cql listeners yet, bench/cql/front.py (same server code)."""
+def start_cql_walcar(workdir: Path, nats_url: str, cassandra: str, namespace: str) -> tuple[SidecarProcess, int]:
+    """`walcar run --role ingress` with one CQL listener journaling to `namespace`, reading from `cassandra`."""
     port = free_port()
-    document = {
-        "sidecar": {"nats_url": nats_url, "admin": f"127.0.0.1:{free_port()}", "shutdown_grace": "0s",
-                    "shutdown_deadline": "10s", "log_level": "warning"},
-        "listeners": [{"protocol": "cql", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
-        "namespaces": {namespace: {"partitions": 16, "replay_window": "1h",
-                                   "targets": [{"name": "db", "type": "cassandra", "contact_points": [cassandra],
-                                                "keyspace": KEYSPACE}]}},
-    }
-    path = workdir / "walcar.toml"
-    path.write_text(tomli_w.dumps(document))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for how, command in (
-        ("walcar run --role ingress",
-         [sys.executable, "-m", "sidecar.cli", "run", "--config", str(path), "--role", "ingress"]),
-        ("bench/cql/front.py (walcar run has no cql listener yet)",
-         [sys.executable, str(ROOT / "bench" / "cql" / "front.py"), str(path)]),
-    ):
-        log = open(workdir / "walcar.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            wait_port(port, proc=proc)
-            return proc, port, how
-        except (RuntimeError, TimeoutError):
-            stop(proc)
-    raise RuntimeError(f"walcar did not start:\n{(workdir / 'walcar.log').read_text()[-3000:]}")
-
-
-def delete_stream(nats_url: str, namespace: str) -> None:
-    import nats
-
-    async def run() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            for name in (f"WAL_{namespace.upper()}", f"WAL_{namespace.upper()}_DLQ", f"OBJ_walchunks_{namespace}"):
-                try:
-                    await nc.jetstream().delete_stream(name)
-                except Exception:  # not there: nothing to clean
-                    pass
-        finally:
-            await nc.close()
-
-    asyncio.run(run())
+    document = sidecar_document(
+        nats_url,
+        {namespace: {"partitions": 16, "replay_window": "1h",
+                     "targets": [{"name": "db", "type": "cassandra", "contact_points": [cassandra],
+                                  "keyspace": KEYSPACE}]}},
+        [{"protocol": "cql", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
+        log_level="warning",
+    )
+    return start_walcar(workdir, document), port
 
 
 def connect(port: int, keyspace: str | None = KEYSPACE) -> tuple[Cluster, Session]:
-    cluster = Cluster(["127.0.0.1"], port=port, protocol_version=4, compression=True,
-                      auth_provider=PlainTextAuthProvider("cassandra", "cassandra"),
-                      load_balancing_policy=DCAwareRoundRobinPolicy(local_dc="datacenter1"))
+    cluster = cassandra_cluster(port, compression=True,
+                                load_balancing_policy=DCAwareRoundRobinPolicy(local_dc="datacenter1"))
     return cluster, cluster.connect(keyspace)
 
 
@@ -143,12 +84,6 @@ def seed(session: Session) -> None:
     insert = session.prepare(f"INSERT INTO {KEYSPACE}.kv (k, v) VALUES (?, ?)")
     execute_concurrent_with_args(session, insert, [(k, VALUE) for k in range(SEED_ROWS)], concurrency=128,
                                  raise_on_first_error=True)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def throughput(session: Session, kind: str, ops: int, concurrency: int, offset: int) -> float:
@@ -197,8 +132,7 @@ def latency(session: Session, kind: str, rate: int, seconds: float, offset: int)
         future = session.execute_async(statement, params)
         future.add_callbacks(lambda _, s=started: finished(s), lambda exc, s=started: finished(s))
     done.wait(60)
-    samples.sort()
-    return samples[len(samples) // 2] * 1000, samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
+    return percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
 
 
 @dataclass
@@ -213,7 +147,7 @@ class Side:
     select_latency: tuple[float, float] = (0.0, 0.0)
 
 
-def markdown(direct: Side, walcar: Side, args: argparse.Namespace, how: str) -> str:
+def markdown(direct: Side, walcar: Side, args: argparse.Namespace) -> str:
     def row(kind: str, d: Side, w: Side) -> str:
         dv, wv = max(getattr(d, kind)), max(getattr(w, kind))
         dl, wl = getattr(d, f"{kind}_latency"), getattr(w, f"{kind}_latency")
@@ -223,11 +157,9 @@ def markdown(direct: Side, walcar: Side, args: argparse.Namespace, how: str) -> 
     rounds = ", ".join(f"{d:,.0f}/{w:,.0f}" for d, w in zip(direct.insert, walcar.insert, strict=True))
     select_rounds = ", ".join(f"{d:,.0f}/{w:,.0f}" for d, w in zip(direct.select, walcar.select, strict=True))
     return "\n".join([
-        SECTION,
-        "",
         f"`python bench/cql/run.py --ops {args.ops} --concurrency {args.concurrency} --rounds {args.rounds} "
         f"--rate {args.rate}` on {platform.machine()} with {os.cpu_count()} CPUs "
-        f"({time.strftime('%Y-%m-%d')}); walcar ran as {how}.",
+        f"({time.strftime('%Y-%m-%d')}); walcar ran as {WALCAR_HOW}.",
         "cassandra-driver (libev, protocol v4, lz4, prepared statements) with `execute_concurrent_with_args`; "
         "direct = the shared Cassandra 5, walcar = its CQL listener journaling inserts to the shared "
         "nats-server (acked after the PubAck, no drain) and forwarding selects to the same Cassandra. "
@@ -253,24 +185,9 @@ def markdown(direct: Side, walcar: Side, args: argparse.Namespace, how: str) -> 
     ])
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if values else 0.0
-
-
 def ratio(direct: Side, walcar: Side, kind: str) -> float:
     """Median of walcar/direct per round: each round ran both back to back, under the same background load."""
-    ratios = sorted(w / d for d, w in zip(getattr(direct, kind), getattr(walcar, kind), strict=True))
-    return ratios[len(ratios) // 2]
-
-
-def record(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    return median([w / d for d, w in zip(getattr(direct, kind), getattr(walcar, kind), strict=True)])
 
 
 def main() -> int:
@@ -288,7 +205,8 @@ def main() -> int:
     namespace = "benchcql" + uuid.uuid4().hex[:6]
     direct, walcar = Side("direct"), Side("walcar")
     with tempfile.TemporaryDirectory(prefix="walcar-bench-cql-") as tmp:
-        proc, port, how = start_walcar(Path(tmp), services.nats_url, f"{host}:{cport}", namespace)
+        walcar_proc, port = start_cql_walcar(Path(tmp), services.nats_url, f"{host}:{cport}", namespace)
+        pid = walcar_proc.proc.pid
         clusters = []
         try:
             dc, ds = connect(cport, None)
@@ -303,10 +221,10 @@ def main() -> int:
             for _ in range(args.rounds):
                 for side, session in ((direct, ds), (walcar, ws)):
                     for kind in ("insert", "select"):
-                        client_before, walcar_before = time.process_time(), process_cpu(proc.pid)
+                        client_before, walcar_before = time.process_time(), cpu_seconds([pid])
                         rate = throughput(session, kind, args.ops, args.concurrency, offset)
                         side.client_cpu[kind].append((time.process_time() - client_before) / args.ops * 1e6)
-                        side.walcar_cpu[kind].append((process_cpu(proc.pid) - walcar_before) / args.ops * 1e6)
+                        side.walcar_cpu[kind].append((cpu_seconds([pid]) - walcar_before) / args.ops * 1e6)
                         getattr(side, kind).append(rate)
                         offset += args.ops
                         print(f"{side.name:7s} {kind:6s} {rate:10,.0f} ops/s", flush=True)
@@ -319,14 +237,9 @@ def main() -> int:
         finally:
             for cluster in clusters:
                 cluster.shutdown()
-            stop(proc)
-            delete_stream(services.nats_url, namespace)
-    section = markdown(direct, walcar, args, how)
-    print()
-    print(section)
-    if args.record:
-        record(section)
-        print(f"recorded in {DOCS.relative_to(ROOT)}")
+            walcar_proc.stop()
+            delete_streams(services.nats_url, namespace)
+    report(SECTION, markdown(direct, walcar, args), args.record)
     return 0
 
 

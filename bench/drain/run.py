@@ -14,7 +14,6 @@ for a `--small` one, to show memory does not grow with the backlog.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,14 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import tomli_w
 import trio
-from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster
 from cassandra.concurrent import execute_concurrent_with_args
 from pymemcache.client.base import Client as MemcacheClient
 
-from bench.common import machine, record, table
+from bench.common import (
+    CASSANDRA_PASSWORD_FILE,
+    cassandra_cluster,
+    delete_streams,
+    drop_keyspace,
+    machine,
+    record,
+    sidecar_document,
+    start_walcar,
+    table,
+)
 from sidecar import config as config_mod
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
@@ -39,7 +45,6 @@ from tests.support.services import ensure_up
 
 PAYLOAD = b"v" * 200
 PARTITIONS = 16
-PASSWORD_FILE = Path(__file__).resolve().parents[2] / "examples" / "cassandra.password"
 
 
 def target_settings(kind: str, services: object, keyspace: str) -> dict:
@@ -48,7 +53,7 @@ def target_settings(kind: str, services: object, keyspace: str) -> dict:
         return {"name": "t", "type": "memcached", "servers": [f"{host}:{port}"], "pool_size": 8}
     host, port = services.cassandra  # type: ignore[attr-defined]
     return {"name": "t", "type": "cassandra", "contact_points": [f"{host}:{port}"], "keyspace": keyspace,
-            "username": "cassandra", "password_file": str(PASSWORD_FILE), "consistency": "ONE"}
+            "username": "cassandra", "password_file": str(CASSANDRA_PASSWORD_FILE), "consistency": "ONE"}
 
 
 async def prefill(config: config_mod.Config, namespace: str, entries: int, keys: int) -> None:
@@ -92,20 +97,17 @@ def drain(kind: str, services: object, entries: int, keys: int) -> tuple[float, 
     """(entries/s, peak RSS MiB) of a drain-only sidecar through a prefilled backlog."""
     namespace = f"b{uuid.uuid4().hex[:8]}"
     keyspace = f"bench_{namespace}"
-    document = {
-        "sidecar": {"nats_url": services.nats_url, "admin": "127.0.0.1:0", "log_level": "warning",  # type: ignore[attr-defined]
-                    "journal": {"max_inflight_entries": 50_000}},
-        "namespaces": {namespace: {"partitions": PARTITIONS, "targets": [target_settings(kind, services, keyspace)]}},
-    }
-    from tests.support.procs import free_port
-
-    document["sidecar"]["admin"] = f"127.0.0.1:{free_port()}"
+    document = sidecar_document(
+        services.nats_url,  # type: ignore[attr-defined]
+        {namespace: {"partitions": PARTITIONS, "targets": [target_settings(kind, services, keyspace)]}},
+        log_level="warning", journal={"max_inflight_entries": 50_000},
+    )
     config = config_mod.validate(document)
     trio.run(prefill, config, namespace, entries, keys)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "walcar.toml"
-        path.write_text(tomli_w.dumps(document))
-        proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--config", str(path), "--role", "drain"])
+        # No wait for readiness: the backlog is sampled from the start, as the drainer gets going.
+        walcar = start_walcar(Path(tmp), document, role="drain", wait_ready=False)
+        proc = walcar.proc
         try:
             samples: list[tuple[float, int]] = []
             peak = 0.0
@@ -123,21 +125,11 @@ def drain(kind: str, services: object, entries: int, keys: int) -> tuple[float, 
             rate = begin_left / max(0.001, samples[-1][0] - started)
             return rate, peak
         finally:
-            proc.terminate()
-            proc.wait(30)
-            _drop(kind, services, keyspace)
-
-
-def _drop(kind: str, services: object, keyspace: str) -> None:
-    if kind == "cassandra":
-        cluster = _cluster(services)
-        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        cluster.shutdown()
-
-
-def _cluster(services: object) -> Cluster:
-    host, port = services.cassandra  # type: ignore[attr-defined]
-    return Cluster([host], port=port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"), protocol_version=4)
+            walcar.stop()
+            delete_streams(services.nats_url, namespace)  # type: ignore[attr-defined]
+            if kind == "cassandra":
+                host, port = services.cassandra  # type: ignore[attr-defined]
+                drop_keyspace(port, keyspace, host)
 
 
 def direct_memcached(services: object, entries: int, keys: int, threads: int = 4) -> float:
@@ -159,7 +151,8 @@ def direct_memcached(services: object, entries: int, keys: int, threads: int = 4
 
 
 def direct_cassandra(services: object, entries: int, keys: int) -> float:
-    cluster = _cluster(services)
+    host, port = services.cassandra  # type: ignore[attr-defined]
+    cluster = cassandra_cluster(port, host)
     session = cluster.connect()
     keyspace = f"bench_direct_{uuid.uuid4().hex[:8]}"
     session.execute(f"CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', "

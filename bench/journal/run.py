@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,15 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nats
-import tomli_w
 import trio
 
-from bench.common import machine, percentile, record, table
+from bench.common import delete_streams, free_port, machine, percentile, record, sidecar_document, start_walcar, table
 from sidecar import config as config_mod
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
 from tests.support.httpload import KvConnection
-from tests.support.procs import free_port, wait_for
 from tests.support.services import ensure_up
 
 PAYLOAD = b"x" * 200
@@ -99,21 +96,18 @@ async def walcar_writer(url: str, count: int, clients: int, envelopes: bool) -> 
             for c in range(clients):
                 nursery.start_soon(client, c)
         rate = per_client * clients / (time.perf_counter() - began)
-        await journal.writer.conn.js_api(f"STREAM.DELETE.{config_mod.stream_name(name)}")
+    await trio.to_thread.run_sync(delete_streams, url, name)
     return rate, latencies
 
 
 async def kv_http(url: str, seconds: float, connections: int = 32) -> tuple[float, list[float]]:
     name = f"bench{uuid.uuid4().hex[:8]}"
-    port, admin = free_port(), free_port()
-    document = {"sidecar": {"nats_url": url, "admin": f"127.0.0.1:{admin}", "log_level": "warning"},
-                "listeners": [{"protocol": "kv", "bind": f"127.0.0.1:{port}"}], "namespaces": {name: {}}}
+    port = free_port()
+    document = sidecar_document(url, {name: {}}, [{"protocol": "kv", "bind": f"127.0.0.1:{port}"}],
+                                log_level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "walcar.toml"
-        path.write_text(tomli_w.dumps(document))
-        proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "run", "--config", str(path)])
+        walcar = start_walcar(Path(tmp), document, role="all")
         try:
-            wait_for(lambda: _ready(admin), 30, what="the sidecar")
             latencies: list[float] = []
             deadline = time.monotonic() + seconds
 
@@ -134,18 +128,8 @@ async def kv_http(url: str, seconds: float, connections: int = 32) -> tuple[floa
                     nursery.start_soon(client, c)
             return len(latencies) / (time.perf_counter() - began), latencies
         finally:
-            proc.terminate()
-            proc.wait(30)
-
-
-def _ready(admin: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=0.5) as response:
-            return response.status == 200
-    except OSError:
-        return False
+            walcar.stop()
+            await trio.to_thread.run_sync(delete_streams, url, name)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,49 +30,28 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import tomli_w  # noqa: E402
-
-from tests.support.services import ensure_up  # noqa: E402
+from bench.common import (
+    SidecarProcess,
+    cpu_seconds,
+    delete_streams,
+    free_port,
+    percentile,
+    report,
+    sidecar_document,
+    start_walcar,
+    stop,
+    wait_port,
+)
+from tests.support.services import ensure_up
 
 MEMASLAP = shutil.which("memcaslap") or shutil.which("memaslap") or "/usr/bin/memcaslap"
 NUTCRACKER = shutil.which("nutcracker") or "/usr/sbin/nutcracker"
 KEY_SIZE = 32
 VALUE_SIZE = 256
-DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## memcached front"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+SECTION = "memcached front"
+WALCAR_HOW = "walcar run"
 
 
 # --------------------------------------------------------------------------- the three servers
@@ -96,63 +74,20 @@ def start_twemproxy(workdir: Path, memcached: str) -> tuple[subprocess.Popen, in
     return proc, port
 
 
-def start_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str) -> tuple[subprocess.Popen, int, str]:
-    """`walcar run`; if it cannot serve memcached listeners yet, bench/memcached/front.py (same server code)."""
+def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str) -> tuple[SidecarProcess, int]:
+    """`walcar run --role ingress` with one memcached listener journaling to `namespace`."""
     port = free_port()
-    document = {
-        "sidecar": {"nats_url": nats_url, "admin": f"127.0.0.1:{free_port()}", "shutdown_grace": "0s",
-                    "shutdown_deadline": "10s", "log_level": "warning"},
-        "listeners": [{"protocol": "memcached", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
-        "namespaces": {namespace: {"partitions": 16, "replay_window": "1h",
-                                   "targets": [{"name": "cache", "type": "memcached", "servers": [memcached]}]}},
-    }
-    path = workdir / "walcar.toml"
-    path.write_text(tomli_w.dumps(document))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for how, command in (
-        ("walcar run", [sys.executable, "-m", "sidecar.cli", "run", "--config", str(path), "--role", "ingress"]),
-        ("bench/memcached/front.py (walcar run has no memcached listener yet)",
-         [sys.executable, str(ROOT / "bench" / "memcached" / "front.py"), str(path)]),
-    ):
-        log = open(workdir / "walcar.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            wait_port(port, proc=proc)
-            return proc, port, how
-        except (RuntimeError, TimeoutError):
-            stop(proc)
-    raise RuntimeError(f"walcar did not start:\n{(workdir / 'walcar.log').read_text()[-3000:]}")
-
-
-def delete_stream(nats_url: str, namespace: str) -> None:
-    import nats
-
-    async def run() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            await nc.jetstream().delete_stream(f"WAL_{namespace.upper()}")
-        finally:
-            await nc.close()
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # the bench result stands; say what is left behind
-        print(f"note: could not delete stream of {namespace}: {exc}", file=sys.stderr)
+    document = sidecar_document(
+        nats_url,
+        {namespace: {"partitions": 16, "replay_window": "1h",
+                     "targets": [{"name": "cache", "type": "memcached", "servers": [memcached]}]}},
+        [{"protocol": "memcached", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
+        log_level="warning",
+    )
+    return start_walcar(workdir, document), port
 
 
 # --------------------------------------------------------------------------- memaslap
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time consumed so far by these processes (all their threads)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pids_listening(port: int) -> list[int]:
@@ -237,14 +172,9 @@ async def _latency(port: int, rate: int, seconds: float, workers: int, command: 
     return latencies
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
 def latency(port: int, command: str, seconds: float, rate: int = 2000, workers: int = 8) -> tuple[float, float, int]:
     values = asyncio.run(_latency(port, rate, seconds, workers, command))
-    return percentile(values, 50) * 1e3, percentile(values, 99) * 1e3, len(values)
+    return percentile(values, 0.5) * 1e3, percentile(values, 0.99) * 1e3, len(values)
 
 
 # --------------------------------------------------------------------------- main
@@ -255,15 +185,12 @@ class Results:
     tps: dict[tuple[str, str], float] = field(default_factory=dict)
     cpu: dict[tuple[str, str], float] = field(default_factory=dict)  # µs of CPU per op in the server processes
     lat: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
-    walcar_how: str = ""
     load: list[float] = field(default_factory=list)  # 1-minute load average before and after
 
 
 def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
     t = results.tps
     lines = [
-        SECTION,
-        "",
         f"Recorded {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}); memaslap, memcached, nutcracker, "
         "nats-server and walcar all share the box. 1-minute load average before/after the run: "
@@ -272,7 +199,7 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"memaslap: {args.connections} connections, 2 threads, {args.seconds} s per run, "
-        f"{KEY_SIZE}-byte keys, {VALUE_SIZE}-byte values. walcar: `{results.walcar_how}`, one namespace, "
+        f"{KEY_SIZE}-byte keys, {VALUE_SIZE}-byte values. walcar: `{WALCAR_HOW}`, one namespace, "
         "16 partitions, async mode, no drain (its gets all miss: nothing reaches memcached without the drain).",
         "",
         "| workload | (a) memcached ops/s | (b) twemproxy ops/s | (c) walcar ops/s | (c)/(a) | (c)/(b) |",
@@ -325,16 +252,6 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
-def record(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=15, help="memaslap run length per workload and server")
@@ -354,18 +271,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:
         workdir = Path(tmp)
         twemproxy, tw_port = start_twemproxy(workdir, memcached)
-        walcar, wc_port, results.walcar_how = start_walcar(workdir, services.nats_url, memcached, namespace)
+        walcar, wc_port = start_memcached_walcar(workdir, services.nats_url, memcached, namespace)
         ports = {"a": services.memcached[1], "b": tw_port, "c": wc_port}
         names = {"a": "memcached", "b": "twemproxy", "c": "walcar"}
         memcached_pids = pids_listening(services.memcached[1])
         nats_pids = pids_listening(int(services.nats_url.rsplit(":", 1)[1]))
         # CPU accounted to each setup: the processes a request passes through.
-        accounted = {"a": memcached_pids, "b": [twemproxy.pid, *memcached_pids], "c": [walcar.pid, *nats_pids]}
+        accounted = {"a": memcached_pids, "b": [twemproxy.pid, *memcached_pids], "c": [walcar.proc.pid, *nats_pids]}
         try:
             for workload, share in (("set", 1.0), ("get90/set10", 0.1)):
                 for server in ("a", "b", "c"):
                     if server == "c" and share < 1.0:
-                        accounted["c"] = [walcar.pid, *nats_pids, *memcached_pids]
+                        accounted["c"] = [walcar.proc.pid, *nats_pids, *memcached_pids]
                     before = cpu_seconds(accounted[server])
                     tps, ops = memaslap(ports[server], share, args.seconds, args.connections, workdir)
                     cpu = (cpu_seconds(accounted[server]) - before) / max(ops, 1) * 1e6
@@ -379,16 +296,11 @@ def main() -> int:
                     print(f"latency {command_name:4} {names[server]:10} p50 {p50:.3f} ms  p99 {p99:.3f} ms  "
                           f"({n} requests)", flush=True)
         finally:
-            stop(walcar)
+            walcar.stop()
             stop(twemproxy)
-            delete_stream(services.nats_url, namespace)
+            delete_streams(services.nats_url, namespace)
             results.load.append(os.getloadavg()[0])
-    section = markdown(results, args, command)
-    print()
-    print(section)
-    if args.record:
-        record(section)
-        print(f"recorded in {DOCS.relative_to(ROOT)}")
+    report(SECTION, markdown(results, args, command), args.record)
     return 0
 
 

@@ -30,39 +30,34 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import tomli_w  # noqa: E402
-import trio  # noqa: E402
-from pymemcache.client.base import Client as MemcacheClient  # noqa: E402
+import tomli_w
+import trio
+from pymemcache.client.base import Client as MemcacheClient
 
-from sidecar import config as config_mod  # noqa: E402
-from sidecar.app import Sidecar  # noqa: E402
-from sidecar.config import stream_name  # noqa: E402
-from sidecar.drain.consumer import consumer_name  # noqa: E402
-from sidecar.envelope import Op  # noqa: E402
-from sidecar.ingress import Ingress  # noqa: E402
-from sidecar.log.service import open_journal  # noqa: E402
-from tests.support.procs import MemcachedProcess, free_port  # noqa: E402
-from tests.support.services import ensure_up  # noqa: E402
-from tests.support.streams import js_api  # noqa: E402
+from bench.common import CASSANDRA_PASSWORD_FILE, ROOT, delete_streams, drop_keyspace, record, sidecar_document
+from sidecar import config as config_mod
+from sidecar.app import Sidecar
+from sidecar.config import stream_name
+from sidecar.drain.consumer import consumer_name
+from sidecar.envelope import Op
+from sidecar.ingress import Ingress
+from sidecar.log.service import open_journal
+from tests.support.procs import MemcachedProcess
+from tests.support.services import ensure_up
+from tests.support.streams import js_api
 
-DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## Replay"
-PASSWORD_FILE = ROOT / "examples" / "cassandra.password"
+SECTION = "Replay"
 PARTITIONS = 16
 
 
 def document(nats_url: str, namespace: str, targets: list[dict]) -> dict:
     # A lease TTL nobody else uses: the lease bucket (one per TTL) is shared by every drainer on the server, and
     # a drainer's fair share counts all of them, even those serving other namespaces (see the replay report).
-    return {
-        "sidecar": {"nats_url": nats_url, "admin": f"127.0.0.1:{free_port()}", "shutdown_grace": "0s",
-                    "shutdown_deadline": "10s", "log_level": "warning",
-                    "drain": {"lease_ttl": "7.77s"}},
-        "namespaces": {namespace: {"partitions": PARTITIONS, "replay_window": "2h", "targets": targets}},
-    }
+    return sidecar_document(nats_url, {namespace: {"partitions": PARTITIONS, "replay_window": "2h",
+                                                   "targets": targets}},
+                            log_level="warning", drain={"lease_ttl": "7.77s"})
 
 
 def memcached_target(port: int) -> dict:
@@ -71,7 +66,8 @@ def memcached_target(port: int) -> dict:
 
 def cassandra_target(port: int, keyspace: str) -> dict:
     return {"name": "db", "type": "cassandra", "contact_points": [f"127.0.0.1:{port}"], "keyspace": keyspace,
-            "username": "cassandra", "password_file": str(PASSWORD_FILE), "consistency": "ONE", "timeout": "5s"}
+            "username": "cassandra", "password_file": str(CASSANDRA_PASSWORD_FILE), "consistency": "ONE",
+            "timeout": "5s"}
 
 
 async def prefill(config: config_mod.Config, namespace: str, entries: int, keys: int, value_size: int) -> float:
@@ -135,15 +131,6 @@ def flush(port: int) -> None:
     client.close()
 
 
-def record(text: str) -> None:
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = current.find(SECTION + "\n")
-    if start >= 0:
-        end = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + current[end + 1:] if end >= 0 else current[:start]
-    DOCS.write_text(current.rstrip("\n") + "\n\n" + text)
-
-
 async def main(args: argparse.Namespace) -> None:
     services = ensure_up()
     token = secrets.token_hex(3)
@@ -180,7 +167,8 @@ async def main(args: argparse.Namespace) -> None:
         for table, mode, extra in (("copy_all", "replay", []), ("copy_last", "replay --last-value-only",
                                                                 ["--last-value-only"])):
             cass_args = ["--to-cassandra", f"127.0.0.1:{cass_port}", "--keyspace", keyspace, "--table", table,
-                         "--username", "cassandra", "--password-file", str(PASSWORD_FILE), "--consistency", "ONE"]
+                         "--username", "cassandra", "--password-file", str(CASSANDRA_PASSWORD_FILE),
+                         "--consistency", "ONE"]
             runs.append(("db", mode, cass_args, extra))
         for target, mode, target_args, extra in runs:
             if target == "cache":
@@ -193,21 +181,8 @@ async def main(args: argparse.Namespace) -> None:
                   f"applied {summary['progress']['applied']:,}", flush=True)
     finally:
         cache.stop()
-        import asyncio
-
-        import nats
-
-        async def cleanup() -> None:
-            nc = await nats.connect(services.nats_url)
-            for stream in (stream_name(namespace), f"{stream_name(namespace)}_DLQ", f"OBJ_walchunks_{namespace}"):
-                try:
-                    await nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
-                except Exception:  # best effort
-                    pass
-            await nc.close()
-
-        await trio.to_thread.run_sync(lambda: asyncio.run(cleanup()))
-        drop_keyspace(services, keyspace)
+        await trio.to_thread.run_sync(delete_streams, services.nats_url, namespace)
+        drop_keyspace(services.cassandra[1], keyspace, services.cassandra[0])
 
     names = {"cache": "memcached", "db": "cassandra"}
     lines = [f"| {names[target]} | {mode} | {job:.1f} | {wall:.1f} | {rate:,.0f} | "
@@ -219,8 +194,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.record:
         command = f"python bench/replay/run.py --entries {args.entries} --writes-per-key {args.writes_per_key} " \
                   f"--value-size {args.value_size} --record"
-        record(f"""{SECTION}
-
+        record(SECTION, f"""
 `{command}` on {platform.machine()} with {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.
 {args.entries:,} PUTs over {keys:,} keys ({args.value_size}-byte values) in one namespace of {PARTITIONS}
 partitions (prefill through the ingress: {prefill_s:.1f}s, {args.entries / prefill_s:,.0f}/s). "drain" is a
@@ -232,19 +206,6 @@ memcached, the drain and the replay share the box's CPUs: numbers are noisy, rat
 
 {table}
 """)
-        print(f"\nrecorded in {DOCS}")
-
-
-def drop_keyspace(services: object, keyspace: str) -> None:
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import Cluster
-
-    cluster = Cluster(["127.0.0.1"], port=services.cassandra[1],  # type: ignore[attr-defined]
-                      auth_provider=PlainTextAuthProvider("cassandra", "cassandra"), protocol_version=4)
-    try:
-        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-    finally:
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

@@ -24,11 +24,10 @@ import httpx
 import nats
 import trio
 
-from bench.common import machine, percentile, record, table
+from bench.common import SidecarProcess, free_port, machine, percentile, record, sidecar_document, start_walcar, table
 from sidecar.envelope import decode
 from tests.support.httpload import KvConnection
-from tests.support.procs import MemcachedProcess, NatsProcess, free_port
-from tests.support.sidecar import SidecarProcess, sidecar_document
+from tests.support.procs import MemcachedProcess, NatsProcess
 
 NS = "bench"
 
@@ -48,8 +47,7 @@ def start_regions(workdir: Path) -> tuple[list[NatsProcess | MemcachedProcess], 
         document = sidecar_document(nats_server.url, {NS: {"partitions": 16, "targets": targets}},
                                     [{"protocol": "kv", "bind": f"127.0.0.1:{kv[name]}"}],
                                     region=f"region-{name}", log_level="warning")
-        sidecars[name] = SidecarProcess(document, workdir / name)
-        sidecars[name].start()
+        sidecars[name] = start_walcar(workdir / name, document, role="all")
     return processes, sidecars["a"], sidecars["b"]
 
 

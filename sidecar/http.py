@@ -48,6 +48,9 @@ def hypercorn_config(bind: str, graceful_timeout: float, certfile: str | None = 
     config.errorlog = None  # our own structured logs say what matters
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 75.0
+    # hypercorn closes a keep-alive connection after 1000 requests by default: a sidecar's
+    # local clients hold theirs for hours, and reconnecting costs more than the request.
+    config.keep_alive_max_requests = 10_000_000
     config.h11_max_incomplete_size = 64 * 1024
     config.backlog = 1024
     if certfile and keyfile:

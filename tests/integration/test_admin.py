@@ -20,6 +20,7 @@ from tests.support.procs import MemcachedProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 from tests.support.streams import read_stream
+from tests.support.waiting import until
 
 DRAIN = {"lease_ttl": "2s", "ack_wait": "10s"}
 FAST_RETRY = {"initial_delay": "20ms", "max_delay": "500ms", "multiplier": 2.0, "max_attempts": 50}
@@ -48,14 +49,6 @@ def status(process: SidecarProcess, target: str) -> dict:
     return next(row for row in rows if row["target"] == target)
 
 
-async def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await trio.to_thread.run_sync(predicate):
-            return
-        await trio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 async def test_metrics_move_and_backlog_rises_and_falls(services: Services, private_memcached: MemcachedProcess,
                                                         tmp_path: Path, unique: str) -> None:
@@ -74,7 +67,7 @@ async def test_metrics_move_and_backlog_rises_and_falls(services: Services, priv
         assert metric(values, "walcar_journal_connected") == 1
         await trio.to_thread.run_sync(private_memcached.stop)
         await write_load(bind, unique, keys, 300)
-        await wait_until(lambda: status(process, "cache")["backlog"] >= 300, 20, "backlog to rise")
+        await until(lambda: status(process, "cache")["backlog"] >= 300, 20, "backlog to rise")
         await trio.sleep(2.5)
         down = metrics(process)
         assert metric(down, "walcar_drain_backlog", namespace=unique, target="cache") >= 300
@@ -82,7 +75,7 @@ async def test_metrics_move_and_backlog_rises_and_falls(services: Services, priv
         assert metric(down, "walcar_drain_breaker_open", namespace=unique, target="cache") == 2
         assert status(process, "cache")["state"] == "breaker-open"
         await trio.to_thread.run_sync(private_memcached.start)
-        await wait_until(lambda: status(process, "cache")["backlog"] == 0, 30, "backlog to drain")
+        await until(lambda: status(process, "cache")["backlog"] == 0, 30, "backlog to drain")
         await trio.sleep(2.5)
         up = metrics(process)
         assert metric(up, "walcar_drain_backlog", namespace=unique, target="cache") == 0
@@ -118,7 +111,7 @@ async def test_pause_holds_the_backlog_and_survives_a_restart(services: Services
         table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout
         assert "paused" in table and "100" in table
         httpx.post(f"{process.admin}/v1/drain/{unique}/cache/resume")
-        await wait_until(lambda: len(memcached_values(services.memcached, keys)) == 20, 20, "the drain to resume")
+        await until(lambda: len(memcached_values(services.memcached, keys)) == 20, 20, "the drain to resume")
     finally:
         process.stop()
 
@@ -135,13 +128,13 @@ async def test_dlq_list_show_replay_after_fix_and_purge(services: Services, cass
         kv_host, kv_port = document["listeners"][0]["bind"].split(":")
         connection = await KvConnection.open(kv_host, int(kv_port))
         assert (await connection.post(f"/v1/log/{unique}", {"key": "before", "text": "ok"}))[0] == 200
-        await wait_until(lambda: status(process, "db")["backlog"] == 0, 20, "the first write to apply")
+        await until(lambda: status(process, "db")["backlog"] == 0, 20, "the first write to apply")
         # A bad deploy drops the table: every write now fails permanently ("unconfigured table").
         cassandra_session.execute(f"DROP TABLE {keyspace}.{unique}")
         for i in range(3):
             await connection.post(f"/v1/log/{unique}", {"key": f"lost-{i}", "text": f"v{i}"})
         await connection.aclose()
-        await wait_until(lambda: status(process, "db")["dlq"] == 3, 20, "three dead letters")
+        await until(lambda: status(process, "db")["dlq"] == 3, 20, "three dead letters")
 
         listing = walcar("dlq", "ls", unique, "--admin", admin)
         assert listing.returncode == 0
@@ -160,7 +153,7 @@ async def test_dlq_list_show_replay_after_fix_and_purge(services: Services, cass
         replay = walcar("dlq", "replay", unique, "--admin", admin, "--key", "lost-[01]")
         assert replay.returncode == 0, replay.stderr
         assert "replayed 2" in replay.stdout
-        await wait_until(lambda: {r.id for r in cassandra_session.execute(f"SELECT id FROM {keyspace}.{unique}")}
+        await until(lambda: {r.id for r in cassandra_session.execute(f"SELECT id FROM {keyspace}.{unique}")}
                          == {"lost-0", "lost-1"}, 20, "the replayed letters to apply")
         purge = walcar("dlq", "purge", unique, "--admin", admin)
         assert purge.returncode == 0 and "purged 1" in purge.stdout
@@ -218,7 +211,7 @@ async def test_sigterm_under_load_answers_everything_and_loses_nothing(services:
     restarted = SidecarProcess(document, tmp_path / "again").start()
     try:
         keys = sorted(durable)
-        await wait_until(lambda: set(memcached_values(services.memcached, keys)) == set(keys), 30,
+        await until(lambda: set(memcached_values(services.memcached, keys)) == set(keys), 30,
                          "every durable write in memcached")
     finally:
         restarted.stop()
@@ -244,7 +237,7 @@ async def test_replay_started_through_the_admin_endpoint(services: Services, pri
                              json={"namespace": unique, "target_config": target, "last_value_only": True})
         assert started.status_code == 202, started.text
         job = started.json()["id"]
-        await wait_until(lambda: next(j for j in httpx.get(f"{process.admin}/v1/drain").json()["replays"]
+        await until(lambda: next(j for j in httpx.get(f"{process.admin}/v1/drain").json()["replays"]
                                       if j["id"] == job)["state"] == "done", 30, "the replay to finish")
         assert memcached_values(("127.0.0.1", private_memcached.port), keys) == last
         table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout

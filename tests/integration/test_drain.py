@@ -32,6 +32,7 @@ from tests.support.sidecar import (
     sidecar_document,
 )
 from tests.support.streams import read_stream
+from tests.support.waiting import converge, until
 
 FAST_RETRY = {"initial_delay": "20ms", "max_delay": "500ms", "multiplier": 2.0, "max_attempts": 50}
 DRAIN = {"lease_ttl": "2s", "ack_wait": "10s"}
@@ -48,13 +49,16 @@ def cassandra_target(name: str, port: int, keyspace: str) -> dict:
 
 
 async def write_load(writer: str | Ingress, namespace: str, keys: list[str], total: int,
-                     workers: int = 32) -> dict[str, str]:
+                     workers: int = 32, first: int = 0) -> dict[str, str]:
     """`total` writes spread over `keys`, each acked durable; returns each key's last value.
+
+    Values are numbered from `first`, so a second load given `first` past the end of the previous one
+    leaves every key with a value it never had before.
 
     Through a sidecar's KV API ("host:port") where that sidecar is another process, else straight into
     the in-process sidecar's ingress: the same entries and acks, without the test's time going to HTTP."""
     last: dict[str, str] = {}
-    work = iter(range(total))
+    work = iter(range(first, first + total))
 
     async def worker() -> None:
         connection = None
@@ -98,16 +102,6 @@ def memcached_values(address: tuple[str, int], keys: list[str]) -> dict[str, str
         client.close()
 
 
-async def wait_converged(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    diff = None
-    while time.monotonic() < deadline:
-        diff = await trio.to_thread.run_sync(check)
-        if not diff:
-            return
-        await trio.sleep(0.5)
-    raise AssertionError(f"{what} did not converge: {str(diff)[:500]}")
-
 
 async def test_memcached_down_then_back_drains_the_backlog(services: Services, private_memcached: MemcachedProcess,
                                                            unique: str) -> None:
@@ -124,7 +118,7 @@ async def test_memcached_down_then_back_drains_the_backlog(services: Services, p
         drainer = sidecar.drain.drainer(unique, "cache")
         assert drainer.state == "breaker-open"
         await trio.to_thread.run_sync(private_memcached.start)
-        await wait_converged(lambda: {k: v for k, v in memcached_values(address, keys).items() if last[k] != v}
+        await converge(lambda: {k: v for k, v in memcached_values(address, keys).items() if last[k] != v}
                              or set(keys) - set(memcached_values(address, keys)), 90, "memcached")
         assert drainer.stats.dead_lettered == 0
 
@@ -141,7 +135,7 @@ async def test_cassandra_down_then_back_with_original_writetimes(services: Servi
     ))
     keys = [f"k{i}" for i in range(500)]
     async with running_sidecar(config) as sidecar:
-        await wait_for_async(lambda: sidecar.drain.drainer(unique, "db").target.session is not None, 60)
+        await until(lambda: sidecar.drain.drainer(unique, "db").target.session is not None, 60)
         await trio.to_thread.run_sync(private_cassandra.stop)
         last = await write_load(sidecar.ingress, unique, keys, 20_000)
         await trio.to_thread.run_sync(private_cassandra.start)
@@ -155,15 +149,8 @@ async def test_cassandra_down_then_back_with_original_writetimes(services: Servi
             rows = cassandra_rows(private_cassandra.port, keyspace, unique)
             return {k: (rows.get(k), expected) for k, expected in journal.items() if rows.get(k) != expected}
 
-        await wait_converged(diff, 120, "cassandra")
+        await converge(diff, 120, "cassandra")
 
-
-async def wait_for_async(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await trio.sleep(0.1)
 
 
 def cassandra_rows(port: int, keyspace: str, table: str) -> dict[str, tuple[str, int]]:
@@ -231,7 +218,7 @@ async def test_ordering_per_key_under_transient_faults(services: Services, uniqu
                 for worker in range(20):
                     writers.start_soon(writer, worker)
             # Each key's writes come from one worker (i % 20 fixes i % 100's worker), in increasing order.
-            await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+            await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
                                           if last[k] != v}, 60, "memcached under faults")
             assert flaky.injected > 100 and drainer.stats.retries > 100
             assert drainer.stats.dead_lettered == 0
@@ -260,7 +247,7 @@ async def test_permanent_error_goes_to_dlq_and_others_keep_flowing(services: Ser
             assert before["durable"] == bad.json()["durable"] == after["durable"] == "true"
             await sidecar.drain.pauses.set(unique, "db", False)
             drainer = sidecar.drain.drainer(unique, "db")
-            await wait_for_async(lambda: drainer.stats.dead_lettered == 1, 30)
+            await until(lambda: drainer.stats.dead_lettered == 1, 30)
 
             async def rows(record: str) -> dict[str, bytes]:
                 response = await client.get(f"/v1/kv/{unique}/{record}")
@@ -297,11 +284,10 @@ async def test_killed_drainer_hands_its_partitions_over(services: Services, tmp_
     keys = [f"{unique}-s{i}" for i in range(200)]
     try:
         bind = ingress_doc["listeners"][0]["bind"]
-        first = await write_load(bind, unique, keys, 4000)
+        await write_load(bind, unique, keys, 4000)
         drainers[0].proc.send_signal(signal.SIGKILL)  # mid-stream: whatever it held is unacked
-        second = await write_load(bind, unique, keys, 4000)
-        last = {k: second.get(k, first.get(k)) for k in keys}
-        await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+        last = await write_load(bind, unique, keys, 4000, first=4000)  # new values for every key
+        await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
                                       if last[k] != v}, 60, "memcached after a drainer died")
         assert "partition_acquired" in drainers[1].log()
         taken = drainers[1].log().count("partition_acquired")
@@ -326,12 +312,12 @@ async def test_fan_out_a_stopped_target_does_not_hold_back_the_other(services: S
         await trio.to_thread.run_sync(private_memcached.stop)
         began = time.monotonic()
         last = await write_load(sidecar.ingress, unique, keys, 3000)
-        await wait_converged(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+        await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
                                       if last[k] != v} or set(keys) - set(memcached_values(services.memcached, keys)),
                              20, "the healthy target")
         assert time.monotonic() - began < 15
         await trio.to_thread.run_sync(private_memcached.start)
-        await wait_converged(lambda: set(keys) - set(memcached_values(down, keys)), 60, "the recovered target")
+        await converge(lambda: set(keys) - set(memcached_values(down, keys)), 60, "the recovered target")
 
 
 async def test_sync_namespace_answers_visible_and_reads_see_it(services: Services, cassandra_session,
@@ -381,7 +367,7 @@ async def test_16mib_value_chunked_applied_and_chunks_deleted(services: Services
             entry = (await read_stream(services.nats_url, stream_name(unique)))[0].entry()
             assert entry.chunk is not None and entry.value is None
             drainer = sidecar.drain.drainer(unique, "db")
-            await wait_for_async(lambda: drainer.stats.applied == 1 or drainer.stats.dead_lettered, 60)
+            await until(lambda: drainer.stats.applied == 1 or drainer.stats.dead_lettered, 60)
             assert drainer.stats.applied == 1, drainer.stats.last_error
             chunks = sidecar.ingress.journal.chunks
             deadline = time.monotonic() + 30
@@ -408,7 +394,7 @@ async def test_entries_for_other_targets_are_skipped(services: Services, cassand
             response = await client.post(f"/v1/log/{unique}", json={"key": f"{unique}-only-a", "text": "v",
                                                                     "target": ["a"]})
             assert response.json()["durable"] == "true"
-            await wait_converged(lambda: {f"{unique}-only-a"} - set(memcached_values(services.memcached,
+            await converge(lambda: {f"{unique}-only-a"} - set(memcached_values(services.memcached,
                                                                                     [f"{unique}-only-a"])), 20, "a")
             b = sidecar.drain.drainer(unique, "b")
             await trio.sleep(1.0)
@@ -433,7 +419,7 @@ async def test_strict_namespace_holds_a_key_behind_its_dead_letter(services: Ser
             drainer = sidecar.drain.drainer(unique, "db")
             poison = await client.put(f"/v1/kv/{unique}/k", json={"items": [{"key": "x" * 70_000, "text": "p"}]})
             assert poison.json()["durable"] == "true"
-            await wait_for_async(lambda: drainer.stats.dead_lettered == 1, 30)
+            await until(lambda: drainer.stats.dead_lettered == 1, 30)
             later = await client.put(f"/v1/kv/{unique}/k", json={"items": [{"key": "later", "text": "v"}]})
             other = await client.put(f"/v1/kv/{unique}/other", json={"items": [{"key": "a", "text": "v"}]})
             assert later.json()["durable"] == other.json()["durable"] == "true"

@@ -20,11 +20,12 @@ from sidecar.ingress import Ingress
 from sidecar.replay.filters import format_time
 from sidecar.replay.job import start_replay
 from sidecar.replay.request import ReplayRequest
-from tests.integration.test_drain import cassandra_target, memcached_target, wait_converged
+from tests.integration.test_drain import cassandra_target, memcached_target
 from tests.support.procs import MemcachedProcess
 from tests.support.services import Services
 from tests.support.sidecar import build_config, running_sidecar, sidecar_document
 from tests.support.streams import read_stream, stream_state
+from tests.support.waiting import converge
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD_FILE = ROOT / "examples" / "cassandra.password"
@@ -240,7 +241,7 @@ async def test_corruption_drill_restore_then_replay_without_the_bad_deploy(servi
     async with running_sidecar(config) as sidecar:
         ingress = sidecar.ingress
         await write_all(ingress, [put(ingress, unique, key, f"good-0-{key}") for key in rows])
-        await wait_converged(lambda: len(table_state(cassandra_session, keyspace, unique)) != len(rows) or None,
+        await converge(lambda: len(table_state(cassandra_session, keyspace, unique)) != len(rows) or None,
                              90, "the first 10k rows")
         snapshot_time = now_text()
         snapshot = await trio.to_thread.run_sync(table_state, cassandra_session, keyspace, unique)
@@ -258,7 +259,7 @@ async def test_corruption_drill_restore_then_replay_without_the_bad_deploy(servi
         await write_all(ingress, [put(ingress, unique, key, f"good-2-{key}") for key in rows[1900:2100]])
         final = await read_stream(services.nats_url, stream_name(unique))
         expected_count = len(rows) + 500
-        await wait_converged(lambda: len(table_state(cassandra_session, keyspace, unique)) != expected_count or None,
+        await converge(lambda: len(table_state(cassandra_session, keyspace, unique)) != expected_count or None,
                              60, "the drain")
     # Data loss: the table is truncated; a snapshot from before the bad window is restored into a fresh table.
     cassandra_session.execute(f"TRUNCATE {keyspace}.{unique}")
@@ -268,7 +269,7 @@ async def test_corruption_drill_restore_then_replay_without_the_bad_deploy(servi
                                        "USING TIMESTAMP ?")
     for (record, item), (value, write_time) in snapshot.items():
         cassandra_session.execute_async(insert, (record, item, value, write_time))
-    await wait_converged(lambda: len(table_state(cassandra_session, keyspace, fresh)) != len(snapshot) or None,
+    await converge(lambda: len(table_state(cassandra_session, keyspace, fresh)) != len(snapshot) or None,
                          30, "the restore")
 
     result = await walcar("replay", "--config", str(path), "--namespace", unique, "--from", snapshot_time,
@@ -430,8 +431,8 @@ async def test_verify_finds_changes_behind_the_journals_back_and_repair_fixes_th
         await write_all(ingress, [put(ingress, unique, key, f"v1-{key}") for key in keys])
         await write_all(ingress, [ingress.entry(unique, Op.DELETE, key) for key in keys[-50:]])
         live = keys[:-50]
-        await wait_converged(lambda: set(live) ^ set(memcached_dump(services.memcached, keys)), 60, "memcached")
-        await wait_converged(lambda: len(table_state(cassandra_session, keyspace, unique)) != len(live) or None,
+        await converge(lambda: set(live) ^ set(memcached_dump(services.memcached, keys)), 60, "memcached")
+        await converge(lambda: len(table_state(cassandra_session, keyspace, unique)) != len(live) or None,
                              60, "cassandra")
     # Behind the journal's back: the cache and the table are changed directly.
     cache = MemcacheClient(services.memcached)

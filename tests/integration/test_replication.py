@@ -18,6 +18,7 @@ from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, sidecar_document
 from tests.support.streams import read_stream
+from tests.support.waiting import converge
 
 NS = "repl"
 DRAIN = {"lease_ttl": "2s", "ack_wait": "10s"}
@@ -91,16 +92,6 @@ def start_both(regions: list[Region], tmp_path: Path, token: str = "s3cret", **k
     start_region(a, b, tmp_path / "a", accept_token=token, send_token=token, **kwargs)
 
 
-async def converge(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    diff = None
-    while time.monotonic() < deadline:
-        diff = await trio.to_thread.run_sync(check)
-        if not diff:
-            return
-        await trio.sleep(0.5)
-    raise AssertionError(f"{what} did not converge: {str(diff)[:400]}")
-
 
 def differences(cache: tuple[str, int], expected: dict[str, str]) -> dict[str, tuple[str | None, str]]:
     found = memcached_values(cache, list(expected))
@@ -131,8 +122,11 @@ async def test_region_b_down_for_30s_then_back(regions: list[Region], tmp_path: 
     began = time.monotonic()
     last: dict[str, str] = {}
     backlog_seen = 0
+    rounds = 0
     while time.monotonic() - began < 30:
-        last.update(await write_load(a.kv, NS, keys, 300, workers=8))  # every write acked durable in A
+        # every write acked durable in A; each round gives every key a value it never had
+        last.update(await write_load(a.kv, NS, keys, 300, workers=8, first=rounds * 300))
+        rounds += 1
         assert not differences(a.cache, last) or await _eventually_current(a, last)
         backlog_seen = max(backlog_seen, a.status("peer")["backlog"])
         await trio.sleep(1.0)

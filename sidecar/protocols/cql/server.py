@@ -11,7 +11,6 @@ ones already taken (bounded by ``shutdown_deadline``), flush, close.
 
 from __future__ import annotations
 
-import errno
 from typing import Any, Final
 
 import trio
@@ -19,6 +18,7 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.ingress import Ingress
 from sidecar.logs import get_logger
+from sidecar.tcp import accept_forever
 from sidecar.units import parse_hostport
 
 from .frames import Frame, UnsupportedVersion
@@ -33,7 +33,6 @@ log = get_logger("cql")
 
 RECEIVE_SIZE: Final = 65536
 HIGH_WATER: Final = 4 * 1024 * 1024  # unsent reply bytes before the reader pauses
-_ACCEPT_RETRY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class _Connection:
@@ -144,19 +143,13 @@ async def _accept_loop(
     listener: trio.SocketListener, nursery: trio.Nursery, proxy: CqlProxy, connections: set[_Connection],
     deadline: float,
 ) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = _Connection(stream, proxy)
+        connections.add(conn)
+        await _serve_connection(conn, connections, deadline)
+
     async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                    log.error("cql_accept_failed", error=str(exc))
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            conn = _Connection(stream, proxy)
-            connections.add(conn)
-            nursery.start_soon(_serve_connection, conn, connections, deadline)
+        await accept_forever(listener, handle, nursery, "cql")
 
 
 async def _serve_connection(conn: _Connection, connections: set[_Connection], deadline: float) -> None:

@@ -17,7 +17,6 @@ answered before it is journaled (or failed).
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections import deque
 from typing import Any, Final
@@ -27,6 +26,7 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.ingress import Ingress
 from sidecar.logs import get_logger
+from sidecar.tcp import accept_forever
 from sidecar.units import parse_hostport
 
 from .backend import Backend
@@ -43,7 +43,6 @@ _RECEIVE: Final = 256 * 1024
 MAX_PENDING: Final = 4096  # answers a connection may owe before it stops reading
 MAX_OUT_BYTES: Final = 8 * 1024 * 1024  # unsent answer bytes before it stops reading
 LINGER: Final = 1.0  # seconds to wait for the client to close after we half-closed
-_ACCEPT_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class _Slot:
@@ -347,16 +346,7 @@ class MemcacheServer:
         self.connections: set[Connection] = set()
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_ERRORS:
-                    log.error("accept_failed", error=str(exc))
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            nursery.start_soon(self.handle, stream)
+        await accept_forever(listener, self.handle, nursery, "memcached")
 
     async def handle(self, stream: trio.SocketStream) -> None:
         connection = Connection(self, stream)

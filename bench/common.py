@@ -78,6 +78,12 @@ def cpu_seconds(pids: list[int]) -> float:
 # --------------------------------------------------------------------------- processes
 
 
+def idle_seconds() -> float:
+    """Idle + iowait CPU time of the whole box so far, summed over its CPUs (from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
     """Until something accepts connections on 127.0.0.1:`port`; fails early if `proc` exits meanwhile."""
     deadline = time.monotonic() + timeout

@@ -107,6 +107,7 @@ class Sidecar:
         config = self.config
         conn = journal.writer.conn
         self.state.conn = conn
+        self.state.writer = journal.writer
         self.ingress = Ingress(config, journal)
         self.pauses = Pauses(conn)
         await self.pauses.open()

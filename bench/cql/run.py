@@ -42,6 +42,7 @@ from bench.common import (
     cpu_seconds,
     delete_streams,
     free_port,
+    idle_seconds,
     median,
     percentile,
     report,
@@ -143,6 +144,8 @@ class Side:
     # CPU µs per operation: this driver process, and (walcar side) the walcar process
     client_cpu: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
     walcar_cpu: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
+    # CPUs of the box left idle during the run: near 0 means CPU-bound, more means waiting on latency
+    idle_cpus: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
     insert_latency: tuple[float, float] = (0.0, 0.0)
     select_latency: tuple[float, float] = (0.0, 0.0)
 
@@ -181,7 +184,10 @@ def markdown(direct: Side, walcar: Side, args: argparse.Namespace) -> str:
         f"{median(walcar.client_cpu['insert']):.0f} µs via walcar, {median(direct.client_cpu['select']):.0f} vs "
         f"{median(walcar.client_cpu['select']):.0f} µs per select; the walcar process "
         f"{median(walcar.walcar_cpu['insert']):.0f} µs per journaled insert and "
-        f"{median(walcar.walcar_cpu['select']):.0f} µs per forwarded select.",
+        f"{median(walcar.walcar_cpu['select']):.0f} µs per forwarded select. CPUs of the box left idle "
+        f"(median): inserts {median(direct.idle_cpus['insert']):.2f} direct vs "
+        f"{median(walcar.idle_cpus['insert']):.2f} via walcar, selects {median(direct.idle_cpus['select']):.2f} vs "
+        f"{median(walcar.idle_cpus['select']):.2f}.",
     ])
 
 
@@ -222,7 +228,10 @@ def main() -> int:
                 for side, session in ((direct, ds), (walcar, ws)):
                     for kind in ("insert", "select"):
                         client_before, walcar_before = time.process_time(), cpu_seconds([pid])
+                        idle_before, wall_before = idle_seconds(), time.perf_counter()
                         rate = throughput(session, kind, args.ops, args.concurrency, offset)
+                        elapsed = time.perf_counter() - wall_before
+                        side.idle_cpus[kind].append((idle_seconds() - idle_before) / elapsed)
                         side.client_cpu[kind].append((time.process_time() - client_before) / args.ops * 1e6)
                         side.walcar_cpu[kind].append((cpu_seconds([pid]) - walcar_before) / args.ops * 1e6)
                         getattr(side, kind).append(rate)

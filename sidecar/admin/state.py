@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from sidecar.log.connection import NatsConnection
+from sidecar.log.writer import JournalWriter
 
 
 class SidecarState:
     def __init__(self) -> None:
         self.conn: NatsConnection | None = None
+        self.writer: JournalWriter | None = None
         self.listeners_expected: set[str] = set()
         self.listeners_bound: set[str] = set()
         self.shutting_down = False
@@ -20,6 +22,8 @@ class SidecarState:
             reasons.append("journal not open yet")
         elif not self.conn.connected:
             reasons.append(f"journal disconnected from NATS ({self.conn.last_error or 'reconnecting'})")
+        elif self.writer is not None and not self.writer.connected:
+            reasons.append(f"journal publish link down ({self.writer.link_error or 'reconnecting'})")
         missing = sorted(self.listeners_expected - self.listeners_bound)
         if missing:
             reasons.append(f"listeners not bound: {', '.join(missing)}")

@@ -1,18 +1,17 @@
-"""A pipelined publish/ack path underneath nats-py's per-message API.
+"""A pipelined publish/receive path underneath nats-py's per-message API.
 
 nats-py builds a Msg object, parses headers, queues it and switches tasks for every
-inbound message, and validates and re-encodes every outbound one: ~15 µs a message,
-which caps the journal far below what the server takes. The journal writer only
-needs "append these HPUB commands" and "tell me each reply to my ack inbox", so
-this module does exactly that against three nats-py internals:
+inbound message, and validates and re-encodes every outbound one: ~15 µs a message.
+The drain's and the replay's pulls only need "append these commands" and "tell me
+each message of this subscription", so this module does exactly that against three
+nats-py internals (the journal writer has its own connection instead: link.py):
 
 - ``Client._pending`` / ``_pending_data_size`` / ``_flush_pending()`` — the outbound buffer
-- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the journal's acks,
-  the drain's pulled messages)
+- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the drain's and
+  the replay's pulled messages)
 
-They are checked when the writer starts; when a nats-py release changes them,
-`supported()` is false and the writer falls back to the public API (slower, same
-semantics). Both paths are exercised by the tests.
+They are checked before use; when a nats-py release changes them, `supported()` is
+false and the callers fall back to nats-py's public API (slower, same semantics).
 """
 
 from __future__ import annotations
@@ -20,34 +19,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-HEADER_LINE = b"NATS/1.0\r\n"
+from sidecar.log.wire import encode_publish
+
+__all__ = ["append_commands", "encode_publish", "route", "supported", "unroute"]
 
 RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]  # (subject, reply, data, headers)
 
 
 def supported(nc: Any) -> bool:
     return all(hasattr(nc, name) for name in ("_pending", "_pending_data_size", "_flush_pending", "_process_msg"))
-
-
-def encode_headers(headers: dict[str, str] | None) -> bytes:
-    if not headers:
-        return b""
-    if len(headers) == 1 and "Nats-Msg-Id" in headers:  # nearly every journal write: skip the generic join
-        return b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % headers["Nats-Msg-Id"].encode()
-    lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
-    return HEADER_LINE + lines.encode() + b"\r\n"
-
-
-def encode_publish(subject: str, reply: bytes, headers: dict[str, str] | None, payload: bytes) -> bytes:
-    """One HPUB (or PUB, without headers) command, ready for the socket."""
-    header_block = encode_headers(headers)
-    reply_part = b" " + reply if reply else b""
-    if header_block:
-        size = len(header_block)
-        return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
-            subject.encode(), reply_part, size, size + len(payload), header_block, payload
-        )
-    return b"PUB %s%s %d\r\n%s\r\n" % (subject.encode(), reply_part, len(payload), payload)
 
 
 def append_commands(nc: Any, commands: list[bytes], size: int) -> Awaitable[Any]:

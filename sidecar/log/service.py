@@ -26,8 +26,7 @@ async def provision_all(conn: NatsConnection, config: Config) -> None:
 
 @asynccontextmanager
 async def open_journal(
-    config: Config, connect_retry: float = 0.0, name: str = "walcar", use_fastpath: bool = True,
-    provision: bool = True,
+    config: Config, connect_retry: float = 0.0, name: str = "walcar", provision: bool = True,
 ) -> AsyncIterator[Journal]:
     """`provision=False` for tools that only read (replay, verify): streams are used as they are,
     never created or changed by a config that may differ from the running sidecars'."""
@@ -45,7 +44,7 @@ async def open_journal(
                     log.error("reprovision_failed", error=str(exc))
 
             conn.on_reconnect(reprovision)
-        writer = JournalWriter(conn, config.sidecar.journal, use_fastpath=use_fastpath)
+        writer = JournalWriter(conn, config.sidecar.journal)
         async with trio.open_nursery() as nursery:
             conn.attach(nursery)
             await writer.start(nursery)

@@ -1,20 +1,20 @@
 """The journal writer: group commit from trio to JetStream, every PubAck matched to its write.
 
-Trio tasks call `publish` / `publish_atomic` and wait. A batcher hands everything
-queued to the NATS thread in one crossing; there each message is published with a
-reply subject under one wildcard ack inbox (pipelined: no round trip per message),
-and when every ack of the batch is in — or the publish timeout fires — the results
-cross back in one call. A write is `durable: true` only with a PubAck in hand:
+Trio tasks call `publish` / `publish_atomic` and wait. A batcher takes everything
+queued in one scheduling round and writes it to the journal's own connection
+(link.py) as one burst: each message with a reply subject under one wildcard ack
+inbox (pipelined: no round trip per message). Each PubAck, as it is read, answers
+its write. A write is `durable: true` only with a PubAck in hand:
 
 - no PubAck within `publish_timeout`  -> unknown (it may or may not be stored)
 - a PubAck carrying an error          -> false, with the server's description
+- the connection lost before the PubAck -> unknown, at once
 - not connected / no stream responded -> false, at once
 - in-flight limits or ack latency over their bounds -> false ("overloaded"), at once
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections import deque
@@ -24,12 +24,11 @@ from typing import Any
 import msgspec
 import outcome
 import trio
-from nats.aio.msg import Msg
 
 from sidecar.config import JournalSettings
-from sidecar.log import fastpath
 from sidecar.log.connection import NatsConnection
-from sidecar.log.handoff import Handoff
+from sidecar.log.link import PublishLink
+from sidecar.log.wire import encode_publish, status_of
 from sidecar.logs import get_logger
 
 log = get_logger("journal")
@@ -105,13 +104,13 @@ class _Group:
 
 
 class _Batch:
-    __slots__ = ("remaining", "submitted", "timer", "writes")
+    __slots__ = ("deadline", "remaining", "submitted", "writes")
 
-    def __init__(self, writes: list[_Write]) -> None:
+    def __init__(self, writes: list[_Write], submitted: float, deadline: float) -> None:
         self.writes = writes
-        self.remaining = 0
-        self.submitted = time.monotonic()
-        self.timer: asyncio.TimerHandle | None = None
+        self.remaining = len(writes)
+        self.submitted = submitted  # time.monotonic(), for the ack latency the shedding looks at
+        self.deadline = deadline  # trio time after which unanswered writes are "unknown"
 
 
 class JournalStats:
@@ -135,13 +134,6 @@ def _fail(message: str) -> WriteResult:
     return WriteResult(Durable.FALSE, message=message)
 
 
-def _status_of(headers: bytes | None) -> bytes:
-    """The inline status of a server reply ("NATS/1.0 503\\r\\n...") or b""."""
-    if headers and headers.startswith(b"NATS/1.0 "):
-        return headers[9:12]
-    return b""
-
-
 def _result_from_ack(data: bytes, status: bytes) -> WriteResult:
     if status == b"503":
         return _fail("journal stream unavailable: no responders (is the stream provisioned?)")
@@ -160,188 +152,41 @@ def _result_from_ack(data: bytes, status: bytes) -> WriteResult:
     )
 
 
-class _NatsSide:
-    """Everything here runs on the NATS (asyncio) thread."""
-
-    def __init__(self, writer: JournalWriter, inbox: str, use_fastpath: bool) -> None:
-        self.writer = writer
-        self.inbox = inbox.encode()
-        self.use_fastpath = use_fastpath
-        self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
-        # full reply subject -> (write, batch, is_commit); a batch-start reply has is_commit False
-        self.pending: dict[bytes, tuple[_Write, _Batch, bool]] = {}
-        self.tokens = itertools.count(1)
-        # Settled writes and finished batches cross back to trio together, once per loop
-        # iteration: all the acks of one socket read share one crossing.
-        self.settled: list[_Write] = []
-        self.finished: list[_Batch] = []
-        self.flush_scheduled = False
-
-    async def start(self) -> None:
-        nc = self.writer.conn.nc
-        assert nc is not None
-        subject = f"{self.inbox.decode()}.*"
-        if self.use_fastpath:
-            sub = await nc.subscribe(subject)
-            fastpath.route(nc, sub._id, self.on_raw_ack)
-        else:
-            await nc.subscribe(subject, cb=self.on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        asyncio.get_running_loop().create_task(self.send_loop())
-
-    async def send_loop(self) -> None:
-        while True:
-            batch = await self.queue.get()
-            try:
-                await self.send(batch)
-            except Exception as exc:  # a bug here must fail the writes, never hang them
-                log.error("journal_send_failed", exc_info=True, error=str(exc))
-                self.settle_all(batch, _fail(f"journal send failed: {exc}"))
-
-    def reply_for(self, write: _Write, batch: _Batch, is_commit: bool) -> bytes:
-        reply = b"%s.%d" % (self.inbox, next(self.tokens))
-        self.pending[reply] = (write, batch, is_commit)
-        return reply
-
-    def commands_for(self, write: _Write, batch: _Batch) -> list[tuple[Message, bytes]]:
-        """(message, reply) pairs; an atomic batch follows ADR-50's headers."""
-        if not write.atomic:
-            return [(write.messages[0], self.reply_for(write, batch, True))]
-        batch_id = f"{self.inbox.decode().rsplit('.', 1)[-1]}{next(self.tokens)}"
-        last = len(write.messages)
-        out = []
-        for index, message in enumerate(write.messages, start=1):
-            headers = dict(message.headers or {})
-            headers["Nats-Batch-Id"] = batch_id
-            headers["Nats-Batch-Sequence"] = str(index)
-            reply = b""
-            if index == last:
-                headers["Nats-Batch-Commit"] = "1"
-                reply = self.reply_for(write, batch, True)
-            elif index == 1:
-                # The batch start is a request: an error reply means the batch never began.
-                reply = self.reply_for(write, batch, False)
-            out.append((Message(message.subject, message.payload, headers), reply))
-        return out
-
-    async def send(self, batch: _Batch) -> None:
-        nc = self.writer.conn.nc
-        batch.remaining = len(batch.writes)
-        if nc is None or not nc.is_connected:
-            self.settle_all(batch, _fail("journal unavailable: not connected to NATS"))
-            return
-        batch.submitted = time.monotonic()
-        if self.use_fastpath:
-            commands = []
-            for write in batch.writes:
-                for message, reply in self.commands_for(write, batch):
-                    commands.append(fastpath.encode_publish(message.subject, reply, message.headers, message.payload))
-            try:
-                await fastpath.append_commands(nc, commands, sum(len(c) for c in commands))
-            except Exception as exc:  # the connection broke under us
-                self.settle_all(batch, _fail(f"journal publish failed: {type(exc).__name__}: {exc}"))
-                return
-        else:
-            for write in batch.writes:
-                try:
-                    for message, reply in self.commands_for(write, batch):
-                        await nc.publish(message.subject, message.payload, reply.decode(), message.headers)
-                except Exception as exc:  # nats-py raises on a closed or over-full connection
-                    self.forget(write)
-                    self.settle(write, batch, _fail(f"journal publish failed: {type(exc).__name__}: {exc}"))
-        # Acks may already have settled everything while the flush was awaited.
-        if batch.remaining > 0:
-            batch.timer = asyncio.get_running_loop().call_later(
-                self.writer.settings.publish_timeout, self.expire, batch
-            )
-
-    def forget(self, write: _Write) -> None:
-        for reply in [r for r, (w, _, _) in self.pending.items() if w is write]:
-            del self.pending[reply]
-
-    def on_raw_ack(self, subject: bytes, _reply: bytes, data: bytes, headers: bytes | None) -> None:
-        entry = self.pending.pop(subject, None)
-        if entry is not None:
-            self.resolve(entry, data, _status_of(headers))
-
-    async def on_msg(self, msg: Msg) -> None:
-        entry = self.pending.pop(msg.subject.encode(), None)
-        if entry is not None:
-            status = (msg.headers or {}).get("Status", "").encode()
-            self.resolve(entry, msg.data, status)
-
-    def resolve(self, entry: tuple[_Write, _Batch, bool], data: bytes, status: bytes) -> None:
-        write, batch, is_commit = entry
-        if not is_commit and not data and not status:
-            return  # the atomic batch has started
-        result = _result_from_ack(data, status)
-        if not is_commit:
-            if result.ok:
-                return
-            self.forget(write)  # the batch never began; its commit reply would only repeat that
-        self.settle(write, batch, result)
-
-    def settle(self, write: _Write, batch: _Batch, result: WriteResult) -> None:
-        if write.result is not None:
-            return
-        write.result = result
-        self.settled.append(write)
-        batch.remaining -= 1
-        if batch.remaining == 0:
-            if batch.timer is not None:
-                batch.timer.cancel()
-            self.finished.append(batch)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self.flush_scheduled = False
-        settled, finished = self.settled, self.finished
-        self.settled, self.finished = [], []
-        self.writer.settled.put((settled, finished))
-
-    def expire(self, batch: _Batch) -> None:
-        timeout = self.writer.settings.publish_timeout
-        unknown = WriteResult(
-            Durable.UNKNOWN, message=f"no PubAck from the journal within {timeout:g}s; the write may be stored"
-        )
-        self.settle_all(batch, unknown)
-
-    def settle_all(self, batch: _Batch, result: WriteResult) -> None:
-        for write in batch.writes:
-            self.forget(write)
-            self.settle(write, batch, result)
-
-
 class JournalWriter:
-    def __init__(self, conn: NatsConnection, settings: JournalSettings, use_fastpath: bool = True) -> None:
+    def __init__(self, conn: NatsConnection, settings: JournalSettings) -> None:
         self.conn = conn
-        self.use_fastpath = use_fastpath
         self.settings = settings
         self.stats = JournalStats()
         self._queue: list[_Write] = []
         self._wake = trio.Event()
         self._capacity_freed = trio.Event()
         self._waiting: deque[_Write] = deque()  # writers queued for in-flight room, first come first served
-        self._inflight_batches: deque[_Batch] = deque()
-        self._nats: _NatsSide | None = None
-        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._inflight_batches: deque[_Batch] = deque()  # in submission order, so deadlines are too
+        self._batch_sent = trio.Event()
+        # full reply subject -> (write, batch, is_commit); a batch-start reply has is_commit False
+        self._pending: dict[bytes, tuple[_Write, _Batch, bool]] = {}
+        self._tokens = itertools.count(1)
+        self._link: PublishLink | None = None
+        self._inbox = b""
         self._closed = False
 
     async def start(self, nursery: trio.Nursery) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
-        nc = self.conn.nc
-        assert nc is not None, "connect before starting the journal writer"
-        self._nats = _NatsSide(self, nc.new_inbox(), self.use_fastpath and fastpath.supported(nc))
-        await self.conn.bridge.run(self._nats.start)
-        queue = self._nats.queue
-        # One thread wake-up per burst in each direction (see handoff.py).
-        self.outbox: Handoff[_Batch] = Handoff(self.conn.bridge.loop.call_soon_threadsafe,
-                                               lambda batches: [queue.put_nowait(b) for b in batches])
-        self.settled: Handoff[tuple[list[_Write], list[_Batch]]] = Handoff(self.conn.to_trio, self._settle_all)
+        self._link = PublishLink(self.conn.url, self._on_reply, self._on_lost, creds=self.conn.creds,
+                                 name=self.conn.name)
+        self._inbox = self._link.inbox.encode()
+        await nursery.start(self._link.run)
         nursery.start_soon(self._batcher)
+        nursery.start_soon(self._expire_loop)
 
-    # --- trio side -------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.conn.connected and self._link is not None and self._link.connected
+
+    @property
+    def link_error(self) -> str:
+        return self._link.last_error if self._link is not None else "not started"
+
+    # --- writers' side ---------------------------------------------------------------
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> WriteResult:
         return await self._submit(_Write([Message(subject, payload, headers)], False, len(payload)))
@@ -403,7 +248,7 @@ class JournalWriter:
             return refusal
         self._queue.append(write)
         self._wake.set()
-        # Park without an Event: the settle step reschedules this task with the result.
+        # Park without an Event: settling reschedules this task with the result.
         # If the caller is cancelled the write still completes; only the answer is dropped.
         write.waiter = trio.lowlevel.current_task()
 
@@ -416,7 +261,7 @@ class JournalWriter:
     def _refusal(self, write: _Write) -> WriteResult | None:
         if self._closed:
             return _fail("journal closed: the sidecar is shutting down")
-        if not self.conn.connected:
+        if not self.connected:
             return _fail("journal unavailable: not connected to NATS")
         if self._inflight_batches:
             age = time.monotonic() - self._inflight_batches[0].submitted
@@ -440,6 +285,8 @@ class JournalWriter:
             self._capacity_freed.set()  # the next in line re-checks
             self._capacity_freed = trio.Event()
 
+    # --- the wire side ------------------------------------------------------------------
+
     async def _batcher(self) -> None:
         max_batch = self.settings.max_batch_entries
         while True:
@@ -449,46 +296,133 @@ class JournalWriter:
             await trio.sleep(0)
             while self._queue:
                 writes, self._queue = self._queue[:max_batch], self._queue[max_batch:]
-                batch = _Batch(writes)
-                self._inflight_batches.append(batch)
-                assert self._nats is not None
-                self.outbox.put(batch)
+                self._send(writes)
 
-    def _settle_all(self, items: list[tuple[list[_Write], list[_Batch]]]) -> None:
-        for writes, batches in items:
-            self._settle(writes, batches)
-
-    def _settle(self, writes: list[_Write], batches: list[_Batch]) -> None:
-        stats = self.stats
+    def _send(self, writes: list[_Write]) -> None:
+        assert self._link is not None
+        batch = _Batch(writes, time.monotonic(), trio.current_time() + self.settings.publish_timeout)
+        if not self._link.connected:
+            for write in writes:
+                self._settle(write, batch, _fail("journal unavailable: not connected to NATS"))
+            return
+        commands = []
         for write in writes:
-            result = write.result
-            assert result is not None
-            if result.durable is Durable.TRUE:
-                stats.acked += 1
-                if result.duplicate:
-                    stats.duplicates += 1
-            elif result.durable is Durable.UNKNOWN:
-                stats.unknown += 1
-            else:
-                stats.failed += 1
-            stats.inflight_entries -= len(write.messages)
-            stats.inflight_bytes -= write.nbytes
-            if write.waiter is not None:
-                trio.lowlevel.reschedule(write.waiter, outcome.Value(result))
-                write.waiter = None
-            elif write.group is not None:
-                write.group.remaining -= 1
-                if write.group.remaining == 0:
-                    write.group.done.set()
-        now = time.monotonic()
-        for batch in batches:
-            stats.last_ack_latency = now - batch.submitted
-            try:
-                self._inflight_batches.remove(batch)
-            except ValueError:
-                pass
+            for message, reply in self._commands_for(write, batch):
+                commands.append(encode_publish(message.subject, reply, message.headers, message.payload))
+        self._inflight_batches.append(batch)
+        self._link.send(b"".join(commands))
+        self._batch_sent.set()
+
+    def _reply_for(self, write: _Write, batch: _Batch, is_commit: bool) -> bytes:
+        reply = b"%s.%d" % (self._inbox, next(self._tokens))
+        self._pending[reply] = (write, batch, is_commit)
+        return reply
+
+    def _commands_for(self, write: _Write, batch: _Batch) -> list[tuple[Message, bytes]]:
+        """(message, reply) pairs; an atomic batch follows ADR-50's headers."""
+        if not write.atomic:
+            return [(write.messages[0], self._reply_for(write, batch, True))]
+        batch_id = f"{self._inbox.decode().rsplit('.', 1)[-1]}{next(self._tokens)}"
+        last = len(write.messages)
+        out = []
+        for index, message in enumerate(write.messages, start=1):
+            headers = dict(message.headers or {})
+            headers["Nats-Batch-Id"] = batch_id
+            headers["Nats-Batch-Sequence"] = str(index)
+            reply = b""
+            if index == last:
+                headers["Nats-Batch-Commit"] = "1"
+                reply = self._reply_for(write, batch, True)
+            elif index == 1:
+                # The batch start is a request: an error reply means the batch never began.
+                reply = self._reply_for(write, batch, False)
+            out.append((Message(message.subject, message.payload, headers), reply))
+        return out
+
+    def _on_reply(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+        """From the link's reader, for every message to the ack inbox."""
+        entry = self._pending.pop(subject, None)
+        if entry is None:
+            return  # an ack after its write timed out, or a duplicate reply
+        write, batch, is_commit = entry
+        status = status_of(headers)
+        if not is_commit and not data and not status:
+            return  # the atomic batch has started
+        result = _result_from_ack(data, status)
+        if not is_commit:
+            if result.ok:
+                return
+            self._forget(write)  # the batch never began; its commit reply would only repeat that
+        self._settle(write, batch, result)
+
+    def _on_lost(self, reason: str) -> None:
+        """The link broke: whatever was published and not acked may or may not be stored."""
+        unknown = WriteResult(Durable.UNKNOWN, message=f"connection to NATS lost before the PubAck "
+                                                        f"({reason}); the write may be stored")
+        self._pending.clear()
+        while self._inflight_batches:
+            batch = self._inflight_batches.popleft()
+            for write in batch.writes:
+                self._settle(write, batch, unknown)
+
+    async def _expire_loop(self) -> None:
+        """Batches are sent in deadline order: sleep until the oldest one's, answer what it still owes."""
+        timeout = self.settings.publish_timeout
+        unknown = WriteResult(
+            Durable.UNKNOWN, message=f"no PubAck from the journal within {timeout:g}s; the write may be stored"
+        )
+        while True:
+            if not self._inflight_batches:
+                self._batch_sent = trio.Event()
+                await self._batch_sent.wait()
+                continue
+            batch = self._inflight_batches[0]
+            if batch.remaining and trio.current_time() < batch.deadline:
+                await trio.sleep_until(batch.deadline)
+                continue
+            if batch.remaining:
+                for reply in [r for r, (_, b, _) in self._pending.items() if b is batch]:
+                    del self._pending[reply]
+                for write in batch.writes:
+                    self._settle(write, batch, unknown)
+            self._drop_finished()
+
+    def _forget(self, write: _Write) -> None:
+        for reply in [r for r, (w, _, _) in self._pending.items() if w is write]:
+            del self._pending[reply]
+
+    def _drop_finished(self) -> None:
+        batches = self._inflight_batches
+        while batches and batches[0].remaining == 0:
+            batches.popleft()
+
+    def _settle(self, write: _Write, batch: _Batch, result: WriteResult) -> None:
+        if write.result is not None:
+            return
+        write.result = result
+        stats = self.stats
+        if result.durable is Durable.TRUE:
+            stats.acked += 1
+            if result.duplicate:
+                stats.duplicates += 1
+        elif result.durable is Durable.UNKNOWN:
+            stats.unknown += 1
+        else:
+            stats.failed += 1
+        stats.inflight_entries -= len(write.messages)
+        stats.inflight_bytes -= write.nbytes
+        if write.waiter is not None:
+            trio.lowlevel.reschedule(write.waiter, outcome.Value(result))
+            write.waiter = None
+        elif write.group is not None:
+            write.group.remaining -= 1
+            if write.group.remaining == 0:
+                write.group.done.set()
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            stats.last_ack_latency = time.monotonic() - batch.submitted
+            self._drop_finished()
         self._capacity_freed.set()
-        self._capacity_freed = trio.Event()
 
     async def drain(self) -> None:
         """Wait until every accepted write has its answer (used at shutdown)."""

@@ -102,10 +102,9 @@ async def test_atomic_batch_cut_off_before_commit_leaves_nothing(private_nats: N
         proxy.close()
 
 
-@pytest.mark.parametrize("use_fastpath", [True, False], ids=["fastpath", "public-api"])
-async def test_writer_paths_match_every_ack_to_its_entry(services, unique: str, use_fastpath: bool) -> None:
+async def test_writer_matches_every_ack_to_its_entry(services, unique: str) -> None:
     config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}))
-    async with open_journal(config, use_fastpath=use_fastpath) as journal:
+    async with open_journal(config) as journal:
         results = {}
 
         async def write(i: int) -> None:
@@ -127,6 +126,68 @@ async def test_writer_paths_match_every_ack_to_its_entry(services, unique: str, 
     for i, result in results.items():
         assert messages[result.sequence].id == f"e{i}"  # the PubAck matched to its own write
     assert [messages[s].id for s in range(atomic.first_sequence, atomic.sequence + 1)] == [f"a{i}" for i in range(10)]
+
+
+def entry(unique: str, key: str, value: bytes = b"v") -> Entry:
+    return Entry(id=f"{unique}-{key}", ns=unique, op=Op.PUT, key=key, partition=partition_of(key, 4), value=value,
+                 write_time=now_us())
+
+
+async def test_pubacks_held_back_make_writes_unknown_not_false(private_nats: NatsProcess, unique: str) -> None:
+    """A server that stores a write but whose PubAck never arrives: the answer is "unknown" (it may well
+    be stored, and here it is), given within the publish timeout, and the journal serves again afterwards."""
+    proxy = FaultProxy(("127.0.0.1", private_nats.port)).start()
+    try:
+        config = build_config(sidecar_document(f"nats://127.0.0.1:{proxy.port}", {unique: {"partitions": 4}},
+                                               journal=journal_settings()))
+        async with open_journal(config) as journal:
+            proxy.stall_replies.set()
+            began = time.monotonic()
+            held = await journal.append(entry(unique, "held"))
+            waited = time.monotonic() - began
+            proxy.stall_replies.clear()
+            after = await journal.append(entry(unique, "after"))
+        assert held.durable == "unknown" and "no PubAck" in held.message, held
+        assert PUBLISH_TIMEOUT <= waited < PUBLISH_TIMEOUT + 1.0
+        assert after.ok, after
+        stored = [m.entry().key for m in await read_stream(private_nats.url, stream_name(unique))]
+        assert stored == ["held", "after"]  # "unknown" was honest: the held write was stored
+    finally:
+        proxy.close()
+
+
+async def test_connection_lost_answers_inflight_writes_at_once(private_nats: NatsProcess, unique: str) -> None:
+    """Severed under writes whose PubAcks are held: they are answered "unknown" when the link breaks,
+    without waiting for the publish timeout, and the link reconnects by itself."""
+    proxy = FaultProxy(("127.0.0.1", private_nats.port)).start()
+    try:
+        config = build_config(sidecar_document(f"nats://127.0.0.1:{proxy.port}", {unique: {"partitions": 4}},
+                                               journal={**journal_settings(), "publish_timeout": "20s"}))
+        async with open_journal(config) as journal:
+            answers = []
+
+            async def write(key: str) -> None:
+                answers.append(await journal.append(entry(unique, key)))
+
+            proxy.stall_replies.set()
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(write, f"k{i}")
+                await trio.sleep(0.5)
+                began = time.monotonic()
+                proxy.sever()
+            answered_in = time.monotonic() - began
+            proxy.stall_replies.clear()
+            deadline = time.monotonic() + 10
+            while not journal.writer.connected and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            after = await journal.append(entry(unique, "after"))
+        assert [a.durable for a in answers] == ["unknown"] * 20
+        assert all("connection to NATS lost" in a.message for a in answers)
+        assert answered_in < 2.0
+        assert after.ok, after
+    finally:
+        proxy.close()
 
 
 async def test_stream_missing_answers_false_at_once(services, unique: str) -> None:

@@ -5,6 +5,7 @@ It runs in its own thread so tests of any flavour (trio, sync) can drive it:
     proxy.cut_after(40_000)   # forward 40 kB more towards the server, then sever every connection
     proxy.sever()             # drop every connection now
     proxy.refuse = True       # refuse new connections (server "down" behind a live port)
+    proxy.stall_replies.set() # hold everything the server sends until cleared (a hung server)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class FaultProxy:
@@ -27,6 +29,7 @@ class FaultProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._budget: int | None = None  # bytes towards the server before severing
         self.severed = threading.Event()
+        self.stall_replies = threading.Event()
         self._closed = False
 
     @property
@@ -85,6 +88,8 @@ class FaultProxy:
                 break
             if not data:
                 break
+            while not towards_server and self.stall_replies.is_set() and not self._closed:
+                time.sleep(0.01)
             cut = False
             if towards_server:
                 with self._lock:

@@ -15,6 +15,7 @@ short pause, and reports each loss so the writer can answer what was in flight.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import secrets
 import ssl
@@ -133,11 +134,24 @@ class PublishLink:
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._pings_outstanding = 0
+        self._fd: int | None = None  # plain TCP: bytes can go out at once, without waiting for the write loop
+        self._writing = False  # the write loop is inside send_all: anything else must queue behind it
 
     def send(self, data: bytes) -> bool:
-        """Queue bytes for the socket; False (nothing queued) while disconnected."""
+        """Write bytes now if the socket takes them, else queue them; False while disconnected.
+
+        Writing at once (not only from the write loop's next turn) lets the server start on
+        the first burst of a scheduling round while trio is still running the rest of it."""
         if not self.connected:
             return False
+        if self._fd is not None and not self._out and not self._writing:
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:  # full (EAGAIN) or broken: the write loop will wait, or report the loss
+                sent = 0
+            if sent == len(data):
+                return True
+            data = data[sent:]
         self._out.append(data)
         if not self._wake.is_set():
             self._wake.set()
@@ -225,6 +239,7 @@ class PublishLink:
         """Until the connection breaks; returns why. What was queued but not written is dropped."""
         self._out.clear()
         self._pings_outstanding = 0
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.connected = True
         reason = "connection closed"
         try:
@@ -237,6 +252,7 @@ class PublishLink:
             reason = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
         finally:
             self.connected = False
+            self._fd = None
             self._out.clear()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -251,7 +267,11 @@ class PublishLink:
                 continue
             data = b"".join(self._out)
             self._out.clear()
-            await stream.send_all(data)
+            self._writing = True
+            try:
+                await stream.send_all(data)
+            finally:
+                self._writing = False
 
     async def _ping_loop(self) -> None:
         while True:

@@ -33,6 +33,9 @@ from sidecar.logs import get_logger
 
 log = get_logger("journal")
 
+# A scheduling round that queues this many writes sends them at once rather than at its end,
+# so the server works on them while the round goes on.
+EAGER_SEND_ENTRIES = 64
 # Atomic batches: the server keeps at most 50 in flight per stream and 1000 messages each.
 MAX_ATOMIC_MESSAGES = 1000
 DUPLICATE_MESSAGE_IN_BATCH = 10201
@@ -248,6 +251,8 @@ class JournalWriter:
             return refusal
         self._queue.append(write)
         self._wake.set()
+        if len(self._queue) >= EAGER_SEND_ENTRIES:
+            self._send_queued()
         # Park without an Event: settling reschedules this task with the result.
         # If the caller is cancelled the write still completes; only the answer is dropped.
         write.waiter = trio.lowlevel.current_task()
@@ -288,15 +293,18 @@ class JournalWriter:
     # --- the wire side ------------------------------------------------------------------
 
     async def _batcher(self) -> None:
-        max_batch = self.settings.max_batch_entries
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             # One scheduling round lets every runnable writer queue its write: group commit.
             await trio.sleep(0)
-            while self._queue:
-                writes, self._queue = self._queue[:max_batch], self._queue[max_batch:]
-                self._send(writes)
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        max_batch = self.settings.max_batch_entries
+        while self._queue:
+            writes, self._queue = self._queue[:max_batch], self._queue[max_batch:]
+            self._send(writes)
 
     def _send(self, writes: list[_Write]) -> None:
         assert self._link is not None

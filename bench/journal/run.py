@@ -1,6 +1,6 @@
 """Journal benchmark: walcar's group-commit writer against raw nats-py pipelined publish, same server, same run.
 
-    python bench/journal/run.py [--messages 100000] [--clients 500] [--http-seconds 10] [--record]
+    python bench/journal/run.py [--messages 100000] [--clients 500] [--rounds 3] [--http-seconds 10] [--record]
 
 1. raw nats-py: one asyncio task publishing 200-byte messages with a Nats-Msg-Id and a
    reply subject under one wildcard ack inbox (pipelined, a window of in-flight acks)
@@ -8,7 +8,10 @@
 3. the full ingress path: Entry envelopes through Journal.append from N trio clients
 4. the KV HTTP API (`POST /v1/log/{ns}`) of a real `walcar run`, 32 keep-alive connections
 
-Prints rates, ratios against (1), and ack latency p50/p99. Needs `scripts/services up nats`.
+(1)-(3) run --rounds times, back to back; each path's ratio is the median over the rounds of
+its rate against (1) in the same round (pairs made under the same background load), its
+rate and latencies those of its best round. Prints rates, ratios against (1), and ack
+latency p50/p99. Needs `scripts/services up nats`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import nats
 import trio
 
-from bench.common import delete_streams, free_port, machine, percentile, record, sidecar_document, start_walcar, table
+from bench.common import (
+    delete_streams,
+    free_port,
+    machine,
+    median,
+    percentile,
+    record,
+    sidecar_document,
+    start_walcar,
+    table,
+)
 from sidecar import config as config_mod
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
@@ -136,30 +149,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--http-seconds", type=float, default=10.0)
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     args = parser.parse_args()
     url = ensure_up().nats_url
 
-    raw_rate, raw_lat = asyncio.run(raw_nats(url, args.messages))
-    writer_rate, writer_lat = trio.run(walcar_writer, url, args.messages, args.clients, False)
-    entry_rate, entry_lat = trio.run(walcar_writer, url, args.messages, args.clients, True)
+    runs: dict[str, list[tuple[float, list[float]]]] = {"raw": [], "writer": [], "entries": []}
+    for _ in range(args.rounds):
+        runs["raw"].append(asyncio.run(raw_nats(url, args.messages)))
+        runs["writer"].append(trio.run(walcar_writer, url, args.messages, args.clients, False))
+        runs["entries"].append(trio.run(walcar_writer, url, args.messages, args.clients, True))
     http_rate, http_lat = trio.run(kv_http, url, args.http_seconds)
 
-    def row(name: str, rate: float, latencies: list[float]) -> list[str]:
-        return [name, f"{rate:,.0f}/s", f"{rate / raw_rate:.2f}x", f"{percentile(latencies, 0.5) * 1e3:.2f} ms",
+    def ratio(path: str) -> float:
+        return median([run[0] / raw[0] for run, raw in zip(runs[path], runs["raw"], strict=True)])
+
+    def row(name: str, path: str) -> list[str]:
+        rate, latencies = max(runs[path], key=lambda run: run[0])
+        return [name, f"{rate:,.0f}/s", f"{ratio(path):.2f}x", f"{percentile(latencies, 0.5) * 1e3:.2f} ms",
                 f"{percentile(latencies, 0.99) * 1e3:.2f} ms"]
 
-    result = table(["path", "rate", "vs raw", "ack p50", "ack p99"], [
-        row("raw nats-py pipelined publish (1 asyncio task)", raw_rate, raw_lat),
-        row(f"JournalWriter.publish, {args.clients} trio clients", writer_rate, writer_lat),
-        row(f"Journal.append (envelopes), {args.clients} trio clients", entry_rate, entry_lat),
-        row("KV API POST /v1/log, 32 keep-alive connections", http_rate, http_lat),
+    best_raw = max(rate for rate, _ in runs["raw"])
+    result = table(["path", "rate (best round)", "vs raw (median)", "ack p50", "ack p99"], [
+        row("raw nats-py pipelined publish (1 asyncio task)", "raw"),
+        row(f"JournalWriter.publish, {args.clients} trio clients", "writer"),
+        row(f"Journal.append (envelopes), {args.clients} trio clients", "entries"),
+        ["KV API POST /v1/log, 32 keep-alive connections", f"{http_rate:,.0f}/s", f"{http_rate / best_raw:.2f}x",
+         f"{percentile(http_lat, 0.5) * 1e3:.2f} ms", f"{percentile(http_lat, 0.99) * 1e3:.2f} ms"],
     ])
+    rounds = "; ".join(f"{raw[0]:,.0f} / {w[0]:,.0f} / {e[0]:,.0f}"
+                       for raw, w, e in zip(runs["raw"], runs["writer"], runs["entries"], strict=True))
+    result += f"\n\nEvery round (raw / writer / envelopes, writes/s): {rounds}.\n"
     print(result)
     if args.record:
         command = (f"python bench/journal/run.py --messages {args.messages} --clients {args.clients} "
-                   f"--http-seconds {args.http_seconds:g}")
+                   f"--rounds {args.rounds} --http-seconds {args.http_seconds:g}")
         record("Journal", f"`{command}` — {machine()}, 200-byte writes, shared nats-server v2.15.2 "
                           f"(file store, R1).\n\n{result}\n")
 

@@ -241,12 +241,13 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
         f"{'met' if set_ratio >= 0.5 else 'NOT met'}; added p99 <= 1 ms for sets — this run {added_p99:+.2f} ms, "
         f"{'met' if added_p99 <= 1.0 else 'NOT met'}.",
         "",
-        "Where walcar's CPU goes (py-spy, set-only memaslap, when this section was written): ~35% the NATS "
-        "thread (asyncio, nats-py, the journal writer's NATS side), ~10% the journal's trio side (ingress, "
-        "writer, applied tracker), ~25% trio scheduling and epoll, ~15% client socket I/O, ~15% the memcached "
-        "front itself (parse, handlers, ordering). A bare trio loop that parses sets and answers STORED without "
-        "journaling costs ~26 µs CPU/op on this box; the front without the journal (a stub ingress) ~50 µs. "
-        "Gets pay a second hop (client -> walcar -> memcached), two socket sends in Python per request.",
+        "Where walcar's CPU goes (py-spy, set-only memaslap, 2026-11-26, after the journal writer moved to its "
+        "own trio connection): ~45% the client sockets' syscalls (memaslap keeps one request in flight per "
+        "connection, so every set is a recv that finds nothing, a wait, a recv and a send of its own), ~20% the "
+        "journal (envelope, writer, the publish link's parse of PubAcks), ~15% the memcached front itself "
+        "(parse, handlers, ordering), the rest trio scheduling. A bare trio loop that parses sets and answers "
+        "STORED without journaling costs ~26 µs CPU/op on this box. Gets pay a second hop "
+        "(client -> walcar -> memcached), two socket sends in Python per request.",
         "",
     ]
     return "\n".join(lines)

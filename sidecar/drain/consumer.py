@@ -1,10 +1,9 @@
 """One durable pull consumer per (namespace, target, partition), feeding a partition worker.
 
 Deliveries are pushed, not polled: the worker grants credit (how many more entries
-it can hold), the NATS thread keeps one pull request outstanding within that credit,
-and everything that arrived for every partition crosses to trio together, once per
-burst (handoff.py). Acks and +WPI go out the same way in the other direction. So a
-busy drainer pays a few thread wake-ups per burst of rounds, not two per fetch.
+it can hold) and the consumer keeps one pull request outstanding within that credit.
+Requests, deliveries, acks and +WPI all go over the sidecar's trio connection to NATS
+(link.py): a delivery reaches its worker as it is read, with no thread in between.
 
 Why a reset on takeover: JetStream redelivers a dead owner's unacked messages only
 after their AckWait, while a new owner would meanwhile receive newer ones — a key's
@@ -16,18 +15,14 @@ order are applied a second time, in order, which leaves every key at its last va
 
 from __future__ import annotations
 
-import asyncio
 import json
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
-
-from sidecar.log import fastpath
 from sidecar.log.connection import JetStreamApiError, NatsConnection
-from sidecar.log.handoff import Handoff
+from sidecar.log.link import NatsLink, Timer, new_inbox
+from sidecar.log.wire import encode_publish, status_of
 
 CONSUMER_NOT_FOUND = 10014
 ACK = b"+ACK"
@@ -60,40 +55,6 @@ def consumer_name(target: str, partition: int) -> str:
 Sink = Callable[[list[Delivered]], None]
 
 
-class _Channel:
-    """Per connection: deliveries to trio, credit grants to the NATS thread, each once per burst."""
-
-    def __init__(self, conn: NatsConnection) -> None:
-        self.deliveries: Handoff[tuple[PartitionConsumer, list[Delivered]]] = Handoff(conn.to_trio, self._deliver)
-        self.grants: Handoff[tuple[_Pull, int]] = Handoff(conn.bridge.loop.call_soon_threadsafe, self._grant)
-
-    @staticmethod
-    def _deliver(items: list[tuple[PartitionConsumer, list[Delivered]]]) -> None:
-        """On the trio thread: one call per consumer with everything it got in this burst."""
-        grouped: dict[PartitionConsumer, list[Delivered]] = {}
-        for consumer, delivered in items:
-            grouped.setdefault(consumer, []).extend(delivered)
-        for consumer, delivered in grouped.items():
-            if consumer.sink is not None:
-                consumer.sink(delivered)
-
-    @staticmethod
-    def _grant(items: list[tuple[_Pull, int]]) -> None:
-        """On the NATS thread."""
-        for pull, credit in items:
-            pull.grant(credit)
-
-
-_channels: weakref.WeakKeyDictionary[NatsConnection, _Channel] = weakref.WeakKeyDictionary()
-
-
-def _channel(conn: NatsConnection) -> _Channel:
-    channel = _channels.get(conn)
-    if channel is None:
-        channel = _channels[conn] = _Channel(conn)
-    return channel
-
-
 class PartitionConsumer:
     def __init__(self, conn: NatsConnection, stream: str, target: str, subject: str, partition: int,
                  ack_wait: float, max_ack_pending: int, fetch_batch: int = 256) -> None:
@@ -105,7 +66,7 @@ class PartitionConsumer:
         self.max_ack_pending = max_ack_pending
         self.fetch_batch = fetch_batch
         self.sink: Sink | None = None
-        self._pull: _Pull | None = None  # NATS thread only
+        self._pull: _Pull | None = None
 
     def _config(self, start_seq: int) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -146,85 +107,67 @@ class PartitionConsumer:
             {"stream_name": self.stream, "config": self._config(start), "action": "create"},
         )
         self.sink = sink
-        channel = _channel(self.conn)
-        nc = self.conn.nc
-        assert nc is not None
-        self._pull = await self.conn.bridge.run(
-            lambda: _Pull.open(nc, self, channel, self.fetch_batch, fastpath.supported(nc))
-        )
+        assert self.conn.link is not None, "the drain needs the connection's link (open_journal opens it)"
+        self._pull = _Pull(self.conn.link, self, self.fetch_batch)
         return start
 
     def grant(self, credit: int) -> None:
         """The worker can hold `credit` more entries."""
         if credit > 0 and self._pull is not None:
-            _channel(self.conn).grants.put((self._pull, credit))
+            self._pull.grant(credit)
 
     def signal(self, replies: list[str], body: bytes = ACK) -> None:
-        """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks."""
-        if replies:
-            self.conn.publish_soon([(reply, body) for reply in replies])
+        """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks (a lost
+        one is redelivered after AckWait, and the worker skips what it already applied)."""
+        link = self.conn.link
+        if replies and link is not None:
+            link.send(b"".join(encode_publish(reply, b"", None, body) for reply in replies))
 
     async def unbind(self) -> None:
         self.sink = None
         pull, self._pull = self._pull, None
         if pull is not None:
-            try:
-                await self.conn.bridge.run(pull.close)
-            except Exception:  # already gone with the connection
-                pass
+            pull.close()
 
 
 class _Pull:
-    """Lives on the NATS thread: keeps one pull request outstanding within the granted credit.
+    """Keeps one pull request outstanding within the granted credit; deliveries go to the sink."""
 
-    With nats-py's internals available, deliveries come straight from its parser
-    (fastpath.route); otherwise a small fetch loop uses nats-py's public pull API."""
-
-    def __init__(self, nc: Any, consumer: PartitionConsumer, channel: _Channel, batch: int) -> None:
-        self.nc = nc
+    def __init__(self, link: NatsLink, consumer: PartitionConsumer, batch: int) -> None:
+        self.link = link
         self.consumer = consumer
-        self.channel = channel
         self.batch = batch
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.name}"
-        self.inbox = nc.new_inbox()
+        self.inbox = new_inbox()
         self.credit = 0
         self.requested = 0  # of the outstanding request, not yet delivered
         self.request_id = 0
-        self.sub: Any = None
         self.closed = False
-        self.fetcher: asyncio.Task[None] | None = None
-        self.more = asyncio.Event()
-
-    @classmethod
-    async def open(cls, nc: Any, consumer: PartitionConsumer, channel: _Channel, batch: int, raw: bool) -> _Pull:
-        pull = cls(nc, consumer, channel, batch)
-        if raw:
-            pull.sub = await nc.subscribe(pull.inbox)
-            fastpath.route(nc, pull.sub._id, pull._on_message)
-        else:
-            pull.sub = await nc.jetstream().pull_subscribe_bind(consumer.name, stream=consumer.stream)
-            pull.fetcher = asyncio.get_running_loop().create_task(pull._fetch_loop())
-        return pull
+        self.timers: list[Timer] = []
+        self.sid = link.subscribe(self.inbox, self._on_message)
+        link.on_lost.append(self._on_lost)
+        link.on_connected.append(self._request)
 
     def grant(self, credit: int) -> None:
         self.credit += credit
-        if self.fetcher is not None:
-            self.more.set()
-        else:
-            self._request()
+        self._request()
 
     def _request(self) -> None:
-        if self.closed or self.requested or self.credit <= 0 or not self.nc.is_connected:
+        if self.closed or self.requested or self.credit <= 0 or not self.link.connected:
             return
         size = min(self.credit, self.batch)
         self.credit -= size
         self.requested = size
         self.request_id += 1
         body = json.dumps({"batch": size, "expires": int(PULL_EXPIRES * 1e9)}).encode()
-        command = fastpath.encode_publish(self.subject, self.inbox.encode(), None, body)
-        asyncio.get_running_loop().create_task(fastpath.append_commands(self.nc, [command], len(command)))
-        # A request can vanish (a reconnect in between): if it neither delivers nor ends, ask again.
-        asyncio.get_running_loop().call_later(PULL_EXPIRES + 2.0, self._check, self.request_id, size)
+        self.link.send(encode_publish(self.subject, self.inbox.encode(), None, body))
+        # A request can vanish unanswered: if it neither delivers nor ends, ask again.
+        request_id = self.request_id
+        self._later(PULL_EXPIRES + 2.0, lambda: self._check(request_id, size))
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.timers = [t for t in self.timers if not t.cancelled]
+        self.timers.append(self.link.call_later(delay, fn))
 
     def _check(self, request_id: int, size: int) -> None:
         if request_id == self.request_id and self.requested == size:
@@ -235,49 +178,36 @@ class _Pull:
         self.requested = 0
         self._request()
 
+    def _on_lost(self, _reason: str) -> None:
+        """The request went with the connection; `_request` asks again once the link is back."""
+        self.credit += self.requested
+        self.requested = 0
+
     def _on_message(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if not reply and headers and headers.startswith(b"NATS/1.0 "):
-            status = headers[9:12]
+        if self.closed:
+            return
+        if not reply and headers:
+            status = status_of(headers)
             if status == b"409":  # a server limit (e.g. max ack pending): ask again a little later
                 self.credit += self.requested
                 self.requested = 0
-                asyncio.get_running_loop().call_later(0.5, self._request)
+                self._later(0.5, self._request)
             elif status != b"100":  # 404 no messages, 408 expired: the request is over
                 self._end_request()
             return
         text = reply.decode()
         seq, deliveries, timestamp = parse_reply(text)
         self.requested = max(0, self.requested - 1)
-        self.channel.deliveries.put((self.consumer, [Delivered(seq, text, data, deliveries, timestamp)]))
+        sink = self.consumer.sink
+        if sink is not None:
+            sink([Delivered(seq, text, data, deliveries, timestamp)])
         if self.requested == 0:
             self._request()
 
-    async def _fetch_loop(self) -> None:
-        while not self.closed:
-            if self.credit <= 0:
-                self.more.clear()
-                await self.more.wait()
-                continue
-            size = min(self.credit, self.batch)
-            try:
-                messages = await self.sub.fetch(size, timeout=PULL_EXPIRES)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except Exception:  # disconnected: nats-py reconnects; try again shortly
-                await asyncio.sleep(0.5)
-                continue
-            self.credit -= len(messages)
-            delivered = []
-            for msg in messages:
-                seq, deliveries, timestamp = parse_reply(msg.reply)
-                delivered.append(Delivered(seq, msg.reply, msg.data, deliveries, timestamp))
-            if delivered:
-                self.channel.deliveries.put((self.consumer, delivered))
-
-    async def close(self) -> None:
+    def close(self) -> None:
         self.closed = True
-        if self.fetcher is not None:
-            self.fetcher.cancel()
-        else:
-            fastpath.unroute(self.nc, self.sub._id)
-        await self.sub.unsubscribe()
+        for timer in self.timers:
+            timer.cancel()
+        self.link.unsubscribe(self.sid)
+        self.link.on_lost.remove(self._on_lost)
+        self.link.on_connected.remove(self._request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import trio
@@ -14,6 +14,9 @@ from sidecar.log import fastpath
 from sidecar.log.bridge import AsyncioBridge
 from sidecar.log.handoff import Handoff
 from sidecar.logs import get_logger
+
+if TYPE_CHECKING:
+    from sidecar.log.link import NatsLink
 
 log = get_logger("nats")
 
@@ -51,6 +54,8 @@ class NatsConnection:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._outgoing: Handoff[list[tuple[str, bytes]]] | None = None
+        # The trio connection for the hot paths (journal writes, drain pulls and acks): open_journal sets it.
+        self.link: NatsLink | None = None
 
     def publish_soon(self, messages: list[tuple[str, bytes]]) -> None:
         """Fire-and-forget core publishes (acks, +WPI, applied notices), from trio.

@@ -2,13 +2,14 @@
 
 nats-py builds a Msg object, parses headers, queues it and switches tasks for every
 inbound message, and validates and re-encodes every outbound one: ~15 µs a message.
-The drain's and the replay's pulls only need "append these commands" and "tell me
-each message of this subscription", so this module does exactly that against three
-nats-py internals (the journal writer has its own connection instead: link.py):
+The replay's reader and the fire-and-forget notices only need "append these commands"
+and "tell me each message of this subscription", so this module does exactly that
+against three nats-py internals (the journal writer and the drain use the sidecar's
+trio connection instead: link.py):
 
 - ``Client._pending`` / ``_pending_data_size`` / ``_flush_pending()`` — the outbound buffer
-- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the drain's and
-  the replay's pulled messages)
+- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the replay's
+  pulled messages)
 
 They are checked before use; when a nats-py release changes them, `supported()` is
 false and the callers fall back to nats-py's public API (slower, same semantics).

@@ -1,20 +1,23 @@
-"""The journal's own NATS connection, in trio: publish, and hear the replies to one inbox.
+"""The sidecar's hot-path NATS connection, in trio: publish, subscribe, nothing else.
 
-Why a second connection next to nats-py's: every write the sidecar acks crosses this
-path twice (the publish out, the PubAck back). Through nats-py that meant two hops
-between the trio thread and the asyncio thread per burst, and the GIL handed back
-and forth on each; measured on the journal benchmark this link is ~1.8x the writes/s
-and a third of the ack latency at low load. Everything else (JetStream API, KV,
-consumers, the object store) stays on nats-py.
+Why a second connection next to nats-py's: every write the sidecar acks, and every
+entry the drain applies, crosses it (the publish and its PubAck; the pull, the
+delivery and its ack). Through nats-py each burst meant hops between the trio thread
+and the asyncio thread, and the GIL handed back and forth on each; measured on the
+journal benchmark this link is ~1.8x the writes/s and a third of the ack latency at
+low load. The JetStream API, KV and the object store stay on nats-py.
 
 The link speaks the protocol through wire.py, answers the server's PINGs, sends its
 own (a silent server is a dead one after two intervals), reconnects forever with a
-short pause, and reports each loss so the writer can answer what was in flight.
+short pause (subscriptions are renewed), tells its users of each loss and each
+reconnection, and runs small timers for them (`call_later`) on the trio loop.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
+import itertools
 import os
 import re
 import secrets
@@ -39,19 +42,19 @@ from sidecar.log.wire import (
     WireError,
     encode_connect,
     encode_sub,
+    encode_unsub,
 )
 from sidecar.logs import get_logger
 
-log = get_logger("journal")
+log = get_logger("nats")
 
 CONNECT_TIMEOUT: Final = 2.0
 RECONNECT_WAIT: Final = 0.5
 PING_INTERVAL: Final = 5.0
 MAX_OUTSTANDING_PINGS: Final = 2
 RECEIVE_SIZE: Final = 256 * 1024
-INBOX_SID: Final = 1
 
-ReplyHandler = Callable[[bytes, bytes, bytes | None], None]  # (subject, payload, header block)
+MessageHandler = Callable[[bytes, bytes, bytes, bytes | None], None]  # (subject, reply, payload, header block)
 
 
 class LinkRefused(Exception):
@@ -118,24 +121,38 @@ def new_inbox() -> str:
     return f"_INBOX.{secrets.token_hex(11)}"
 
 
-class PublishLink:
-    """One connection that publishes and receives replies on `inbox.*`."""
+class Timer:
+    __slots__ = ("cancelled", "fn")
 
-    def __init__(self, url: str, on_reply: ReplyHandler, on_lost: Callable[[str], None], *,
-                 creds: str | None = None, name: str = "walcar", inbox: str | None = None) -> None:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class NatsLink:
+    """One trio connection to NATS; handlers run on the trio loop as messages are read."""
+
+    def __init__(self, url: str, *, creds: str | None = None, name: str = "walcar") -> None:
         self.servers = parse_servers(url)
-        self.inbox = inbox or new_inbox()
         self.name = name
         self.connected = False
         self.last_error = ""
+        self.on_lost: list[Callable[[str], None]] = []  # what was in flight on the lost connection is gone
+        self.on_connected: list[Callable[[], None]] = []  # after a (re)connect, subscriptions renewed
         self._sign = creds_signer(creds) if creds else None
-        self._on_reply = on_reply
-        self._on_lost = on_lost
+        self._subscriptions: dict[int, tuple[str, MessageHandler]] = {}
+        self._sids = itertools.count(1)
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._pings_outstanding = 0
         self._fd: int | None = None  # plain TCP: bytes can go out at once, without waiting for the write loop
         self._writing = False  # the write loop is inside send_all: anything else must queue behind it
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_ids = itertools.count()
+        self._timers_changed = trio.Event()
 
     def send(self, data: bytes) -> bool:
         """Write bytes now if the socket takes them, else queue them; False while disconnected.
@@ -157,8 +174,47 @@ class PublishLink:
             self._wake.set()
         return True
 
+    def subscribe(self, subject: str, handler: MessageHandler) -> int:
+        sid = next(self._sids)
+        self._subscriptions[sid] = (subject, handler)
+        self.send(encode_sub(subject, sid))  # when disconnected, the next handshake subscribes
+        return sid
+
+    def unsubscribe(self, sid: int) -> None:
+        if self._subscriptions.pop(sid, None) is not None:
+            self.send(encode_unsub(sid))
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        """Run `fn` on the trio loop after `delay` seconds (unless cancelled); while `run` runs."""
+        timer = Timer(fn)
+        deadline = trio.current_time() + delay
+        heapq.heappush(self._timers, (deadline, next(self._timer_ids), timer))
+        if self._timers[0][2] is timer:
+            self._timers_changed.set()
+        return timer
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve, and reconnect forever; `started` after the first attempt, whatever its outcome."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._timer_loop)
+            await self._connect_loop(task_status)
+
+    async def _timer_loop(self) -> None:
+        timers = self._timers
+        while True:
+            now = trio.current_time()
+            while timers and timers[0][0] <= now:
+                timer = heapq.heappop(timers)[2]
+                if not timer.cancelled:
+                    try:
+                        timer.fn()
+                    except Exception:  # one user's bug must not take the connection down
+                        log.error("link_timer_failed", exc_info=True)
+            self._timers_changed = trio.Event()
+            with trio.move_on_at(timers[0][0] if timers else float("inf")):
+                await self._timers_changed.wait()
+
+    async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
         attempt = 0
         started = False
         while True:
@@ -169,7 +225,7 @@ class PublishLink:
                     LinkRefused, LinkLost) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if error != self.last_error:
-                    log.warning("journal_link_connect_failed", host=server.host, port=server.port, error=error)
+                    log.warning("nats_link_connect_failed", host=server.host, port=server.port, error=error)
                 self.last_error = error
                 attempt += 1
                 if not started:
@@ -180,11 +236,11 @@ class PublishLink:
             if not started:
                 task_status.started()
                 started = True
-            log.info("journal_link_connected", host=server.host, port=server.port)
+            log.info("nats_link_connected", host=server.host, port=server.port)
             self.last_error = ""
             reason = await self._serve(stream, parser)
             self.last_error = reason
-            log.warning("journal_link_lost", host=server.host, port=server.port, error=reason)
+            log.warning("nats_link_lost", host=server.host, port=server.port, error=reason)
 
     async def _open(self, server: Server) -> tuple[trio.abc.Stream, ClientParser]:
         with trio.fail_after(CONNECT_TIMEOUT):
@@ -197,7 +253,7 @@ class PublishLink:
                     stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=server.host)
                     await stream.do_handshake()
                 options = self._connect_options(server, info.fields)
-                await stream.send_all(encode_connect(options) + encode_sub(f"{self.inbox}.*", INBOX_SID) + PING)
+                await stream.send_all(encode_connect(options) + PING)
                 await self._next(stream, parser, Pong)
             except BaseException:
                 await trio.aclose_forcefully(stream)
@@ -206,7 +262,7 @@ class PublishLink:
 
     def _connect_options(self, server: Server, info: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "verbose": False, "pedantic": False, "tls_required": server.tls, "name": f"{self.name}-journal",
+            "verbose": False, "pedantic": False, "tls_required": server.tls, "name": self.name,
             "lang": "python3-walcar", "version": "1", "protocol": 1, "headers": True, "no_responders": True,
             "echo": False,
         }
@@ -241,6 +297,10 @@ class PublishLink:
         self._pings_outstanding = 0
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.connected = True
+        # Subscriptions made while away (or before a reconnect) are renewed before anything else is sent.
+        self.send(b"".join(encode_sub(subject, sid) for sid, (subject, _) in self._subscriptions.items()))
+        for hook in list(self.on_connected):
+            hook()
         reason = "connection closed"
         try:
             async with trio.open_nursery() as nursery:
@@ -256,7 +316,8 @@ class PublishLink:
             self._out.clear()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-        self._on_lost(reason)
+        for lost in list(self.on_lost):
+            lost(reason)
         return reason
 
     async def _write_loop(self, stream: trio.abc.Stream) -> None:
@@ -282,7 +343,7 @@ class PublishLink:
             self.send(PING)
 
     async def _read_loop(self, stream: trio.abc.Stream, parser: ClientParser) -> None:
-        on_reply = self._on_reply
+        subscriptions = self._subscriptions
         while True:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
@@ -290,10 +351,12 @@ class PublishLink:
             parser.feed(data)
             while (event := parser.next_event()) is not None:
                 if type(event) is ServerMessage:
-                    on_reply(event.subject, event.payload, event.headers)
+                    subscription = subscriptions.get(event.sid)
+                    if subscription is not None:  # else unsubscribed, and the server had not heard yet
+                        subscription[1](event.subject, event.reply, event.payload, event.headers)
                 elif type(event) is Ping:
                     self.send(PONG)
                 elif type(event) is Pong:
                     self._pings_outstanding = 0
                 elif type(event) is ServerError:
-                    log.warning("journal_link_server_error", error=event.message)
+                    log.warning("nats_link_server_error", error=event.message)

@@ -12,6 +12,7 @@ from sidecar.log.bridge import AsyncioBridge
 from sidecar.log.chunks import ChunkStore
 from sidecar.log.connection import NatsConnection
 from sidecar.log.journal import Journal
+from sidecar.log.link import NatsLink
 from sidecar.log.streams import provision_namespace
 from sidecar.log.writer import JournalWriter
 from sidecar.logs import get_logger
@@ -45,8 +46,10 @@ async def open_journal(
 
             conn.on_reconnect(reprovision)
         writer = JournalWriter(conn, config.sidecar.journal)
+        conn.link = NatsLink(config.sidecar.nats_url, creds=config.sidecar.nats_creds, name=f"{name}-link")
         async with trio.open_nursery() as nursery:
             conn.attach(nursery)
+            await nursery.start(conn.link.run)
             await writer.start(nursery)
             journal = Journal(config, writer, ChunkStore(conn))
             try:

@@ -96,6 +96,10 @@ def encode_sub(subject: str, sid: int) -> bytes:
     return b"SUB %s %d\r\n" % (subject.encode(), sid)
 
 
+def encode_unsub(sid: int) -> bytes:
+    return b"UNSUB %d\r\n" % sid
+
+
 def status_of(headers: bytes | None) -> bytes:
     """The inline status of a reply's header block ("NATS/1.0 503\\r\\n..." -> b"503"), or b""."""
     if headers and headers.startswith(b"NATS/1.0 "):

@@ -1,8 +1,8 @@
 """The journal writer: group commit from trio to JetStream, every PubAck matched to its write.
 
 Trio tasks call `publish` / `publish_atomic` and wait. A batcher takes everything
-queued in one scheduling round and writes it to the journal's own connection
-(link.py) as one burst: each message with a reply subject under one wildcard ack
+queued in one scheduling round and writes it to the sidecar's trio connection to
+NATS (link.py) as one burst: each message with a reply subject under one wildcard ack
 inbox (pipelined: no round trip per message). Each PubAck, as it is read, answers
 its write. A write is `durable: true` only with a PubAck in hand:
 
@@ -27,7 +27,7 @@ import trio
 
 from sidecar.config import JournalSettings
 from sidecar.log.connection import NatsConnection
-from sidecar.log.link import PublishLink
+from sidecar.log.link import NatsLink, new_inbox
 from sidecar.log.wire import encode_publish, status_of
 from sidecar.logs import get_logger
 
@@ -169,15 +169,18 @@ class JournalWriter:
         # full reply subject -> (write, batch, is_commit); a batch-start reply has is_commit False
         self._pending: dict[bytes, tuple[_Write, _Batch, bool]] = {}
         self._tokens = itertools.count(1)
-        self._link: PublishLink | None = None
+        self._link: NatsLink | None = None
         self._inbox = b""
         self._closed = False
 
     async def start(self, nursery: trio.Nursery) -> None:
-        self._link = PublishLink(self.conn.url, self._on_reply, self._on_lost, creds=self.conn.creds,
-                                 name=self.conn.name)
-        self._inbox = self._link.inbox.encode()
-        await nursery.start(self._link.run)
+        link = self.conn.link
+        assert link is not None, "open the connection's link (open_journal does) before the writer"
+        self._link = link
+        inbox = new_inbox()
+        self._inbox = inbox.encode()
+        link.subscribe(f"{inbox}.*", self._on_reply)
+        link.on_lost.append(self._on_lost)
         nursery.start_soon(self._batcher)
         nursery.start_soon(self._expire_loop)
 
@@ -347,7 +350,7 @@ class JournalWriter:
             out.append((Message(message.subject, message.payload, headers), reply))
         return out
 
-    def _on_reply(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+    def _on_reply(self, subject: bytes, _reply: bytes, data: bytes, headers: bytes | None) -> None:
         """From the link's reader, for every message to the ack inbox."""
         entry = self._pending.pop(subject, None)
         if entry is None:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.services import NATS_SERVER
@@ -95,9 +96,10 @@ class ManagedProcess:
 class NatsProcess(ManagedProcess):
     name = "nats-server"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         super().__init__(workdir, port)
         self.monitor_port = free_port()
+        self.extra_args = list(extra_args)  # e.g. ["--user", "u", "--pass", "p"]
 
     @property
     def url(self) -> str:
@@ -106,7 +108,7 @@ class NatsProcess(ManagedProcess):
     def command(self) -> list[str]:
         return [
             str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
-            "-js", "-sd", str(self.workdir / "js"),
+            "-js", "-sd", str(self.workdir / "js"), *self.extra_args,
         ]
 
     def ready(self) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.log.link import NatsLink, Timer, new_inbox
-from sidecar.log.wire import encode_publish, status_of
+from sidecar.log.wire import encode_publish, encode_same_to_each, status_of
 
 CONSUMER_NOT_FOUND = 10014
 ACK = b"+ACK"
@@ -121,7 +121,7 @@ class PartitionConsumer:
         one is redelivered after AckWait, and the worker skips what it already applied)."""
         link = self.conn.link
         if replies and link is not None:
-            link.send(b"".join(encode_publish(reply, b"", None, body) for reply in replies))
+            link.send(encode_same_to_each(replies, body))
 
     async def unbind(self) -> None:
         self.sink = None

@@ -217,11 +217,11 @@ class PartitionWorker:
                 del self.held[held.seq]
                 acks.append(held.reply)
                 applied.append(held.seq)
-                self._remember(key, held.seq)
                 if held.entry.chunk is not None:
                     chunked.append(held)
             if outcome.applied:
                 any_success = True
+                self._remember(key, run[outcome.applied - 1].seq)
             if outcome.error is not None:
                 last_error = outcome.error.message
                 unavailable = unavailable or outcome.error.error_class is ErrorClass.UNAVAILABLE
@@ -252,7 +252,9 @@ class PartitionWorker:
                 outcomes[index] = await self._apply_multi(run[0].entry)
                 continue
             try:
-                entries = [await self._with_payload(held.entry) for held in run]
+                # Most entries carry their value inline: no coroutine per entry for them.
+                entries = [held.entry if held.entry.chunk is None else await self._with_payload(held.entry)
+                           for held in run]
             except ApplyError as exc:
                 outcomes[index] = RunOutcome(0, exc)
                 continue

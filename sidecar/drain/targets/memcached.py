@@ -36,6 +36,8 @@ from sidecar.protocols.memcache.keys import memcached_key
 from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.units import parse_hostport
 
+_APPLIED_OPS = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})
+
 
 def cache_key(entry: Entry) -> bytes:
     raw = memcached_key(entry.key)
@@ -127,7 +129,7 @@ class MemcachedTarget:
                 server.idle.pop().close()
 
     def wants(self, entry: Entry) -> bool:
-        return addressed_to(entry, self.name) and entry.op in (Op.PUT, Op.DELETE, Op.TOUCH)
+        return entry.op in _APPLIED_OPS and addressed_to(entry, self.name)
 
     def server_for(self, key: bytes) -> _Server:
         """The same choice the memcached front's reads make (routing.server_for_key)."""

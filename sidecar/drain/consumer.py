@@ -166,7 +166,7 @@ class _Pull:
         self._later(PULL_EXPIRES + 2.0, lambda: self._check(request_id, size))
 
     def _later(self, delay: float, fn: Callable[[], None]) -> None:
-        self.timers = [t for t in self.timers if not t.cancelled]
+        self.timers = [t for t in self.timers if not t.done]  # keep only the pending ones
         self.timers.append(self.link.call_later(delay, fn))
 
     def _check(self, request_id: int, size: int) -> None:

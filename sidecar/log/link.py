@@ -122,14 +122,14 @@ def new_inbox() -> str:
 
 
 class Timer:
-    __slots__ = ("cancelled", "fn")
+    __slots__ = ("done", "fn")
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
-        self.cancelled = False
+        self.done = False  # fired or cancelled: it will not run (again)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.done = True
 
 
 class NatsLink:
@@ -205,7 +205,8 @@ class NatsLink:
             now = trio.current_time()
             while timers and timers[0][0] <= now:
                 timer = heapq.heappop(timers)[2]
-                if not timer.cancelled:
+                if not timer.done:
+                    timer.done = True
                     try:
                         timer.fn()
                     except Exception:  # one user's bug must not take the connection down

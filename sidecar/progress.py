@@ -11,15 +11,46 @@ import time
 from typing import TextIO
 
 
+class StatusLine:
+    """One status line: redrawn in place on a terminal, else printed as plain lines, at most one
+    per `plain_every` seconds unless forced (a state change, the last line)."""
+
+    def __init__(self, stream: TextIO | None = None, plain_every: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.plain_every = plain_every
+        self._last_plain = float("-inf")
+        self._drawn = False
+
+    def show(self, text: str, force: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self._drawn = True
+        else:
+            now = time.monotonic()
+            if not force and now - self._last_plain < self.plain_every:
+                return
+            self._last_plain = now
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the redrawn line, so what follows starts on its own."""
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
 class Progress:
     def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None,
                  interval: float = 0.25) -> None:
         self.label = label
         self.total = total
         self.done = 0
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = interval if self.tty else 5.0
+        self.status = StatusLine(stream)
+        self.tty = self.status.tty
+        self.interval = interval if self.tty else 0.0  # the status line throttles plain output itself
         self.started = time.monotonic()
         self._drawn = 0.0
 
@@ -28,7 +59,7 @@ class Progress:
         now = time.monotonic()
         if now - self._drawn >= self.interval:
             self._drawn = now
-            self._draw(now)
+            self.status.show(self.line())
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -54,15 +85,6 @@ class Progress:
             parts.append(f"eta {eta:,.0f}s")
         return "  ".join(parts)
 
-    def _draw(self, now: float) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K" + self.line())
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
-
     def finish(self) -> None:
-        self._draw(time.monotonic())
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.status.show(self.line(), force=True)
+        self.status.finish()

@@ -24,6 +24,7 @@ import trio
 
 from sidecar import config as config_mod
 from sidecar import logs
+from sidecar.progress import StatusLine
 from sidecar.replay.progress import ReplayProgress, ReplaySummary
 from sidecar.replay.request import ReplayError, ReplayRequest, VerifyRequest, check_request
 from sidecar.units import parse_hostport
@@ -33,7 +34,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 TTY_REDRAW = 0.25
-PLAIN_EVERY = 5.0
 TABLE_ROWS = 50
 
 REPLAY_EXAMPLES = """\
@@ -275,6 +275,7 @@ async def _replay(config: config_mod.Config, request: ReplayRequest, args: argpa
     from sidecar.replay.job import ReplayJob, prepare_replay
 
     interrupted = False
+    status = StatusLine()
 
     async def body(journal: Any) -> ReplayJob:
         job = await prepare_replay(config, journal, request)
@@ -293,14 +294,14 @@ async def _replay(config: config_mod.Config, request: ReplayRequest, args: argpa
                             nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signal)
-            nursery.start_soon(_draw, lambda: job.progress, "replay")
+            nursery.start_soon(_draw, lambda: job.progress, "replay", status)
             await job.run()
             nursery.cancel_scope.cancel()
         return job
 
     job = await _with_journal(config, "walcar-replay", body)
     summary = job.summary()
-    _finish_line()
+    status.finish()
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(summary), indent=2).decode() + "\n")
     else:
@@ -325,16 +326,18 @@ def _resume_hint(args: argparse.Namespace, job: Any) -> str:
 async def _verify(config: config_mod.Config, request: VerifyRequest, args: argparse.Namespace) -> int:
     from sidecar.replay.verify import VerifyReport, prepare_verify
 
+    status = StatusLine()
+
     async def body(journal: Any) -> VerifyReport:
         job = await prepare_verify(config, journal, request)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_draw, lambda: job.progress, "verify")
+            nursery.start_soon(_draw, lambda: job.progress, "verify", status)
             report = await job.run()
             nursery.cancel_scope.cancel()
         return report
 
     report = await _with_journal(config, "walcar-verify", body)
-    _finish_line()
+    status.finish()
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode() + "\n")
     else:
@@ -343,9 +346,6 @@ async def _verify(config: config_mod.Config, request: VerifyRequest, args: argpa
 
 
 # --- progress --------------------------------------------------------------------------------
-
-_drawn = False
-
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
@@ -368,30 +368,14 @@ def render(progress: ReplayProgress, width: int = 24) -> str:
     return line
 
 
-async def _draw(current: Any, what: str) -> None:
+async def _draw(current: Any, what: str, status: StatusLine) -> None:
     """Redraw in place on a terminal; plain lines (and one per state change) otherwise."""
-    global _drawn
-    tty = sys.stderr.isatty()
-    last_plain = 0.0
     last_state = ""
     while True:
         progress: ReplayProgress = current()
-        if tty:
-            sys.stderr.write("\r\x1b[2K" + f"{what} " + render(progress))
-            sys.stderr.flush()
-            _drawn = True
-        else:
-            now = time.monotonic()
-            if now - last_plain >= PLAIN_EVERY or progress.state != last_state:
-                print(f"{what} " + render(progress), file=sys.stderr, flush=True)
-                last_plain, last_state = now, progress.state
-        await trio.sleep(TTY_REDRAW if tty else 0.5)
-
-
-def _finish_line() -> None:
-    if _drawn:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        status.show(f"{what} " + render(progress), force=progress.state != last_state)
+        last_state = progress.state
+        await trio.sleep(TTY_REDRAW if status.tty else 0.5)
 
 
 # --- summaries -------------------------------------------------------------------------------

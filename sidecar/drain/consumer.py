@@ -33,15 +33,15 @@ PULL_EXPIRES = 5.0  # a pull request's life; re-issued while credit remains
 @dataclass(slots=True)
 class Delivered:
     seq: int
-    reply: str
+    reply: bytes  # the ack subject, kept as read: it only ever goes back on the wire
     data: bytes
     deliveries: int
     timestamp_ns: int
 
 
-def parse_reply(reply: str) -> tuple[int, int, int]:
+def parse_reply(reply: str | bytes) -> tuple[int, int, int]:
     """(stream sequence, delivery count, timestamp ns) from a `$JS.ACK...` reply subject."""
-    tokens = reply.split(".")
+    tokens: list[str] | list[bytes] = reply.split(b".") if isinstance(reply, bytes) else reply.split(".")
     if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
         return int(tokens[5]), int(tokens[4]), int(tokens[7])
     # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<token>
@@ -116,7 +116,7 @@ class PartitionConsumer:
         if credit > 0 and self._pull is not None:
             self._pull.grant(credit)
 
-    def signal(self, replies: list[str], body: bytes = ACK) -> None:
+    def signal(self, replies: list[bytes], body: bytes = ACK) -> None:
         """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks (a lost
         one is redelivered after AckWait, and the worker skips what it already applied)."""
         link = self.conn.link
@@ -195,12 +195,11 @@ class _Pull:
             elif status != b"100":  # 404 no messages, 408 expired: the request is over
                 self._end_request()
             return
-        text = reply.decode()
-        seq, deliveries, timestamp = parse_reply(text)
+        seq, deliveries, timestamp = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
         sink = self.consumer.sink
         if sink is not None:
-            sink([Delivered(seq, text, data, deliveries, timestamp)])
+            sink([Delivered(seq, reply, data, deliveries, timestamp)])
         if self.requested == 0:
             self._request()
 

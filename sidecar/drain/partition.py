@@ -124,7 +124,7 @@ class PartitionWorker:
     def _take(self, delivered: list[Delivered]) -> None:
         """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
         self._credit_out = max(0, self._credit_out - len(delivered))
-        skip: list[str] = []
+        skip: list[bytes] = []
         for item in delivered:
             if item.seq in self.held:
                 continue  # a redelivery of something this worker still holds
@@ -204,7 +204,7 @@ class PartitionWorker:
         for key in keys:
             self.ready.discard(key)
         outcomes = await self._apply_runs(runs)
-        acks: list[str] = []
+        acks: list[bytes] = []
         applied: list[int] = []
         chunked: list[Held] = []
         any_success = False

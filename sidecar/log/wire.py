@@ -88,10 +88,10 @@ def encode_publish(subject: str, reply: bytes, headers: dict[str, str] | None, p
     return b"PUB %s%s %d\r\n%s\r\n" % (subject.encode(), reply_part, len(payload), payload)
 
 
-def encode_same_to_each(subjects: list[str], payload: bytes) -> bytes:
+def encode_same_to_each(subjects: list[bytes], payload: bytes) -> bytes:
     """One PUB of `payload` to each subject (acks: "+ACK" to many reply subjects), in one buffer."""
     size = len(payload)
-    return b"".join([b"PUB %s %d\r\n%s\r\n" % (subject.encode(), size, payload) for subject in subjects])
+    return b"".join([b"PUB %s %d\r\n%s\r\n" % (subject, size, payload) for subject in subjects])
 
 
 def encode_connect(options: dict[str, Any]) -> bytes:

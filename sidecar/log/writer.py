@@ -16,7 +16,6 @@ its write. A write is `durable: true` only with a PubAck in hand:
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from enum import StrEnum
 from typing import Any
@@ -107,13 +106,12 @@ class _Group:
 
 
 class _Batch:
-    __slots__ = ("deadline", "remaining", "submitted", "writes")
+    __slots__ = ("remaining", "submitted", "writes")
 
-    def __init__(self, writes: list[_Write], submitted: float, deadline: float) -> None:
+    def __init__(self, writes: list[_Write], submitted: float) -> None:
         self.writes = writes
         self.remaining = len(writes)
-        self.submitted = submitted  # time.monotonic(), for the ack latency the shedding looks at
-        self.deadline = deadline  # trio time after which unanswered writes are "unknown"
+        self.submitted = submitted  # trio time: ack latency (shedding, stats) and the publish deadline
 
 
 class JournalStats:
@@ -272,7 +270,7 @@ class JournalWriter:
         if not self.connected:
             return _fail("journal unavailable: not connected to NATS")
         if self._inflight_batches:
-            age = time.monotonic() - self._inflight_batches[0].submitted
+            age = trio.current_time() - self._inflight_batches[0].submitted
             if age > self.settings.shed_ack_latency:
                 return _fail(f"journal overloaded: acks are {age:.2f}s behind; retry later")
         return None
@@ -311,14 +309,19 @@ class JournalWriter:
 
     def _send(self, writes: list[_Write]) -> None:
         assert self._link is not None
-        batch = _Batch(writes, time.monotonic(), trio.current_time() + self.settings.publish_timeout)
+        batch = _Batch(writes, trio.current_time())
         if not self._link.connected:
             for write in writes:
                 self._settle(write, batch, _fail("journal unavailable: not connected to NATS"))
             return
         commands = []
         for write in writes:
-            for message, reply in self._commands_for(write, batch):
+            if write.atomic:
+                commands += [encode_publish(m.subject, reply, m.headers, m.payload)
+                             for m, reply in self._atomic_commands(write, batch)]
+            else:  # nearly every write: no intermediate list
+                message = write.messages[0]
+                reply = self._reply_for(write, batch, True)
                 commands.append(encode_publish(message.subject, reply, message.headers, message.payload))
         self._inflight_batches.append(batch)
         self._link.send(b"".join(commands))
@@ -329,10 +332,8 @@ class JournalWriter:
         self._pending[reply] = (write, batch, is_commit)
         return reply
 
-    def _commands_for(self, write: _Write, batch: _Batch) -> list[tuple[Message, bytes]]:
-        """(message, reply) pairs; an atomic batch follows ADR-50's headers."""
-        if not write.atomic:
-            return [(write.messages[0], self._reply_for(write, batch, True))]
+    def _atomic_commands(self, write: _Write, batch: _Batch) -> list[tuple[Message, bytes]]:
+        """(message, reply) pairs of an atomic batch, with ADR-50's headers."""
         batch_id = f"{self._inbox.decode().rsplit('.', 1)[-1]}{next(self._tokens)}"
         last = len(write.messages)
         out = []
@@ -388,8 +389,9 @@ class JournalWriter:
                 await self._batch_sent.wait()
                 continue
             batch = self._inflight_batches[0]
-            if batch.remaining and trio.current_time() < batch.deadline:
-                await trio.sleep_until(batch.deadline)
+            deadline = batch.submitted + timeout
+            if batch.remaining and trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
                 continue
             if batch.remaining:
                 for reply in [r for r, (_, b, _) in self._pending.items() if b is batch]:
@@ -431,7 +433,7 @@ class JournalWriter:
                 write.group.done.set()
         batch.remaining -= 1
         if batch.remaining == 0:
-            stats.last_ack_latency = time.monotonic() - batch.submitted
+            stats.last_ack_latency = trio.current_time() - batch.submitted
             self._drop_finished()
         self._capacity_freed.set()
 

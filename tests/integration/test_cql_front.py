@@ -13,7 +13,6 @@ import secrets
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,8 +30,6 @@ from hypothesis import strategies as st
 
 from sidecar.config import Config, stream_name
 from sidecar.envelope import Entry, Op
-from sidecar.ingress import Ingress
-from sidecar.log.service import open_journal
 from sidecar.log.streams import chunk_bucket, dlq_stream_name
 from sidecar.protocols.cql.frames import Frame as CqlFrame
 from sidecar.protocols.cql.frames import FrameDecoder
@@ -55,6 +52,7 @@ from sidecar.protocols.cql.messages import (
 )
 from sidecar.protocols.cql.server import serve_cql
 from sidecar.protocols.cql.types import CqlProtocolError
+from tests.support.listener import ListenerThread
 from tests.support.procs import NatsProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import build_config, sidecar_document
@@ -76,51 +74,15 @@ def cql_config(nats_url: str, namespace: str, services: Services, port: int | No
     return build_config(sidecar_document(nats_url, {namespace: {"partitions": 8, "targets": [target]}}, [listener]))
 
 
-class CqlSidecar:
+class CqlSidecar(ListenerThread):
     """serve_cql over a real journal, as the sidecar wires it, on a trio loop in a background thread."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.listener = config.listeners[0]
-        self.port = int(self.listener.bind.rpartition(":")[2])
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> CqlSidecar:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30) or self._error is not None:
-            raise RuntimeError(f"CQL sidecar did not start: {self._error!r}")
-        return self
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # surfaced by start() / stop()
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
-        async with open_journal(self.config, connect_retry=5.0) as journal:
-            ingress = Ingress(self.config, journal)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_cql, self.listener, ingress, self.config, self._stop)
-                self._ready.set()
+        super().__init__(config, serve_cql)
 
     def stop(self) -> None:
-        if self._token is not None and self._stop is not None:
-            try:
-                self._token.run_sync_soon(self._stop.set)
-            except trio.RunFinishedError:
-                pass
-        if self._thread is not None:
-            self._thread.join(30)
-            assert not self._thread.is_alive(), "the CQL sidecar did not stop"
+        super().stop()
+        assert self._thread is None or not self._thread.is_alive(), "the CQL sidecar did not stop"
 
 
 def connect(port: int, *, password: str = "cassandra", compression: Any = True, protocol_version: int | None = 4,

@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,59 +28,22 @@ from pymemcache.exceptions import MemcacheServerError
 
 from sidecar.config import Config, stream_name, validate
 from sidecar.envelope import Entry, Op
-from sidecar.ingress import Ingress
-from sidecar.log.service import open_journal
 from sidecar.protocols.memcache import handlers
 from sidecar.protocols.memcache.keys import EXPIRED, absolute_expiry, entry_key, memcached_key
 from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.protocols.memcache.server import serve_memcached
+from tests.support.listener import ListenerThread
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, sidecar_document
 from tests.support.streams import read_stream
 
 
-class Front:
+class Front(ListenerThread):
     """A journal + memcached listener on a trio loop in a thread of its own."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.listener = config.listeners[0]
-        self.port = int(self.listener.bind.rsplit(":", 1)[1])
-        self.ingress: Ingress | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Front:
-        self._thread.start()
-        if not self._ready.wait(30) or self._error is not None:
-            raise RuntimeError(f"the memcached front did not start: {self._error!r}")
-        return self
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
-        async with open_journal(self.config, connect_retry=5.0) as journal:
-            self.ingress = Ingress(self.config, journal)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_memcached, self.listener, self.ingress, self.config, self._stop)
-                self._ready.set()
-
-    def stop(self) -> None:
-        if self._token is not None and self._thread.is_alive():
-            assert self._stop is not None
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(30)
+        super().__init__(config, serve_memcached)
 
     def client(self, **kwargs: Any) -> Client:
         options: dict[str, Any] = {"connect_timeout": 5, "timeout": 10, "default_noreply": False}

@@ -116,7 +116,7 @@ def test_publish_commands_are_what_the_server_expects() -> None:
     two = wire.encode_publish("a", b"r", {"Nats-Batch-Id": "b", "Nats-Batch-Sequence": "1"}, b"")
     header = b"NATS/1.0\r\nNats-Batch-Id: b\r\nNats-Batch-Sequence: 1\r\n\r\n"
     assert two == b"HPUB a r %d %d\r\n%s\r\n" % (len(header), len(header), header)
-    assert wire.encode_same_to_each(["$JS.ACK.a.1", "$JS.ACK.a.2"], b"+ACK") == (
+    assert wire.encode_same_to_each([b"$JS.ACK.a.1", b"$JS.ACK.a.2"], b"+ACK") == (
         b"PUB $JS.ACK.a.1 4\r\n+ACK\r\nPUB $JS.ACK.a.2 4\r\n+ACK\r\n")
     assert wire.encode_connect({"verbose": False, "name": "w"}) == b'CONNECT {"verbose":false,"name":"w"}\r\n'
 

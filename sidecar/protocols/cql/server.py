@@ -32,6 +32,10 @@ __all__ = ["serve_cql"]
 log = get_logger("cql")
 
 RECEIVE_SIZE: Final = 65536
+# Frames dispatched before the reader yields: a driver pipelines dozens of requests per
+# read, and handing them all to the journal at once returns all their answers at once, so
+# the driver and walcar take turns idling; slices keep both busy (~+20% inserts/s).
+DISPATCH_SLICE: Final = 8
 HIGH_WATER: Final = 4 * 1024 * 1024  # unsent reply bytes before the reader pauses
 
 
@@ -103,6 +107,7 @@ class _Connection:
             if not data:
                 return
             decoder.feed(data)
+            dispatched = 0
             while True:
                 try:
                     event = decoder.next_event()
@@ -117,6 +122,9 @@ class _Connection:
                     self.send(event.reply())  # the driver retries with v4 on a new connection
                     return
                 self._dispatch(client, event)
+                dispatched += 1
+                if dispatched % DISPATCH_SLICE == 0:
+                    await trio.lowlevel.checkpoint()
 
     def _dispatch(self, client: Client, frame: Frame) -> None:
         try:

@@ -35,6 +35,7 @@ from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry
 from sidecar.log.journal import Journal
 from sidecar.log.streams import dlq_stream_name
+from sidecar.log.wire import encode_publish
 from sidecar.logs import get_logger
 
 log = get_logger("drain")
@@ -188,7 +189,11 @@ class DrainService:
             self._nursery.start_soon(factory)
 
     def notify_applied(self, namespace: str, target: str, sequences: list[int]) -> None:
-        self.journal.writer.conn.publish_soon([(applied_subject(namespace, target), msgspec.msgpack.encode(sequences))])
+        """Fire and forget over the link: a notice lost while NATS is away only costs a `sync`
+        write its `visible: true` (it answers false when the budget runs out)."""
+        link = self.journal.writer.conn.link
+        if link is not None:
+            link.send(encode_publish(applied_subject(namespace, target), b"", None, msgspec.msgpack.encode(sequences)))
 
     async def run(self, *, task_status: trio.TaskStatus[DrainService] = trio.TASK_STATUS_IGNORED) -> None:
         await self.leases.open()

@@ -10,9 +10,7 @@ import nats
 import trio
 from nats.aio.client import Client
 
-from sidecar.log import fastpath
 from sidecar.log.bridge import AsyncioBridge
-from sidecar.log.handoff import Handoff
 from sidecar.logs import get_logger
 
 if TYPE_CHECKING:
@@ -53,37 +51,8 @@ class NatsConnection:
         self._state_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closing = False
-        self._outgoing: Handoff[list[tuple[str, bytes]]] | None = None
         # The trio connection for the hot paths (journal writes, drain pulls and acks): open_journal sets it.
         self.link: NatsLink | None = None
-
-    def publish_soon(self, messages: list[tuple[str, bytes]]) -> None:
-        """Fire-and-forget core publishes (acks, +WPI, applied notices), from trio.
-
-        Like JetStream acks themselves there is no confirmation; bursts share one
-        wake-up of the NATS thread and one flush."""
-        if not messages:
-            return
-        if self._outgoing is None:
-            self._outgoing = Handoff(self.bridge.loop.call_soon_threadsafe, self._send_messages)
-        self._outgoing.put(messages)
-
-    def _send_messages(self, bursts: list[list[tuple[str, bytes]]]) -> None:
-        """On the NATS thread."""
-        nc = self.nc
-        if nc is None or not nc.is_connected:
-            return  # like an ack lost on the wire: JetStream redelivers, the drain skips what it applied
-        messages = [m for burst in bursts for m in burst]
-        if fastpath.supported(nc):
-            commands = [fastpath.encode_publish(subject, b"", None, payload) for subject, payload in messages]
-            self.bridge.spawn(lambda: fastpath.append_commands(nc, commands, sum(len(c) for c in commands)))
-            return
-
-        async def publish_each() -> None:
-            for subject, payload in messages:
-                await nc.publish(subject, payload)
-
-        self.bridge.spawn(publish_each)
 
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` (in trio) after every reconnect, e.g. to re-provision streams."""

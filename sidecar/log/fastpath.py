@@ -1,41 +1,28 @@
-"""A pipelined publish/receive path underneath nats-py's per-message API.
+"""A receive path underneath nats-py's per-message API, for the replay's reader.
 
 nats-py builds a Msg object, parses headers, queues it and switches tasks for every
-inbound message, and validates and re-encodes every outbound one: ~15 µs a message.
-The replay's reader and the fire-and-forget notices only need "append these commands"
-and "tell me each message of this subscription", so this module does exactly that
-against three nats-py internals (the journal writer and the drain use the sidecar's
-trio connection instead: link.py):
+inbound message: ~15 µs a message.
+The replay's reader only needs "tell me each message of this subscription", so this
+module does exactly that against one nats-py internal (the journal writer and the
+drain use the sidecar's trio connection instead: link.py): ``Client._process_msg``,
+where the protocol parser hands every MSG/HMSG.
 
-- ``Client._pending`` / ``_pending_data_size`` / ``_flush_pending()`` — the outbound buffer
-- ``Client._process_msg`` — where the protocol parser hands every MSG/HMSG (the replay's
-  pulled messages)
-
-They are checked before use; when a nats-py release changes them, `supported()` is
+It is checked before use; when a nats-py release changes it, `supported()` is
 false and the callers fall back to nats-py's public API (slower, same semantics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.log.wire import encode_publish
-
-__all__ = ["append_commands", "encode_publish", "route", "supported", "unroute"]
+__all__ = ["route", "supported", "unroute"]
 
 RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]  # (subject, reply, data, headers)
 
 
 def supported(nc: Any) -> bool:
-    return all(hasattr(nc, name) for name in ("_pending", "_pending_data_size", "_flush_pending", "_process_msg"))
-
-
-def append_commands(nc: Any, commands: list[bytes], size: int) -> Awaitable[Any]:
-    """Queue commands on the client's outbound buffer; the returned awaitable kicks its flusher."""
-    nc._pending.extend(commands)
-    nc._pending_data_size += size
-    return nc._flush_pending()
+    return hasattr(nc, "_process_msg")
 
 
 def route(nc: Any, sid: int, handler: RawHandler) -> None:

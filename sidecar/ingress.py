@@ -7,7 +7,7 @@ they get back are the same, so they live here once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import trio
@@ -100,6 +100,22 @@ class Ingress:
         self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, trio.current_time() - began)
         return await self._answer([entry], result)
 
+    def write_then(self, entry: Entry, protocol: str, done: Callable[[Ack], None]) -> bool:
+        """`write` without a task, for fronts answering pipelined requests: `done(ack)` is called on
+        the trio loop once the journal answers. False, with nothing written, when the write needs
+        a task (a `sync` namespace waits for visibility, a large value goes to the chunk store,
+        or the journal is full): await `write` then."""
+        if self.namespace(entry.ns).mode == "sync":
+            return False
+        began = trio.current_time()
+
+        def journaled(result: WriteResult) -> None:
+            self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value,
+                                 trio.current_time() - began)
+            done(self._ack([entry], result))
+
+        return self.journal.append_then(entry, journaled)
+
     async def write_mutation(self, entries: list[Entry], mutation_id: str | None = None, protocol: str = "kv") -> Ack:
         """Several entries as one all-or-nothing mutation."""
         began = trio.current_time()
@@ -120,24 +136,26 @@ class Ingress:
         return results
 
     async def _answer(self, entries: list[Entry], result: WriteResult) -> Ack:
-        ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,
-                  message=result.message)
+        ack = self._ack(entries, result)
         if not result.ok or not result.sequence:
             return ack
         namespace = entries[0].ns
         ns = self.namespace(namespace)
-        all_targets = [t.name for t in ns.targets]
-        # An atomic batch stores its entries at consecutive sequences; a MULTI marker is one.
-        first = result.sequence - len(entries) + 1 if result.count == len(entries) else result.sequence
-        sequences = []
-        for offset, entry in enumerate(entries):
-            sequence = first + offset if result.count == len(entries) else result.sequence
-            sequences.append(sequence)
-            if not result.duplicate:
-                self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
         primary = ns.primary_target()
         if ns.mode == "sync" and primary is not None and not entries[0].deliver_at:
-            ack.visible = await self._visible(namespace, primary.name, sequences, ns.visibility_budget)
+            ack.visible = await self._visible(namespace, primary.name, _sequences(entries, result),
+                                              ns.visibility_budget)
+        return ack
+
+    def _ack(self, entries: list[Entry], result: WriteResult) -> Ack:
+        """The answer before any wait for visibility; a stored write is noted for `sync` reads."""
+        ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,
+                  message=result.message)
+        if result.ok and result.sequence and not result.duplicate:
+            namespace = entries[0].ns
+            all_targets = [t.name for t in self.namespace(namespace).targets]
+            for entry, sequence in zip(entries, _sequences(entries, result), strict=True):
+                self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
         return ack
 
     async def _visible(self, namespace: str, target: str, sequences: list[int], budget: float) -> bool:
@@ -148,3 +166,12 @@ class Ingress:
             if remaining <= 0 or not await self.applied.wait_applied(namespace, target, sequence, remaining):
                 return False
         return True
+
+
+def _sequences(entries: list[Entry], result: WriteResult) -> list[int]:
+    """Each entry's stream sequence: an atomic batch stores its entries at consecutive sequences,
+    a MULTI marker (one message for all of them) at one."""
+    if result.count == len(entries):
+        first = result.sequence - len(entries) + 1
+        return [first + offset for offset in range(len(entries))]
+    return [result.sequence] * len(entries)

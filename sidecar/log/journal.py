@@ -8,6 +8,7 @@ a mutation over the atomic-batch limits — and hands it to the group-commit wri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
@@ -74,6 +75,16 @@ class Journal:
         if len(message.payload) > MAX_ENTRY_BYTES:
             return await self._append_multi([entry], entry.id)
         return await self.writer.publish(message.subject, message.payload, message.headers)
+
+    def append_then(self, entry: Entry, done: Callable[[WriteResult], None]) -> bool:
+        """`append` without a task (see `JournalWriter.publish_then`); False, with nothing queued,
+        when the entry needs the chunk store or must wait for room: await `append` then."""
+        if entry.value is not None and len(entry.value) > self.namespace(entry.ns).chunk_threshold:
+            return False
+        message = self.message_for(entry)
+        if len(message.payload) > MAX_ENTRY_BYTES:
+            return False
+        return self.writer.publish_then(message.subject, message.payload, message.headers, done)
 
     async def append_many(self, entries: list[Entry]) -> list[WriteResult]:
         """Independent entries in one group commit, journaled in the order given (per-key order holds).

@@ -52,10 +52,11 @@ from sidecar.protocols.cql.messages import (
 )
 from sidecar.protocols.cql.server import serve_cql
 from sidecar.protocols.cql.types import CqlProtocolError
+from tests.integration.test_drain import cassandra_target
 from tests.support.listener import ListenerThread
 from tests.support.procs import NatsProcess, free_port
 from tests.support.services import Services
-from tests.support.sidecar import build_config, sidecar_document
+from tests.support.sidecar import build_config, running_sidecar, sidecar_document
 from tests.support.streams import js_api, read_stream
 
 DC, RACK = "dc-walcar", "rack-9"
@@ -249,6 +250,62 @@ def test_writes_are_journaled_not_applied(session: Session, ks: str, namespace: 
     assert by_query[insert.query_string].key == by_query[delete.query_string].key == f"{ks}.kv:{int32(2).hex()}"
     # Acked from the journal: nothing reached Cassandra behind the drain's back.
     assert list(cassandra_session.execute(f"SELECT * FROM {ks}.kv WHERE k IN (1, 2, 3)")) == []
+
+
+def test_a_full_journal_makes_pipelined_writes_wait_not_fail(services: Services, ks: str,
+                                                             own_namespace: str) -> None:
+    """With room for only 4 writes in flight, 300 prepared inserts pipelined 64 at a time all wait
+    their turn and are acked durable, each journaled once."""
+    host, cport = services.cassandra
+    target = {"type": "cassandra", "name": "db", "contact_points": [f"{host}:{cport}"], "keyspace": "unused"}
+    config = build_config(sidecar_document(
+        services.nats_url, {own_namespace: {"partitions": 8, "targets": [target]}},
+        [{"protocol": "cql", "bind": f"127.0.0.1:{free_port()}", "namespace": own_namespace, "data_center": DC}],
+        journal={"max_inflight_entries": 4, "publish_timeout": "10s"},
+    ))
+    server = CqlSidecar(config).start()
+    c = connect(server.port)
+    try:
+        s = c.connect(ks)
+        insert = s.prepare("INSERT INTO kv (k, c, v) VALUES (?, ?, ?)")
+        results = execute_concurrent_with_args(s, insert, [(700, i, f"v{i}") for i in range(300)], concurrency=64)
+        assert all(ok for ok, _ in results), [r for ok, r in results if not ok][:3]
+        assert server.ingress is not None  # and walcar_writes_total counts them as CQL writes
+        assert server.ingress.counters.writes[(own_namespace, "cql", "cql", "true")] == 300
+    finally:
+        c.shutdown()
+        server.stop()
+    entries = [e for _, e in journal(services.nats_url, own_namespace)]
+    assert sorted(e.cql.statements[0].values[1] for e in entries if e.cql) == sorted(int32(i) for i in range(300))
+
+
+async def test_sync_namespace_answers_visible_and_a_read_right_after_sees_the_write(
+        services: Services, ks: str, own_namespace: str) -> None:
+    port = free_port()
+    target = cassandra_target("db", services.cassandra[1], ks)
+    config = build_config(sidecar_document(
+        services.nats_url,
+        {own_namespace: {"partitions": 4, "mode": "sync", "visibility_budget": "5s", "targets": [target]}},
+        [{"protocol": "cql", "bind": f"127.0.0.1:{port}", "namespace": own_namespace, "data_center": DC}],
+        drain={"lease_ttl": "2s"},
+    ))
+
+    def app() -> None:
+        c = connect(port)
+        try:
+            s = c.connect(ks)
+            insert = s.prepare("INSERT INTO kv (k, c, v) VALUES (?, ?, ?)")
+            for i in range(10):
+                future = s.execute_async(insert, (800, i, f"seen{i}"))
+                future.result()
+                assert future.custom_payload == {"walcar-durable": b"true", "walcar-visible": b"true"}
+                row = s.execute(SimpleStatement("SELECT v FROM kv WHERE k = 800 AND c = %s"), (i,)).one()
+                assert row is not None and row.v == f"seen{i}"
+        finally:
+            c.shutdown()
+
+    async with running_sidecar(config):
+        await trio.to_thread.run_sync(app)
 
 
 def test_batches_over_several_partitions_are_journaled_atomically(session: Session, ks: str, namespace: str,

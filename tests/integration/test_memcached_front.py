@@ -155,6 +155,10 @@ def test_unconditional_writes_are_journaled_with_flags_and_absolute_expiry(front
     assert [e.op for e in entries[f"{unique}-never-existed"]] == [Op.DELETE]
     for entry in journal(services.nats_url, unique):
         assert entry.ns == unique and entry.origin == "local"
+    assert front.ingress is not None  # walcar_writes_total counts them as memcached writes
+    counted = {labels: n for labels, n in front.ingress.counters.writes.items() if labels[0] == unique}
+    assert counted == {(unique, "memcached", "put", "true"): 3, (unique, "memcached", "delete", "true"): 3,
+                       (unique, "memcached", "touch", "true"): 1}
 
 
 def test_pymemcache_default_noreply_writes_are_journaled_before_the_next_answer(front: Front, services: Services,

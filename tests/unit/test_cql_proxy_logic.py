@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -270,6 +271,13 @@ class RecordingJournal:
         return await self.append_atomic([entry])
 
     async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
+        return self._take(entries)
+
+    def append_then(self, entry: Entry, done: Callable[[WriteResult], None]) -> bool:
+        done(self._take([entry]))  # a real journal answers later, from its connection's reader
+        return True
+
+    def _take(self, entries: list[Entry]) -> WriteResult:
         self.calls.append(list(entries))
         self.sequence += len(entries)
         return WriteResult(self.durable, self.sequence, count=len(entries),

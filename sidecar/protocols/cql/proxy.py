@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from sidecar.config import CassandraTarget, Config, Listener
-from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Op, WriteTimeError, new_id, now_us
+from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError, new_id, now_us
 from sidecar.ingress import Ack, Ingress
 from sidecar.logs import get_logger
 from sidecar.units import parse_hostport
@@ -383,25 +383,56 @@ class CqlProxy:
             self._forward(client, frame, info)
         elif route in (Route.DDL, Route.TRUNCATE):
             client.spawn(frame.stream, self._logged, client, frame, route, info.query, info.statement)
-        else:
+        elif not self._journal_now(client, frame, message, info):
             client.spawn(frame.stream, self._execute_write, client, frame, message, info)
+
+    def _lean_write(self, message: Execute, info: PreparedInfo) -> tuple[str, CqlStatement] | None:
+        """(journal key, statement) of the common case — one prepared write whose partition key is
+        bound — without a task or a schema lookup; None for anything else."""
+        values = message.params.values or []
+        if not (info.route is Route.JOURNAL and info.pk_indexes and message.params.names is None
+                and len(values) == len(info.columns) and info.table is not None and info.columns):
+            return None
+        keyspace = info.columns[0].keyspace
+        parts = [values[i] for i in info.pk_indexes]
+        if not all(type(p) is bytes for p in parts):
+            return None
+        statement = to_cql_statement(Bound(info.query, info.statement, keyspace, info.table, values, info.types))
+        return journal_key(keyspace, info.table, parts), statement
+
+    def _journal_now(self, client: Client, frame: Frame, message: Execute, info: PreparedInfo) -> bool:
+        """Journal a lean write straight from the reader, answered when the journal answers;
+        False when it needs the task path (not lean, a `sync` namespace, the journal full)."""
+        lean = self._lean_write(message, info)
+        if lean is None:
+            return False
+        params = message.params
+        try:
+            entries = self._entries([(lean[0], [lean[1]])], -1, params.consistency,
+                                    params.serial_consistency or 0, params.timestamp)
+        except WriteTimeError as exc:
+            client.respond(frame.stream, Error.invalid(f"walcar: {exc}"))
+            return True
+        stream, consistency = frame.stream, params.consistency
+
+        def journaled(ack: Ack) -> None:
+            client.inflight -= 1
+            self._answer_write(client, stream, consistency, ack)
+
+        client.inflight += 1
+        if self.ingress.write_then(entries[0], "cql", journaled):
+            return True
+        client.inflight -= 1
+        return False
 
     async def _execute_write(self, client: Client, frame: Frame, message: Execute, info: PreparedInfo) -> None:
         params = message.params
-        values = params.values or []
-        if (info.route is Route.JOURNAL and info.pk_indexes and params.names is None
-                and len(values) == len(info.columns) and info.table is not None and info.columns):
-            # The common case, kept lean: one prepared write whose partition key is bound.
-            keyspace = info.columns[0].keyspace
-            parts = [values[i] for i in info.pk_indexes]
-            if all(type(p) is bytes for p in parts):
-                statement = to_cql_statement(Bound(info.query, info.statement, keyspace, info.table, values,
-                                                   info.types))
-                await self._write_entries(client, frame.stream, [(journal_key(keyspace, info.table, parts),
-                                                                  [statement])],
-                                          -1, params.consistency, params.serial_consistency or 0, params.timestamp)
-                return
-        bound = self._bind_prepared(client, info, values, params.names)
+        lean = self._lean_write(message, info)
+        if lean is not None:
+            await self._write_entries(client, frame.stream, [(lean[0], [lean[1]])], -1, params.consistency,
+                                      params.serial_consistency or 0, params.timestamp)
+            return
+        bound = self._bind_prepared(client, info, params.values or [], params.names)
         schema = None
         if not bound.pk_indexes:
             schema = await self._schema(client, bound.keyspace, bound.table)
@@ -561,6 +592,24 @@ class CqlProxy:
         """Unique ids without a syscall per write: a random per-process prefix and a counter."""
         return f"{self._id_prefix}{next(self._ids):x}"
 
+    def _entries(
+        self,
+        groups: list[tuple[str, list[CqlStatement]]],
+        batch_type: int,
+        consistency: int,
+        serial_consistency: int,
+        timestamp: int | None,
+    ) -> list[Entry]:
+        """One entry per partition; raises WriteTimeError for a client timestamp outside the drift."""
+        write_time = timestamp if timestamp is not None else now_us()
+        return [
+            self.ingress.entry(
+                self.namespace, Op.CQL, key, write_time=write_time, entry_id=self._entry_id(),
+                cql=CqlMutation(statements, batch_type, consistency, serial_consistency),
+            )
+            for key, statements in groups
+        ]
+
     async def _write_entries(
         self,
         client: Client,
@@ -572,27 +621,24 @@ class CqlProxy:
         timestamp: int | None,
     ) -> None:
         """Journal one entry per partition (all or none) and answer Void with the flags, or an error."""
-        write_time = timestamp if timestamp is not None else now_us()
         try:
-            entries = [
-                self.ingress.entry(
-                    self.namespace, Op.CQL, key, write_time=write_time, entry_id=self._entry_id(),
-                    cql=CqlMutation(statements, batch_type, consistency, serial_consistency),
-                )
-                for key, statements in groups
-            ]
+            entries = self._entries(groups, batch_type, consistency, serial_consistency, timestamp)
         except WriteTimeError as exc:
             client.respond(stream, Error.invalid(f"walcar: {exc}"))
             return
         if len(entries) == 1:
-            ack = await self.ingress.write(entries[0])
+            ack = await self.ingress.write(entries[0], "cql")
         else:
             # One BATCH over several partitions: one entry per partition, stored all or none.
             mutation_id = self._entry_id()
             for index, entry in enumerate(entries):
                 entry.id = f"{mutation_id}:{index}"
                 entry.batch = BatchRef(mutation_id, index, len(entries))
-            ack = await self.ingress.write_mutation(entries, mutation_id)
+            ack = await self.ingress.write_mutation(entries, mutation_id, "cql")
+        self._answer_write(client, stream, consistency, ack)
+
+    def _answer_write(self, client: Client, stream: int, consistency: int, ack: Ack) -> None:
+        """RESULT Void with the durable/visible flags, or the error a driver retries on."""
         if ack.ok:
             client.send_frame(stream, FLAG_CUSTOM_PAYLOAD, Opcode.RESULT, _DURABLE_VOID[ack.visible])
             return

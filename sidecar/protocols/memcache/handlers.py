@@ -222,7 +222,7 @@ class Handlers:
     async def journal(self, job: JournalJob) -> bytes:
         """Journal an unconditional write; its answer only with a durable ack."""
         try:
-            ack = await self.ingress.write(job.entry)
+            ack = await self.ingress.write(job.entry, "memcached")
         except Exception as exc:  # a bug must not leave the client without an answer
             log.error("journal_write_bug", key=job.entry.key, exc_info=True)
             ack_ok, reason = False, f"journal write failed: {type(exc).__name__}: {exc}"

@@ -140,11 +140,22 @@ class DebianNatsProcess(NatsProcess):
 
 
 def services_module():
+    """scripts/services (a Python script without a .py suffix), imported once."""
+    import importlib.util
+    import sys
     from importlib.machinery import SourceFileLoader
 
     from tests.support.services import SCRIPT
 
-    return SourceFileLoader("walcar_services", str(SCRIPT)).load_module()
+    module = sys.modules.get("walcar_services")
+    if module is None:
+        loader = SourceFileLoader("walcar_services", str(SCRIPT))
+        spec = importlib.util.spec_from_loader("walcar_services", loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["walcar_services"] = module
+        loader.exec_module(module)
+    return module
 
 
 class CassandraProcess(ManagedProcess):

@@ -38,7 +38,7 @@ from cassandra import (
     Unavailable,
 )
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionException
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
@@ -123,7 +123,8 @@ class CassandraTarget:
             port=points[0][1],
             auth_provider=auth,
             protocol_version=4,
-            load_balancing_policy=TokenAwarePolicy(child),
+            execution_profiles={EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=TokenAwarePolicy(child), request_timeout=self.settings.timeout)},
             timestamp_generator=self.timestamps,
             connect_timeout=self.settings.timeout,
             control_connection_timeout=self.settings.timeout,
@@ -135,7 +136,6 @@ class CassandraTarget:
         cluster = self._make_cluster()
         try:
             session = cluster.connect()
-            session.default_timeout = self.settings.timeout
             if self.settings.create_schema:
                 self._create_schema(session)
         except Exception:
@@ -213,7 +213,6 @@ class CassandraTarget:
         if session is None:
             assert self.cluster is not None
             session = self._sessions[keyspace] = self.cluster.connect(keyspace)
-            session.default_timeout = self.settings.timeout
         return session
 
     def _prepare(self, keyspace: str, query: str) -> tuple[Session, PreparedStatement]:

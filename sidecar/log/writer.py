@@ -210,17 +210,12 @@ class JournalWriter:
         if refusal is None and (self._waiting or self._over_capacity(write)):
             return False
         if refusal is not None:
-            self.stats.shed += 1
-            self.stats.failed += 1
+            self._count_refused(write)
             done(refusal)
             return True
-        self.stats.inflight_entries += 1
-        self.stats.inflight_bytes += write.nbytes
+        self._reserve(write)
         write.done = done
-        self._queue.append(write)
-        self._wake.set()
-        if len(self._queue) >= EAGER_SEND_ENTRIES:
-            self._send_queued()
+        self._enqueue(write)
         return True
 
     async def publish_atomic(self, messages: list[Message]) -> WriteResult:
@@ -254,18 +249,30 @@ class JournalWriter:
 
         Admission is first come, first served: while anyone waits for room, later writers
         queue behind them, so writes a client pipelines are journaled in the order sent."""
-        stats = self.stats
         refusal = self._refusal(write)
         if refusal is None:
             if (self._waiting or self._over_capacity(write)) and not await self._wait_for_capacity(write):
                 refusal = _fail("journal overloaded: in-flight limit reached; retry later")
             else:
-                stats.inflight_entries += len(write.messages)
-                stats.inflight_bytes += write.nbytes
+                self._reserve(write)
                 return None
-        stats.shed += len(write.messages)
-        stats.failed += len(write.messages)
+        self._count_refused(write)
         return refusal
+
+    def _reserve(self, write: _Write) -> None:
+        self.stats.inflight_entries += len(write.messages)
+        self.stats.inflight_bytes += write.nbytes
+
+    def _count_refused(self, write: _Write) -> None:
+        self.stats.shed += len(write.messages)
+        self.stats.failed += len(write.messages)
+
+    def _enqueue(self, write: _Write) -> None:
+        """Queue an admitted write for the next group commit; a full round goes out at once."""
+        self._queue.append(write)
+        self._wake.set()
+        if len(self._queue) >= EAGER_SEND_ENTRIES:
+            self._send_queued()
 
     def _over_capacity(self, write: _Write) -> bool:
         stats, settings = self.stats, self.settings
@@ -278,10 +285,9 @@ class JournalWriter:
         refusal = await self._admit(write)
         if refusal is not None:
             return refusal
-        self._queue.append(write)
-        self._wake.set()
-        if len(self._queue) >= EAGER_SEND_ENTRIES:
-            self._send_queued()
+        self._enqueue(write)
+        if write.result is not None:  # an eager send found the link down and answered at once
+            return write.result
         # Park without an Event: settling reschedules this task with the result.
         # If the caller is cancelled the write still completes; only the answer is dropped.
         write.waiter = trio.lowlevel.current_task()

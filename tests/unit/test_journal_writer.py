@@ -1,0 +1,103 @@
+"""The journal writer's bookkeeping, against a stand-in for its NATS connection.
+
+What an app relies on: every write gets exactly one answer, never a hang — also when the
+connection drops between a write being admitted and being sent. The real connection and
+server are exercised in tests/integration (test_journal_faults, test_nats_link).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from sidecar.config import JournalSettings
+from sidecar.log import writer as writer_module
+from sidecar.log.writer import Durable, JournalWriter, WriteResult
+
+
+class StandInLink:
+    """Records what the writer sends; the test says when it is connected and answers for NATS."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.last_error = ""
+        self.on_lost: list[Any] = []
+        self.sent: list[bytes] = []
+
+    def subscribe(self, subject: str, handler: Any) -> int:
+        return 1
+
+    def send(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+    def reply_subjects(self) -> list[bytes]:
+        """The reply subject of every PUB sent so far, in order."""
+        subjects = []
+        for chunk in self.sent:
+            for line in chunk.split(b"\r\n"):
+                if line.startswith((b"PUB ", b"HPUB ")):
+                    subjects.append(line.split(b" ")[2])
+        return subjects
+
+
+class StandInConnection:
+    def __init__(self) -> None:
+        self.link = StandInLink()
+        self.connected = True
+
+
+def puback(sequence: int) -> bytes:
+    return b'{"stream":"WAL_T","seq":%d}' % sequence
+
+
+async def test_a_write_whose_send_finds_the_link_gone_is_answered_not_left_hanging(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "EAGER_SEND_ENTRIES", 1)  # every write is sent as it is queued
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings(max_inflight_entries=1))  # type: ignore[arg-type]
+    answers: dict[str, WriteResult] = {}
+
+    async def write(name: str) -> None:
+        answers[name] = await writer.publish("wal.t.0", name.encode())
+
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        nursery.start_soon(write, "first")
+        await wait_all_tasks_blocked()
+        nursery.start_soon(write, "second")  # admitted by the connection check, then waits for room
+        await wait_all_tasks_blocked()
+        assert "second" not in answers
+        conn.link.connected = False  # the link drops while "second" waits ...
+        (first_reply,) = conn.link.reply_subjects()
+        writer._on_reply(first_reply, b"", puback(1), None)  # ... and the PubAck of "first" frees its room
+        with trio.fail_after(2):
+            while len(answers) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert answers["first"].durable is Durable.TRUE and answers["first"].sequence == 1
+    assert answers["second"].durable is Durable.FALSE
+    assert "not connected" in answers["second"].message
+
+
+async def test_a_write_answered_by_callback_is_refused_at_once_when_disconnected_and_deferred_when_full() -> None:
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings(max_inflight_entries=2))  # type: ignore[arg-type]
+    answers: list[WriteResult] = []
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        assert writer.publish_then("wal.t.0", b"a", None, answers.append)
+        assert writer.publish_then("wal.t.0", b"b", None, answers.append)
+        assert not writer.publish_then("wal.t.0", b"c", None, answers.append)  # full: the caller awaits instead
+        await wait_all_tasks_blocked()
+        for sequence, reply in enumerate(conn.link.reply_subjects(), start=1):
+            writer._on_reply(reply, b"", puback(sequence), None)
+        assert [(a.durable, a.sequence) for a in answers] == [(Durable.TRUE, 1), (Durable.TRUE, 2)]
+        conn.link.connected = False
+        assert writer.publish_then("wal.t.0", b"d", None, answers.append)
+        assert answers[-1].durable is Durable.FALSE  # answered before publish_then returned
+        assert writer.stats.inflight_entries == 0
+        nursery.cancel_scope.cancel()

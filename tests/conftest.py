@@ -10,11 +10,17 @@ import pytest
 
 from tests.support.procs import CassandraProcess, MemcachedProcess, NatsProcess
 from tests.support.services import Services, ensure_up
+from tests.support.streams import remove_streams, stream_names
 
 
 @pytest.fixture(scope="session")
-def services() -> Services:
-    return ensure_up()
+def services() -> Iterator[Services]:
+    services = ensure_up()
+    before = stream_names(services.nats_url)
+    yield services
+    # The shared nats-server outlives the run (and the next CI run reuses it): leave it as found.
+    # Thousands of leftover streams cost it CPU at rest and slow every later test and benchmark.
+    remove_streams(services.nats_url, stream_names(services.nats_url) - before)
 
 
 @pytest.fixture

@@ -76,3 +76,36 @@ async def js_api(nats_url: str, subject: str, body: dict[str, Any] | None = None
 
 async def stream_state(nats_url: str, stream: str) -> dict[str, Any]:
     return (await js_api(nats_url, f"STREAM.INFO.{stream}"))["state"]
+
+
+async def _stream_names(nats_url: str) -> set[str]:
+    nc = await nats.connect(nats_url)
+    try:
+        names: set[str] = set()
+        while True:
+            reply = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": len(names)}).encode(), timeout=10)
+            page = json.loads(reply.data)
+            names.update(page.get("streams") or [])
+            if not page.get("streams") or len(names) >= int(page.get("total", 0)):
+                return names
+    finally:
+        await nc.close()
+
+
+async def _remove_streams(nats_url: str, names: set[str]) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        for name in sorted(names):
+            await nc.request(f"$JS.API.STREAM.DELETE.{name}", b"", timeout=10)
+    finally:
+        await nc.close()
+
+
+def stream_names(nats_url: str) -> set[str]:
+    """Every stream on the server (journals, DLQs, chunk stores, KV buckets); blocking."""
+    return asyncio.run(_stream_names(nats_url))
+
+
+def remove_streams(nats_url: str, names: set[str]) -> None:
+    """Blocking; streams already gone are skipped (the server answers an error, not raised)."""
+    asyncio.run(_remove_streams(nats_url, names))

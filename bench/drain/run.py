@@ -211,7 +211,8 @@ def main() -> None:
     if args.record:
         command = f"python bench/drain/run.py --entries {args.entries} --keys {args.keys} --small {args.small}"
         record("Drain", f"`{command}` — {machine()}; 200-byte values, {PARTITIONS} partitions, one drain-only "
-                        f"sidecar; direct = the same client library writing straight to the target.\n\n{result}\n")
+                        f"sidecar; direct = the same client library writing straight to the target, once "
+                        f"before and once after the drain, averaged.\n\n{result}\n")
 
 
 if __name__ == "__main__":

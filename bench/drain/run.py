@@ -174,6 +174,16 @@ def direct_cassandra(services: object, entries: int, keys: int) -> float:
     return rate
 
 
+def direct_rates(kind: str, services: object, entries: int, keys: int) -> list[tuple[str, float]]:
+    """(how, writes/s) of each direct baseline for `kind`."""
+    if kind == "memcached":
+        return [
+            ("pymemcache set_many x100, 4 threads", direct_memcached(services, entries, keys, 100)),
+            ("pymemcache set, 4 threads", direct_memcached(services, entries, keys, 1)),
+        ]
+    return [("execute_concurrent, 128", direct_cassandra(services, entries, keys))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=1_000_000)
@@ -189,17 +199,9 @@ def main() -> None:
     for kind in args.targets.split(","):
         # The direct baselines run before and after the drain and are averaged: on a shared VM the
         # box's speed drifts over minutes, and bracketing keeps the ratio from riding that drift.
-        def directs(kind: str = kind) -> list[tuple[str, float]]:
-            if kind == "memcached":
-                return [
-                    ("pymemcache set_many x100, 4 threads", direct_memcached(services, args.entries, args.keys, 100)),
-                    ("pymemcache set, 4 threads", direct_memcached(services, args.entries, args.keys, 1)),
-                ]
-            return [("execute_concurrent, 128", direct_cassandra(services, args.entries, args.keys))]
-
-        before = directs()
+        before = direct_rates(kind, services, args.entries, args.keys)
         rate, peak = drain(kind, services, args.entries, args.keys)
-        after = directs()
+        after = direct_rates(kind, services, args.entries, args.keys)
         _, small_peak = drain(kind, services, args.small, min(args.keys, args.small))
         for (how, first), (_, second) in zip(before, after, strict=True):
             direct = (first + second) / 2

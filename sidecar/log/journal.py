@@ -60,7 +60,7 @@ class Journal:
 
     async def _externalize(self, entry: Entry, ns: Namespace) -> Entry:
         """Move a payload above the chunk threshold into the chunk store."""
-        if entry.value is None or len(entry.value) <= ns.chunk_threshold:
+        if _fits_inline(entry, ns):
             return entry
         ref = await self.chunks.put(entry.ns, entry.id, entry.value)
         return msgspec.structs.replace(entry, value=None, chunk=ref)
@@ -79,7 +79,7 @@ class Journal:
     def append_then(self, entry: Entry, done: Callable[[WriteResult], None]) -> bool:
         """`append` without a task (see `JournalWriter.publish_then`); False, with nothing queued,
         when the entry needs the chunk store or must wait for room: await `append` then."""
-        if entry.value is not None and len(entry.value) > self.namespace(entry.ns).chunk_threshold:
+        if not _fits_inline(entry, self.namespace(entry.ns)):
             return False
         message = self.message_for(entry)
         if len(message.payload) > MAX_ENTRY_BYTES:
@@ -109,7 +109,7 @@ class Journal:
             return await self.append(entries[0])
         namespace = entries[0].ns
         ns = self.namespace(namespace)
-        small = all(e.value is None or len(e.value) <= ns.chunk_threshold for e in entries)
+        small = all(_fits_inline(e, ns) for e in entries)
         messages = [self.message_for(e) for e in entries] if small else []
         if small and len(messages) <= MAX_ATOMIC_MESSAGES and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
             return await self.writer.publish_atomic(messages)
@@ -135,3 +135,8 @@ class Journal:
         )
         message = self.message_for(marker)
         return await self.writer.publish(message.subject, message.payload, message.headers)
+
+
+def _fits_inline(entry: Entry, ns: Namespace) -> bool:
+    """The entry's value travels in the envelope itself, not through the chunk store."""
+    return entry.value is None or len(entry.value) <= ns.chunk_threshold

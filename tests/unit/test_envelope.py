@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from sidecar import envelope
 from sidecar.envelope import ChunkRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError
-from sidecar.log.wire import encode_publish
 
 
 def test_round_trip_every_field() -> None:
@@ -63,10 +62,3 @@ def test_schedule_subject_is_one_token_per_entry() -> None:
     first = envelope.schedule_subject("ns", "id-1")
     assert first == envelope.schedule_subject("ns", "id-1") != envelope.schedule_subject("ns", "id-2")
     assert first.startswith("wal.ns.sched.") and first.count(".") == 3
-
-
-def test_fastpath_publish_matches_the_nats_protocol() -> None:
-    command = encode_publish("wal.n.1", b"_INBOX.x.7", {"Nats-Msg-Id": "abc"}, b"hello")
-    headers = b"NATS/1.0\r\nNats-Msg-Id: abc\r\n\r\n"
-    assert command == b"HPUB wal.n.1 _INBOX.x.7 %d %d\r\n%shello\r\n" % (len(headers), len(headers) + 5, headers)
-    assert encode_publish("s", b"", None, b"x") == b"PUB s 1\r\nx\r\n"

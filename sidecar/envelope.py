@@ -3,6 +3,10 @@
 Versioned by `v`; fields are only ever added with defaults, and decoding ignores
 fields it does not know, so entries written by an older or newer walcar stay
 readable for the whole replay window.
+
+The structs are `gc=False`: they hold only strings, bytes, numbers, lists of those and each
+other, never a cycle, and a drainer holds tens of thousands of them at once — tracked,
+they would make every collection of the cyclic GC walk all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class Op(StrEnum):
     MULTI = "multi"  # marker: a mutation too large for one atomic batch, stored in the chunk store
 
 
-class ChunkRef(msgspec.Struct, frozen=True, omit_defaults=True):
+class ChunkRef(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Where a payload too large for the stream lives (the namespace's chunk bucket)."""
 
     object: str
@@ -35,7 +39,7 @@ class ChunkRef(msgspec.Struct, frozen=True, omit_defaults=True):
     digest: str  # "sha256=<hex>" of the whole payload, checked on read
 
 
-class BatchRef(msgspec.Struct, frozen=True, omit_defaults=True):
+class BatchRef(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Membership of a multi-entry mutation journaled as one atomic batch."""
 
     id: str
@@ -43,7 +47,7 @@ class BatchRef(msgspec.Struct, frozen=True, omit_defaults=True):
     count: int
 
 
-class CqlStatement(msgspec.Struct, frozen=True, omit_defaults=True):
+class CqlStatement(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Everything needed to re-execute one CQL mutation with cassandra-driver."""
 
     query: str
@@ -54,14 +58,14 @@ class CqlStatement(msgspec.Struct, frozen=True, omit_defaults=True):
     names: list[str] = []  # bind-marker names when the client bound by name
 
 
-class CqlMutation(msgspec.Struct, frozen=True, omit_defaults=True):
+class CqlMutation(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     statements: list[CqlStatement]
     batch_type: int = -1  # -1: a single statement; 0 logged, 1 unlogged (CQL BATCH)
     consistency: int = 0x0006  # LOCAL_QUORUM
     serial_consistency: int = 0
 
 
-class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Entry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     v: int = ENVELOPE_VERSION
     id: str  # idempotency token: the Nats-Msg-Id
     ns: str

@@ -1,7 +1,8 @@
 """One durable pull consumer per (namespace, target, partition), feeding a partition worker.
 
 Deliveries are pushed, not polled: the worker grants credit (how many more entries
-it can hold) and the consumer keeps one pull request outstanding within that credit.
+it can hold) and the consumer keeps one pull request outstanding within that credit;
+what one read of the socket brought reaches the worker as one batch.
 Requests, deliveries, acks and +WPI all go over the sidecar's trio connection to NATS
 (link.py): a delivery reaches its worker as it is read, with no thread in between.
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.log.link import NatsLink, Timer, new_inbox
@@ -30,8 +32,7 @@ IN_PROGRESS = b"+WPI"
 PULL_EXPIRES = 5.0  # a pull request's life; re-issued while credit remains
 
 
-@dataclass(slots=True)
-class Delivered:
+class Delivered(msgspec.Struct, gc=False):  # no cycles; untracked keeps the GC off the hot path
     seq: int
     reply: bytes  # the ack subject, kept as read: it only ever goes back on the wire
     data: bytes
@@ -144,6 +145,7 @@ class _Pull:
         self.request_id = 0
         self.closed = False
         self.timers: list[Timer] = []
+        self.read: list[Delivered] = []  # deliveries of the current read, handed over together after it
         self.sid = link.subscribe(self.inbox, self._on_message)
         link.on_lost.append(self._on_lost)
         link.on_connected.append(self._request)
@@ -197,11 +199,17 @@ class _Pull:
             return
         seq, deliveries, timestamp = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
-        sink = self.consumer.sink
-        if sink is not None:
-            sink([Delivered(seq, reply, data, deliveries, timestamp)])
+        if not self.read:
+            self.link.after_read(self._hand_over)
+        self.read.append(Delivered(seq, reply, data, deliveries, timestamp))
         if self.requested == 0:
             self._request()
+
+    def _hand_over(self) -> None:
+        read, self.read = self.read, []
+        sink = self.consumer.sink
+        if sink is not None and not self.closed:
+            sink(read)
 
     def close(self) -> None:
         self.closed = True

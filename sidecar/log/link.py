@@ -153,6 +153,7 @@ class NatsLink:
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
         self._timers_changed = trio.Event()
+        self._after_read: list[Callable[[], None]] = []
 
     def send(self, data: bytes) -> bool:
         """Write bytes now if the socket takes them, else queue them; False while disconnected.
@@ -173,6 +174,11 @@ class NatsLink:
         if not self._wake.is_set():
             self._wake.set()
         return True
+
+    def after_read(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once, when every message of the current read has been handled: a handler can
+        gather what one read brought and pass it on as one batch."""
+        self._after_read.append(fn)
 
     def subscribe(self, subject: str, handler: MessageHandler) -> int:
         sid = next(self._sids)
@@ -350,14 +356,20 @@ class NatsLink:
             if not data:
                 raise LinkLost("server closed the connection")
             parser.feed(data)
-            while (event := parser.next_event()) is not None:
-                if type(event) is ServerMessage:
-                    subscription = subscriptions.get(event.sid)
-                    if subscription is not None:  # else unsubscribed, and the server had not heard yet
-                        subscription[1](event.subject, event.reply, event.payload, event.headers)
-                elif type(event) is Ping:
-                    self.send(PONG)
-                elif type(event) is Pong:
-                    self._pings_outstanding = 0
-                elif type(event) is ServerError:
-                    log.warning("nats_link_server_error", error=event.message)
+            try:
+                while (event := parser.next_event()) is not None:
+                    if type(event) is ServerMessage:
+                        subscription = subscriptions.get(event.sid)
+                        if subscription is not None:  # else unsubscribed, and the server had not heard yet
+                            subscription[1](event.subject, event.reply, event.payload, event.headers)
+                    elif type(event) is Ping:
+                        self.send(PONG)
+                    elif type(event) is Pong:
+                        self._pings_outstanding = 0
+                    elif type(event) is ServerError:
+                        log.warning("nats_link_server_error", error=event.message)
+            finally:  # what was handled before a bad frame is still passed on
+                while self._after_read:
+                    hooks, self._after_read = self._after_read, []
+                    for hook in hooks:
+                        hook()

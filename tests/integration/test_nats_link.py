@@ -56,6 +56,38 @@ async def test_replies_reach_the_handler_with_their_status(private_nats: NatsPro
     assert replies[0] is not None and replies[0].startswith(b"NATS/1.0 503")
 
 
+async def test_a_handler_can_gather_what_one_read_brought_and_pass_it_on_as_one_batch(
+        private_nats: NatsProcess) -> None:
+    """The drain's pull consumers hand deliveries to their partition in batches this way: every
+    message arrives exactly once and in order, and a burst arrives in far fewer batches than messages."""
+    link = NatsLink(private_nats.url, name="test-link")
+    sender = NatsLink(private_nats.url, name="test-sender")
+    gathered: list[bytes] = []
+    batches: list[list[bytes]] = []
+
+    def hand_over() -> None:
+        batches.append(gathered.copy())
+        gathered.clear()
+
+    def on_message(subject: bytes, reply: bytes, payload: bytes, headers: bytes | None) -> None:
+        if not gathered:
+            link.after_read(hand_over)
+        gathered.append(payload)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await nursery.start(sender.run)
+        await until(lambda: link.connected and sender.connected, 5, "the links to connect")
+        link.subscribe("burst", on_message)
+        await trio.sleep(0.2)
+        sender.send(b"".join(encode_publish("burst", b"", None, b"%d" % i) for i in range(2000)))
+        await until(lambda: sum(len(b) for b in batches) == 2000, 5, "the whole burst")
+        nursery.cancel_scope.cancel()
+    assert [payload for batch in batches for payload in batch] == [b"%d" % i for i in range(2000)]
+    assert all(batches) and len(batches) < 200
+    assert gathered == []
+
+
 async def test_timers_fire_in_order_and_cancelled_ones_do_not(private_nats: NatsProcess) -> None:
     link = NatsLink(private_nats.url)
     fired: list[str] = []

@@ -55,6 +55,9 @@ class _Effect:
 
 
 def collapse(run: list[Entry], now: float) -> _Effect:
+    first = run[0]
+    if len(run) == 1 and first.op is Op.PUT and not first.expires_at:  # nearly every run in a backlog
+        return _Effect("set", first.value or b"", first.flags)
     effect = _Effect("none")
     for entry in run:
         if entry.op is Op.PUT:
@@ -139,21 +142,24 @@ class MemcachedTarget:
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         now = time.time()
+        outcomes: list[RunOutcome] = [RunOutcome(len(run)) for run in runs]
+
+        async def apply_on(server: _Server, work: list[tuple[int, bytes, _Effect]]) -> None:
+            errors = await trio.to_thread.run_sync(self._apply_sync, server, work, limiter=self.limiter)
+            for index, error in errors.items():
+                outcomes[index] = RunOutcome(0, error)
+
+        if len(self.servers) == 1:  # no routing, no task per server
+            await apply_on(self.servers[self.addresses[0]],
+                           [(index, cache_key(run[0]), collapse(run, now)) for index, run in enumerate(runs)])
+            return outcomes
         by_server: dict[str, list[tuple[int, bytes, _Effect]]] = defaultdict(list)
         for index, run in enumerate(runs):
             key = cache_key(run[0])
             by_server[self.server_for(key).address].append((index, key, collapse(run, now)))
-        outcomes: list[RunOutcome] = [RunOutcome(len(run)) for run in runs]
-
-        async def apply_on(address: str, work: list[tuple[int, bytes, _Effect]]) -> None:
-            errors = await trio.to_thread.run_sync(self._apply_sync, self.servers[address], work,
-                                                   limiter=self.limiter)
-            for index, error in errors.items():
-                outcomes[index] = RunOutcome(0, error)
-
         async with trio.open_nursery() as nursery:
             for address, work in by_server.items():
-                nursery.start_soon(apply_on, address, work)
+                nursery.start_soon(apply_on, self.servers[address], work)
         return outcomes
 
     def _apply_sync(self, server: _Server, work: list[tuple[int, bytes, _Effect]]) -> dict[int, ApplyError]:

@@ -90,6 +90,8 @@ class AdminApp:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         sidecar = self.sidecar
         if path == "/metrics" and method == "GET":
+            if sidecar.poller is not None:
+                await sidecar.poller.current()  # a scrape is demand: it keeps the drain status fresh
             return 200, metrics.render(sidecar, sidecar.poller), PROMETHEUS_TEXT
         if self.metrics_only:
             raise AdminError(404, "this port serves only /metrics")
@@ -118,7 +120,7 @@ class AdminApp:
     async def _drain(self, scope: Scope, method: str, rest: list[str]) -> tuple[int, bytes, bytes]:
         sidecar = self.sidecar
         if not rest and method == "GET":
-            rows = sidecar.poller.rows() if sidecar.poller is not None else []
+            rows = await sidecar.poller.current() if sidecar.poller is not None else []
             return self._json(200, {"targets": rows, "replays": sidecar.replay_progress()})
         if len(rest) == 3 and rest[2] in ("pause", "resume"):
             if method != "POST":

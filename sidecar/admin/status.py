@@ -4,10 +4,16 @@ Every few seconds the poller reads each partition consumer (pending, ack floor),
 oldest unapplied entry's time, and the DLQ's subjects. Backlog, oldest age and rate
 are therefore global (every drainer's work); breaker state, last error and owned
 partitions are this process's own.
+
+It polls only while someone is looking (a status read or a metrics scrape in the last
+minute): that is a few JetStream API calls per partition and target every two seconds,
+and every app pod runs a sidecar — a fleet of idle ones would keep JetStream's API busy
+for nobody. The first read after a quiet spell waits for a fresh poll.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
 log = get_logger("admin.status")
 
 POLL_INTERVAL = 2.0
+IDLE_AFTER = 60.0  # no reader for this long: stop polling until the next one
+FRESH_WAIT = 5.0  # how long a reader waits for a fresh poll before taking what is known
 
 
 class TargetStatus(msgspec.Struct, kw_only=True):
@@ -60,9 +68,26 @@ class StatusPoller:
         self.drain = drain
         self._rows: dict[tuple[str, str], TargetStatus] = {}
         self._floors: dict[tuple[str, str, int], tuple[int, float]] = {}
+        self._last_read = -math.inf
+        self._polled_at = -math.inf
+        self._wanted = trio.Event()  # a reader arrived while the poller was idle
+        self._polled = trio.Event()  # a poll finished
 
     def rows(self) -> list[TargetStatus]:
+        """What is known now, without waiting (call `current` first to keep the numbers fresh)."""
         return [self._annotate(row) for row in self._rows.values()]
+
+    async def current(self) -> list[TargetStatus]:
+        """The rows for a reader; marks the demand that keeps the poller going, and waits (briefly)
+        for a fresh poll when the last one is older than two intervals."""
+        now = trio.current_time()
+        self._last_read = now
+        if now - self._polled_at > 2 * POLL_INTERVAL:
+            self._wanted.set()
+            polled = self._polled
+            with trio.move_on_after(FRESH_WAIT):
+                await polled.wait()
+        return self.rows()
 
     def _annotate(self, row: TargetStatus) -> TargetStatus:
         """Fold in this process's live view: pause, breaker, last error, owned partitions."""
@@ -81,11 +106,18 @@ class StatusPoller:
 
     async def run(self) -> None:
         while True:
+            if trio.current_time() - self._last_read > IDLE_AFTER:
+                await self._wanted.wait()
             try:
                 await self.poll()
             except Exception as exc:  # NATS away: keep the last known numbers
                 log.debug("status_poll_failed", error=f"{type(exc).__name__}: {exc}")
-            await trio.sleep(POLL_INTERVAL)
+            self._polled_at = trio.current_time()
+            self._polled.set()  # readers that arrived during the poll have their fresh numbers
+            self._polled = trio.Event()
+            self._wanted = trio.Event()
+            with trio.move_on_after(POLL_INTERVAL):
+                await self._wanted.wait()  # a reader finding stale numbers need not wait out the sleep
 
     async def poll(self) -> None:
         for name, ns in self.config.namespaces.items():

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.config import stream_name
 from tests.integration.test_drain import cassandra_target, memcached_target, memcached_values, write_load
 from tests.support.httpload import KvConnection
-from tests.support.procs import MemcachedProcess, free_port
+from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 from tests.support.streams import read_stream
@@ -217,6 +217,32 @@ async def test_sigterm_under_load_answers_everything_and_loses_nothing(services:
                          "every durable write in memcached")
     finally:
         restarted.stop()
+
+
+def jetstream_api_calls(server: NatsProcess) -> int:
+    return int(httpx.get(f"http://127.0.0.1:{server.monitor_port}/jsz").json()["api"]["total"])
+
+
+async def test_an_idle_sidecar_leaves_jetstream_alone_until_its_status_is_read(
+        private_nats: NatsProcess, services: Services, tmp_path: Path) -> None:
+    """Every app pod runs a sidecar: one nobody asks about must not poll JetStream's API for drain
+    status (it used to: a few calls per partition every two seconds). Asked, it answers fresh numbers."""
+    document = sidecar_document(private_nats.url, {"idle": {"partitions": 8, "targets": [
+        memcached_target("cache", services.memcached)]}}, listeners=[kv_listener()])
+    process = SidecarProcess(document, tmp_path / "walcar", role="ingress").start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{document['listeners'][0]['bind']}") as client:
+            for i in range(40):
+                answer = await client.put(f"/v1/kv/idle/k{i}", json={"items": [{"key": "a", "text": "v"}]})
+                assert answer.status_code == 200 and answer.json()["durable"] == "true"
+        quiet_from = jetstream_api_calls(private_nats)
+        await trio.sleep(6)
+        assert jetstream_api_calls(private_nats) - quiet_from <= 2  # polling, it made ~50 in this time
+        row = status(process, "cache")  # the first read waits for a poll: no stale zero
+        assert row["backlog"] == 40 and row["partitions"] == 8 and row["updated_at"]
+        assert jetstream_api_calls(private_nats) - quiet_from >= 8
+    finally:
+        process.stop()
 
 
 def test_status_against_a_dead_address_is_a_clear_error() -> None:

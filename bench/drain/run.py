@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -41,6 +42,7 @@ from bench.common import (
 )
 from sidecar import config as config_mod
 from sidecar.envelope import Entry, Op, now_us, partition_of
+from sidecar.log.journal import Journal
 from sidecar.log.service import open_journal
 from tests.support.services import ensure_up
 
@@ -72,19 +74,40 @@ async def prefill(config: config_mod.Config, namespace: str, entries: int, keys:
             assert all(r.ok for r in results), results[0]
 
 
-async def backlog(config: config_mod.Config, namespace: str) -> int:
+async def backlog(journal: Journal, namespace: str) -> int:
+    """Entries not yet applied, over all partitions (consumer state; the stream's count before a consumer exists)."""
+    total = 0
+    stream = config_mod.stream_name(namespace)
+    for p in range(PARTITIONS):
+        try:
+            info = await journal.writer.conn.js_api(f"CONSUMER.INFO.{stream}.drain-t-{p}")
+            total += int(info["num_pending"]) + int(info["num_ack_pending"])
+        except Exception:
+            subject = f"wal.{namespace}.{p}"
+            state = await journal.writer.conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": subject})
+            total += int((state["state"].get("subjects") or {}).get(f"wal.{namespace}.{p}", 0))
+    return total
+
+
+async def watch_drain(config: config_mod.Config, namespace: str, entries: int, pid: int,
+                      alive: Callable[[], bool]) -> tuple[float, float]:
+    """(entries/s, peak RSS MiB) from the backlog sampled twice a second until it is empty. One connection
+    for all samples: opening one per sample cost the box CPU the drainer competes for."""
     async with open_journal(config) as journal:
-        total = 0
-        stream = config_mod.stream_name(namespace)
-        for p in range(PARTITIONS):
-            try:
-                info = await journal.writer.conn.js_api(f"CONSUMER.INFO.{stream}.drain-t-{p}")
-                total += int(info["num_pending"]) + int(info["num_ack_pending"])
-            except Exception:
-                subject = f"wal.{namespace}.{p}"
-                state = await journal.writer.conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": subject})
-                total += int((state["state"].get("subjects") or {}).get(f"wal.{namespace}.{p}", 0))
-        return total
+        samples: list[tuple[float, int]] = []
+        peak = 0.0
+        while True:
+            await trio.sleep(0.5)
+            left = await backlog(journal, namespace)
+            samples.append((time.monotonic(), left))
+            peak = max(peak, peak_rss_mib(pid))
+            if left == 0:
+                break
+            if not alive():
+                raise RuntimeError("the drainer exited")
+    started = next(t for t, left in samples if left < entries)  # the drain is under way
+    begin_left = next(left for t, left in samples if t == started)
+    return begin_left / max(0.001, samples[-1][0] - started), peak
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -108,23 +131,9 @@ def drain(kind: str, services: object, entries: int, keys: int) -> tuple[float, 
     with tempfile.TemporaryDirectory() as tmp:
         # No wait for readiness: the backlog is sampled from the start, as the drainer gets going.
         walcar = start_walcar(Path(tmp), document, role="drain", wait_ready=False)
-        proc = walcar.proc
         try:
-            samples: list[tuple[float, int]] = []
-            peak = 0.0
-            while True:
-                time.sleep(0.5)
-                left = trio.run(backlog, config, namespace)
-                samples.append((time.monotonic(), left))
-                peak = max(peak, peak_rss_mib(proc.pid))
-                if left == 0:
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the drainer exited with {proc.returncode}")
-            started = next(t for t, left in samples if left < entries)  # the drain is under way
-            begin_left = next(left for t, left in samples if t == started)
-            rate = begin_left / max(0.001, samples[-1][0] - started)
-            return rate, peak
+            return trio.run(watch_drain, config, namespace, entries, walcar.proc.pid,
+                            lambda: walcar.proc.poll() is None)
         finally:
             walcar.stop()
             delete_streams(services.nats_url, namespace)  # type: ignore[attr-defined]

@@ -152,11 +152,9 @@ def delete_streams(nats_url: str, namespace: str) -> None:
 
 def cassandra_cluster(port: int, host: str = "127.0.0.1", **options: Any) -> Cluster:
     """A cassandra-driver Cluster (protocol v4, the services' credentials); `options` go to Cluster."""
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import Cluster
+    from tests.support.cassandra import driver_cluster
 
-    return Cluster([host], port=port, protocol_version=4,
-                   auth_provider=PlainTextAuthProvider("cassandra", "cassandra"), **options)
+    return driver_cluster(port, host, **options)
 
 
 def drop_keyspace(port: int, keyspace: str, host: str = "127.0.0.1") -> None:

@@ -31,16 +31,10 @@ def unique() -> str:
 
 @pytest.fixture(scope="session")
 def cassandra_cluster(services: Services) -> Iterator[object]:
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import Cluster
+    from tests.support.cassandra import driver_cluster
 
     host, port = services.cassandra
-    cluster = Cluster(
-        [host],
-        port=port,
-        auth_provider=PlainTextAuthProvider(services.cassandra_user, services.cassandra_password),
-        protocol_version=4,
-    )
+    cluster = driver_cluster(port, host, password=services.cassandra_password)
     yield cluster
     cluster.shutdown()
 

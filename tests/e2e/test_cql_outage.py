@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster
-from cassandra.policies import ConstantReconnectionPolicy, RoundRobinPolicy
+from cassandra.policies import ConstantReconnectionPolicy
 
 from sidecar import config as config_mod
 from sidecar.config import stream_name
 from sidecar.drain.targets.cassandra import CassandraTarget
+from tests.support.cassandra import driver_cluster
 from tests.support.procs import CassandraProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import SidecarProcess, sidecar_document
@@ -28,8 +27,7 @@ PASSWORD_FILE = Path(__file__).resolve().parents[2] / "examples" / "cassandra.pa
 
 
 def table_state(port: int, keyspace: str) -> dict[str, tuple[str, int]]:
-    cluster = Cluster(["127.0.0.1"], port=port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"),
-                      protocol_version=4, load_balancing_policy=RoundRobinPolicy())
+    cluster = driver_cluster(port)
     try:
         session = cluster.connect()
         rows = session.execute(f"SELECT id, body, WRITETIME(body) AS wt FROM {keyspace}.events")
@@ -52,9 +50,7 @@ async def test_app_writes_through_a_cassandra_outage(services: Services, private
         drain={"lease_ttl": "2s"},
     )
     sidecar = SidecarProcess(document, tmp_path / "sidecar").start()
-    cluster = Cluster(["127.0.0.1"], port=cql_port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"),
-                      protocol_version=4, load_balancing_policy=RoundRobinPolicy(),
-                      reconnection_policy=ConstantReconnectionPolicy(0.5))
+    cluster = driver_cluster(cql_port, reconnection_policy=ConstantReconnectionPolicy(0.5))
     try:
         session = cluster.connect()
         assert [host.endpoint.port for host in cluster.metadata.all_hosts()] == [cql_port]

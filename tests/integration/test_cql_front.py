@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import trio
-from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, NoHostAvailable, Session
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import ConstantReconnectionPolicy, DCAwareRoundRobinPolicy
@@ -53,6 +52,7 @@ from sidecar.protocols.cql.messages import (
 from sidecar.protocols.cql.server import serve_cql
 from sidecar.protocols.cql.types import CqlProtocolError
 from tests.integration.test_drain import cassandra_target
+from tests.support.cassandra import driver_cluster
 from tests.support.listener import ListenerThread
 from tests.support.procs import NatsProcess, free_port
 from tests.support.services import Services
@@ -88,10 +88,8 @@ class CqlSidecar(ListenerThread):
 
 def connect(port: int, *, password: str = "cassandra", compression: Any = True, protocol_version: int | None = 4,
             **kwargs: Any) -> Cluster:
-    options: dict[str, Any] = {"protocol_version": protocol_version} if protocol_version else {}
-    return Cluster(["127.0.0.1"], port=port, auth_provider=PlainTextAuthProvider("cassandra", password),
-                   load_balancing_policy=DCAwareRoundRobinPolicy(local_dc=DC), compression=compression,
-                   **options, **kwargs)
+    return driver_cluster(port, password=password, load_balancing=DCAwareRoundRobinPolicy(local_dc=DC),
+                          protocol_version=protocol_version, compression=compression, **kwargs)
 
 
 def drop_streams(nats_url: str, namespace: str) -> None:

@@ -154,11 +154,9 @@ async def test_cassandra_down_then_back_with_original_writetimes(services: Servi
 
 
 def cassandra_rows(port: int, keyspace: str, table: str) -> dict[str, tuple[str, int]]:
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import Cluster
+    from tests.support.cassandra import driver_cluster
 
-    cluster = Cluster(["127.0.0.1"], port=port, auth_provider=PlainTextAuthProvider("cassandra", "cassandra"),
-                      protocol_version=4)
+    cluster = driver_cluster(port)
     try:
         session = cluster.connect()
         rows = session.execute(f"SELECT id, value, WRITETIME(value) AS wt FROM {keyspace}.{table}")

@@ -131,6 +131,8 @@ class Sidecar:
                 task_status.started(self)
                 # What is alive now (modules, drivers, config) lives until exit: moved out of the
                 # cyclic GC's sight, every full collection scans only what traffic allocated since.
+                # Startup's own garbage is collected first, so none of it is frozen for good.
+                gc.collect()
                 gc.freeze()
                 log.info("ready")
                 await self._shutdown.wait()

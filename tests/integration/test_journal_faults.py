@@ -16,6 +16,7 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.procs import NatsProcess
 from tests.support.sidecar import base_url, build_config, kv_listener, running_sidecar, sidecar_document
 from tests.support.streams import read_stream, stream_state
+from tests.support.waiting import until
 
 PUBLISH_TIMEOUT = 1.0
 
@@ -83,15 +84,15 @@ async def test_atomic_batch_cut_off_before_commit_leaves_nothing(private_nats: N
                      for r in range(50)]  # 1000 entries, ~3.3 MB: one atomic batch
         async with running_sidecar(config) as sidecar, \
                 httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+            await until(lambda: not sidecar.state.not_ready_reasons(), 15, "the journal's connections to be up")
             proxy.cut_after(1_000_000)  # the connection dies a third of the way into the batch
             response = await client.post(f"/v1/kv/{unique}/mutate", json={"mutations": mutations})
             assert proxy.severed.is_set()
             assert response.status_code == 503
             assert response.json()["durable"] in ("false", "unknown")
-            # Reconnected, the journal works again, and the cut batch is nowhere.
-            deadline = time.monotonic() + 15
-            while not sidecar.state.conn.connected and time.monotonic() < deadline:
-                await trio.sleep(0.1)
+            # Reconnected (both connections: nats-py's and the publish link), the journal works again,
+            # and the cut batch is nowhere.
+            await until(lambda: not sidecar.state.not_ready_reasons(), 15, "the journal to reconnect")
             after = await client.post(f"/v1/log/{unique}", json={"key": "after", "text": "x"})
             assert after.json()["durable"] == "true"
         # Past the server's 10 s abandonment of idle batches: still nothing of it.

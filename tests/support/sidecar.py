@@ -78,6 +78,9 @@ class SidecarProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar.cli", "run", "--config", str(self.config_path), "--role", self.role],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Not the caller's directory: `-m` puts the working directory first on sys.path, and
+                # from a checkout it would shadow a PYTHONPATH meant to run another version.
+                cwd=self.workdir,
             )
         if wait_ready:
             try:

@@ -36,8 +36,6 @@ class Delivered(msgspec.Struct, gc=False):  # no cycles; untracked keeps the GC 
     seq: int
     reply: bytes  # the ack subject, kept as read: it only ever goes back on the wire
     data: bytes
-    deliveries: int
-    timestamp_ns: int
 
 
 def parse_reply(reply: str | bytes) -> tuple[int, int, int]:
@@ -197,11 +195,11 @@ class _Pull:
             elif status != b"100":  # 404 no messages, 408 expired: the request is over
                 self._end_request()
             return
-        seq, deliveries, timestamp = parse_reply(reply)
+        seq = parse_reply(reply)[0]
         self.requested = max(0, self.requested - 1)
         if not self.read:
             self.link.after_read(self._hand_over)
-        self.read.append(Delivered(seq, reply, data, deliveries, timestamp))
+        self.read.append(Delivered(seq, reply, data))
         if self.requested == 0:
             self._request()
 

@@ -13,13 +13,22 @@ A lease is created with KV `create` (fails if someone holds it), renewed with
 bucket's max age when its owner dies. Drainers also heartbeat a
 `members.<namespace>.<target>.<id>` key per target they drain, so each can take a
 fair share of that target's partitions and hand back the rest.
+
+Who holds what and who drains is followed with one KV watch (LeaseView), not by listing
+the bucket every round: a listing is a JetStream API call, and by default every app pod's
+sidecar drains. Knowing which leases are taken also spares a `create` bound to fail (and
+nats-py's follow-up read) for each partition another drainer holds.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import trio
+
 from sidecar.log.connection import NatsConnection
+from sidecar.log.kvfollow import follow
 from sidecar.logs import get_logger
 
 log = get_logger("drain.lease")
@@ -39,6 +48,7 @@ class Leases:
         self.ttl = ttl
         self._kv: Any = None  # nats-py KeyValue (NATS thread only)
         self.bucket = bucket_name(ttl)
+        self.view = LeaseView(ttl)
 
     async def open(self) -> None:
         self._kv = await self.conn.key_value(self.bucket, self.ttl)
@@ -102,41 +112,55 @@ class Leases:
 
         await self.conn.bridge.run(purge)
 
-    async def members(self) -> dict[str, int]:
+    async def follow(self) -> None:
+        """Keep `view` current for as long as the drain runs."""
+        await follow(self.conn, self._kv, ">", self.view)
+
+
+class LeaseView:
+    """The lease bucket as seen through a watch: which leases and members are alive.
+
+    Leases are renewed and members heartbeat every third of the TTL, so a key not put for a
+    whole TTL belongs to a drainer that died: the bucket's max age removes it on the server,
+    silently (a watch sees no marker for it), and this view forgets it after the same time.
+    A released lease or a drainer's clean leave arrives as a delete and counts at once.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.ready = trio.Event()  # the bucket's current values are in
+        self._put_at: dict[str, float] = {}  # key -> when its last put was seen (monotonic)
+
+    def begin(self) -> None:
+        """A rewatch keeps what it knew: its keys come again, and any it misses age out."""
+
+    def seen(self, entry: Any) -> None:
+        if entry.operation in ("DEL", "PURGE"):
+            self._put_at.pop(entry.key, None)
+        else:
+            self._put_at[entry.key] = time.monotonic()
+
+    def loaded(self) -> None:
+        self.ready.set()
+
+    def _alive(self) -> list[str]:
+        horizon = time.monotonic() - self.ttl
+        for key in [k for k, at in self._put_at.items() if at < horizon]:
+            del self._put_at[key]
+        return list(self._put_at)
+
+    def members(self) -> dict[str, int]:
         """group -> live drainers in it (a drainer of other namespaces does not shrink this one's share)."""
-        kv = self._kv
+        counts: dict[str, int] = {}
+        for key in self._alive():
+            if key.startswith("members."):
+                group = key[len("members."):].rsplit(".", 1)[0]
+                counts[group] = counts.get(group, 0) + 1
+        return counts
 
-        async def keys() -> dict[str, int]:
-            try:
-                found = await kv.keys()
-            except Exception:  # nats-py raises NoKeysError on an empty bucket
-                return {}
-            counts: dict[str, int] = {}
-            for key in found:
-                if key.startswith("members."):
-                    group = key[len("members."):].rsplit(".", 1)[0]
-                    counts[group] = counts.get(group, 0) + 1
-            return counts
-
-        return await self.conn.bridge.run(keys)
-
-    async def holders(self) -> dict[str, str]:
-        """lease key -> owner, for status output."""
-        kv = self._kv
-
-        async def read() -> dict[str, str]:
-            try:
-                found = await kv.keys()
-            except Exception:
-                return {}
-            out = {}
-            for key in found:
-                if key.startswith("lease."):
-                    entry = await kv.get(key)
-                    out[key] = (entry.value or b"").decode()
-            return out
-
-        return await self.conn.bridge.run(read)
+    def taken(self) -> set[str]:
+        """Lease keys some drainer holds (this one's included)."""
+        return {key for key in self._alive() if key.startswith("lease.")}
 
 
 def lease_key(namespace: str, target: str, partition: int) -> str:

@@ -1,26 +1,21 @@
 """Paused targets, kept in a NATS KV bucket so a pause survives restarts of every sidecar.
 
-Every sidecar follows the bucket with one KV watch (a push consumer: updates arrive as
-they happen, and an idle watch costs JetStream nothing). Listing the keys instead would
-create a consumer per listing — a few API calls a second from every app pod's sidecar.
+Every sidecar follows the bucket with one KV watch (sidecar/log/kvfollow.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import trio
-from nats.errors import TimeoutError as NatsTimeout
 
 from sidecar.log.connection import NatsConnection
+from sidecar.log.kvfollow import follow
 from sidecar.logs import get_logger
 
 log = get_logger("drain.pauses")
 
 BUCKET = "walcar_state"
-RETRY = 1.0  # after a watch failed (NATS away), before watching again
-WAIT = 30.0  # one wait for the next update; a quiet bucket just loops
 
 
 def pause_key(namespace: str, target: str) -> str:
@@ -33,6 +28,7 @@ class Pauses:
         self.paused: set[str] = set()
         self._changed = trio.Event()
         self._kv: Any = None
+        self._loading: set[str] | None = None  # while a watch delivers the current values
 
     async def open(self) -> None:
         self._kv = await self.conn.key_value(BUCKET)
@@ -57,36 +53,25 @@ class Pauses:
             self._changed = trio.Event()
 
     async def watch(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except Exception as exc:  # keep the last known state while NATS is away
-                log.debug("pause_watch_failed", error=f"{type(exc).__name__}: {exc}")
-            await trio.sleep(RETRY)
+        await follow(self.conn, self._kv, "pause.>", self)
 
-    async def _follow(self) -> None:
-        """Apply the bucket's pause keys as they change: first its current ones, then each update."""
-        bridge = self.conn.bridge
-        watcher = await bridge.run(lambda: self._kv.watch("pause.>"))
-        try:
-            current: set[str] = set()
-            initial = True
-            while True:
-                try:
-                    entry = await bridge.run(lambda: watcher.updates(timeout=WAIT))
-                except NatsTimeout:
-                    continue
-                if entry is None:  # the current values are all in: from here on, single updates
-                    initial = False
-                elif entry.operation in ("DEL", "PURGE"):
-                    current.discard(entry.key)
-                else:
-                    current.add(entry.key)
-                if not initial:
-                    self._replace(set(current))
-        finally:
-            with trio.CancelScope(shield=True), contextlib.suppress(Exception):  # gone with the connection
-                await bridge.run(watcher.stop, timeout=2.0)
+    def begin(self) -> None:
+        self._loading = set()
+
+    def seen(self, entry: Any) -> None:
+        """Collect the current values until they are all in; after that, apply each change."""
+        paused = self._loading if self._loading is not None else set(self.paused)
+        if entry.operation in ("DEL", "PURGE"):
+            paused.discard(entry.key)
+        else:
+            paused.add(entry.key)
+        if self._loading is None:
+            self._replace(paused)
+
+    def loaded(self) -> None:
+        if self._loading is not None:
+            self._replace(self._loading)
+        self._loading = None
 
     def is_paused(self, namespace: str, target: str) -> bool:
         return pause_key(namespace, target) in self.paused

@@ -200,6 +200,7 @@ class DrainService:
         await self.chunkgc.open()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.leases.follow)
             if self._own_pauses:
                 await self.pauses.open()
                 nursery.start_soon(self.pauses.watch)
@@ -240,7 +241,12 @@ class DrainService:
                 self.held.pop(key, None)
                 continue
             lease.revision, lease.renewed_at = revision, time.monotonic()
-        members = await self.leases.members()
+        view = self.leases.view
+        with trio.move_on_after(self.config.sidecar.drain.lease_ttl):
+            await view.ready.wait()
+        if not view.ready.is_set():
+            raise RuntimeError("the lease bucket's watch has not delivered it yet")
+        members = view.members()
         for drainer in self.drainers:
             if self._stopping:
                 break
@@ -251,8 +257,9 @@ class DrainService:
     async def _balance(self, nursery: trio.Nursery, drainer: TargetDrainer, share: int) -> None:
         """Take free partitions of this target up to the fair share; hand back any beyond it."""
         mine = [lease for lease in self.held.values() if lease.drainer is drainer]
+        taken = self.leases.view.taken() | self.held.keys()  # the watch may not show a fresh lease yet
         free = [p for p in range(drainer.ns.partitions)
-                if lease_key(drainer.namespace, drainer.name, p) not in self.held]
+                if lease_key(drainer.namespace, drainer.name, p) not in taken]
         random.shuffle(free)
         for partition in free:
             if len(mine) >= share or self._stopping:

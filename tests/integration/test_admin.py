@@ -301,3 +301,20 @@ async def test_metrics_on_a_scrape_port_of_their_own_and_a_token_on_mutations(se
         assert process.proc.wait(15) == 0
     finally:
         process.stop()
+
+
+async def test_an_idle_draining_sidecar_leaves_jetstream_alone(private_nats: NatsProcess, services: Services,
+                                                               tmp_path: Path) -> None:
+    """Every app pod's sidecar drains its share by default (role `all`): holding its leases and
+    knowing who else drains must not cost JetStream API calls while nothing happens."""
+    document = sidecar_document(private_nats.url, {"idle": {"partitions": 8, "targets": [
+        memcached_target("cache", services.memcached)]}}, listeners=[kv_listener()], drain=DRAIN)
+    process = SidecarProcess(document, tmp_path / "walcar").start()
+    try:
+        await until(lambda: process.log().count("partition_acquired") == 8, 30, "the drainer to take its partitions")
+        await trio.sleep(2)
+        quiet_from = jetstream_api_calls(private_nats)
+        await trio.sleep(6)  # three lease TTLs: nine renewal rounds
+        assert jetstream_api_calls(private_nats) - quiet_from <= 2
+    finally:
+        process.stop()

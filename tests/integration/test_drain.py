@@ -295,6 +295,43 @@ async def test_killed_drainer_hands_its_partitions_over(services: Services, tmp_
             process.stop()
 
 
+def owned_here(process: SidecarProcess, target: str) -> int:
+    rows = httpx.get(f"{process.admin}/v1/drain").json()["targets"]
+    return next(row["owned_here"] for row in rows if row["target"] == target)
+
+
+async def test_drainers_share_partitions_and_rebalance_as_they_come_and_go(services: Services, tmp_path: Path,
+                                                                           unique: str) -> None:
+    """Drainers split a target's partitions fairly, a newcomer gets its share handed over, and
+    a drainer that stops cleanly gives its partitions to the others at once, not after a TTL."""
+    namespaces = {unique: {"partitions": 8, "targets": [memcached_target("cache", services.memcached)]}}
+    ingress_doc = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
+    ingress = SidecarProcess(ingress_doc, tmp_path / "ingress", role="ingress").start()
+
+    def drainer(name: str) -> SidecarProcess:
+        return SidecarProcess(sidecar_document(services.nats_url, namespaces, drain=DRAIN), tmp_path / name,
+                              role="drain").start()
+
+    drainers = [drainer("d0"), drainer("d1")]
+    keys = [f"{unique}-b{i}" for i in range(100)]
+    try:
+        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [4, 4], 30, "an even split")
+        drainers.append(drainer("d2"))
+        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [2, 3, 3], 30,
+                    "a newcomer's share handed over")
+        leaving = drainers.pop(0)
+        assert leaving.stop() == 0
+        # Within the TTL (2 s): the leaver's member key and leases are deleted, not left to expire.
+        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [4, 4], 1.9,
+                    "the leaver's partitions taken over")
+        last = await write_load(ingress_doc["listeners"][0]["bind"], unique, keys, 1000)
+        await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
+                                if last[k] != v}, 30, "memcached after the rebalancing")
+    finally:
+        for process in [ingress, *drainers]:
+            process.stop()
+
+
 async def test_fan_out_a_stopped_target_does_not_hold_back_the_other(services: Services,
                                                                      private_memcached: MemcachedProcess,
                                                                      unique: str) -> None:

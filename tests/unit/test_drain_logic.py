@@ -1,6 +1,10 @@
-"""Pure pieces of the drain: run collapsing, backoff, the adaptive limit, the breaker, ack subjects, notices."""
+"""Pure pieces of the drain: run collapsing, backoff, the adaptive limit, the breaker, ack subjects, notices,
+the lease view."""
 
 from __future__ import annotations
+
+import time
+from typing import NamedTuple
 
 import trio
 import trio.testing
@@ -10,6 +14,7 @@ from hypothesis import strategies as st
 from sidecar.drain.applied import AppliedTracker
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.consumer import parse_reply
+from sidecar.drain.lease import LeaseView
 from sidecar.drain.partition import backoff
 from sidecar.drain.targets.memcached import cache_key, collapse
 from sidecar.envelope import Entry, Op
@@ -138,3 +143,26 @@ async def test_applied_tracker_waits_and_remembers_early_notices() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(later)
         assert await tracker.wait_key_applied("n", "db", "k", 1.0)
+
+
+class _Entry(NamedTuple):
+    key: str
+    operation: str = "PUT"
+
+
+def test_lease_view_counts_live_members_and_forgets_the_silent_ones() -> None:
+    view = LeaseView(ttl=0.2)
+    for key in ["members.ns.cache.a", "members.ns.cache.b", "members.ns.db.a", "lease.ns.cache.0", "lease.ns.db.3"]:
+        view.seen(_Entry(key))
+    assert view.members() == {"ns.cache": 2, "ns.db": 1}
+    assert view.taken() == {"lease.ns.cache.0", "lease.ns.db.3"}
+    view.seen(_Entry("members.ns.cache.b", "PURGE"))  # a clean leave counts at once
+    view.seen(_Entry("lease.ns.db.3", "DEL"))  # so does a released lease
+    assert view.members() == {"ns.cache": 1, "ns.db": 1}
+    assert view.taken() == {"lease.ns.cache.0"}
+    time.sleep(0.12)
+    view.seen(_Entry("members.ns.cache.a"))  # heartbeats and renewals keep keys alive
+    view.seen(_Entry("lease.ns.cache.0"))
+    time.sleep(0.12)  # the others went a whole TTL without a put: their drainer died
+    assert view.members() == {"ns.cache": 1}
+    assert view.taken() == {"lease.ns.cache.0"}

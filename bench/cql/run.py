@@ -1,6 +1,6 @@
 """CQL front benchmark: cassandra-driver against Cassandra directly and through a real `walcar run`.
 
-    python bench/cql/run.py [--ops 10000] [--concurrency 64] [--rounds 5] [--record]
+    python bench/cql/run.py [--ops 10000] [--concurrency 64] [--clients 1,2] [--rounds 5] [--record]
 
 Both sides use the same driver settings (protocol v4, lz4, prepared statements):
 (a) direct to the shared Cassandra, (b) through a `walcar run` whose CQL listener
@@ -8,6 +8,11 @@ journals to the shared nats-server and reads from that same Cassandra. Each roun
 runs, for (a) then (b): `execute_concurrent_with_args` inserts (journaled by walcar,
 acked after the JetStream PubAck) and point selects of rows seeded directly in
 Cassandra; the ratio reported is the median of the rounds' walcar/direct ratios.
+Throughput runs once per client count: N driver processes (each its own Cluster and
+`execute_concurrent`, the ops split between them). One Python driver process is bound
+by its own GIL (~175 µs of CPU per insert on the reference box), so with one client both
+sides mostly measure the driver; with two the box's CPUs run out and the comparison is
+what the server side costs per operation, as it is for a fleet of app processes.
 Latency (p50/p99) is measured separately at a fixed rate (default 1000 ops/s) with
 one request timed per call. With --record the
 results replace the "CQL front" section of docs/benchmarks.md.
@@ -20,6 +25,7 @@ its CPUs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import sys
@@ -28,6 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -74,7 +81,7 @@ def start_cql_walcar(workdir: Path, nats_url: str, cassandra: str, namespace: st
 
 def connect(port: int, keyspace: str | None = KEYSPACE) -> tuple[Cluster, Session]:
     cluster = cassandra_cluster(port, compression=True,
-                                load_balancing_policy=DCAwareRoundRobinPolicy(local_dc="datacenter1"))
+                                load_balancing=DCAwareRoundRobinPolicy(local_dc="datacenter1"))
     return cluster, cluster.connect(keyspace)
 
 
@@ -87,22 +94,65 @@ def seed(session: Session) -> None:
                                  raise_on_first_error=True)
 
 
-def throughput(session: Session, kind: str, ops: int, concurrency: int, offset: int) -> float:
-    """ops/s of execute_concurrent_with_args; inserts use fresh keys, selects hit seeded rows."""
+def throughput(session: Session, kind: str, ops: int, concurrency: int, offset: int) -> None:
+    """execute_concurrent_with_args; inserts use fresh keys, selects hit seeded rows."""
     if kind == "insert":
         statement = session.prepare("INSERT INTO kv (k, v) VALUES (?, ?)")
         params = [(offset + i, VALUE) for i in range(ops)]
     else:
         statement = session.prepare("SELECT v FROM kv WHERE k = ?")
         params = [((offset + i) % SEED_ROWS,) for i in range(ops)]
-    started = time.perf_counter()
     results = execute_concurrent_with_args(session, statement, params, concurrency=concurrency,
                                            raise_on_first_error=True)
-    elapsed = time.perf_counter() - started
     assert len(results) == ops
     if kind == "select":
         assert results[0].result_or_exc.one().v == VALUE
-    return ops / elapsed
+
+
+def client(jobs: Connection, ports: dict[str, int]) -> None:
+    """One driver process: a session per side, then throughput jobs until told to stop.
+
+    Each job answers (start, end, CPU seconds) so the parent can sum the clients."""
+    sessions = {side: connect(port)[1] for side, port in ports.items()}
+    jobs.send("ready")
+    while (job := jobs.recv()) is not None:
+        side, kind, ops, concurrency, offset = job
+        cpu, started = time.process_time(), time.perf_counter()
+        throughput(sessions[side], kind, ops, concurrency, offset)
+        jobs.send((started, time.perf_counter(), time.process_time() - cpu))
+    os._exit(0)  # the driver's threads would hold a normal exit up
+
+
+class Clients:
+    """N driver processes, started once and kept for every round."""
+
+    def __init__(self, count: int, ports: dict[str, int]) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        for _ in range(count):
+            parent, child = spawn.Pipe()
+            proc = spawn.Process(target=client, args=(child, ports), daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        for pipe in self.pipes:
+            assert pipe.recv() == "ready"
+
+    def run(self, side: str, kind: str, ops: int, concurrency: int, offset: int) -> tuple[float, float, float]:
+        """ops/s of all clients together (first start to last end), their CPU seconds, and the wall time."""
+        share = ops // len(self.pipes)
+        for i, pipe in enumerate(self.pipes):
+            pipe.send((side, kind, share, concurrency, offset + i * share))
+        answers = [pipe.recv() for pipe in self.pipes]
+        wall = max(a[1] for a in answers) - min(a[0] for a in answers)
+        return share * len(self.pipes) / wall, sum(a[2] for a in answers), wall
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(None)
+        for proc in self.procs:
+            proc.join(10)
 
 
 def latency(session: Session, kind: str, rate: int, seconds: float, offset: int) -> tuple[float, float]:
@@ -136,75 +186,91 @@ def latency(session: Session, kind: str, rate: int, seconds: float, offset: int)
     return percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
 
 
+Run = tuple[str, int]  # (insert or select, number of client processes)
+
+
 @dataclass
 class Side:
     name: str
-    insert: list[float] = field(default_factory=list)
-    select: list[float] = field(default_factory=list)
-    # CPU µs per operation: this driver process, and (walcar side) the walcar process
-    client_cpu: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
-    walcar_cpu: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
+    rates: dict[Run, list[float]] = field(default_factory=dict)
+    # CPU µs per operation: the driver processes, and (walcar side) the walcar process
+    client_cpu: dict[Run, list[float]] = field(default_factory=dict)
+    walcar_cpu: dict[Run, list[float]] = field(default_factory=dict)
     # CPUs of the box left idle during the run: near 0 means CPU-bound, more means waiting on latency
-    idle_cpus: dict[str, list[float]] = field(default_factory=lambda: {"insert": [], "select": []})
+    idle_cpus: dict[Run, list[float]] = field(default_factory=dict)
     insert_latency: tuple[float, float] = (0.0, 0.0)
     select_latency: tuple[float, float] = (0.0, 0.0)
 
 
 def markdown(direct: Side, walcar: Side, args: argparse.Namespace) -> str:
-    def row(kind: str, d: Side, w: Side) -> str:
-        dv, wv = max(getattr(d, kind)), max(getattr(w, kind))
-        dl, wl = getattr(d, f"{kind}_latency"), getattr(w, f"{kind}_latency")
-        return (f"| {kind}s | {dv:,.0f} | {wv:,.0f} | {ratio(d, w, kind):.2f}x | {wv / dv:.2f}x "
-                f"| {dl[0]:.2f} / {dl[1]:.2f} | {wl[0]:.2f} / {wl[1]:.2f} |")
+    runs = list(direct.rates)
 
-    rounds = ", ".join(f"{d:,.0f}/{w:,.0f}" for d, w in zip(direct.insert, walcar.insert, strict=True))
-    select_rounds = ", ".join(f"{d:,.0f}/{w:,.0f}" for d, w in zip(direct.select, walcar.select, strict=True))
+    def name(run: Run) -> str:
+        kind, clients = run
+        return f"{kind}s, {clients} client{'s' if clients > 1 else ''}"
+
+    def row(run: Run) -> str:
+        dv, wv = max(direct.rates[run]), max(walcar.rates[run])
+        return f"| {name(run)} | {dv:,.0f} | {wv:,.0f} | {ratio(direct, walcar, run):.2f}x | {wv / dv:.2f}x |"
+
+    def cpu_row(run: Run) -> str:
+        return (f"| {name(run)} | {median(direct.client_cpu[run]):.0f} | {median(walcar.client_cpu[run]):.0f} "
+                f"| {median(walcar.walcar_cpu[run]):.0f} | {median(direct.idle_cpus[run]):.2f} "
+                f"| {median(walcar.idle_cpus[run]):.2f} |")
+
+    def rounds(run: Run) -> str:
+        pairs = zip(direct.rates[run], walcar.rates[run], strict=True)
+        return f"{name(run)}: " + ", ".join(f"{d:,.0f}/{w:,.0f}" for d, w in pairs)
+
+    (dil, dip), (wil, wip) = direct.insert_latency, walcar.insert_latency
+    (dsl, dsp), (wsl, wsp) = direct.select_latency, walcar.select_latency
     return "\n".join([
-        f"`python bench/cql/run.py --ops {args.ops} --concurrency {args.concurrency} --rounds {args.rounds} "
-        f"--rate {args.rate}` on {platform.machine()} with {os.cpu_count()} CPUs "
+        f"`python bench/cql/run.py --ops {args.ops} --concurrency {args.concurrency} --clients {args.clients} "
+        f"--rounds {args.rounds} --rate {args.rate}` on {platform.machine()} with {os.cpu_count()} CPUs "
         f"({time.strftime('%Y-%m-%d')}); walcar ran as {WALCAR_HOW}.",
-        "cassandra-driver (libev, protocol v4, lz4, prepared statements) with `execute_concurrent_with_args`; "
-        "direct = the shared Cassandra 5, walcar = its CQL listener journaling inserts to the shared "
-        "nats-server (acked after the PubAck, no drain) and forwarding selects to the same Cassandra. "
-        f"Each round runs direct then walcar back to back ({args.ops} ops each); the ratio is the median over "
-        f"{args.rounds} rounds of walcar/direct within a round, which pairs runs made under the same background "
-        f"load. Latency: p50 / p99 in ms at a fixed {args.rate} ops/s. The driver, walcar, nats-server and "
-        "Cassandra share the CPUs.",
+        "cassandra-driver (libev, protocol v4, lz4, prepared statements) with `execute_concurrent_with_args` "
+        f"(concurrency {args.concurrency} per client process); direct = the shared Cassandra 5, walcar = its CQL "
+        "listener journaling inserts to the shared nats-server (acked after the PubAck, no drain) and "
+        "forwarding selects to the same Cassandra. Each round runs direct then walcar back to back "
+        f"({args.ops} ops each, split between the client processes); the ratio is the median over "
+        f"{args.rounds} rounds of walcar/direct within a round, which pairs runs made under the same "
+        "background load. The driver processes, walcar, nats-server and Cassandra share the CPUs.",
         "",
-        "| workload | direct ops/s (best) | walcar ops/s (best) | ratio (median of rounds) | ratio of bests "
-        "| direct p50 / p99 ms | walcar p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
-        row("insert", direct, walcar),
-        row("select", direct, walcar),
+        "| workload | direct ops/s (best) | walcar ops/s (best) | ratio (median of rounds) | ratio of bests |",
+        "|---|---|---|---|---|",
+        *(row(run) for run in runs),
         "",
-        f"Every round (direct/walcar ops/s): inserts {rounds}; selects {select_rounds}.",
+        "Every round (direct/walcar ops/s): " + "; ".join(rounds(run) for run in runs) + ".",
         "",
-        "CPU per operation (median over rounds; steadier than rates on a shared box): the driver process "
-        f"{median(direct.client_cpu['insert']):.0f} µs per insert direct vs "
-        f"{median(walcar.client_cpu['insert']):.0f} µs via walcar, {median(direct.client_cpu['select']):.0f} vs "
-        f"{median(walcar.client_cpu['select']):.0f} µs per select; the walcar process "
-        f"{median(walcar.walcar_cpu['insert']):.0f} µs per journaled insert and "
-        f"{median(walcar.walcar_cpu['select']):.0f} µs per forwarded select. CPUs of the box left idle "
-        f"(median): inserts {median(direct.idle_cpus['insert']):.2f} direct vs "
-        f"{median(walcar.idle_cpus['insert']):.2f} via walcar, selects {median(direct.idle_cpus['select']):.2f} vs "
-        f"{median(walcar.idle_cpus['select']):.2f}.",
+        "CPU per operation in µs (median over rounds; steadier than rates on a shared box), and the box's "
+        "CPUs left idle (near 0: CPU-bound; more: waiting on latency):",
+        "",
+        "| workload | driver, direct | driver, via walcar | walcar | idle CPUs, direct | idle CPUs, walcar |",
+        "|---|---|---|---|---|---|",
+        *(cpu_row(run) for run in runs),
+        "",
+        f"Latency, one client, at a fixed {args.rate} ops/s: inserts p50 / p99 {dil:.2f} / {dip:.2f} ms direct, "
+        f"{wil:.2f} / {wip:.2f} ms via walcar; selects {dsl:.2f} / {dsp:.2f} ms direct, "
+        f"{wsl:.2f} / {wsp:.2f} ms via walcar.",
     ])
 
 
-def ratio(direct: Side, walcar: Side, kind: str) -> float:
+def ratio(direct: Side, walcar: Side, run: Run) -> float:
     """Median of walcar/direct per round: each round ran both back to back, under the same background load."""
-    return median([w / d for d, w in zip(getattr(direct, kind), getattr(walcar, kind), strict=True)])
+    return median([w / d for d, w in zip(direct.rates[run], walcar.rates[run], strict=True)])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=10_000, help="operations per throughput run")
-    parser.add_argument("--concurrency", type=int, default=64, help="execute_concurrent concurrency")
+    parser.add_argument("--concurrency", type=int, default=64, help="execute_concurrent concurrency per client")
+    parser.add_argument("--clients", default="1,2", help="client process counts to run, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=int, default=1000, help="offered ops/s for the latency runs")
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     args = parser.parse_args()
+    client_counts = [int(count) for count in args.clients.split(",")]
 
     services = ensure_up()
     host, cport = services.cassandra
@@ -214,6 +280,7 @@ def main() -> int:
         walcar_proc, port = start_cql_walcar(Path(tmp), services.nats_url, f"{host}:{cport}", namespace)
         pid = walcar_proc.proc.pid
         clusters = []
+        pools: dict[int, Clients] = {}
         try:
             dc, ds = connect(cport, None)
             clusters.append(dc)
@@ -223,20 +290,23 @@ def main() -> int:
             clusters.append(wc)
             hosts = wc.metadata.all_hosts()
             assert len(hosts) == 1 and hosts[0].endpoint.port == port, hosts
+            for count in client_counts:
+                pools[count] = Clients(count, {"direct": cport, "walcar": port})
             offset = 10_000_000
             for _ in range(args.rounds):
-                for side, session in ((direct, ds), (walcar, ws)):
-                    for kind in ("insert", "select"):
-                        client_before, walcar_before = time.process_time(), cpu_seconds([pid])
-                        idle_before, wall_before = idle_seconds(), time.perf_counter()
-                        rate = throughput(session, kind, args.ops, args.concurrency, offset)
-                        elapsed = time.perf_counter() - wall_before
-                        side.idle_cpus[kind].append((idle_seconds() - idle_before) / elapsed)
-                        side.client_cpu[kind].append((time.process_time() - client_before) / args.ops * 1e6)
-                        side.walcar_cpu[kind].append((cpu_seconds([pid]) - walcar_before) / args.ops * 1e6)
-                        getattr(side, kind).append(rate)
-                        offset += args.ops
-                        print(f"{side.name:7s} {kind:6s} {rate:10,.0f} ops/s", flush=True)
+                for count, pool in pools.items():
+                    for side in (direct, walcar):
+                        for kind in ("insert", "select"):
+                            run = (kind, count)
+                            walcar_before, idle_before = cpu_seconds([pid]), idle_seconds()
+                            rate, client_cpu, wall = pool.run(side.name, kind, args.ops, args.concurrency, offset)
+                            side.idle_cpus.setdefault(run, []).append((idle_seconds() - idle_before) / wall)
+                            side.client_cpu.setdefault(run, []).append(client_cpu / args.ops * 1e6)
+                            side.walcar_cpu.setdefault(run, []).append(
+                                (cpu_seconds([pid]) - walcar_before) / args.ops * 1e6)
+                            side.rates.setdefault(run, []).append(rate)
+                            offset += args.ops
+                            print(f"{side.name:7s} {kind:6s} {count} client(s) {rate:10,.0f} ops/s", flush=True)
             for side, session in ((direct, ds), (walcar, ws)):
                 for kind in ("insert", "select"):
                     result = latency(session, kind, args.rate, args.latency_seconds, offset)
@@ -244,6 +314,8 @@ def main() -> int:
                     setattr(side, f"{kind}_latency", result)
                     print(f"{side.name:7s} {kind:6s} p50 {result[0]:.2f} ms  p99 {result[1]:.2f} ms", flush=True)
         finally:
+            for pool in pools.values():
+                pool.close()
             for cluster in clusters:
                 cluster.shutdown()
             walcar_proc.stop()

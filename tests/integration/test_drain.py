@@ -21,7 +21,7 @@ from sidecar.ingress import Ingress
 from sidecar.log.service import open_journal
 from sidecar.log.streams import dlq_stream_name
 from tests.support.httpload import KvConnection
-from tests.support.procs import CassandraProcess, MemcachedProcess
+from tests.support.procs import CassandraProcess, MemcachedProcess, NatsProcess
 from tests.support.services import Services
 from tests.support.sidecar import (
     SidecarProcess,
@@ -330,6 +330,40 @@ async def test_drainers_share_partitions_and_rebalance_as_they_come_and_go(servi
     finally:
         for process in [ingress, *drainers]:
             process.stop()
+
+
+async def test_lease_and_pause_watches_follow_across_a_nats_restart(private_nats: NatsProcess, services: Services,
+                                                                    tmp_path: Path, unique: str) -> None:
+    """Drainers learn who holds what, who drains and what is paused from KV watches: after
+    nats-server restarts, those watches must be back, or drainers would neither share with a
+    newcomer nor see a pause."""
+    namespaces = {unique: {"partitions": 8, "targets": [memcached_target("cache", services.memcached)]}}
+
+    def drainer(name: str) -> SidecarProcess:
+        return SidecarProcess(sidecar_document(private_nats.url, namespaces, drain=DRAIN), tmp_path / name,
+                              role="drain").start()
+
+    first = drainer("d0")
+    second: SidecarProcess | None = None
+    try:
+        await until(lambda: owned_here(first, "cache") == 8, 30, "the first drainer to take every partition")
+        await trio.to_thread.run_sync(private_nats.restart)
+        second = drainer("d1")
+        pair = [first, second]
+        await until(lambda: sorted(owned_here(d, "cache") for d in pair) == [4, 4], 30,
+                    "an even split after the restart")
+        paused = httpx.post(f"{second.admin}/v1/drain/{unique}/cache/pause")
+        assert paused.json()["paused"] is True
+        await until(lambda: status_state(first, "cache") == "paused", 10, "the pause to reach the first drainer")
+    finally:
+        for process in [first, second]:
+            if process is not None:
+                process.stop()
+
+
+def status_state(process: SidecarProcess, target: str) -> str:
+    rows = httpx.get(f"{process.admin}/v1/drain").json()["targets"]
+    return next(row["state"] for row in rows if row["target"] == target)
 
 
 async def test_fan_out_a_stopped_target_does_not_hold_back_the_other(services: Services,

@@ -149,14 +149,12 @@ class LeaseView:
             del self._put_at[key]
         return list(self._put_at)
 
-    def members(self) -> dict[str, int]:
-        """group -> live drainers in it (a drainer of other namespaces does not shrink this one's share)."""
-        counts: dict[str, int] = {}
-        for key in self._alive():
-            if key.startswith("members."):
-                group = key[len("members."):].rsplit(".", 1)[0]
-                counts[group] = counts.get(group, 0) + 1
-        return counts
+    def drainers(self, group: str, owner: str) -> int:
+        """Live drainers of `group` (a namespace/target), counting `owner` even before the watch
+        brings back its first heartbeat (drainers of other groups do not shrink this one's share)."""
+        prefix = f"members.{group}."
+        alive = [key for key in self._alive() if key.startswith(prefix) and "." not in key[len(prefix):]]
+        return len(alive) + (f"{prefix}{owner}" not in alive)
 
     def taken(self) -> set[str]:
         """Lease keys some drainer holds (this one's included)."""

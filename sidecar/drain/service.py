@@ -246,12 +246,11 @@ class DrainService:
             await view.ready.wait()
         if not view.ready.is_set():
             raise RuntimeError("the lease bucket's watch has not delivered it yet")
-        members = view.members()
         for drainer in self.drainers:
             if self._stopping:
                 break
-            group = group_name(drainer.namespace, drainer.name)
-            share = math.ceil(drainer.ns.partitions / max(1, members.get(group, 1)))
+            drainers = view.drainers(group_name(drainer.namespace, drainer.name), self.owner)
+            share = math.ceil(drainer.ns.partitions / drainers)
             await self._balance(nursery, drainer, share)
 
     async def _balance(self, nursery: trio.Nursery, drainer: TargetDrainer, share: int) -> None:

@@ -150,19 +150,23 @@ class _Entry(NamedTuple):
     operation: str = "PUT"
 
 
-def test_lease_view_counts_live_members_and_forgets_the_silent_ones() -> None:
+def test_lease_view_counts_live_drainers_and_forgets_the_silent_ones() -> None:
     view = LeaseView(ttl=0.2)
-    for key in ["members.ns.cache.a", "members.ns.cache.b", "members.ns.db.a", "lease.ns.cache.0", "lease.ns.db.3"]:
+    for key in ["members.ns.cache.a", "members.ns.cache.b", "members.ns.db.a", "members.ns.cache.x.c",
+                "lease.ns.cache.0", "lease.ns.db.3"]:
         view.seen(_Entry(key))
-    assert view.members() == {"ns.cache": 2, "ns.db": 1}
+    assert view.drainers("ns.cache", "a") == 2  # ns.cache.x is a target of its own, not this one
+    assert view.drainers("ns.cache", "new") == 3  # itself, before its first heartbeat comes back
+    assert view.drainers("ns.db", "a") == 1
     assert view.taken() == {"lease.ns.cache.0", "lease.ns.db.3"}
     view.seen(_Entry("members.ns.cache.b", "PURGE"))  # a clean leave counts at once
     view.seen(_Entry("lease.ns.db.3", "DEL"))  # so does a released lease
-    assert view.members() == {"ns.cache": 1, "ns.db": 1}
+    assert view.drainers("ns.cache", "a") == 1
     assert view.taken() == {"lease.ns.cache.0"}
     time.sleep(0.12)
     view.seen(_Entry("members.ns.cache.a"))  # heartbeats and renewals keep keys alive
     view.seen(_Entry("lease.ns.cache.0"))
-    time.sleep(0.12)  # the others went a whole TTL without a put: their drainer died
-    assert view.members() == {"ns.cache": 1}
+    time.sleep(0.12)  # the others went a whole TTL without a put: their drainers died
+    assert view.drainers("ns.cache", "a") == 1
+    assert view.drainers("ns.db", "b") == 1
     assert view.taken() == {"lease.ns.cache.0"}

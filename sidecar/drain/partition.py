@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -29,6 +28,7 @@ import trio
 
 from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
+from sidecar.drain.recent import RecentlyApplied
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
 from sidecar.envelope import Entry, Op, decode
 from sidecar.log.payloads import PayloadError, expand_multi, with_payload
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from sidecar.drain.service import TargetDrainer
 
 log = get_logger("drain")
-
-_LAST_APPLIED_KEYS = 100_000
-
 
 class Held(msgspec.Struct, gc=False):
     """A delivered entry the worker holds until it is applied or dead-lettered (no cycles: untracked)."""
@@ -78,7 +75,7 @@ class PartitionWorker:
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
         self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
         self.held: dict[int, Held] = {}
-        self.last_applied: OrderedDict[str, int] = OrderedDict()
+        self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
         self._work = trio.Event()
         self._credit_out = 0  # granted to the consumer, not delivered yet
         self._stopping = False
@@ -138,7 +135,7 @@ class PartitionWorker:
                 held = Held(item.seq, item.reply, item.data, entry)
                 self._dead_letter_soon(held, ApplyError(ErrorClass.PERMANENT, f"undecodable entry: {exc}"))
                 continue
-            if not self.drainer.wants(entry) or self.last_applied.get(entry.key, 0) >= item.seq:
+            if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
             held = Held(item.seq, item.reply, item.data, entry)
@@ -223,7 +220,7 @@ class PartitionWorker:
                     chunked.append(held)
             if outcome.applied:
                 any_success = True
-                self._remember(key, run[outcome.applied - 1].seq)
+                self.recent.remember(key, run[outcome.applied - 1].seq, trio.current_time())
             if outcome.error is not None:
                 last_error = outcome.error.message
                 unavailable = unavailable or outcome.error.error_class is ErrorClass.UNAVAILABLE
@@ -296,12 +293,6 @@ class PartitionWorker:
                 if result.applied < len(run):
                     return RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "mutation partly applied"))
         return RunOutcome(1)
-
-    def _remember(self, key: str, seq: int) -> None:
-        self.last_applied[key] = seq
-        self.last_applied.move_to_end(key)
-        if len(self.last_applied) > _LAST_APPLIED_KEYS:
-            self.last_applied.popitem(last=False)
 
     # --- failures ---------------------------------------------------------------------
 
@@ -384,4 +375,5 @@ class PartitionWorker:
         while True:
             await trio.sleep(interval)
             self.consumer.signal([held.reply for held in self.held.values()], IN_PROGRESS)
+            self.recent.expire(trio.current_time())
 

@@ -1,5 +1,5 @@
 """Pure pieces of the drain: run collapsing, backoff, the adaptive limit, the breaker, ack subjects, notices,
-the lease view."""
+the lease view, the memory of recently applied keys."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreak
 from sidecar.drain.consumer import parse_reply
 from sidecar.drain.lease import LeaseView
 from sidecar.drain.partition import backoff
+from sidecar.drain.recent import RecentlyApplied
 from sidecar.drain.targets.memcached import cache_key, collapse
 from sidecar.envelope import Entry, Op
 
@@ -170,3 +171,27 @@ def test_lease_view_counts_live_drainers_and_forgets_the_silent_ones() -> None:
     assert view.drainers("ns.cache", "a") == 1
     assert view.drainers("ns.db", "b") == 1
     assert view.taken() == {"lease.ns.cache.0"}
+
+
+def test_recently_applied_keys_are_remembered_for_a_window_then_forgotten() -> None:
+    recent = RecentlyApplied(window=10.0, cap=1000)
+    recent.remember("a", 5, now=0.0)
+    recent.remember("b", 7, now=1.0)
+    assert (recent.last("a"), recent.last("b"), recent.last("never")) == (5, 7, 0)
+    recent.remember("a", 9, now=10.5)  # a new generation begins; "b" is still remembered
+    assert (recent.last("a"), recent.last("b")) == (9, 7)
+    recent.expire(now=15.0)  # not due yet
+    assert recent.last("b") == 7
+    recent.expire(now=20.5)  # two windows after its apply, "b" can no longer come back
+    assert (recent.last("a"), recent.last("b")) == (9, 0)
+    recent.expire(now=31.0)  # idle: memory is given back
+    assert len(recent) == 0
+
+
+def test_recently_applied_memory_stays_bounded_by_its_cap() -> None:
+    recent = RecentlyApplied(window=3600.0, cap=100)
+    for i in range(10_000):
+        recent.remember(f"k{i}", i + 1, now=0.0)
+        assert recent.last(f"k{i}") == i + 1
+    assert len(recent) <= 200
+    assert recent.last("k9999") == 10_000 and recent.last("k0") == 0

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger("drain")
 
+
 class Held(msgspec.Struct, gc=False):
     """A delivered entry the worker holds until it is applied or dead-lettered (no cycles: untracked)."""
 

@@ -22,6 +22,7 @@ log = get_logger("log.kvfollow")
 RETRY = 1.0  # after a watch failed (NATS away), before watching again
 WAIT = 30.0  # one wait for the next update; a quiet bucket just loops
 
+
 class Follower(Protocol):
     def begin(self) -> None:
         """A watch starts (again, after a failure): the bucket's current values come next."""

@@ -44,11 +44,6 @@ def metric(values: dict, name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def status(process: SidecarProcess, target: str) -> dict:
-    rows = httpx.get(f"{process.admin}/v1/drain").json()["targets"]
-    return next(row for row in rows if row["target"] == target)
-
-
 
 async def test_metrics_move_and_backlog_rises_and_falls(services: Services, private_memcached: MemcachedProcess,
                                                         tmp_path: Path, unique: str) -> None:
@@ -67,21 +62,21 @@ async def test_metrics_move_and_backlog_rises_and_falls(services: Services, priv
         assert metric(values, "walcar_journal_connected") == 1
         await trio.to_thread.run_sync(private_memcached.stop)
         await write_load(bind, unique, keys, 300)
-        await until(lambda: status(process, "cache")["backlog"] >= 300, 20, "backlog to rise")
+        await until(lambda: process.target_status("cache")["backlog"] >= 300, 20, "backlog to rise")
         await trio.sleep(2.5)
         down = metrics(process)
         assert metric(down, "walcar_drain_backlog", namespace=unique, target="cache") >= 300
         assert metric(down, "walcar_drain_oldest_unapplied_seconds", namespace=unique, target="cache") >= 2
         assert metric(down, "walcar_drain_breaker_open", namespace=unique, target="cache") == 2
-        assert status(process, "cache")["state"] == "breaker-open"
+        assert process.target_status("cache")["state"] == "breaker-open"
         await trio.to_thread.run_sync(private_memcached.start)
-        await until(lambda: status(process, "cache")["backlog"] == 0, 30, "backlog to drain")
+        await until(lambda: process.target_status("cache")["backlog"] == 0, 30, "backlog to drain")
         await trio.sleep(2.5)
         up = metrics(process)
         assert metric(up, "walcar_drain_backlog", namespace=unique, target="cache") == 0
         assert metric(up, "walcar_drain_oldest_unapplied_seconds", namespace=unique, target="cache") == 0
         assert metric(up, "walcar_drain_applied_total", namespace=unique, target="cache") >= 500
-        assert status(process, "cache")["state"] == "idle"
+        assert process.target_status("cache")["state"] == "idle"
     finally:
         process.stop()
 
@@ -101,13 +96,13 @@ async def test_pause_holds_the_backlog_and_survives_a_restart(services: Services
         await write_load(bind, unique, keys, 100)
         await trio.sleep(2.0)
         assert memcached_values(services.memcached, keys) == {}
-        assert status(process, "cache")["state"] == "paused"
-        assert status(process, "cache")["backlog"] == 100
+        assert process.target_status("cache")["state"] == "paused"
+        assert process.target_status("cache")["backlog"] == 100
         process.stop()
         process.start()  # the pause lives in NATS, not in the process
         await trio.sleep(2.0)
         assert memcached_values(services.memcached, keys) == {}
-        assert status(process, "cache")["state"] == "paused"
+        assert process.target_status("cache")["state"] == "paused"
         table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout
         assert "paused" in table and "100" in table
         httpx.post(f"{process.admin}/v1/drain/{unique}/cache/resume")
@@ -128,13 +123,13 @@ async def test_dlq_list_show_replay_after_fix_and_purge(services: Services, cass
         kv_host, kv_port = document["listeners"][0]["bind"].split(":")
         connection = await KvConnection.open(kv_host, int(kv_port))
         assert (await connection.post(f"/v1/log/{unique}", {"key": "before", "text": "ok"}))[0] == 200
-        await until(lambda: status(process, "db")["backlog"] == 0, 20, "the first write to apply")
+        await until(lambda: process.target_status("db")["backlog"] == 0, 20, "the first write to apply")
         # A bad deploy drops the table: every write now fails permanently ("unconfigured table").
         cassandra_session.execute(f"DROP TABLE {keyspace}.{unique}")
         for i in range(3):
             await connection.post(f"/v1/log/{unique}", {"key": f"lost-{i}", "text": f"v{i}"})
         await connection.aclose()
-        await until(lambda: status(process, "db")["dlq"] == 3, 20, "three dead letters")
+        await until(lambda: process.target_status("db")["dlq"] == 3, 20, "three dead letters")
 
         listing = walcar("dlq", "ls", unique, "--admin", admin)
         assert listing.returncode == 0
@@ -238,7 +233,7 @@ async def test_an_idle_sidecar_leaves_jetstream_alone_until_its_status_is_read(
         quiet_from = jetstream_api_calls(private_nats)
         await trio.sleep(6)
         assert jetstream_api_calls(private_nats) - quiet_from <= 2  # polling, it made ~50 in this time
-        row = status(process, "cache")  # the first read waits for a poll: no stale zero
+        row = process.target_status("cache")  # the first read waits for a poll: no stale zero
         assert row["backlog"] == 40 and row["partitions"] == 8 and row["updated_at"]
         assert jetstream_api_calls(private_nats) - quiet_from >= 8
     finally:

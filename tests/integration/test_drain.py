@@ -272,13 +272,22 @@ async def test_permanent_error_goes_to_dlq_and_others_keep_flowing(services: Ser
         cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
 
 
+def drain_only(nats_url: str, namespaces: dict, workdir: Path) -> SidecarProcess:
+    """A `walcar run --role drain` process (no listeners), started and ready."""
+    return SidecarProcess(sidecar_document(nats_url, namespaces, drain=DRAIN), workdir, role="drain").start()
+
+
+def split(drainers: list[SidecarProcess]) -> list[int]:
+    """How many of target "cache"'s partitions each drainer holds, in ascending order."""
+    return sorted(d.target_status("cache")["owned_here"] for d in drainers)
+
+
 async def test_killed_drainer_hands_its_partitions_over(services: Services, tmp_path: Path, unique: str) -> None:
     namespaces = {unique: {"partitions": 8, "retry": FAST_RETRY,
                            "targets": [memcached_target("cache", services.memcached)]}}
     ingress_doc = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
     ingress = SidecarProcess(ingress_doc, tmp_path / "ingress", role="ingress").start()
-    drainers = [SidecarProcess(sidecar_document(services.nats_url, namespaces, drain=DRAIN), tmp_path / f"d{i}",
-                               role="drain").start() for i in range(2)]
+    drainers = [drain_only(services.nats_url, namespaces, tmp_path / f"d{i}") for i in range(2)]
     keys = [f"{unique}-s{i}" for i in range(200)]
     try:
         bind = ingress_doc["listeners"][0]["bind"]
@@ -295,11 +304,6 @@ async def test_killed_drainer_hands_its_partitions_over(services: Services, tmp_
             process.stop()
 
 
-def owned_here(process: SidecarProcess, target: str) -> int:
-    rows = httpx.get(f"{process.admin}/v1/drain").json()["targets"]
-    return next(row["owned_here"] for row in rows if row["target"] == target)
-
-
 async def test_drainers_share_partitions_and_rebalance_as_they_come_and_go(services: Services, tmp_path: Path,
                                                                            unique: str) -> None:
     """Drainers split a target's partitions fairly, a newcomer gets its share handed over, and
@@ -308,21 +312,18 @@ async def test_drainers_share_partitions_and_rebalance_as_they_come_and_go(servi
     ingress_doc = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
     ingress = SidecarProcess(ingress_doc, tmp_path / "ingress", role="ingress").start()
 
-    def drainer(name: str) -> SidecarProcess:
-        return SidecarProcess(sidecar_document(services.nats_url, namespaces, drain=DRAIN), tmp_path / name,
-                              role="drain").start()
-
-    drainers = [drainer("d0"), drainer("d1")]
+    drainers = [drain_only(services.nats_url, namespaces, tmp_path / "d0"),
+                drain_only(services.nats_url, namespaces, tmp_path / "d1")]
     keys = [f"{unique}-b{i}" for i in range(100)]
     try:
-        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [4, 4], 30, "an even split")
-        drainers.append(drainer("d2"))
-        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [2, 3, 3], 30,
+        await until(lambda: split(drainers) == [4, 4], 30, "an even split")
+        drainers.append(drain_only(services.nats_url, namespaces, tmp_path / "d2"))
+        await until(lambda: split(drainers) == [2, 3, 3], 30,
                     "a newcomer's share handed over")
         leaving = drainers.pop(0)
         assert leaving.stop() == 0
         # Within the TTL (2 s): the leaver's member key and leases are deleted, not left to expire.
-        await until(lambda: sorted(owned_here(d, "cache") for d in drainers) == [4, 4], 1.9,
+        await until(lambda: split(drainers) == [4, 4], 1.9,
                     "the leaver's partitions taken over")
         last = await write_load(ingress_doc["listeners"][0]["bind"], unique, keys, 1000)
         await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
@@ -339,31 +340,23 @@ async def test_lease_and_pause_watches_follow_across_a_nats_restart(private_nats
     newcomer nor see a pause."""
     namespaces = {unique: {"partitions": 8, "targets": [memcached_target("cache", services.memcached)]}}
 
-    def drainer(name: str) -> SidecarProcess:
-        return SidecarProcess(sidecar_document(private_nats.url, namespaces, drain=DRAIN), tmp_path / name,
-                              role="drain").start()
-
-    first = drainer("d0")
+    first = drain_only(private_nats.url, namespaces, tmp_path / "d0")
     second: SidecarProcess | None = None
     try:
-        await until(lambda: owned_here(first, "cache") == 8, 30, "the first drainer to take every partition")
+        await until(lambda: split([first]) == [8], 30, "the first drainer to take every partition")
         await trio.to_thread.run_sync(private_nats.restart)
-        second = drainer("d1")
+        second = drain_only(private_nats.url, namespaces, tmp_path / "d1")
         pair = [first, second]
-        await until(lambda: sorted(owned_here(d, "cache") for d in pair) == [4, 4], 30,
+        await until(lambda: split(pair) == [4, 4], 30,
                     "an even split after the restart")
         paused = httpx.post(f"{second.admin}/v1/drain/{unique}/cache/pause")
         assert paused.json()["paused"] is True
-        await until(lambda: status_state(first, "cache") == "paused", 10, "the pause to reach the first drainer")
+        await until(lambda: first.target_status("cache")["state"] == "paused", 10,
+                    "the pause to reach the first drainer")
     finally:
         for process in [first, second]:
             if process is not None:
                 process.stop()
-
-
-def status_state(process: SidecarProcess, target: str) -> str:
-    rows = httpx.get(f"{process.admin}/v1/drain").json()["targets"]
-    return next(row["state"] for row in rows if row["target"] == target)
 
 
 async def test_fan_out_a_stopped_target_does_not_hold_back_the_other(services: Services,

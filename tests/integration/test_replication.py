@@ -47,8 +47,7 @@ class Region:
 
     def status(self, target: str) -> dict:
         assert self.sidecar is not None
-        rows = httpx.get(f"{self.sidecar.admin}/v1/drain").json()["targets"]
-        return next(r for r in rows if r["target"] == target)
+        return self.sidecar.target_status(target)
 
 
 def start_region(region: Region, peer: Region, workdir: Path, *, accept_token: str, send_token: str,

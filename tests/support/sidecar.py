@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,12 @@ class SidecarProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def target_status(self, target: str) -> dict[str, Any]:
+        """This sidecar's row for `target` in `GET /v1/drain` (backlog, state, owned_here, ...)."""
+        with urllib.request.urlopen(f"{self.admin}/v1/drain", timeout=10) as resp:
+            rows = json.load(resp)["targets"]
+        return next(row for row in rows if row["target"] == target)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc is None:

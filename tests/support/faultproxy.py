@@ -48,12 +48,14 @@ class FaultProxy:
     def sever(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []
+        # Set before the sockets go: the client sees the cut at once and may answer (and a test
+        # check `severed`) before this thread would get to run again.
+        self.severed.set()
         for client, server in pairs:
             for sock in (client, server):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-        self.severed.set()
 
     def close(self) -> None:
         self._closed = True

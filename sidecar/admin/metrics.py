@@ -104,7 +104,7 @@ class SidecarCollector:
         rate = GaugeMetricFamily("walcar_drain_apply_rate", "Entries applied per second (all drainers)", labels=labels)
         dlq = GaugeMetricFamily("walcar_dlq_depth", "Dead letters waiting", labels=labels)
         if self.poller is not None:
-            for row in self.poller.rows():
+            for row in self.poller.polled_rows():
                 key = [row.namespace, row.target]
                 backlog.add_metric(key, row.backlog)
                 oldest.add_metric(key, row.oldest_age_s)

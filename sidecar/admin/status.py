@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from sidecar.config import Config, stream_name
+from sidecar.config import Config, Target, stream_name
 from sidecar.drain.consumer import consumer_name
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.log.streams import dlq_stream_name
@@ -66,12 +66,25 @@ class StatusPoller:
         self.conn = conn
         self.pauses = pauses
         self.drain = drain
-        self._rows: dict[tuple[str, str], TargetStatus] = {}
+        # Every configured target has a row from the start, so a reader sees the whole table
+        # (state "unknown") even before the first poll, or while NATS is away.
+        self._rows: dict[tuple[str, str], TargetStatus] = {
+            (name, target.name): self._blank(name, target) for name, ns in config.namespaces.items()
+            for target in ns.targets}
         self._floors: dict[tuple[str, str, int], tuple[int, float]] = {}
         self._last_read = -math.inf
         self._polled_at = -math.inf
         self._wanted = trio.Event()  # a reader arrived while the poller was idle
         self._polled = trio.Event()  # a poll finished
+
+    def _blank(self, namespace: str, target: Target) -> TargetStatus:
+        return TargetStatus(namespace=namespace, target=target.name,
+                            type=type(target).__name__.removesuffix("Target").lower(),
+                            partitions=self.config.namespaces[namespace].partitions)
+
+    def polled_rows(self) -> list[TargetStatus]:
+        """Rows with numbers from JetStream: metrics export no made-up zeros."""
+        return [row for row in self.rows() if row.updated_at]
 
     def rows(self) -> list[TargetStatus]:
         """What is known now, without waiting (call `current` first to keep the numbers fresh)."""
@@ -97,6 +110,8 @@ class StatusPoller:
             out.state = "paused"
         elif drainer is not None and drainer.state.startswith("breaker"):
             out.state = drainer.state
+        elif not row.updated_at:
+            out.state = "unknown"  # never polled: no backlog known yet
         else:
             out.state = "draining" if row.backlog else "idle"
         if drainer is not None:
@@ -123,20 +138,29 @@ class StatusPoller:
         for name, ns in self.config.namespaces.items():
             dlq_counts = await self._dlq_counts(name) if ns.dlq else {}
             for target in ns.targets:
-                row = TargetStatus(namespace=name, target=target.name, type=type(target).__name__
-                                   .removesuffix("Target").lower(), partitions=ns.partitions)
-                oldest = 0.0
-                for partition in range(ns.partitions):
-                    pending, first_time, rate = await self._partition(name, target.name, partition)
-                    row.backlog += pending
-                    row.rate += rate
-                    if first_time:
-                        oldest = max(oldest, time.time() - first_time)
-                row.oldest_age_s = round(oldest, 3)
-                row.rate = round(row.rate, 1)
-                row.dlq = dlq_counts.get(target.name, 0)
-                row.updated_at = datetime.now().astimezone().isoformat(timespec="seconds")
+                try:
+                    row = await self._poll_target(name, target, dlq_counts)
+                except Exception as exc:  # this target's numbers stay as last known; the rest go on
+                    log.debug("status_poll_failed", namespace=name, target=target.name,
+                              error=f"{type(exc).__name__}: {exc}")
+                    continue
                 self._rows[(name, target.name)] = row
+
+    async def _poll_target(self, name: str, target: Target, dlq_counts: dict[str, int]) -> TargetStatus:
+        row = self._blank(name, target)
+        target_name = row.target
+        oldest = 0.0
+        for partition in range(row.partitions):
+            pending, first_time, rate = await self._partition(name, target_name, partition)
+            row.backlog += pending
+            row.rate += rate
+            if first_time:
+                oldest = max(oldest, time.time() - first_time)
+        row.oldest_age_s = round(oldest, 3)
+        row.rate = round(row.rate, 1)
+        row.dlq = dlq_counts.get(target_name, 0)
+        row.updated_at = datetime.now().astimezone().isoformat(timespec="seconds")
+        return row
 
     async def _partition(self, namespace: str, target: str, partition: int) -> tuple[int, float, float]:
         """(pending entries, time of the oldest unapplied one or 0, entries/s since the last poll)."""

@@ -240,6 +240,26 @@ async def test_an_idle_sidecar_leaves_jetstream_alone_until_its_status_is_read(
         process.stop()
 
 
+async def test_status_lists_every_target_even_before_jetstream_answers(
+        private_nats: NatsProcess, services: Services, tmp_path: Path) -> None:
+    """A status read must show the whole table: with NATS gone before the first poll, every
+    configured target is listed as "unknown", and metrics export no made-up zero backlog."""
+    document = sidecar_document(private_nats.url, {"ns": {"partitions": 4, "targets": [
+        memcached_target("cache", services.memcached), memcached_target("copy", services.memcached)]}},
+        listeners=[kv_listener()])
+    process = SidecarProcess(document, tmp_path / "walcar", role="ingress").start()
+    try:
+        await trio.to_thread.run_sync(private_nats.stop)
+        rows = httpx.get(f"{process.admin}/v1/drain", timeout=20).json()["targets"]
+        assert [(r["target"], r["state"], r["partitions"]) for r in rows] == [("cache", "unknown", 4),
+                                                                            ("copy", "unknown", 4)]
+        table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout
+        assert "cache" in table and "copy" in table and "unknown" in table
+        assert "walcar_drain_backlog{" not in httpx.get(f"{process.admin}/metrics").text
+    finally:
+        process.stop()
+
+
 def test_status_against_a_dead_address_is_a_clear_error() -> None:
     result = walcar("status", "--admin", "127.0.0.1:1")
     assert result.returncode == 2

@@ -128,6 +128,7 @@ class Sidecar:
                 if ingress_role:
                     for listener in config.listeners:
                         await listeners.start(self._serve_listener, listener)
+                self.state.started = True
                 task_status.started(self)
                 # What is alive now (modules, drivers, config) lives until exit: moved out of the
                 # cyclic GC's sight, every full collection scans only what traffic allocated since.

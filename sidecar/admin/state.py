@@ -1,4 +1,4 @@
-"""What readiness is made of: the journal's connection, every listener bound, not shutting down."""
+"""What readiness is made of: startup finished, the journal's connection, every listener bound, not shutting down."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ class SidecarState:
         self.listeners_expected: set[str] = set()
         self.listeners_bound: set[str] = set()
         self.shutting_down = False
+        # Set once the drain service, the status poller and the listeners are up: a drain-only
+        # process has no listener to wait for, yet is not serving until its drainers run.
+        self.started = False
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -20,6 +23,8 @@ class SidecarState:
             reasons.append("shutting down")
         if self.conn is None:
             reasons.append("journal not open yet")
+        elif not self.started:
+            reasons.append("starting (drain, status, listeners)")
         elif not self.conn.connected:
             reasons.append(f"journal disconnected from NATS ({self.conn.last_error or 'reconnecting'})")
         elif self.writer is not None and not self.writer.connected:

@@ -343,6 +343,8 @@ async def test_lease_and_pause_watches_follow_across_a_nats_restart(private_nats
     first = drain_only(private_nats.url, namespaces, tmp_path / "d0")
     second: SidecarProcess | None = None
     try:
+        # Ready means serving: the status already has the target's row (it is drained here).
+        assert first.target_status("cache")["partitions"] == 8
         await until(lambda: split([first]) == [8], 30, "the first drainer to take every partition")
         await trio.to_thread.run_sync(private_nats.restart)
         second = drain_only(private_nats.url, namespaces, tmp_path / "d1")

@@ -106,7 +106,9 @@ class SidecarProcess:
         """This sidecar's row for `target` in `GET /v1/drain` (backlog, state, owned_here, ...)."""
         with urllib.request.urlopen(f"{self.admin}/v1/drain", timeout=10) as resp:
             rows = json.load(resp)["targets"]
-        return next(row for row in rows if row["target"] == target)
+        found = [row for row in rows if row["target"] == target]
+        assert found, f"no status row for target {target!r} at {self.admin}: {rows}"
+        return found[0]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc is None:

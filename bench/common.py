@@ -5,6 +5,8 @@ docs/benchmarks.md. Every script under bench/ uses these rather than its own cop
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import platform
 import re
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,21 @@ def percentile(values: list[float], fraction: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+@contextlib.contextmanager
+def client_gc_off() -> Iterator[None]:
+    """Keep the latency client's own cyclic GC out of what it times.
+
+    A collection in the client delays every request in flight, and more are in flight against
+    the slower server, so its pauses would inflate the slower side's tail more than the other's.
+    The servers' GC is untouched."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def median(values: list[float]) -> float:

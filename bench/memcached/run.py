@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import platform
 import re
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (
     SidecarProcess,
+    client_gc_off,
     cpu_seconds,
     delete_streams,
     free_port,
@@ -174,14 +174,8 @@ async def _latency(port: int, rate: int, seconds: float, workers: int, command: 
 
 
 def latency(port: int, command: str, seconds: float, rate: int = 2000, workers: int = 8) -> tuple[float, float, int]:
-    # The client's own cyclic GC pauses would land in the numbers, and more often in the slower
-    # server's (more requests are in flight when one strikes): keep them out of the measurement.
-    gc.collect()
-    gc.disable()
-    try:
+    with client_gc_off():
         values = asyncio.run(_latency(port, rate, seconds, workers, command))
-    finally:
-        gc.enable()
     return percentile(values, 0.5) * 1e3, percentile(values, 0.99) * 1e3, len(values)
 
 

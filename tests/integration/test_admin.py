@@ -44,7 +44,6 @@ def metric(values: dict, name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-
 async def test_metrics_move_and_backlog_rises_and_falls(services: Services, private_memcached: MemcachedProcess,
                                                         tmp_path: Path, unique: str) -> None:
     address = ("127.0.0.1", private_memcached.port)

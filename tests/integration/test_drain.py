@@ -318,13 +318,11 @@ async def test_drainers_share_partitions_and_rebalance_as_they_come_and_go(servi
     try:
         await until(lambda: split(drainers) == [4, 4], 30, "an even split")
         drainers.append(drain_only(services.nats_url, namespaces, tmp_path / "d2"))
-        await until(lambda: split(drainers) == [2, 3, 3], 30,
-                    "a newcomer's share handed over")
+        await until(lambda: split(drainers) == [2, 3, 3], 30, "a newcomer's share handed over")
         leaving = drainers.pop(0)
         assert leaving.stop() == 0
         # Within the TTL (2 s): the leaver's member key and leases are deleted, not left to expire.
-        await until(lambda: split(drainers) == [4, 4], 1.9,
-                    "the leaver's partitions taken over")
+        await until(lambda: split(drainers) == [4, 4], 1.9, "the leaver's partitions taken over")
         last = await write_load(ingress_doc["listeners"][0]["bind"], unique, keys, 1000)
         await converge(lambda: {k: v for k, v in memcached_values(services.memcached, keys).items()
                                 if last[k] != v}, 30, "memcached after the rebalancing")
@@ -349,8 +347,7 @@ async def test_lease_and_pause_watches_follow_across_a_nats_restart(private_nats
         await trio.to_thread.run_sync(private_nats.restart)
         second = drain_only(private_nats.url, namespaces, tmp_path / "d1")
         pair = [first, second]
-        await until(lambda: split(pair) == [4, 4], 30,
-                    "an even split after the restart")
+        await until(lambda: split(pair) == [4, 4], 30, "an even split after the restart")
         paused = httpx.post(f"{second.admin}/v1/drain/{unique}/cache/pause")
         assert paused.json()["paused"] is True
         await until(lambda: first.target_status("cache")["state"] == "paused", 10,

@@ -12,7 +12,6 @@ import gc
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import trio
@@ -32,6 +31,7 @@ from sidecar.log.service import open_journal
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
 from sidecar.reads import Readers
+from sidecar.secrets import read_token_file
 
 log = get_logger("sidecar")
 
@@ -54,7 +54,9 @@ class Sidecar:
         self._readers = Readers(config)
         self._replays: list[Any] = []
         self._services: trio.Nursery | None = None
-        self._admin_token = _read_secret(config.sidecar.admin_token_file)
+        settings = config.sidecar
+        self._admin_token = _read_secret(settings.admin_token_file, create=settings.admin_token_create)
+        self._region_token = _read_secret(settings.region_token_file)
         if role in ("ingress", "all"):
             # Known up front, so readiness cannot pass before the last listener is bound.
             self.state.listeners_expected.update(_listener_name(item) for item in config.listeners)
@@ -178,7 +180,8 @@ class Sidecar:
         name = _listener_name(listener)
         assert self.ingress is not None
         if listener.protocol == "kv":
-            app = KvApp(self.ingress, self._readers, region_token=_read_secret(self.config.sidecar.region_token_file))
+            app = KvApp(self.ingress, self._readers, region_token=self._region_token,
+                        token=_read_secret(listener.token_file))
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             server, args = serve_http, (app, http, self._stop_listeners)
         elif listener.protocol == "memcached":
@@ -218,8 +221,8 @@ def _listener_name(listener: Listener) -> str:
     return f"{listener.protocol}@{listener.bind}"
 
 
-def _read_secret(path: str | None) -> str | None:
-    return Path(path).read_text().strip() if path else None
+def _read_secret(path: str | None, create: bool = False) -> str | None:
+    return read_token_file(path, create) if path else None
 
 
 async def run_sidecar(config: Config, role: Role = "all") -> None:

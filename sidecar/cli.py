@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.app import Sidecar
     from sidecar.log.connection import ServerTooOld
     from sidecar.log.streams import StreamConflict
+    from sidecar.secrets import SecretFileError, redact_urls
 
     try:
         cfg = config_mod.load(args.config)
@@ -54,17 +55,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {error}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(args.log_level or cfg.sidecar.log_level)
-    expected = (ServerTooOld, StreamConflict, ConnectionError, OSError)  # OSError: a listener could not bind
+    # OSError: a listener could not bind; SecretFileError: a token file is missing or empty
+    expected = (ServerTooOld, StreamConflict, ConnectionError, OSError, SecretFileError)
     try:
         trio.run(Sidecar(cfg, role=args.role, connect_retry=args.connect_retry).run)
     except expected as exc:
-        print(f"walcar: {exc}", file=sys.stderr)
+        print(f"walcar: {redact_urls(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except BaseExceptionGroup as group:  # nurseries wrap the one error that stopped the start
         leaf = _first_leaf(group)
         if not isinstance(leaf, expected):
             raise
-        print(f"walcar: {leaf}", file=sys.stderr)
+        print(f"walcar: {redact_urls(str(leaf))}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from sidecar.secrets import REDACTED, is_loopback, redact_urls
 from sidecar.units import ByteSize, Duration, parse_hostport
 
 NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -110,6 +111,9 @@ class Listener(_Base):
     upstream: list[str] | None = None
     data_center: str = "datacenter1"
     rack: str = "rack1"
+    # kv: a bearer token every route but /healthz, /openapi.json and the cross-region /batch needs
+    # (that one takes sidecar.region_token_file). Required when `bind` is beyond loopback.
+    token_file: str | None = None
 
 
 class JournalSettings(_Base):
@@ -135,8 +139,12 @@ class SidecarSettings(_Base):
     nats_creds: str | None = None
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
-    admin_token_file: str | None = None  # bearer token for mutating admin calls
-    region_token_file: str | None = None  # bearer token other regions must present
+    # Bearer token for admin mutations and for reads that reveal values or config. Required when
+    # `admin` is beyond loopback; `admin_token_create` makes the file (random token) when it is missing.
+    admin_token_file: str | None = None
+    admin_token_create: bool = False
+    # Bearer token other regions must present on POST /v1/log/{ns}/batch; without it the endpoint is off.
+    region_token_file: str | None = None
     shutdown_grace: Duration = Duration(2.0)
     shutdown_deadline: Duration = Duration(30.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -157,9 +165,9 @@ class ConfigError(Exception):
     """Every problem found in a config document, each prefixed with its path."""
 
     def __init__(self, errors: list[str], source: str = "") -> None:
-        self.errors = errors
+        self.errors = [redact_urls(error) for error in errors]
         self.source = source
-        super().__init__("\n".join(errors))
+        super().__init__("\n".join(self.errors))
 
 
 # --- decoding -----------------------------------------------------------------
@@ -335,6 +343,11 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             first = next(i for (_, p), i in binds.items() if p == port)
             yield f"{path}.bind: port {port} is already used by listeners[{first}]"
         binds[(host, port)] = index
+        if listener.token_file is not None and listener.protocol != "kv":
+            yield f"{path}.token_file: only kv listeners take a token"
+        if listener.protocol == "kv" and not is_loopback(host) and listener.token_file is None:
+            yield (f"{path}.bind: a kv listener on {host} (beyond loopback) needs `token_file`; "
+                   "bind it to 127.0.0.1 or give it a token")
         if listener.protocol in ("memcached", "cql"):
             if listener.namespace is None:
                 yield f"{path}: a {listener.protocol} listener needs `namespace`"
@@ -351,14 +364,20 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             if not any(isinstance(t, CassandraTarget) for t in ns.targets):
                 yield f"{path}: set `upstream` or give namespace {listener.namespace!r} a cassandra target"
     admin_addresses = [("sidecar.admin", config.sidecar.admin)]
+    if config.sidecar.admin_token_create and config.sidecar.admin_token_file is None:
+        yield "sidecar.admin_token_create: needs sidecar.admin_token_file (where the token is written)"
     if config.sidecar.metrics:
         admin_addresses.append(("sidecar.metrics", config.sidecar.metrics))
     for field, address in admin_addresses:
         try:
-            _, port = parse_hostport(address)
+            host, port = parse_hostport(address)
         except ValueError as exc:
             yield f"{field}: {exc}"
             continue
+        if field == "sidecar.admin" and not is_loopback(host) and config.sidecar.admin_token_file is None:
+            yield (f"sidecar.admin: admin on {host} (beyond loopback) needs sidecar.admin_token_file: "
+                   "it can pause drains, purge dead letters and read values; bind it to 127.0.0.1 "
+                   "(probes and scrapes can use sidecar.metrics) or give it a token")
         clash = next((i for (_, p), i in binds.items() if p == port), None)
         if clash is not None:
             yield f"{field}: port {port} is already used by listeners[{clash}]"
@@ -474,15 +493,13 @@ _SECRET_KEYS = {"password", "token", "secret"}
 
 
 def _redact(node: object) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _SECRET_KEYS and value:
-                node[key] = "<redacted>"
-            else:
-                _redact(value)
-    elif isinstance(node, list):
-        for item in node:
-            _redact(item)
+    """Secret-named keys, and credentials inside any URL (`nats://user:pass@host`), become <redacted>."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if isinstance(value, str):
+            node[key] = REDACTED if key in _SECRET_KEYS and value else redact_urls(value)  # type: ignore[index]
+        else:
+            _redact(value)
 
 
 def dumps(config: Config, fmt: str = "toml") -> str:

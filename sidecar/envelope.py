@@ -11,6 +11,7 @@ they would make every collection of the cyclic GC walk all of them.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 import zlib
@@ -128,6 +129,17 @@ def schedule_subject(namespace: str, entry_id: str) -> str:
     """One subject per delayed entry: JetStream keeps one schedule per subject."""
     token = uuid.uuid5(uuid.NAMESPACE_URL, entry_id).hex
     return f"wal.{namespace}.sched.{token}"
+
+
+# An entry id is the Nats-Msg-Id header and a region name travels in every replicated entry: both are
+# checked wherever they come from outside, so no client string becomes a NATS protocol token.
+MAX_ID_BYTES = 256
+_ID_RE = re.compile(r"[\x21-\x7e]{1," + str(MAX_ID_BYTES) + "}")  # printable ASCII, no space, CR or LF
+REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def valid_id(value: str) -> bool:
+    return _ID_RE.fullmatch(value) is not None
 
 
 class WriteTimeError(ValueError):

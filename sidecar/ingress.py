@@ -13,9 +13,20 @@ import msgspec
 import trio
 
 from sidecar.admin.metrics import WriteCounters
-from sidecar.config import Config, Namespace
+from sidecar.config import CassandraTarget, Config, Namespace
 from sidecar.drain.applied import AppliedTracker
-from sidecar.envelope import CqlMutation, Entry, Op, new_id, now_us, partition_of, resolve_write_time
+from sidecar.envelope import (
+    MAX_ID_BYTES,
+    REGION_RE,
+    CqlMutation,
+    Entry,
+    Op,
+    new_id,
+    now_us,
+    partition_of,
+    resolve_write_time,
+    valid_id,
+)
 from sidecar.log.journal import Journal, UnknownNamespace
 from sidecar.log.writer import Durable, WriteResult
 
@@ -36,6 +47,10 @@ class Ack(msgspec.Struct, omit_defaults=True):
 
 class TooLarge(ValueError):
     pass
+
+
+class Refused(ValueError):
+    """An entry from another region that this region will not journal (the reason is the message)."""
 
 
 class Ingress:
@@ -101,6 +116,28 @@ class Ingress:
         value = entry.value
         if value is not None and len(value) > ns.max_item_size:
             raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {ns.max_item_size}")
+
+    def check_replicated(self, entry: Entry, ns: Namespace) -> None:
+        """An entry from another region passes what the front door checks, plus what only such an
+        entry can get wrong; raises Refused (or TooLarge) naming the problem."""
+        if not valid_id(entry.id):
+            raise Refused(f"entry id must be 1-{MAX_ID_BYTES} printable ASCII characters without spaces")
+        if not REGION_RE.fullmatch(entry.origin):
+            raise Refused("origin must be a region name (letters, digits, '.', '_', '-')")
+        if entry.origin == self.region:
+            raise Refused(f"the entry started in this region ({self.region}): a replication loop")
+        if entry.op is Op.MULTI or entry.chunk is not None:
+            raise Refused("chunked entries are expanded by the sending region, never sent as references")
+        if entry.op is Op.CQL and not any(isinstance(t, CassandraTarget) for t in ns.targets):
+            raise Refused("cql entries are accepted only by a namespace with a cassandra target")
+        now = now_us()
+        # Old write times are normal (a backlog replicated late); a future one would beat every later write.
+        if entry.write_time > now + ns.write_time_drift * 1e6:
+            raise Refused(f"write_time is {(entry.write_time - now) / 1e6:.0f}s in the future; "
+                          f"the namespace allows {float(ns.write_time_drift):.0f}s of drift")
+        if entry.deliver_at > now + ns.replay_window * 1e6:
+            raise Refused("deliver_at is beyond the namespace's replay_window")
+        self.check_entry(entry, ns)
 
     async def write(self, entry: Entry, protocol: str = "kv") -> Ack:
         began = trio.current_time()

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from sidecar.secrets import redact_urls
+
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -37,7 +39,8 @@ class LogfmtFormatter(logging.Formatter):
                 parts.append(f"{key}={_quote(value)}")
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
-        return " ".join(parts)
+        # A URL with credentials in it (a config value, a driver's error) never reaches the log.
+        return redact_urls(" ".join(parts))
 
 
 class StructLogger:

@@ -119,7 +119,7 @@ def stream_count(url: str) -> int:
 
 
 def admin(sidecar: SidecarProcess, path: str) -> dict:
-    return httpx.post(f"{sidecar.admin}{path}", timeout=10).json()
+    return httpx.post(f"{sidecar.admin}{path}", json={}, timeout=10).json()
 
 
 def backlog(sidecar: SidecarProcess, target: str) -> int:

@@ -13,13 +13,19 @@
     POST /v1/replay                        start a point-in-time replay in this sidecar (progress: /v1/drain)
     POST /v1/replay/{id}/stop              stop it cleanly
 
-Mutating calls are POST only and, when `admin_token_file` is set, need
-`Authorization: Bearer <token>`.
+Who may call what (docs/security.md):
+- /healthz, /readyz, /metrics carry no values: open, and the only routes of the
+  `sidecar.metrics` port (the one kubelet probes and Prometheus scrape).
+- GET /v1/drain carries counts and states, no values: open on the admin port.
+- Every mutation (POST), GET /v1/config and GET /v1/dlq/... need `Authorization:
+  Bearer <token>` when `admin_token_file` is set; without a token the admin port is
+  loopback-only (config validation) and a request must name a loopback Host.
+- Mutations take `Content-Type: application/json` only, and any request carrying an
+  `Origin` header (a browser) is refused: a web page cannot forge an admin call.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -29,12 +35,14 @@ from sidecar import config as config_mod
 from sidecar.admin import metrics
 from sidecar.admin.dlq import DlqFilter
 from sidecar.http import Receive, Scope, Send, respond, serve_lifespan
+from sidecar.secrets import bearer_matches, is_loopback
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 class AdminError(Exception):
@@ -69,13 +77,22 @@ class AdminApp:
     def _json(status: int, body: object) -> tuple[int, bytes, bytes]:
         return status, msgspec.json.encode(body), b"application/json"
 
-    def _authorize(self, scope: Scope) -> None:
-        if not self.token:
-            return
+    def _authorize(self, scope: Scope, mutation: bool = True) -> None:
+        """A mutation, or a read that reveals values or config: an operator's tool with the token."""
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode(errors="replace")
-        if not hmac.compare_digest(given, f"Bearer {self.token}"):
-            raise AdminError(401, "this call needs Authorization: Bearer <admin token>")
+        if b"origin" in headers:
+            raise AdminError(403, "browser requests are refused: the admin API is for operators' tools")
+        if self.token:
+            if not bearer_matches(headers.get(b"authorization"), self.token):
+                raise AdminError(401, "this call needs Authorization: Bearer <admin token> (sidecar.admin_token_file)")
+        elif not is_loopback(_host_of(headers.get(b"host", b""))):
+            # No token means a loopback-only admin: a request naming another host came through a
+            # proxy or a rebound DNS name, not from a tool in this pod.
+            raise AdminError(403, "without an admin token only requests to a loopback Host are served")
+        if mutation:
+            content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if content_type != b"application/json":
+                raise AdminError(415, "admin mutations take Content-Type: application/json")
 
     async def _body(self, receive: Receive) -> bytes:
         chunks = []
@@ -93,8 +110,8 @@ class AdminApp:
             if sidecar.poller is not None:
                 await sidecar.poller.current()  # a scrape is demand: it keeps the drain status fresh
             return 200, metrics.render(sidecar, sidecar.poller), PROMETHEUS_TEXT
-        if self.metrics_only:
-            raise AdminError(404, "this port serves only /metrics")
+        if self.metrics_only and path not in OPEN_PATHS:
+            raise AdminError(404, "this port serves only /metrics, /healthz and /readyz")
         if path == "/healthz" and method == "GET":
             return self._json(200, {"status": "alive"})
         if path == "/readyz" and method == "GET":
@@ -102,6 +119,7 @@ class AdminApp:
             return self._json(503, {"status": "not ready", "reasons": reasons}) if reasons \
                 else self._json(200, {"status": "ready"})
         if path == "/v1/config" and method == "GET":
+            self._authorize(scope, mutation=False)
             return self._json(200, config_mod.to_builtins(sidecar.config))
         if path == "/v1/shutdown" and method == "POST":
             self._authorize(scope)
@@ -140,7 +158,7 @@ class AdminApp:
         if method != "POST":
             raise AdminError(405, "replay calls are POST (progress is in GET /v1/drain)")
         self._authorize(scope)
-        from sidecar.replay.request import ReplayError, ReplayRequest, decode_request
+        from sidecar.replay.request import ReplayError, ReplayRequest, decode_request, refuse_local_only
 
         if len(rest) == 2 and rest[1] == "stop":
             if not self.sidecar.stop_replay(rest[0]):
@@ -150,6 +168,7 @@ class AdminApp:
             raise AdminError(404, f"no route for POST /v1/replay/{'/'.join(rest)}")
         try:
             request = decode_request(await self._body(receive), ReplayRequest)
+            refuse_local_only(request)
             job = await self.sidecar.start_replay(request)
         except ReplayError as exc:
             raise AdminError(400 if exc.exit_code == 2 else 503, exc.message) from None
@@ -158,6 +177,8 @@ class AdminApp:
     async def _dlq(self, scope: Scope, receive: Receive, method: str, namespace: str, rest: list[str],
                    query: dict[str, list[str]]) -> tuple[int, bytes, bytes]:
         sidecar = self.sidecar
+        # Dead letters carry the journaled values: listing them is as sensitive as changing them.
+        self._authorize(scope, mutation=method != "GET")
         if namespace not in sidecar.config.namespaces:
             raise AdminError(404, f"unknown namespace {namespace!r}")
         letters = sidecar.dead_letters
@@ -178,7 +199,6 @@ class AdminApp:
         if len(rest) == 1 and rest[0] in ("replay", "purge"):
             if method != "POST":
                 raise AdminError(405, f"{rest[0]} is POST")
-            self._authorize(scope)
             body = await self._body(receive)
             try:
                 flt = msgspec.json.decode(body or b"{}", type=DlqFilter)
@@ -188,3 +208,11 @@ class AdminApp:
                 return self._json(200, await letters.replay(namespace, flt))
             return self._json(200, await letters.purge(namespace, flt))
         raise AdminError(404, f"no route for {method} /v1/dlq/{namespace}/{'/'.join(rest)}")
+
+
+def _host_of(host_header: bytes) -> str:
+    """The host of a Host header ("127.0.0.1:9901", "[::1]:9901", "localhost") without its port."""
+    host = host_header.decode("latin-1").strip()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from sidecar.inject.annotations import CONFIG, PodOptions
-from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE
+from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE, RUN_DIR
 from sidecar.inject.settings import InjectorSettings
 
 CONTAINER_NAME = "walcar"
@@ -20,8 +20,9 @@ CONFIG_DIR = "/etc/walcar"
 CONFIG_PATH = f"{CONFIG_DIR}/walcar.yaml"
 CONFIG_VOLUME = "walcar-config"
 NATS_CREDS_VOLUME = "walcar-nats-creds"
-ADMIN_PORT_NAME = "walcar-admin"
-DEFAULT_ADMIN_PORT = 9901
+RUN_VOLUME = "walcar-run"
+ADMIN_PORT_NAME = "walcar-admin"  # loopback only; declared so the injector sees an app's clash with it
+METRICS_PORT_NAME = "walcar-metrics"
 PORT_NAMES = {"kv": "walcar-kv", "memcached": "walcar-memcache", "cql": "walcar-cql"}  # <= 15 characters
 APP_ENV = {
     "kv": ("WALCAR_KV_URL", "http://127.0.0.1:{port}"),
@@ -40,6 +41,10 @@ def volumes(settings: InjectorSettings) -> list[dict[str, Any]]:
         "downwardAPI": {
             "items": [{"path": "walcar.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG}']"}}],
         },
+    }, {
+        # The admin token the sidecar makes at start: in memory, never on the node's disk.
+        "name": RUN_VOLUME,
+        "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
     }]
     if settings.nats_creds_secret:
         result.append({
@@ -57,7 +62,8 @@ def volumes(settings: InjectorSettings) -> list[dict[str, Any]]:
 
 
 def _mounts(settings: InjectorSettings) -> list[dict[str, Any]]:
-    mounts: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}]
+    mounts: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+                                    {"name": RUN_VOLUME, "mountPath": RUN_DIR}]
     if settings.nats_creds_secret:
         mounts.append({"name": NATS_CREDS_VOLUME, "mountPath": NATS_CREDS_DIR, "readOnly": True})
     for index, mount in enumerate(settings.secret_mounts):
@@ -89,10 +95,8 @@ def command(settings: InjectorSettings) -> list[str]:
 
 
 def drain_command(settings: InjectorSettings) -> list[str]:
-    drain = ["walcar", "drain", "--wait"]
-    if settings.ports.admin != DEFAULT_ADMIN_PORT:
-        drain += ["--admin", f"127.0.0.1:{settings.ports.admin}"]
-    return drain
+    """The preStop hook: the admin address and its token come from the pod's config."""
+    return ["walcar", "drain", "--wait", "--config", CONFIG_PATH]
 
 
 def wait_ready_command(settings: InjectorSettings) -> list[str]:
@@ -102,10 +106,11 @@ def wait_ready_command(settings: InjectorSettings) -> list[str]:
 
 def sidecar_container(settings: InjectorSettings, options: PodOptions) -> dict[str, Any]:
     """The walcar container: a native sidecar (restartPolicy Always) or, opted out, a plain first container."""
-    ports = [{"name": ADMIN_PORT_NAME, "containerPort": settings.ports.admin, "protocol": "TCP"}]
+    ports = [{"name": ADMIN_PORT_NAME, "containerPort": settings.ports.admin, "protocol": "TCP"},
+             {"name": METRICS_PORT_NAME, "containerPort": settings.ports.metrics, "protocol": "TCP"}]
     ports += [{"name": PORT_NAMES[p], "containerPort": settings.ports.for_protocol(p), "protocol": "TCP"}
               for p in options.protocols]
-    admin_get = {"port": ADMIN_PORT_NAME, "scheme": "HTTP"}
+    probe_get = {"port": METRICS_PORT_NAME, "scheme": "HTTP"}
     lifecycle: dict[str, Any] = {"preStop": {"exec": {"command": drain_command(settings)}}}
     if not options.native:
         # kubelet starts the next container only once postStart returned: the app finds walcar ready.
@@ -119,11 +124,11 @@ def sidecar_container(settings: InjectorSettings, options: PodOptions) -> dict[s
         "resources": _resources(settings, options),
         "volumeMounts": _mounts(settings),
         # a native sidecar gates the app's start on this probe, not on readiness
-        "startupProbe": {"httpGet": {"path": "/readyz", **admin_get}, "periodSeconds": 1, "timeoutSeconds": 1,
+        "startupProbe": {"httpGet": {"path": "/readyz", **probe_get}, "periodSeconds": 1, "timeoutSeconds": 1,
                          "failureThreshold": max(1, math.ceil(settings.startup_timeout))},
-        "readinessProbe": {"httpGet": {"path": "/readyz", **admin_get}, "periodSeconds": 2, "timeoutSeconds": 1,
+        "readinessProbe": {"httpGet": {"path": "/readyz", **probe_get}, "periodSeconds": 2, "timeoutSeconds": 1,
                            "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", **admin_get}, "periodSeconds": 10, "timeoutSeconds": 2,
+        "livenessProbe": {"httpGet": {"path": "/healthz", **probe_get}, "periodSeconds": 10, "timeoutSeconds": 2,
                           "failureThreshold": 3},
         "lifecycle": lifecycle,
         "securityContext": {

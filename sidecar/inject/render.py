@@ -9,8 +9,11 @@ per-pod part, never namespace settings:
   namespace by path). Listeners in the control plane are replaced.
 - `namespaces`: narrowed to the pod's namespace when it names one, so a pod's
   sidecar provisions and drains only what it writes.
-- `sidecar`: admin on the pod IP (kubelet probes it), log level, the drain deadline
-  as `shutdown_deadline`, the NATS URL and credentials file the injector mounts.
+- `sidecar`: admin on loopback with a token of the pod's own (made by the sidecar at
+  start in a memory volume only the walcar container mounts: the app's containers
+  cannot pause or purge anything), the metrics/probe port on the pod IP (kubelet and
+  Prometheus), log level, the drain deadline as `shutdown_deadline`, the NATS URL and
+  credentials file the injector mounts.
 
 The result is validated with the same rules as `walcar config check`, so a pod whose
 annotations cannot work is refused at admission instead of crash-looping later.
@@ -31,6 +34,8 @@ from sidecar.inject.settings import InjectorSettings
 
 NATS_CREDS_DIR = "/var/run/secrets/walcar/nats"
 NATS_CREDS_FILE = "nats.creds"
+RUN_DIR = "/var/run/walcar"  # a memory emptyDir of the walcar container alone
+ADMIN_TOKEN_FILE = f"{RUN_DIR}/admin.token"
 GRACE_MARGIN_SECONDS = 5  # process start-up of `walcar drain`, the kubelet's own slack
 
 
@@ -84,8 +89,10 @@ def pod_config(control_plane: dict[str, Any], settings: InjectorSettings,
         sidecar["nats_url"] = settings.nats_url
     if settings.nats_creds_secret:
         sidecar["nats_creds"] = f"{NATS_CREDS_DIR}/{NATS_CREDS_FILE}"
-    sidecar["admin"] = f"0.0.0.0:{settings.ports.admin}"
-    sidecar.pop("metrics", None)  # one scrape port per pod: the admin port
+    sidecar["admin"] = f"127.0.0.1:{settings.ports.admin}"
+    sidecar["admin_token_file"] = ADMIN_TOKEN_FILE
+    sidecar["admin_token_create"] = True
+    sidecar["metrics"] = f"0.0.0.0:{settings.ports.metrics}"
     sidecar["log_level"] = options.log_level
     sidecar["shutdown_deadline"] = str(settings.drain_deadline)
     document["sidecar"] = sidecar

@@ -27,9 +27,11 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Ports(_Base):
-    """Where the injected sidecar listens: data listeners on loopback, admin on the pod IP (probes)."""
+    """Where the injected sidecar listens: data listeners and admin on loopback; `metrics` (/metrics,
+    /healthz, /readyz: no values, no mutations) on the pod IP for kubelet's probes and Prometheus."""
 
     admin: int = 9901
+    metrics: int = 9902
     kv: int = 8080
     memcached: int = 11211
     cql: int = 9042

@@ -10,6 +10,7 @@ its framing cannot be resynchronised.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,9 +68,29 @@ _PING, _PONG, _OK = Ping(), Pong(), Ok()
 # --- outbound ----------------------------------------------------------------------
 
 
+class HeaderError(ValueError):
+    """A header that would break out of its line: never sent."""
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII but ':' (RFC 7230 token-ish), no space
+
+
+def unsafe_header(headers: dict[str, str]) -> str | None:
+    """The name of the first header that could forge another header line (CR/LF in its value, or a
+    name that is not a plain token), or None. Fronts validate client strings first; this is the
+    second line of defence, checked for every write before it reaches a shared batch."""
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or not _HEADER_NAME.fullmatch(name):
+            return name
+    return None
+
+
 def encode_headers(headers: dict[str, str] | None) -> bytes:
     if not headers:
         return b""
+    bad = unsafe_header(headers)
+    if bad is not None:
+        raise HeaderError(f"header {bad[:40]!r}: CR/LF in the value or an invalid name")
     if len(headers) == 1 and "Nats-Msg-Id" in headers:  # nearly every journal write: skip the generic join
         return b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % headers["Nats-Msg-Id"].encode()
     lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())

@@ -28,7 +28,7 @@ import trio
 from sidecar.config import JournalSettings
 from sidecar.log.connection import NatsConnection
 from sidecar.log.link import NatsLink, new_inbox
-from sidecar.log.wire import encode_publish, status_of
+from sidecar.log.wire import encode_publish, status_of, unsafe_header
 from sidecar.logs import get_logger
 
 log = get_logger("journal")
@@ -299,6 +299,9 @@ class JournalWriter:
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _refusal(self, write: _Write) -> WriteResult | None:
+        for message in write.messages:
+            if message.headers and unsafe_header(message.headers) is not None:
+                return _fail("refused: a header would contain CR/LF or an invalid name")
         if self._closed:
             return _fail("journal closed: the sidecar is shutting down")
         if not self.connected:

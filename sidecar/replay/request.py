@@ -72,6 +72,19 @@ def decode_request(body: bytes, kind: type[R]) -> R:
         raise ReplayError(f"invalid request: {exc}") from None
 
 
+# What only an operator's own command line may give: a target built from scratch (a URL to send the
+# journal to, a token file to send with it) and files to write (checkpoints).
+LOCAL_ONLY = ("target_config", "as_target", "checkpoint", "resume")
+
+
+def refuse_local_only(request: RangeRequest) -> None:
+    """POST /v1/replay names a target the config holds; anything naming a URL or a file is CLI-only."""
+    given = [name for name in LOCAL_ONLY if getattr(request, name, None) not in (None, False)]
+    if given:
+        raise ReplayError(f"{', '.join(given)}: not accepted over the admin API (a replay there names a configured "
+                          "target with `target`); run `walcar replay` for a target or checkpoint of your own")
+
+
 def namespace_of(config: Config, request: RangeRequest) -> Namespace:
     ns = config.namespaces.get(request.namespace)
     if ns is None:

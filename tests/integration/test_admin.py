@@ -90,7 +90,7 @@ async def test_pause_holds_the_backlog_and_survives_a_restart(services: Services
     try:
         paused = walcar("status", "--admin", document["sidecar"]["admin"])
         assert paused.returncode == 0 and unique in paused.stdout
-        response = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause")
+        response = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause", json={})
         assert response.json() == {"namespace": unique, "target": "cache", "paused": True}
         await write_load(bind, unique, keys, 100)
         await trio.sleep(2.0)
@@ -104,7 +104,7 @@ async def test_pause_holds_the_backlog_and_survives_a_restart(services: Services
         assert process.target_status("cache")["state"] == "paused"
         table = walcar("status", "--admin", document["sidecar"]["admin"]).stdout
         assert "paused" in table and "100" in table
-        httpx.post(f"{process.admin}/v1/drain/{unique}/cache/resume")
+        httpx.post(f"{process.admin}/v1/drain/{unique}/cache/resume", json={})
         await until(lambda: len(memcached_values(services.memcached, keys)) == 20, 20, "the drain to resume")
     finally:
         process.stop()
@@ -268,15 +268,20 @@ def test_status_against_a_dead_address_is_a_clear_error() -> None:
 
 async def test_replay_started_through_the_admin_endpoint(services: Services, private_memcached: MemcachedProcess,
                                                          tmp_path: Path, unique: str) -> None:
-    namespaces = {unique: {"partitions": 2, "targets": [memcached_target("cache", services.memcached)]}}
+    # The admin API replays to a target the config names (a URL or a file is CLI-only): `warm` is
+    # paused from the start, so only the replay can fill it.
+    warm = memcached_target("warm", ("127.0.0.1", private_memcached.port))
+    namespaces = {unique: {"partitions": 2, "targets": [memcached_target("cache", services.memcached), warm]}}
     document = sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN)
     process = SidecarProcess(document, tmp_path / "sidecar").start()
     keys = [f"{unique}-r{i}" for i in range(200)]
     try:
+        assert httpx.post(f"{process.admin}/v1/drain/{unique}/warm/pause", json={}).status_code == 200
+        await until(lambda: process.target_status("warm")["state"] == "paused", 10, "warm to be paused")
         last = await write_load(document["listeners"][0]["bind"], unique, keys, 400)
-        target = {"type": "memcached", "name": "warm", "servers": [f"127.0.0.1:{private_memcached.port}"]}
+        assert memcached_values(("127.0.0.1", private_memcached.port), keys) == {}
         started = httpx.post(f"{process.admin}/v1/replay",
-                             json={"namespace": unique, "target_config": target, "last_value_only": True})
+                             json={"namespace": unique, "target": "warm", "last_value_only": True})
         assert started.status_code == 202, started.text
         job = started.json()["id"]
         await until(lambda: next(j for j in httpx.get(f"{process.admin}/v1/drain").json()["replays"]
@@ -301,10 +306,11 @@ async def test_metrics_on_a_scrape_port_of_their_own_and_a_token_on_mutations(se
     process = SidecarProcess(document, tmp_path / "sidecar").start()
     try:
         assert "walcar_journal_connected 1.0" in httpx.get(f"http://{scrape}/metrics").text
-        assert httpx.get(f"http://{scrape}/v1/drain").status_code == 404  # only /metrics on the scrape port
+        assert httpx.get(f"http://{scrape}/readyz").status_code == 200  # kubelet probes this port
+        assert httpx.get(f"http://{scrape}/v1/drain").status_code == 404  # nothing but metrics and probes
         refused = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause")
         assert refused.status_code == 401
-        paused = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause",
+        paused = httpx.post(f"{process.admin}/v1/drain/{unique}/cache/pause", json={},
                             headers={"authorization": "Bearer t0ken"})
         assert paused.status_code == 200 and paused.json()["paused"] is True
         assert httpx.get(f"{process.admin}/v1/drain").status_code == 200  # reads need no token

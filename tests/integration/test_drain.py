@@ -348,7 +348,7 @@ async def test_lease_and_pause_watches_follow_across_a_nats_restart(private_nats
         second = drain_only(private_nats.url, namespaces, tmp_path / "d1")
         pair = [first, second]
         await until(lambda: split(pair) == [4, 4], 30, "an even split after the restart")
-        paused = httpx.post(f"{second.admin}/v1/drain/{unique}/cache/pause")
+        paused = httpx.post(f"{second.admin}/v1/drain/{unique}/cache/pause", json={})
         assert paused.json()["paused"] is True
         await until(lambda: first.target_status("cache")["state"] == "paused", 10,
                     "the pause to reach the first drainer")

@@ -257,14 +257,22 @@ def test_drain_deployment_only_drains_and_sidecars_only_ingest(helm: str) -> Non
     pod = drain["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["walcar", "run", "--config", "/etc/walcar/walcar.yaml", "--role", "drain"]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
-    assert container["ports"] == [{"name": "admin", "containerPort": 9901, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # admin is loopback-only (kubectl exec ... walcar status): only the open port is declared
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9902, "protocol": "TCP"}]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert mounts["config"] == "/etc/walcar"
     assert volumes["config"]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     control_plane = yaml.safe_load(config_map(docs)["walcar.yaml"])
+    assert control_plane["sidecar"]["admin"] == "127.0.0.1:9901"
+    assert control_plane["sidecar"]["metrics"] == "0.0.0.0:9902"
+    # the admin token: a generated Secret, mounted where the config says
+    token_secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("admin-token"))
+    assert volumes["admin-token"]["secret"]["secretName"] == token_secret["metadata"]["name"]
+    assert control_plane["sidecar"]["admin_token_file"] == f"{mounts['admin-token']}/token"
+    assert len(base64.b64decode(token_secret["data"]["token"])) >= 32
     assert control_plane["sidecar"]["nats_creds"] == f"{mounts['nats-creds']}/nats.creds"
     assert volumes["nats-creds"]["secret"]["secretName"] == "walcar-nats"
     assert mounts["secret-0"] == "/var/run/secrets/walcar/cassandra"
@@ -276,13 +284,13 @@ def test_drain_deployment_only_drains_and_sidecars_only_ingest(helm: str) -> Non
 def test_service_monitor_scrapes_the_drain_admin_metrics(helm: str) -> None:
     docs = template(helm, *OPTIONS["servicemonitor"])
     monitor = one(docs, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     drain_service = next(d for d in docs if d["kind"] == "Service"
                          and d["metadata"]["labels"]["app.kubernetes.io/component"] == "drain")
     labels = drain_service["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
-    assert drain_service["spec"]["ports"][0]["name"] == "admin"
+    assert [p["name"] for p in drain_service["spec"]["ports"]] == ["metrics"]  # admin is never behind it
 
 
 def test_service_monitor_without_the_drain_says_what_to_do(helm: str) -> None:
@@ -294,7 +302,7 @@ def test_service_monitor_without_the_drain_says_what_to_do(helm: str) -> None:
 def test_pod_monitor_scrapes_every_injected_sidecar(helm: str) -> None:
     monitor = one(template(helm, *OPTIONS["podmonitor"]), "PodMonitor")
     assert monitor["spec"]["selector"] == {"matchLabels": {"walcar.io/injected": "true"}}
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "walcar-admin"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "walcar-metrics"
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
 
 
@@ -372,7 +380,8 @@ def test_injected_sidecar_starts_and_accepts_a_durable_write(helm: str, services
     admin_port, kv_port = free_port(), free_port()
     values = {
         "nats": {"url": services.nats_url},
-        "sidecar": {"ports": {"admin": admin_port, "kv": kv_port, "memcached": free_port(), "cql": free_port()},
+        "sidecar": {"ports": {"admin": admin_port, "metrics": free_port(), "kv": kv_port, "memcached": free_port(),
+                              "cql": free_port()},
                     "drainDeadlineSeconds": 10},
         "config": {"sidecar": {"region": "test", "shutdown_grace": "0s"},
                    "namespaces": {unique: {"partitions": 4, "replay_window": "1h"}}},
@@ -401,7 +410,10 @@ def test_injected_sidecar_starts_and_accepts_a_durable_write(helm: str, services
     substitutions: dict[str, str] = {}
     for mount in walcar["volumeMounts"]:
         local = root / mount["mountPath"].lstrip("/")
-        materialise_downward_api(pod, volumes[mount["name"]], local)
+        if "emptyDir" in volumes[mount["name"]]:
+            local.mkdir(parents=True)
+        else:
+            materialise_downward_api(pod, volumes[mount["name"]], local)
         substitutions[mount["mountPath"]] = str(local)
 
     def substitute(arg: str) -> str:
@@ -443,6 +455,15 @@ def test_injected_sidecar_starts_and_accepts_a_durable_write(helm: str, services
                               json={"key": "k", "text": "v"}, timeout=10)
         assert response.status_code == 200, response.text
         assert response.json()["durable"] == "true"
+
+        # admin is on loopback with the pod's own token: the app cannot stop the sidecar without it
+        refused = httpx.post(f"http://127.0.0.1:{admin_port}/v1/shutdown", json={}, timeout=10)
+        assert refused.status_code == 401, refused.text
+        # the preStop hook can: it reads the address and the token file through the pod's config
+        pre_stop = [substitute(arg) for arg in walcar["lifecycle"]["preStop"]["exec"]["command"]]
+        pre_stop[0] = command[0]
+        hook = subprocess.run(pre_stop, capture_output=True, text=True, timeout=60)
+        assert hook.returncode == 0, hook.stderr
     finally:
         # pod termination: the sidecar must be gone within the grace period the injector set
         started = time.monotonic()
@@ -472,4 +493,4 @@ def test_chart_defaults_inject_a_working_pod_spec(helm: str) -> None:
     walcar = walcar_of(apply(pod, answer))
     assert walcar["image"] == "ghcr.io/walcar/walcar:0.1.0"
     assert walcar["restartPolicy"] == "Always"
-    assert yaml.safe_load(data["walcar.yaml"])["sidecar"]["admin"] == "0.0.0.0:9901"
+    assert yaml.safe_load(data["walcar.yaml"])["sidecar"]["admin"] == "127.0.0.1:9901"

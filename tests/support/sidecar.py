@@ -21,6 +21,17 @@ from sidecar import config as config_mod
 from sidecar.app import Sidecar
 from tests.support.procs import free_port, wait_for
 
+# Every secret a test hands a sidecar through secret_file(): no sidecar's log may ever contain one.
+NEVER_LOGGED: set[str] = set()
+
+
+def secret_file(path: Path, value: str) -> Path:
+    """A token or password file for a sidecar, remembered so that every SidecarProcess's log is checked for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    NEVER_LOGGED.add(value)
+    return path
+
 
 def sidecar_document(nats_url: str, namespaces: dict[str, Any], listeners: list[dict[str, Any]] | None = None,
                      **sidecar: Any) -> dict[str, Any]:
@@ -121,6 +132,9 @@ class SidecarProcess:
             self.proc.kill()
             code = self.proc.wait()
         self.proc = None
+        text = self.log()
+        leaked = [secret[:6] + "..." for secret in NEVER_LOGGED if secret in text]
+        assert not leaked, f"secrets in the sidecar's log {self.log_path}: {leaked}"
         return code
 
     def kill(self) -> None:

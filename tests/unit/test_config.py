@@ -123,7 +123,7 @@ def test_unknown_keys_are_errors(tmp_path: Path) -> None:
         replay_windw = "1h"
         """,
     )
-    assert errors[0].startswith("sidecar.regoin: unknown field (known: admin, admin_token_file,")
+    assert errors[0].startswith("sidecar.regoin: unknown field (known: admin, admin_token_create, admin_token_file,")
     assert errors[1].startswith("namespaces.a.replay_windw: unknown field (known: chunk_threshold, dlq,")
     assert len(errors) == 2
 

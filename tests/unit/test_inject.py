@@ -198,14 +198,18 @@ def test_probes_ports_and_drain_hook() -> None:
     walcar = walcar_of(apply(pod, answer_for(pod)))
     assert walcar["ports"] == [
         {"name": "walcar-admin", "containerPort": 9901, "protocol": "TCP"},
+        {"name": "walcar-metrics", "containerPort": 9902, "protocol": "TCP"},
         {"name": "walcar-kv", "containerPort": 8080, "protocol": "TCP"},
     ]
-    assert walcar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "walcar-admin", "scheme": "HTTP"}
-    assert walcar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "walcar-admin", "scheme": "HTTP"}
+    # kubelet probes the open port (no values, no mutations); admin stays on loopback
+    assert walcar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "walcar-metrics", "scheme": "HTTP"}
+    assert walcar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "walcar-metrics", "scheme": "HTTP"}
     # the startup probe is what holds the app's start until walcar is ready
     assert walcar["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert walcar["startupProbe"]["periodSeconds"] * walcar["startupProbe"]["failureThreshold"] >= 120
-    assert walcar["lifecycle"]["preStop"] == {"exec": {"command": ["walcar", "drain", "--wait"]}}
+    # the hook finds the admin address and the pod's token through the config
+    assert walcar["lifecycle"]["preStop"] == {
+        "exec": {"command": ["walcar", "drain", "--wait", "--config", "/etc/walcar/walcar.yaml"]}}
     assert walcar["securityContext"]["runAsNonRoot"] is True
     assert walcar["securityContext"]["readOnlyRootFilesystem"] is True
 
@@ -227,7 +231,11 @@ def test_config_comes_from_the_control_plane_with_per_pod_listeners() -> None:
     assert sidecar["region"] == "eu-west-1"
     assert sidecar["nats_url"] == "nats://nats.nats.svc:4222"  # the injector's setting wins
     assert sidecar["nats_creds"] == "/var/run/secrets/walcar/nats/nats.creds"
-    assert sidecar["admin"] == "0.0.0.0:9901"  # kubelet probes the pod IP
+    assert sidecar["admin"] == "127.0.0.1:9901"  # nothing outside the pod reaches admin
+    assert sidecar["metrics"] == "0.0.0.0:9902"  # kubelet probes and Prometheus scrapes this one
+    # a token of the pod's own, made at start in a volume only the walcar container mounts
+    assert sidecar["admin_token_file"] == "/var/run/walcar/admin.token"
+    assert sidecar["admin_token_create"] is True
     assert sidecar["log_level"] == "debug"
     assert sidecar["shutdown_deadline"] == "30s"
 
@@ -243,7 +251,12 @@ def test_config_and_credentials_are_mounted() -> None:
     assert volumes["walcar-nats-creds"]["secret"]["secretName"] == "walcar-nats"
     assert volumes["walcar-nats-creds"]["secret"]["items"] == [{"key": "nats.creds", "path": "nats.creds"}]
     mounts = {m["mountPath"]: m["name"] for m in walcar_of(out)["volumeMounts"]}
-    assert mounts == {"/etc/walcar": "walcar-config", "/var/run/secrets/walcar/nats": "walcar-nats-creds"}
+    assert mounts == {"/etc/walcar": "walcar-config", "/var/run/secrets/walcar/nats": "walcar-nats-creds",
+                      "/var/run/walcar": "walcar-run"}
+    assert volumes["walcar-run"] == {"name": "walcar-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    app_mounts = [m["mountPath"] for c in out["spec"]["containers"] if c["name"] != "walcar"
+                  for m in c.get("volumeMounts", [])]
+    assert "/var/run/walcar" not in app_mounts  # the app's containers never see the admin token
     # without kv there is no namespace-less default: every namespace of the control plane is served
     assert set(pod_config_of(out)["namespaces"]) == {"orders", "sessions", "playback"}
 
@@ -251,7 +264,7 @@ def test_config_and_credentials_are_mounted() -> None:
 def test_without_a_credentials_secret_nothing_is_mounted_for_nats() -> None:
     pod = deployment_pod({"walcar.io/inject": "true"})
     out = apply(pod, answer_for(pod, injector(nats_creds_secret=None)))
-    assert [v["name"] for v in out["spec"]["volumes"]] == ["kube-api-access-7xk2p", "walcar-config"]
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["kube-api-access-7xk2p", "walcar-config", "walcar-run"]
     assert "nats_creds" not in pod_config_of(out)["sidecar"]
 
 
@@ -283,7 +296,7 @@ def test_native_sidecar_opt_out_makes_walcar_the_first_container_with_a_ready_wa
     assert "restartPolicy" not in walcar
     assert walcar["lifecycle"]["postStart"]["exec"]["command"] == [
         "walcar", "inject", "wait-ready", "--url", "http://127.0.0.1:9901/readyz", "--timeout", "120"]
-    assert walcar["lifecycle"]["preStop"] == {"exec": {"command": ["walcar", "drain", "--wait"]}}
+    assert walcar["lifecycle"]["preStop"]["exec"]["command"][:3] == ["walcar", "drain", "--wait"]
     # the env went to the app container, not to walcar
     assert any(e["name"] == "WALCAR_KV_URL" for e in out["spec"]["containers"][1]["env"])
 
@@ -301,7 +314,7 @@ def test_all_protocols_listen_on_loopback_and_are_declared() -> None:
                           "walcar.io/protocols": "cql,kv"})
     out = apply(pod, answer_for(pod))
     assert [(p["name"], p["containerPort"]) for p in walcar_of(out)["ports"]] == [
-        ("walcar-admin", 9901), ("walcar-cql", 9042), ("walcar-kv", 8080)]
+        ("walcar-admin", 9901), ("walcar-metrics", 9902), ("walcar-cql", 9042), ("walcar-kv", 8080)]
     assert [listener["bind"] for listener in pod_config_of(out)["listeners"]] == ["127.0.0.1:9042", "127.0.0.1:8080"]
     env = {e["name"]: e["value"] for e in out["spec"]["containers"][0]["env"]}
     assert env["WALCAR_CQL_ADDR"] == "127.0.0.1:9042"
@@ -358,10 +371,10 @@ def test_role_ingress_when_a_drain_deployment_applies_the_journal() -> None:
 
 def test_non_default_admin_port_is_passed_to_the_hooks() -> None:
     pod = deployment_pod({"walcar.io/inject": "true", "walcar.io/native-sidecar": "false"})
-    inj = injector(ports={"admin": 19901, "kv": 18080, "memcached": 11211, "cql": 9042})
-    walcar = walcar_of(apply(pod, answer_for(pod, inj)))
-    assert walcar["lifecycle"]["preStop"]["exec"]["command"] == ["walcar", "drain", "--wait",
-                                                                 "--admin", "127.0.0.1:19901"]
+    inj = injector(ports={"admin": 19901, "metrics": 19902, "kv": 18080, "memcached": 11211, "cql": 9042})
+    out = apply(pod, answer_for(pod, inj))
+    walcar = walcar_of(out)
+    assert pod_config_of(out)["sidecar"]["admin"] == "127.0.0.1:19901"  # where the preStop's --config points
     assert "http://127.0.0.1:19901/readyz" in walcar["lifecycle"]["postStart"]["exec"]["command"]
 
 
@@ -380,7 +393,7 @@ def test_pod_without_annotations_or_env_or_volumes_gets_them_created() -> None:
     del pod["spec"]["containers"][0]["env"]
     out = apply(pod, answer_for(pod))
     assert out["metadata"]["annotations"]["walcar.io/status"] == "injected"
-    assert [v["name"] for v in out["spec"]["volumes"]] == ["walcar-config", "walcar-nats-creds"]
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["walcar-config", "walcar-run", "walcar-nats-creds"]
     assert out["spec"]["containers"][0]["env"][0]["name"] == "WALCAR_KV_URL"
 
 

@@ -70,6 +70,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{- define "walcar.adminTokenSecretName" -}}
+{{- default (printf "%s-admin-token" (include "walcar.fullname" .) | trunc 63 | trimSuffix "-") .Values.adminToken.existingSecret }}
+{{- end }}
+
+{{- define "walcar.adminTokenDir" -}}/var/run/secrets/walcar/admin{{- end }}
+
 {{/* Where the sidecar and the drain Deployment find the NATS credentials (sidecar/inject/render.py). */}}
 {{- define "walcar.natsCredsDir" -}}/var/run/secrets/walcar/nats{{- end }}
 
@@ -81,7 +87,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.nats.credentialsSecret }}
 {{- $_ := set $sidecar "nats_creds" (printf "%s/nats.creds" (include "walcar.natsCredsDir" .)) }}
 {{- end }}
-{{- $_ := set $sidecar "admin" (printf "0.0.0.0:%d" (int .Values.sidecar.ports.admin)) }}
+{{- $_ := set $sidecar "admin" (printf "127.0.0.1:%d" (int .Values.sidecar.ports.admin)) }}
+{{- $_ := set $sidecar "admin_token_file" (printf "%s/%s" (include "walcar.adminTokenDir" .) .Values.adminToken.key) }}
+{{- $_ := set $sidecar "metrics" (printf "0.0.0.0:%d" (int .Values.sidecar.ports.metrics)) }}
 {{- $_ := set $sidecar "shutdown_deadline" (printf "%ds" (int .Values.sidecar.drainDeadlineSeconds)) }}
 {{- $_ := set $cfg "sidecar" $sidecar }}
 {{- $_ := set $cfg "listeners" list }}
@@ -117,7 +125,7 @@ run_as_user: {{ int .Values.sidecar.runAsUser }}
 failure_policy: {{ .Values.webhook.failurePolicy }}
 {{- end }}
 
-{{/* Volumes and mounts shared by the drain Deployment: control plane, NATS creds, target secrets. */}}
+{{/* Volumes and mounts shared by the drain Deployment: control plane, admin token, NATS creds, target secrets. */}}
 {{- define "walcar.runtimeVolumes" -}}
 - name: config
   configMap:
@@ -125,6 +133,10 @@ failure_policy: {{ .Values.webhook.failurePolicy }}
     items:
       - key: walcar.yaml
         path: walcar.yaml
+- name: admin-token
+  secret:
+    secretName: {{ include "walcar.adminTokenSecretName" . }}
+    defaultMode: 0400
 {{- if .Values.nats.credentialsSecret }}
 - name: nats-creds
   secret:
@@ -143,6 +155,9 @@ failure_policy: {{ .Values.webhook.failurePolicy }}
 {{- define "walcar.runtimeMounts" -}}
 - name: config
   mountPath: /etc/walcar
+  readOnly: true
+- name: admin-token
+  mountPath: {{ include "walcar.adminTokenDir" . }}
   readOnly: true
 {{- if .Values.nats.credentialsSecret }}
 - name: nats-creds

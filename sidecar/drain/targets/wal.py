@@ -9,13 +9,13 @@ this region, unless the namespace is a relay. Target names are per region, so an
 entry travels without them and the remote applies it to all of its own targets. A remote 503, timeout or refused
 connection is the remote being away (backoff, breaker, backlog grows, other
 targets unaffected); a remote 4xx is permanent (dead-lettered with the remote's
-message — a wrong token lands there as "401").
+message — a wrong token lands there as "401"), and so is an entry the remote
+refused after its own front-door checks (answered `refused`, entry by entry).
 """
 
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import httpx
 import msgspec
@@ -24,6 +24,7 @@ from sidecar.config import Config, Namespace
 from sidecar.config import WalTarget as WalSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
+from sidecar.secrets import read_token_file
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -31,6 +32,7 @@ _encoder = msgspec.msgpack.Encoder()
 class _Result(msgspec.Struct):
     durable: str
     message: str = ""
+    refused: bool = False  # the remote will never journal it (its checks said no): permanent
 
 
 class _Response(msgspec.Struct):
@@ -50,7 +52,7 @@ class WalTarget:
         self.relay = ns.relay
         self.url = f"{settings.url.rstrip('/')}/v1/log/{namespace}/batch"
         self.health_url = f"{settings.url.rstrip('/')}/healthz"
-        self.token = Path(settings.token_file).read_text().strip() if settings.token_file else None
+        self.token = read_token_file(settings.token_file) if settings.token_file else None
         self.client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -111,6 +113,7 @@ class WalTarget:
             except msgspec.DecodeError as exc:
                 raise ApplyError(ErrorClass.TRANSIENT, f"remote answered unreadably: {exc}") from None
             return [None if r.durable == "true" else
+                    ApplyError(ErrorClass.PERMANENT, f"remote {r.message}") if r.refused else
                     ApplyError(ErrorClass.TRANSIENT, f"remote journal: durable={r.durable} {r.message}")
                     for r in parsed.results]
         detail = _error_text(response)

@@ -85,3 +85,21 @@ class ClassifyCache:
         if len(cache) > self.size:
             cache.popitem(last=False)
         return st
+
+
+_REPLICABLE: Final = frozenset({StatementKind.INSERT, StatementKind.UPDATE, StatementKind.DELETE})
+
+
+def unreplicable_reason(query: str, keyspace: str | None) -> str | None:
+    """Why a journaled CQL statement from another region must not be executed here, or None.
+
+    Only what this front itself journals is accepted: a plain INSERT, UPDATE or DELETE on an
+    application keyspace. DDL, TRUNCATE, GRANT, conditional and counter writes, system keyspaces
+    and text the classifier cannot read never arrive through a journal, so none may be replayed
+    with the drain's credentials."""
+    st = classify(query)
+    if st.kind not in _REPLICABLE:
+        return f"{st.kind.value} statements are not journaled by walcar"
+    if route_of(st, keyspace) != Route.JOURNAL:
+        return "conditional, counter, system-keyspace or unparsable writes are not journaled by walcar"
+    return None

@@ -2,7 +2,7 @@
 
 Routes:
     POST   /v1/log/{namespace}            WriteToLog
-    POST   /v1/log/{namespace}/batch      entries replicated from another region (bearer token when configured)
+    POST   /v1/log/{namespace}/batch      entries replicated from another region (the region token; off without one)
     GET    /healthz                       the API answers (what a remote region's drain probes)
     PUT    /v1/kv/{namespace}/{id}        PutItems
     DELETE /v1/kv/{namespace}/{id}        DeleteItems (listed item keys, or the whole record)
@@ -13,11 +13,15 @@ Routes:
 Every write answers {durable, visible, message, sequence, duplicate}: 200 when the
 journal acked it, 503 + Retry-After when it is false or unknown. Bad input is 400
 naming the field, a body over the limit 413, an unknown namespace 404.
+
+A listener with a `token_file` wants `Authorization: Bearer <token>` on every route
+but /healthz, /openapi.json and /batch (which takes the region token instead).
+Client strings that travel as NATS headers (idempotency tokens) or HTTP headers
+downstream (content types) are checked here: printable, bounded, no CR/LF.
 """
 
 from __future__ import annotations
 
-import hmac
 import re
 import zlib
 from typing import Any
@@ -26,14 +30,17 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from sidecar.drain.targets.base import ApplyError
-from sidecar.envelope import Entry, Op, WriteTimeError, new_id, partition_of
+from sidecar.envelope import Entry, Op, WriteTimeError, new_id, partition_of, valid_id
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
-from sidecar.ingress import Ack, Ingress, TooLarge
+from sidecar.ingress import Ack, Ingress, Refused, TooLarge
 from sidecar.log.journal import UnknownNamespace
+from sidecar.log.writer import Durable
 from sidecar.logs import get_logger
+from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
 from sidecar.reads import NoReadableTarget, Readers
+from sidecar.secrets import bearer_matches
 
 log = get_logger("kv")
 
@@ -43,6 +50,9 @@ _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"applicatio
 _FIELD_RE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
 MAX_MUTATIONS = 10_000
+MAX_TOKEN_BYTES = 128  # an idempotency token; entry ids add ":<index>" to it
+MAX_CONTENT_TYPE = 255
+_CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0," + str(MAX_CONTENT_TYPE) + "}")  # printable: no CR, LF, control
 
 
 class HttpError(Exception):
@@ -72,11 +82,12 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
 
 class KvApp:
     def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = 64 * 1024 * 1024,
-                 region_token: str | None = None) -> None:
+                 region_token: str | None = None, token: str | None = None) -> None:
         self.ingress = ingress
         self.readers = readers or Readers(ingress.config)
         self.max_body = max_body
         self.region_token = region_token
+        self.token = token
         self._openapi = msgspec.json.encode(openapi_document())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,6 +171,8 @@ class KvApp:
             self._allow(method, "POST")
             self._authorize_region(headers)
             return await self._replicated(parts[2], await self._body(receive, headers), msgpack)
+        if self.token is not None and not bearer_matches(headers.get(b"authorization"), self.token):
+            raise HttpError(401, "this listener needs Authorization: Bearer <token> (its token_file)")
         if len(parts) == 3 and parts[:2] == ["v1", "log"]:
             self._allow(method, "POST")
             return await self._write_to_log(parts[2], await self._body(receive), msgpack)
@@ -193,26 +206,56 @@ class KvApp:
 
     def _authorize_region(self, headers: dict[bytes, bytes]) -> None:
         if self.region_token is None:
-            return
-        given = headers.get(b"authorization", b"").decode(errors="replace")
-        if not hmac.compare_digest(given, f"Bearer {self.region_token}"):
+            raise HttpError(403, "cross-region writes are off here: this sidecar has no sidecar.region_token_file")
+        if not bearer_matches(headers.get(b"authorization"), self.region_token):
             raise HttpError(401, "cross-region batches need a valid bearer token (sidecar.region_token_file)")
 
     async def _replicated(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+        """Each entry is checked as the front door would; a refused one is answered `refused` (the
+        sender dead-letters it), the others are journaled as they are in one group commit."""
         batch: models.ReplicationBatch = self._decode(body, models.ReplicationBatch, msgpack)
         ns = self._namespace(namespace)
+        out: list[models.ReplicatedResult | None] = [None] * len(batch.entries)
+        admitted: list[tuple[int, Entry]] = []
         for index, entry in enumerate(batch.entries):
-            if entry.ns != namespace:
-                raise HttpError(400, f"entry for namespace {entry.ns!r} sent to {namespace!r}", f"entries[{index}].ns")
-            if not entry.origin:
-                raise HttpError(400, "a replicated entry names its origin region", f"entries[{index}].origin")
+            reason = self._refusal(namespace, ns, entry)
+            if reason is not None:
+                out[index] = models.ReplicatedResult(durable=Durable.FALSE, message=f"refused: {reason}", refused=True)
+                continue
             # Partition counts are per region: place the entry by this region's count.
             entry.partition = partition_of(entry.key, ns.partitions)
-        results = await self.ingress.write_replicated(batch.entries)
-        out = [models.WriteResponse(durable=r.durable, message=r.message, sequence=r.sequence, duplicate=r.duplicate)
-               for r in results]
-        status = 200 if all(r.ok for r in results) else 503
-        return status, models.ReplicationResponse(results=out)
+            admitted.append((index, entry))
+        if len(admitted) < len(batch.entries):
+            log.warning("replicated_entries_refused", namespace=namespace, refused=len(batch.entries) - len(admitted),
+                        first=next(r.message for r in out if r is not None))
+        results = await self.ingress.write_replicated([entry for _, entry in admitted])
+        for (index, _), r in zip(admitted, results, strict=True):
+            out[index] = models.ReplicatedResult(durable=r.durable, message=r.message, sequence=r.sequence,
+                                                 duplicate=r.duplicate)
+        answers = [r for r in out if r is not None]
+        status = 200 if all(r.durable is Durable.TRUE or r.refused for r in answers) else 503
+        return status, models.ReplicationResponse(results=answers)
+
+    def _refusal(self, namespace: str, ns: Any, entry: Entry) -> str | None:
+        if entry.ns != namespace:
+            return f"entry for namespace {entry.ns!r} sent to {namespace!r}"
+        try:
+            self.ingress.check_replicated(entry, ns)
+        except (Refused, TooLarge) as exc:
+            return str(exc)
+        if entry.cql is not None:
+            for statement in entry.cql.statements:
+                reason = unreplicable_reason(statement.query, statement.keyspace or None)
+                if reason is not None:
+                    return reason
+        return None
+
+    @staticmethod
+    def _token(token: str | None, field: str = "idempotency_token") -> str | None:
+        """An idempotency token becomes the entries' Nats-Msg-Id: printable, no spaces, bounded."""
+        if token is not None and (len(token) > MAX_TOKEN_BYTES or not valid_id(token)):
+            raise HttpError(400, f"must be 1-{MAX_TOKEN_BYTES} printable ASCII characters without spaces", field)
+        return token
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -258,10 +301,12 @@ class KvApp:
         unknown = [t for t in targets if ns.target(t) is None]
         if unknown:
             raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
+        if not _CONTENT_TYPE_RE.fullmatch(request.content_type):
+            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
         entry = self._entry(
             namespace, Op.PUT, request.key, "payload",
             value=payload,
-            entry_id=request.idempotency_token,
+            entry_id=self._token(request.idempotency_token),
             targets=targets,
             content_type=request.content_type,
             **self._lifecycle(request.lifecycle),
@@ -302,7 +347,7 @@ class KvApp:
 
     async def _journal(self, entries: list[Entry], token: str | None) -> tuple[int, object]:
         """Ids derive from the idempotency token, so a retried request maps to the same entries."""
-        base_id = token or new_id()
+        base_id = self._token(token) or new_id()
         for index, entry in enumerate(entries):
             entry.id = f"{base_id}:{index}"
         return self._answer(await self.ingress.write_mutation(entries, base_id))

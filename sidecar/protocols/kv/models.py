@@ -97,5 +97,11 @@ class ReplicationBatch(msgspec.Struct, kw_only=True):
     entries: list[Entry]
 
 
+class ReplicatedResult(WriteResponse, kw_only=True):
+    # True when this region will never journal the entry (the reason is `message`): the sending
+    # region dead-letters it instead of retrying. Absent from older walcars: False.
+    refused: bool = False
+
+
 class ReplicationResponse(msgspec.Struct, kw_only=True):
-    results: list[WriteResponse]
+    results: list[ReplicatedResult]

@@ -5,24 +5,26 @@
     walcar drain --wait                  (a preStop hook: graceful shutdown, then wait for exit)
 
 Every command takes `--admin HOST:PORT` or `--config FILE` (to read `sidecar.admin`
-and the admin token file from it). Errors name what is wrong and exit non-zero:
-1 when the sidecar answered with an error, 2 when it cannot be reached or the
-arguments are wrong. No tracebacks.
+and the admin token file from it; default: $WALCAR_CONFIG, which the chart sets in
+walcar's containers, so `kubectl exec ... -c walcar -- walcar dlq ls NS` just works).
+Errors name what is wrong and exit non-zero: 1 when the sidecar answered with an
+error, 2 when it cannot be reached or the arguments are wrong. No tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from sidecar import config as config_mod
 from sidecar.progress import Progress
+from sidecar.secrets import SecretFileError, read_token_file
 
 DEFAULT_ADMIN = "127.0.0.1:9901"
 EXIT_ERROR = 1
@@ -64,17 +66,21 @@ class AdminClient:
 
 def client_from(args: argparse.Namespace) -> AdminClient:
     address, token_file = DEFAULT_ADMIN, None
-    if args.config:
+    config_path = args.config or (None if args.admin else os.environ.get("WALCAR_CONFIG"))
+    if config_path:
         try:
-            cfg = config_mod.load(args.config)
+            cfg = config_mod.load(config_path)
         except config_mod.ConfigError as exc:
-            raise CliError(f"{args.config}: {exc.errors[0]}", EXIT_UNREACHABLE) from None
+            raise CliError(f"{config_path}: {exc.errors[0]}", EXIT_UNREACHABLE) from None
         address, token_file = cfg.sidecar.admin, cfg.sidecar.admin_token_file
     if args.admin:
         address = args.admin
     if args.token_file:
         token_file = args.token_file
-    token = Path(token_file).read_text().strip() if token_file else None
+    try:
+        token = read_token_file(token_file) if token_file else None
+    except SecretFileError as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from None
     return AdminClient(address, token)
 
 
@@ -237,7 +243,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", metavar="HOST:PORT", help=f"admin address (default {DEFAULT_ADMIN})")
     parser.add_argument("--config", "-c", help="read the admin address and token file from this config")
-    parser.add_argument("--token-file", help="bearer token for mutating calls")
+    parser.add_argument("--token-file", help="the admin bearer token (mutations, DLQ and config reads)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -131,6 +131,8 @@ def sidecar_container(settings: InjectorSettings, options: PodOptions) -> dict[s
         "livenessProbe": {"httpGet": {"path": "/healthz", **probe_get}, "periodSeconds": 10, "timeoutSeconds": 2,
                           "failureThreshold": 3},
         "lifecycle": lifecycle,
+        # `kubectl exec ... -c walcar -- walcar status|dlq` finds the admin address and token through it
+        "env": [{"name": "WALCAR_CONFIG", "value": CONFIG_PATH}],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": settings.run_as_user,

@@ -9,11 +9,13 @@ URL, no file written, no entry journaled, no table dropped, no secret in any log
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -265,3 +267,68 @@ def test_passwords_in_urls_never_leave(services: Services, tmp_path: Path, uniqu
     finally:
         process.stop()
     assert "journal_ready" in process.log() and PASSWORD not in process.log()
+
+
+def test_a_kv_listener_with_a_token_wants_it_on_every_write_and_read(services: Services, tmp_path: Path,
+                                                                     unique: str) -> None:
+    token = secret_file(tmp_path / "kv.token", "kv-" + unique)
+    listener = {**kv_listener(), "token_file": str(token)}
+    admin_token = secret_file(tmp_path / "admin.token", "adm-" + unique)
+    document = sidecar_document(services.nats_url, {unique: {"partitions": 1}}, [listener],
+                                admin_token_file=str(admin_token))
+    process = SidecarProcess(document, tmp_path / "w").start()
+    url = f"http://{listener['bind']}"
+    try:
+        assert httpx.post(f"{url}/v1/log/{unique}", json={"key": "k", "text": "v"}).status_code == 401
+        assert httpx.get(f"{url}/v1/kv/{unique}/k").status_code == 401
+        assert httpx.get(f"{url}/healthz").status_code == 200  # a remote region's drain probes it
+        written = httpx.post(f"{url}/v1/log/{unique}", json={"key": "k", "text": "v"},
+                             headers={"authorization": f"Bearer kv-{unique}"})
+        assert written.status_code == 200 and written.json()["durable"] == "true"
+        assert trio.run(stream_state, services.nats_url, stream_name(unique))["messages"] == 1
+        # the operator's CLI finds the admin token through $WALCAR_CONFIG, as in the chart's containers
+        listing = subprocess.run([sys.executable, "-m", "sidecar.cli", "dlq", "ls", unique], capture_output=True,
+                                 text=True, timeout=60,
+                                 env={**os.environ, "WALCAR_CONFIG": str(process.config_path)})
+        assert listing.returncode == 0, listing.stderr
+        bare = subprocess.run([sys.executable, "-m", "sidecar.cli", "dlq", "ls", unique, "--admin",
+                               document["sidecar"]["admin"]], capture_output=True, text=True, timeout=60)
+        assert bare.returncode == 1 and "401" in bare.stderr
+    finally:
+        process.stop()
+
+
+def test_the_example_drains_to_cassandra_as_a_role_that_is_not_a_superuser(services: Services, cassandra_session,
+                                                                          keyspace: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    document = tomllib.loads((root / "examples" / "walcar.toml").read_text())
+    target = document["namespaces"]["playback"]["targets"][0]
+    assert target["username"] == "walcar_drain"
+    target["password_file"] = str(root / target["password_file"])
+    document["sidecar"].update(nats_url=services.nats_url, admin=f"127.0.0.1:{free_port()}", shutdown_grace="0s")
+    for listener in document["listeners"]:
+        listener["bind"] = f"127.0.0.1:{free_port()}"
+    document["listeners"] = [item for item in document["listeners"] if item["protocol"] == "kv"]
+    document["namespaces"] = {"playback": document["namespaces"]["playback"]}
+    process = SidecarProcess(document, tmp_path / "example").start()
+    try:
+        written = httpx.post(f"http://{document['listeners'][0]['bind']}/v1/log/playback",
+                             json={"key": "k", "text": "v"}, timeout=30)
+        assert written.status_code == 200 and written.json()["durable"] == "true"
+        rows = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not rows:
+            rows = list(cassandra_session.execute("SELECT id FROM walcar_example.playback WHERE id = 'k'"))
+            time.sleep(0.2)
+        assert rows, "the drain (as walcar_drain) never applied the write"
+    finally:
+        process.stop()
+    from tests.support.cassandra import driver_cluster
+
+    password = (root / "examples" / "walcar-drain.password").read_text().strip()
+    cluster = driver_cluster(services.cassandra[1], username="walcar_drain", password=password)
+    try:
+        with pytest.raises(Exception, match=r"Unauthorized|permission"):
+            cluster.connect().execute(f"DROP KEYSPACE {keyspace}")
+    finally:
+        cluster.shutdown()

@@ -143,3 +143,26 @@ def test_a_file_that_is_not_nats_credentials_is_refused(tmp_path) -> None:
     path.write_text("hello\n")
     with pytest.raises(ValueError, match="not a NATS credentials file"):
         creds_signer(str(path))
+
+
+@settings(max_examples=500)
+@given(st.dictionaries(st.text(max_size=20), st.text(max_size=40), min_size=1, max_size=4))
+def test_no_header_input_produces_an_extra_header_line(headers: dict[str, str]) -> None:
+    """Whatever strings reach the encoder (a client's idempotency token, a key in an error), the block
+    it emits has exactly one line per header, or it refuses to emit anything."""
+    try:
+        block = wire.encode_headers(headers)
+    except wire.HeaderError:
+        assert wire.unsafe_header(headers) is not None
+        return
+    lines = block.split(b"\r\n")
+    assert lines[0] == b"NATS/1.0" and lines[-2:] == [b"", b""]
+    assert len(lines) - 3 == len(headers)
+    assert [line.split(b":", 1)[0] for line in lines[1:-2]] == [name.encode() for name in headers]
+
+
+def test_the_smuggled_header_of_the_security_review_is_refused() -> None:
+    with pytest.raises(wire.HeaderError):
+        wire.encode_headers({"Nats-Msg-Id": "abc\r\nNats-Expected-Last-Sequence: 1"})
+    with pytest.raises(wire.HeaderError):
+        wire.encode_headers({"Nats-Msg-Id": "a", "Bad Name": "x"})

@@ -15,8 +15,9 @@ import secrets
 from pathlib import Path
 
 REDACTED = "<redacted>"
-# `scheme://user:password@host`, `scheme://token@host`: everything between :// and @ is a credential.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s\"']+@")
+# `scheme://user:password@host`, `scheme://token@host`: everything between :// and the authority's
+# last @ is a credential (a password may hold an @ of its own: URL parsers split at the last one).
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -67,3 +68,24 @@ def bearer_matches(authorization: bytes | None, token: str) -> bool:
     if not authorization or not token:
         return False
     return hmac.compare_digest(authorization, b"Bearer " + token.encode())
+
+
+def browser_refusal(headers: dict[bytes, bytes], has_token: bool) -> str | None:
+    """Why an HTTP request must be refused as a browser's, or None.
+
+    Any `Origin` header means a browser sent it (a page of any site can POST to localhost);
+    and without a token, a `Host` that is not loopback means a DNS-rebound name or a proxy
+    (a page whose own name now points at 127.0.0.1 could read answers otherwise)."""
+    if b"origin" in headers:
+        return "browser requests are refused (an Origin header came with it)"
+    if not has_token and not is_loopback(host_of(headers.get(b"host", b""))):
+        return "without a token only requests to a loopback Host are served"
+    return None
+
+
+def host_of(host_header: bytes) -> str:
+    """The host of a Host header ("127.0.0.1:9901", "[::1]:9901", "localhost") without its port."""
+    host = host_header.decode("latin-1").strip()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -35,7 +35,7 @@ from sidecar import config as config_mod
 from sidecar.admin import metrics
 from sidecar.admin.dlq import DlqFilter
 from sidecar.http import Receive, Scope, Send, respond, serve_lifespan
-from sidecar.secrets import bearer_matches, is_loopback
+from sidecar.secrets import bearer_matches, browser_refusal
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -80,15 +80,11 @@ class AdminApp:
     def _authorize(self, scope: Scope, mutation: bool = True) -> None:
         """A mutation, or a read that reveals values or config: an operator's tool with the token."""
         headers = dict(scope.get("headers") or [])
-        if b"origin" in headers:
-            raise AdminError(403, "browser requests are refused: the admin API is for operators' tools")
-        if self.token:
-            if not bearer_matches(headers.get(b"authorization"), self.token):
-                raise AdminError(401, "this call needs Authorization: Bearer <admin token> (sidecar.admin_token_file)")
-        elif not is_loopback(_host_of(headers.get(b"host", b""))):
-            # No token means a loopback-only admin: a request naming another host came through a
-            # proxy or a rebound DNS name, not from a tool in this pod.
-            raise AdminError(403, "without an admin token only requests to a loopback Host are served")
+        refusal = browser_refusal(headers, bool(self.token))
+        if refusal is not None:
+            raise AdminError(403, refusal)
+        if self.token and not bearer_matches(headers.get(b"authorization"), self.token):
+            raise AdminError(401, "this call needs Authorization: Bearer <admin token> (sidecar.admin_token_file)")
         if mutation:
             content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if content_type != b"application/json":
@@ -209,10 +205,3 @@ class AdminApp:
             return self._json(200, await letters.purge(namespace, flt))
         raise AdminError(404, f"no route for {method} /v1/dlq/{namespace}/{'/'.join(rest)}")
 
-
-def _host_of(host_header: bytes) -> str:
-    """The host of a Host header ("127.0.0.1:9901", "[::1]:9901", "localhost") without its port."""
-    host = host_header.decode("latin-1").strip()
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -88,6 +88,25 @@ def test_admin_mutations_and_value_reads_need_the_token(services: Services, tmp_
         process.stop()
 
 
+def test_the_kv_api_refuses_what_a_web_page_could_send(services: Services, tmp_path: Path, unique: str) -> None:
+    listener = kv_listener()
+    process = SidecarProcess(sidecar_document(services.nats_url, {unique: {"partitions": 1}}, [listener]),
+                             tmp_path / "w").start()
+    url = f"http://{listener['bind']}"
+    try:
+        body = b'{"key": "csrf", "text": "x"}'
+        simple = httpx.post(f"{url}/v1/log/{unique}", content=body, headers={"content-type": "text/plain"})
+        assert simple.status_code == 415  # what a form or a no-cors fetch can send
+        cross = httpx.post(f"{url}/v1/log/{unique}", json={"key": "csrf", "text": "x"},
+                           headers={"origin": "http://evil.example"})
+        assert cross.status_code == 403
+        rebound = httpx.get(f"{url}/v1/kv/{unique}/csrf", headers={"host": "rebind.evil.example"})
+        assert rebound.status_code == 403  # a rebound name cannot read values either
+        assert trio.run(stream_state, services.nats_url, stream_name(unique))["messages"] == 0
+    finally:
+        process.stop()
+
+
 def test_without_a_token_admin_serves_only_loopback_hosts_and_never_a_browser(services: Services, tmp_path: Path,
                                                                            unique: str) -> None:
     namespaces = {unique: {"partitions": 1, "targets": [memcached_target("cache", services.memcached)]}}
@@ -210,6 +229,14 @@ def test_cross_region_batches_need_the_region_token_and_pass_the_front_door(
             "our own origin": entry(unique, origin="here"),
             "header in the id": entry(unique, id="abc\r\nNats-Expected-Last-Sequence: 1"),
             "other namespace": entry("other", key="k"),
+            "system keyspace after USE": entry(unique, op=Op.CQL, value=None, cql=CqlMutation([CqlStatement(
+                "UPDATE roles SET is_superuser = true WHERE role = 'walcar_drain'", keyspace="system_auth")])),
+            "its own timestamp": entry(unique, op=Op.CQL, value=None, cql=CqlMutation([CqlStatement(
+                f"INSERT INTO {keyspace}.t (k, v) VALUES ('a', 'b') USING TIMESTAMP 4102444800000000")])),
+            "a keyspace that is not an identifier": entry(unique, op=Op.CQL, value=None, cql=CqlMutation(
+                [CqlStatement("INSERT INTO t (k, v) VALUES ('a', 'b')", keyspace="x; DROP")])),
+            "a header in the content type": entry(unique, content_type="a\r\nX: y"),
+            "a target it does not have": entry(unique, targets=["nonexistent"]),
         }
         for what, bad in refusals.items():
             answer = post_batch(url, unique, replicated(bad), "rgn-" + unique)

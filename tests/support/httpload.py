@@ -19,7 +19,7 @@ class KvConnection:
     async def post(self, path: str, body: object) -> tuple[int, dict]:
         payload = json.dumps(body).encode()
         await self.stream.send_all(
-            b"POST %s HTTP/1.1\r\nHost: walcar\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (path.encode(), len(payload), payload)
         )
         while True:

@@ -598,6 +598,10 @@ def test_any_query_text_gets_a_projection_or_none(query: str) -> None:
     ("UPDATE hits SET n = n + 1 WHERE k = 1", KS, Route.SYNC),
     ("BEGIN COUNTER BATCH UPDATE hits SET n = n + 1 WHERE k = 1; APPLY BATCH", KS, Route.SYNC),
     ("INSERT INTO system_auth.roles (role) VALUES ('x')", None, Route.FORWARD),
+    # after `USE system_auth` an unqualified write is Cassandra's bookkeeping: forwarded as the client
+    ("UPDATE roles SET is_superuser = true WHERE role = 'walcar_drain'", "system_auth", Route.FORWARD),
+    ("DELETE FROM roles WHERE role = 'cassandra'", "System_Auth", Route.FORWARD),
+    ("BEGIN BATCH INSERT INTO roles (role) VALUES ('x'); APPLY BATCH", "system", Route.FORWARD),
     ("INSERT INTO kv (k1 VALUES", KS, Route.FORWARD),  # unparsable: Cassandra answers it
     ("USE shop", None, Route.USE),
     ("TRUNCATE kv", KS, Route.TRUNCATE),
@@ -670,3 +674,19 @@ def test_prepared_info_and_cache() -> None:
     assert cache.get(b"3") is None and len(cache) == 3  # the oldest went
     cache.clear()
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize(("query", "keyspace", "reason"), [
+    ("INSERT INTO kv (k1, k2, c) VALUES (1, 'a', 1)", KS, None),
+    ("UPDATE roles SET is_superuser = true WHERE role = 'walcar_drain'", "system_auth", "system-keyspace"),
+    ("INSERT INTO shop.kv (k1) VALUES (1) USING TIMESTAMP 4102444800000000", None, "USING TIMESTAMP"),
+    ("UPDATE kv USING TTL 1 AND TIMESTAMP 5 SET v = 'x' WHERE k1 = 1", KS, "USING TIMESTAMP"),
+    ("DROP TABLE shop.kv", None, "DDL"),
+    ("TRUNCATE shop.kv", None, "TRUNCATE"),
+    ("INSERT INTO kv (k1) VALUES (1)", "shop; DROP", "identifier"),
+])
+def test_what_another_region_may_send(query: str, keyspace: str | None, reason: str | None) -> None:
+    from sidecar.protocols.cql.routing import unreplicable_reason
+
+    found = unreplicable_reason(query, keyspace)
+    assert (found is None) if reason is None else (found is not None and reason in found), found

@@ -17,6 +17,8 @@ from sidecar.secrets import SecretFileError, bearer_matches, is_loopback, read_t
     ("https://tok3n@walcar.eu.internal/x", "https://<redacted>@walcar.eu.internal/x"),
     ("a nats://u:p@h:1,nats://v:q@i:2 b", "a nats://<redacted>@h:1,nats://<redacted>@i:2 b"),
     ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ("nats://alice:p@ssw0rd@127.0.0.1:14222", "nats://<redacted>@127.0.0.1:14222"),
+    ('url="nats://a:it\'s\"x@h:1"', 'url="nats://<redacted>@h:1"'),
     ("mail me: ops@example.com", "mail me: ops@example.com"),
 ])
 def test_credentials_in_urls_are_redacted(text: str, shown: str) -> None:

@@ -9,11 +9,12 @@ body, so a forwarded SELECT is never fully decoded.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from enum import StrEnum
 from typing import Final
 
-from .statements import Statement, StatementKind, classify
+from .statements import Statement, StatementKind, classify, is_system_keyspace
 
 __all__ = [
     "SYSTEM_TABLES",
@@ -48,12 +49,15 @@ def route_of(st: Statement, keyspace: str | None = None) -> Route:
     own bookkeeping, not application data.
     """
     kind = st.kind
+    # A write whose table names no keyspace lands in the connection's (USE): a system one makes it
+    # Cassandra's own bookkeeping, never something the drain should run under its identity.
+    on_system = is_system_keyspace(keyspace.lower() if keyspace else None)
     if kind == StatementKind.SELECT:
         if st.table in SYSTEM_TABLES and (st.keyspace or keyspace) == "system" and st.error is None:
             return Route.LOCAL
         return Route.FORWARD
     if kind in _WRITES:
-        if st.error is not None or st.is_system:
+        if st.error is not None or st.is_system or on_system:
             return Route.FORWARD
         if st.conditional or st.counter_update or st.batch_type == "COUNTER":
             return Route.SYNC
@@ -88,6 +92,7 @@ class ClassifyCache:
 
 
 _REPLICABLE: Final = frozenset({StatementKind.INSERT, StatementKind.UPDATE, StatementKind.DELETE})
+_KEYSPACE_RE: Final = re.compile(r"[A-Za-z0-9_]{1,48}")  # Cassandra's own limit for keyspace names
 
 
 def unreplicable_reason(query: str, keyspace: str | None) -> str | None:
@@ -96,10 +101,15 @@ def unreplicable_reason(query: str, keyspace: str | None) -> str | None:
     Only what this front itself journals is accepted: a plain INSERT, UPDATE or DELETE on an
     application keyspace. DDL, TRUNCATE, GRANT, conditional and counter writes, system keyspaces
     and text the classifier cannot read never arrive through a journal, so none may be replayed
-    with the drain's credentials."""
+    with the drain's credentials. A statement's own `USING TIMESTAMP` is refused too: the entry's
+    write time (checked against the namespace's drift) is the one Cassandra must use."""
+    if keyspace is not None and not _KEYSPACE_RE.fullmatch(keyspace):
+        return "keyspace must be a plain CQL identifier"
     st = classify(query)
     if st.kind not in _REPLICABLE:
         return f"{st.kind.value} statements are not journaled by walcar"
     if route_of(st, keyspace) != Route.JOURNAL:
         return "conditional, counter, system-keyspace or unparsable writes are not journaled by walcar"
+    if st.has_timestamp:
+        return "USING TIMESTAMP is not accepted from another region: the entry's write_time is used"
     return None

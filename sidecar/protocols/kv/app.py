@@ -40,7 +40,7 @@ from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
 from sidecar.reads import NoReadableTarget, Readers
-from sidecar.secrets import bearer_matches
+from sidecar.secrets import bearer_matches, browser_refusal
 
 log = get_logger("kv")
 
@@ -167,7 +167,15 @@ class KvApp:
             return 200, self._openapi
         if parts == ["healthz"] and method == "GET":
             return 200, b'{"status":"alive"}'
-        if len(parts) == 4 and parts[:2] == ["v1", "log"] and parts[3] == "batch":
+        batch = len(parts) == 4 and parts[:2] == ["v1", "log"] and parts[3] == "batch"
+        refusal = browser_refusal(headers, (self.region_token if batch else self.token) is not None)
+        if refusal is not None:
+            raise HttpError(403, refusal)
+        if method in ("POST", "PUT", "DELETE") and headers.get(b"content-length", b"0") != b"0" and (
+                headers.get(b"content-type", b"").split(b";")[0].strip().lower() not in (JSON, *_MSGPACK_TYPES)):
+            # A browser can send text/plain or a form without asking first; it cannot send these.
+            raise HttpError(415, "bodies are application/json or application/msgpack")
+        if batch:
             self._allow(method, "POST")
             self._authorize_region(headers)
             return await self._replicated(parts[2], await self._body(receive, headers), msgpack)
@@ -239,6 +247,11 @@ class KvApp:
     def _refusal(self, namespace: str, ns: Any, entry: Entry) -> str | None:
         if entry.ns != namespace:
             return f"entry for namespace {entry.ns!r} sent to {namespace!r}"
+        if not _CONTENT_TYPE_RE.fullmatch(entry.content_type):
+            return f"content_type must be at most {MAX_CONTENT_TYPE} printable characters"
+        unknown = [name for name in entry.targets if ns.target(name) is None]
+        if unknown:
+            return f"no target(s) {', '.join(unknown)[:200]} in namespace {namespace!r}"
         try:
             self.ingress.check_replicated(entry, ns)
         except (Refused, TooLarge) as exc:

@@ -13,8 +13,11 @@ class decides:
 - permanent:   dead-lettered at once; later entries of the key proceed (or, with
                `strict`, wait until the dead letter is replayed or purged)
 
-Held entries are bounded by `max_inflight`, so memory stays flat however long the
-backlog in JetStream is; entries held past a third of AckWait get `+WPI`.
+Held entries are bounded by count (`max_inflight`) and by bytes (the worker's share of
+`max_held_bytes`, enforced by the server through each pull request's `max_bytes`), so
+memory stays flat however long the backlog in JetStream is and however large its
+values; while the target is paused or its breaker open nothing more is fetched.
+Entries held past a third of AckWait get `+WPI`.
 """
 
 from __future__ import annotations
@@ -47,10 +50,22 @@ class Held(msgspec.Struct, gc=False):
     reply: bytes
     data: bytes
     entry: Entry
+    cost: int = 0  # bytes counted against the worker's budget (see `held_cost`)
     attempts: int = 0
     first_failure: float = 0.0
     last_failure: float = 0.0
     last_error: str = ""
+
+
+# Python objects around one held entry (Held, Entry, lane slot, dict entries), counted per entry.
+ENTRY_OVERHEAD = 1024
+
+
+def held_cost(data: bytes, entry: Entry) -> int:
+    """What holding an entry costs: its message and its decoded copy (values, CQL rows), plus what
+    the apply will read from the chunk store for it."""
+    chunk = entry.chunk.size if entry.chunk is not None else 0
+    return 2 * len(data) + chunk + ENTRY_OVERHEAD
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -76,9 +91,10 @@ class PartitionWorker:
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
         self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
         self.held: dict[int, Held] = {}
+        self.held_bytes = 0
+        self.byte_budget = drainer.byte_budget  # this worker's share of sidecar.drain.max_held_bytes
         self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
         self._work = trio.Event()
-        self._credit_out = 0  # granted to the consumer, not delivered yet
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
 
@@ -87,12 +103,13 @@ class PartitionWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
-            start = await self.consumer.take_over(self._take)
+            start = await self.consumer.take_over(self._take, self._allowance)
             log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
                      partition=self.partition, from_seq=start)
             task_status.started()
             self._refill()
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fetch_loop)
                 nursery.start_soon(self._keepalive_loop)
                 nursery.start_soon(self._blocked_loop)
                 await self._apply_loop()
@@ -112,17 +129,35 @@ class PartitionWorker:
     # --- deliveries ---------------------------------------------------------------
 
     def _refill(self) -> None:
-        """Grant the consumer what fits in memory; in bites, not one entry at a time."""
-        if self._stopping:
-            return
-        room = self.max_inflight - len(self.held) - self._credit_out
-        if room >= min(self.fetch_batch, self.max_inflight) // 4 or (room > 0 and not self._credit_out):
-            self._credit_out += room
-            self.consumer.grant(room)
+        """Room was made: let the consumer ask for more (it asks only when no request is out)."""
+        if not self._stopping:
+            self.consumer.poke()
+
+    def _allowance(self) -> tuple[int, int]:
+        """(entries, max_bytes) for the next pull request, or (0, 0): in bites, not one entry at a time.
+
+        The server counts a message's payload, subject and headers against max_bytes, so what a
+        request brings costs at most 2 x max_bytes + ENTRY_OVERHEAD per entry (see `held_cost`)."""
+        if self._stopping or not self.drainer.fetching():
+            return 0, 0
+        entries = min(self.fetch_batch, self.max_inflight - len(self.held))
+        if entries <= 0 or (self.held and entries < min(self.fetch_batch, self.max_inflight) // 4):
+            return 0, 0
+        # Never ask for less than the largest message the server can hold: a request whose
+        # max_bytes is under the next message's size would end at once, again and again.
+        largest = self.drainer.largest_message()
+        room = self.byte_budget - self.held_bytes
+        entries = min(entries, (room - 2 * largest) // ENTRY_OVERHEAD)
+        if entries <= 0:
+            return 0, 0
+        return entries, (room - entries * ENTRY_OVERHEAD) // 2
+
+    def _release(self, held: Held) -> None:
+        del self.held[held.seq]
+        self.held_bytes -= held.cost
 
     def _take(self, delivered: list[Delivered]) -> None:
         """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
-        self._credit_out = max(0, self._credit_out - len(delivered))
         skip: list[bytes] = []
         for item in delivered:
             if item.seq in self.held:
@@ -139,8 +174,9 @@ class PartitionWorker:
             if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
-            held = Held(item.seq, item.reply, item.data, entry)
+            held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry))
             self.held[item.seq] = held
+            self.held_bytes += held.cost
             lane = self.lanes.get(entry.key)
             if lane is None:
                 self.lanes[entry.key] = [held]
@@ -214,7 +250,7 @@ class PartitionWorker:
             lane = self.lanes[key]
             del lane[: outcome.applied]
             for held in run[: outcome.applied]:
-                del self.held[held.seq]
+                self._release(held)
                 acks.append(held.reply)
                 applied.append(held.seq)
                 if held.entry.chunk is not None:
@@ -350,7 +386,7 @@ class PartitionWorker:
             return
         assert lane is not None
         del lane[0]
-        del self.held[held.seq]
+        self._release(held)
         if drainer.strict and drainer.dlq_enabled:
             self.blocked.add(key)
         elif lane:
@@ -369,6 +405,12 @@ class PartitionWorker:
                     if self.lanes.get(key):
                         self.ready.add(key)
                         self._work.set()
+
+    async def _fetch_loop(self) -> None:
+        """Resumes fetching after a pause or an open breaker (nothing else would ask again)."""
+        while True:
+            await trio.sleep(0.25)
+            self._refill()
 
     async def _keepalive_loop(self) -> None:
         """+WPI for everything held, so parked keys and an open breaker never cause redeliveries."""

@@ -22,8 +22,11 @@ from sidecar.log.writer import MAX_ATOMIC_MESSAGES, Durable, JournalWriter, Mess
 # message under max_payload); beyond these the mutation is stored as one MULTI object.
 MAX_ATOMIC_BYTES = 4 * 1024 * 1024
 # An entry that is still too big for one message once its value is chunked (a CQL batch
-# with many large values, say) goes to the chunk store whole, behind a MULTI marker.
+# with many large values, say) goes to the chunk store whole, behind a MULTI marker; so
+# does an atomic mutation with such an entry. The bound is also kept this far under the
+# server's max_payload (headers): the writer refuses any message over it rather than send it.
 MAX_ENTRY_BYTES = 900 * 1024
+MAX_PAYLOAD_HEADROOM = 8 * 1024
 
 
 class UnknownNamespace(KeyError):
@@ -45,6 +48,11 @@ class Journal:
         if ns is None:
             raise UnknownNamespace(name)
         return ns
+
+    @property
+    def entry_limit(self) -> int:
+        """The largest entry message journaled as it is; larger ones go to the chunk store."""
+        return min(MAX_ENTRY_BYTES, self.writer.max_payload - MAX_PAYLOAD_HEADROOM)
 
     def message_for(self, entry: Entry) -> Message:
         """The JetStream message of an entry that is already small enough for the stream."""
@@ -72,7 +80,7 @@ class Journal:
         except ChunkError as exc:
             return WriteResult(Durable.FALSE, message=str(exc))
         message = self.message_for(entry)
-        if len(message.payload) > MAX_ENTRY_BYTES:
+        if len(message.payload) > self.entry_limit:
             return await self._append_multi([entry], entry.id)
         return await self.writer.publish(message.subject, message.payload, message.headers)
 
@@ -82,7 +90,7 @@ class Journal:
         if not _fits_inline(entry, self.namespace(entry.ns)):
             return False
         message = self.message_for(entry)
-        if len(message.payload) > MAX_ENTRY_BYTES:
+        if len(message.payload) > self.entry_limit:
             return False
         return self.writer.publish_then(message.subject, message.payload, message.headers, done)
 
@@ -90,16 +98,28 @@ class Journal:
         """Independent entries in one group commit, journaled in the order given (per-key order holds).
 
         Used for batches replicated from another region: each entry keeps its id (so a retried
-        batch is deduplicated entry by entry) and is stored or refused on its own."""
-        prepared: list[Entry | WriteResult] = []
+        batch is deduplicated entry by entry) and is stored or refused on its own. An entry too
+        large for one message goes through the chunk store on its own, in its place in the order."""
+        results: list[WriteResult] = []
+        run: list[Message | WriteResult] = []
         for entry in entries:
             try:
-                prepared.append(await self._externalize(entry, self.namespace(entry.ns)))
+                prepared = await self._externalize(entry, self.namespace(entry.ns))
             except ChunkError as exc:
-                prepared.append(WriteResult(Durable.FALSE, message=str(exc)))
-        messages = [self.message_for(e) for e in prepared if isinstance(e, Entry)]
-        results = iter(await self.writer.publish_many(messages))
-        return [next(results) if isinstance(e, Entry) else e for e in prepared]
+                run.append(WriteResult(Durable.FALSE, message=str(exc)))
+                continue
+            message = self.message_for(prepared)
+            if len(message.payload) > self.entry_limit:
+                results += await self._publish_run(run)
+                run = []
+                results.append(await self._append_multi([prepared], prepared.id))
+            else:
+                run.append(message)
+        return results + await self._publish_run(run)
+
+    async def _publish_run(self, run: list[Message | WriteResult]) -> list[WriteResult]:
+        results = iter(await self.writer.publish_many([m for m in run if isinstance(m, Message)]))
+        return [next(results) if isinstance(m, Message) else m for m in run]
 
     async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
         """Journal several entries as one mutation: all of them or none."""
@@ -111,7 +131,9 @@ class Journal:
         ns = self.namespace(namespace)
         small = all(_fits_inline(e, ns) for e in entries)
         messages = [self.message_for(e) for e in entries] if small else []
-        if small and len(messages) <= MAX_ATOMIC_MESSAGES and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
+        limit = self.entry_limit
+        if small and len(messages) <= MAX_ATOMIC_MESSAGES and all(len(m.payload) <= limit for m in messages) \
+                and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
             return await self.writer.publish_atomic(messages)
         return await self._append_multi(entries, mutation_id or new_id())
 

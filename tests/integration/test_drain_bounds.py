@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
+import pytest
 import trio
 
-from sidecar.config import DrainSettings
+from sidecar.config import DrainSettings, stream_name
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
 from tests.integration.test_drain import DRAIN, FAST_RETRY, memcached_target, memcached_values
-from tests.support.procs import MemcachedProcess, free_port
+from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
-from tests.support.sidecar import SidecarProcess, build_config, sidecar_document
+from tests.support.sidecar import (
+    SidecarProcess,
+    base_url,
+    build_config,
+    kv_listener,
+    running_sidecar,
+    sidecar_document,
+)
+from tests.support.streams import read_stream
 from tests.support.waiting import converge
 
 MIB = 1024 * 1024
+SMALL_MAX_PAYLOAD = 192 * 1024
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -96,3 +109,68 @@ async def test_drainer_memory_is_bounded_by_bytes_with_a_paused_and_a_down_targe
     finally:
         drainer.stop()
 
+
+
+@pytest.fixture
+def small_payload_nats(tmp_path: Path, services: Services) -> Iterator[NatsProcess]:
+    """A nats-server of the test's own whose max_payload is 192 KiB: values under the chunk threshold
+    (256 KiB) are then over what one message may carry."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"max_payload: {SMALL_MAX_PAYLOAD}\n")
+    server = NatsProcess(tmp_path / "nats", extra_args=["-c", str(conf)])
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_writes_over_max_payload_go_to_the_chunk_store_and_never_break_the_connection(
+        small_payload_nats: NatsProcess, unique: str) -> None:
+    """Single writes, atomic mutations and replicated batches with values over the server's
+    max_payload (but under the chunk threshold) are stored through the chunk store; a small writer
+    running meanwhile sees every one of its writes durable. Sent as they were, each would have made
+    nats-server close walcar's connection, and every write in flight would have become `unknown`."""
+    config = build_config(sidecar_document(small_payload_nats.url, {unique: {"partitions": 4}}, [kv_listener()]))
+    big = "b" * (200 * 1024)
+    async with running_sidecar(config) as sidecar:
+        writer = sidecar.ingress.journal.writer
+        assert writer.max_payload == SMALL_MAX_PAYLOAD
+        small_acks: list[str] = []
+        done = trio.Event()
+
+        async def small_writer() -> None:
+            async with httpx.AsyncClient(base_url=base_url(config)) as client:
+                i = 0
+                while not done.is_set():
+                    body = (await client.post(f"/v1/log/{unique}", json={"key": f"s{i % 50}", "text": str(i)})).json()
+                    small_acks.append(body["durable"])
+                    i += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(small_writer)
+            async with httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+                for round_ in range(3):
+                    single = await client.post(f"/v1/log/{unique}", json={"key": f"one{round_}", "text": big})
+                    assert single.json()["durable"] == "true", single.json()
+                    items = [{"key": f"i{n}", "text": big} for n in range(2)]
+                    mutation = await client.put(f"/v1/kv/{unique}/rec{round_}", json={"items": items})
+                    assert mutation.json()["durable"] == "true", mutation.json()
+                    entries = [Entry(id=f"{unique}-r{round_}-{n}", ns=unique, op=Op.PUT, key=f"rep{n}",
+                                     partition=0, value=big.encode(), write_time=now_us(), origin="elsewhere")
+                               for n in range(2)]
+                    replicated = await client.post(f"/v1/log/{unique}/batch", content=msgspec.msgpack.encode(
+                        {"entries": entries}), headers={"content-type": "application/msgpack"})
+                    assert replicated.status_code == 200, replicated.content[:300]
+                    results = msgspec.msgpack.decode(replicated.content)["results"]
+                    assert all(r["durable"] == "true" for r in results), results
+            # A message no path would send, offered to the writer itself: refused, not sent.
+            refused = await writer.publish(f"wal.{unique}.0", b"x" * SMALL_MAX_PAYLOAD, {"Nats-Msg-Id": "over"})
+            assert refused.durable == "false" and "max_payload" in refused.message, refused
+            done.set()
+        assert small_acks and set(small_acks) == {"true"}, collections.Counter(small_acks)
+        assert writer.stats.unknown == 0
+        assert sidecar.state.conn is not None and sidecar.state.conn.link is not None
+        assert sidecar.state.conn.link.connected
+
+    stored = await read_stream(small_payload_nats.url, stream_name(unique))
+    chunked = [m.entry() for m in stored if m.entry().chunk is not None]
+    assert len(chunked) == 3 * 4  # per round: the single write, the mutation (one MULTI marker), 2 replicated

@@ -24,6 +24,7 @@ class StandInLink:
     def __init__(self) -> None:
         self.connected = True
         self.last_error = ""
+        self.max_payload = 1024 * 1024
         self.on_lost: list[Any] = []
         self.sent: list[bytes] = []
 

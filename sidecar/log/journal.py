@@ -16,7 +16,14 @@ import msgspec
 from sidecar.config import Config, Namespace
 from sidecar.envelope import Entry, Op, encode, encode_many, new_id, now_us, schedule_subject, subject_for
 from sidecar.log.chunks import ChunkError, ChunkStore
-from sidecar.log.writer import MAX_ATOMIC_MESSAGES, Durable, JournalWriter, Message, WriteResult
+from sidecar.log.writer import (
+    DUPLICATE_MESSAGE_IN_BATCH,
+    MAX_ATOMIC_MESSAGES,
+    Durable,
+    JournalWriter,
+    Message,
+    WriteResult,
+)
 
 # One atomic batch must fit comfortably in the server's limits (1000 messages; each
 # message under max_payload); beyond these the mutation is stored as one MULTI object.
@@ -27,6 +34,12 @@ MAX_ATOMIC_BYTES = 4 * 1024 * 1024
 # server's max_payload (headers): the writer refuses any message over it rather than send it.
 MAX_ENTRY_BYTES = 900 * 1024
 MAX_PAYLOAD_HEADROOM = 8 * 1024
+# Asking JetStream whether a message id is stored, without storing anything: a publish with the
+# id and an expected last id that never matches. The server checks the id first (a stored one
+# answers `duplicate` with its sequence), then the expectation (10070: nothing stored). The subject
+# is one no drain consumer reads, should a server ever store a probe after all.
+PROBE_EXPECTED_LAST_ID = "walcar-id-probe-never-matches"
+WRONG_LAST_MSG_ID = 10070
 
 
 class UnknownNamespace(KeyError):
@@ -134,8 +147,33 @@ class Journal:
         limit = self.entry_limit
         if small and len(messages) <= MAX_ATOMIC_MESSAGES and all(len(m.payload) <= limit for m in messages) \
                 and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
-            return await self.writer.publish_atomic(messages)
+            result = await self.writer.publish_atomic(messages)
+            if result.code == DUPLICATE_MESSAGE_IN_BATCH:
+                return await self._duplicates(namespace, messages)
+            return result
         return await self._append_multi(entries, mutation_id or new_id())
+
+    async def _duplicates(self, namespace: str, messages: list[Message]) -> WriteResult:
+        """An atomic batch refused for ids already stored: a retry (all of them stored), or a
+        different mutation under ids used before (some stored) whose new entries must not be acked."""
+        ids = [(m.headers or {})["Nats-Msg-Id"] for m in messages]
+        probes = [Message(f"wal.{namespace}.idprobe", b"",
+                          {"Nats-Msg-Id": i, "Nats-Expected-Last-Msg-Id": PROBE_EXPECTED_LAST_ID}) for i in ids]
+        answers = await self.writer.publish_many(probes)
+        stored = [i for i, a in zip(ids, answers, strict=True) if a.ok and a.duplicate]
+        missing = [i for i, a in zip(ids, answers, strict=True) if a.code == WRONG_LAST_MSG_ID]
+        if len(stored) == len(ids):
+            return WriteResult(Durable.TRUE, duplicate=True, count=len(ids),
+                               message="a retry: every entry of this mutation is stored already")
+        if stored and len(stored) + len(missing) == len(ids):
+            return WriteResult(Durable.FALSE, conflict=True, message=(
+                f"idempotency token reused for a different mutation: {len(stored)} of its {len(ids)} entries "
+                f"(ids {', '.join(stored[:5])}{', ...' if len(stored) > 5 else ''}) were stored by an earlier "
+                f"write, the other {len(missing)} are not stored; send them under a new token"))
+        if not stored and len(missing) == len(ids):
+            return WriteResult(Durable.FALSE, message="journal rejected the write: the mutation repeats an entry id")
+        return WriteResult(Durable.UNKNOWN, message="the journal refused the mutation for ids already stored, and "
+                                                    "could not tell which: retry with the same token")
 
     async def _append_multi(self, entries: list[Entry], mutation_id: str) -> WriteResult:
         """Over the batch limits: the whole mutation as one object, one MULTI marker on the stream."""

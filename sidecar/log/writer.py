@@ -58,6 +58,8 @@ class WriteResult(msgspec.Struct, omit_defaults=True):
     duplicate: bool = False
     message: str = ""
     stream: str = ""
+    code: int = 0  # JetStream's err_code when the server refused the write
+    conflict: bool = False  # the write's ids were used before by a different write (HTTP 409)
 
     @property
     def ok(self) -> bool:
@@ -150,10 +152,10 @@ def _result_from_ack(data: bytes, status: bytes) -> WriteResult:
         return WriteResult(Durable.UNKNOWN, message=f"unreadable PubAck: {data[:80]!r}")
     if ack.error is not None:
         description = str(ack.error.get("description", "error"))
-        if ack.error.get("err_code") == DUPLICATE_MESSAGE_IN_BATCH:
-            # The batch's ids are all in the stream already: a retry of a stored mutation.
-            return WriteResult(Durable.TRUE, duplicate=True, message=description)
-        return _fail(f"journal rejected the write: {description}")
+        # 10201 (an atomic batch with an id already stored) says *some* id is: the journal asks
+        # which (Journal.append_atomic), as a batch with one new entry is no retry of a stored one.
+        return WriteResult(Durable.FALSE, message=f"journal rejected the write: {description}",
+                           code=int(ack.error.get("err_code") or 0))
     return WriteResult(
         Durable.TRUE, sequence=ack.seq, count=max(ack.count, 1), duplicate=ack.duplicate, stream=ack.stream
     )

@@ -174,3 +174,29 @@ async def test_writes_over_max_payload_go_to_the_chunk_store_and_never_break_the
     stored = await read_stream(small_payload_nats.url, stream_name(unique))
     chunked = [m.entry() for m in stored if m.entry().chunk is not None]
     assert len(chunked) == 3 * 4  # per round: the single write, the mutation (one MULTI marker), 2 replicated
+
+
+async def test_a_batch_with_some_stored_ids_is_no_duplicate(services: Services, unique: str) -> None:
+    """PUT token T with items [a], then T with [a, b]: b is new, so the answer is 409 and not durable
+    (JetStream's 10201 only says *some* id is stored). A batch whose every id is stored is a retry."""
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config)) as client:
+        first = await client.put(f"/v1/kv/{unique}/r1", json={"items": [{"key": "a", "text": "1"}],
+                                                              "idempotency_token": "T"})
+        assert first.status_code == 200 and first.json()["durable"] == "true", first.json()
+        partial = await client.put(f"/v1/kv/{unique}/r1", json={"items": [{"key": "a", "text": "1"},
+                                                                          {"key": "b", "text": "2"}],
+                                                                "idempotency_token": "T"})
+        assert partial.status_code == 409, partial.json()
+        assert partial.json()["durable"] == "false" and not partial.json()["duplicate"], partial.json()
+        assert "T:0" in partial.json()["message"], partial.json()
+
+        both = {"items": [{"key": "a", "text": "1"}, {"key": "b", "text": "2"}], "idempotency_token": "U"}
+        stored = await client.put(f"/v1/kv/{unique}/r1", json=both)
+        assert stored.json()["durable"] == "true" and not stored.json()["duplicate"], stored.json()
+        retried = await client.put(f"/v1/kv/{unique}/r1", json=both)
+        assert retried.status_code == 200, retried.json()
+        assert retried.json()["durable"] == "true" and retried.json()["duplicate"], retried.json()
+
+    journaled = [(m.entry().id, m.entry().item) for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert journaled == [("T:0", "a"), ("U:0", "a"), ("U:1", "b")]  # nothing of the 409, no probe

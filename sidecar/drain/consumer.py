@@ -37,6 +37,7 @@ class Delivered(msgspec.Struct, gc=False):  # no cycles; untracked keeps the GC 
     seq: int
     reply: bytes  # the ack subject, kept as read: it only ever goes back on the wire
     data: bytes
+    stored_ns: int = 0  # when the stream stored it (unix ns): its age decides when it nears expiry
 
 
 def parse_reply(reply: str | bytes) -> tuple[int, int, int]:
@@ -204,13 +205,13 @@ class _Pull:
             elif status != b"100":  # 404 no messages, 408 expired: the request is over
                 self._end_request()
             return
-        seq = parse_reply(reply)[0]
+        seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
         self.bytes_left = max(0, self.bytes_left - len(data))
         self.delivered += 1
         if not self.read:
             self.link.after_read(self._hand_over)
-        self.read.append(Delivered(seq, reply, data))
+        self.read.append(Delivered(seq, reply, data, stored_ns))
         if self.requested == 0:
             self.bytes_left = 0
             self.link.after_read(self.request)  # once the worker has counted what this read brought

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
+from sidecar.drain import expiry
 from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
 from sidecar.drain.recent import RecentlyApplied
@@ -51,6 +52,7 @@ class Held(msgspec.Struct, gc=False):
     data: bytes
     entry: Entry
     cost: int = 0  # bytes counted against the worker's budget (see `held_cost`)
+    stored_at: float = 0.0  # unix seconds the stream stored it; it expires replay_window later
     attempts: int = 0
     first_failure: float = 0.0
     last_failure: float = 0.0
@@ -93,6 +95,9 @@ class PartitionWorker:
         self.held: dict[int, Held] = {}
         self.held_bytes = 0
         self.byte_budget = drainer.byte_budget  # this worker's share of sidecar.drain.max_held_bytes
+        self.inflight: set[str] = set()  # keys of the round being applied
+        self.next_seq = 1  # the first stream sequence not delivered yet
+        self.rescue = False  # fetch though paused / breaker open: unfetched entries near expiry
         self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
         self._work = trio.Event()
         self._stopping = False
@@ -103,13 +108,14 @@ class PartitionWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
-            start = await self.consumer.take_over(self._take, self._allowance)
+            start = self.next_seq = await self.consumer.take_over(self._take, self._allowance)
             log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
                      partition=self.partition, from_seq=start)
             task_status.started()
             self._refill()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fetch_loop)
+                nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._keepalive_loop)
                 nursery.start_soon(self._blocked_loop)
                 await self._apply_loop()
@@ -138,7 +144,7 @@ class PartitionWorker:
 
         The server counts a message's payload, subject and headers against max_bytes, so what a
         request brings costs at most 2 x max_bytes + ENTRY_OVERHEAD per entry (see `held_cost`)."""
-        if self._stopping or not self.drainer.fetching():
+        if self._stopping or not (self.drainer.fetching() or self.rescue):
             return 0, 0
         entries = min(self.fetch_batch, self.max_inflight - len(self.held))
         if entries <= 0 or (self.held and entries < min(self.fetch_batch, self.max_inflight) // 4):
@@ -159,6 +165,7 @@ class PartitionWorker:
     def _take(self, delivered: list[Delivered]) -> None:
         """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
         skip: list[bytes] = []
+        self.next_seq = max(self.next_seq, delivered[-1].seq + 1)
         for item in delivered:
             if item.seq in self.held:
                 continue  # a redelivery of something this worker still holds
@@ -174,7 +181,7 @@ class PartitionWorker:
             if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
-            held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry))
+            held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry), item.stored_ns / 1e9)
             self.held[item.seq] = held
             self.held_bytes += held.cost
             lane = self.lanes.get(entry.key)
@@ -239,7 +246,11 @@ class PartitionWorker:
         runs = [self._run_for(key) for key in keys]
         for key in keys:
             self.ready.discard(key)
-        outcomes = await self._apply_runs(runs)
+        self.inflight.update(keys)
+        try:
+            outcomes = await self._apply_runs(runs)
+        finally:
+            self.inflight.difference_update(keys)
         acks: list[bytes] = []
         applied: list[int] = []
         chunked: list[Held] = []
@@ -411,6 +422,40 @@ class PartitionWorker:
         while True:
             await trio.sleep(0.25)
             self._refill()
+
+    async def _expiry_loop(self) -> None:
+        """Dead-letter held entries nearing the journal's max age (oldest first, a key's in order); while
+        nothing is fetched, look whether the next unfetched entry is near it, and fetch it if so."""
+        drainer = self.drainer
+        window = drainer.ns.replay_window
+        limit = expiry.EXPIRE_FRACTION * window
+        while True:
+            await trio.sleep(expiry.check_interval(window))
+            now = time.time()
+            for key in [k for k, lane in self.lanes.items() if now - lane[0].stored_at >= limit]:
+                while key not in self.inflight and (lane := self.lanes.get(key)) and \
+                        now - lane[0].stored_at >= limit:
+                    held = lane[0]
+                    message = expiry.expiry_message(now - held.stored_at, window, held.last_error)
+                    # Out of the apply loop's reach while its dead letter is written.
+                    self.ready.discard(key)
+                    self.inflight.add(key)
+                    try:
+                        await self._dead_letter(key, held, ApplyError(ErrorClass.PERMANENT, message),
+                                                expiry.ERROR_CLASS)
+                    finally:
+                        self.inflight.discard(key)
+                    if self.lanes.get(key) is lane and lane and lane[0] is held:
+                        break  # the DLQ write failed: the key is parked, try on the next check
+            if drainer.fetching() or (self.held and not self.rescue):
+                self.rescue = False  # what is held is older than anything unfetched: it goes first
+                continue
+            consumer = self.consumer
+            stored = await expiry.first_stored_time(drainer.service.journal.writer.conn, consumer.stream,
+                                                    consumer.subject, self.next_seq)
+            self.rescue = bool(stored) and time.time() - stored >= limit
+            if self.rescue:
+                self._refill()
 
     async def _keepalive_loop(self) -> None:
         """+WPI for everything held, so parked keys and an open breaker never cause redeliveries."""

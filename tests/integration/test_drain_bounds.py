@@ -14,6 +14,7 @@ import trio
 from sidecar.config import DrainSettings, stream_name
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
+from sidecar.log.streams import dlq_stream_name
 from tests.integration.test_drain import DRAIN, FAST_RETRY, memcached_target, memcached_values
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
@@ -200,3 +201,50 @@ async def test_a_batch_with_some_stored_ids_is_no_duplicate(services: Services, 
 
     journaled = [(m.entry().id, m.entry().item) for m in await read_stream(services.nats_url, stream_name(unique))]
     assert journaled == [("T:0", "a"), ("U:0", "a"), ("U:1", "b")]  # nothing of the 409, no probe
+
+
+async def test_nothing_acked_expires_unseen(services: Services, private_memcached: MemcachedProcess,
+                                            tmp_path: Path, unique: str) -> None:
+    """replay_window 20s, the memcached target stopped, 200 writes acked, walcar restarted 35 s later:
+    every write is in the target or in the DLQ (reason `expiring before applied`), none vanished;
+    meanwhile the status said `at-risk` and the metric showed it."""
+    target = ("127.0.0.1", private_memcached.port)
+    namespaces = {unique: {"partitions": 4, "replay_window": "20s", "duplicate_window": "5s", "retry": FAST_RETRY,
+                           "targets": [memcached_target("cache", target)]}}
+    walcar = SidecarProcess(sidecar_document(services.nats_url, namespaces, [kv_listener()], drain=DRAIN),
+                            tmp_path / "walcar").start()
+    keys = [f"{unique}-k{i}" for i in range(200)]
+    try:
+        private_memcached.stop()
+        bind = walcar.document["listeners"][0]["bind"]
+        async with httpx.AsyncClient(base_url=f"http://{bind}") as client:
+            for key in keys:
+                body = (await client.post(f"/v1/log/{unique}", json={"key": key, "text": f"v-{key}"})).json()
+                assert body["durable"] == "true", body
+        acked_at = trio.current_time()
+        states: set[str] = set()
+        at_risk_metric = False
+        async with httpx.AsyncClient(base_url=walcar.admin) as admin:
+            while trio.current_time() - acked_at < 35:
+                states.add(walcar.target_status("cache")["state"])
+                metrics = (await admin.get("/metrics")).text
+                at_risk_metric |= f'walcar_drain_at_risk{{namespace="{unique}",target="cache"}} 1.0' in metrics
+                await trio.sleep(0.5)
+        assert "at-risk" in states, states
+        assert at_risk_metric
+        walcar.stop()
+        private_memcached.start()
+        walcar.start()
+
+        async def accounted() -> set[str]:
+            dead = await read_stream(services.nats_url, dlq_stream_name(unique))
+            expiring = {m.headers["Walcar-Key"] for m in dead if "expiring before applied" in m.headers["Walcar-Error"]}
+            return set(keys) - expiring - set(memcached_values(target, keys))
+
+        deadline = trio.current_time() + 30
+        while missing := await accounted():
+            assert trio.current_time() < deadline, f"{len(missing)} of 200 acked writes vanished: {sorted(missing)[:5]}"
+            await trio.sleep(0.5)
+        assert "expiring before applied" in walcar.log()
+    finally:
+        walcar.stop()

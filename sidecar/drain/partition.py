@@ -66,8 +66,13 @@ ENTRY_OVERHEAD = 1024
 def held_cost(data: bytes, entry: Entry) -> int:
     """What holding an entry costs: its message and its decoded copy (values, CQL rows), plus what
     the apply will read from the chunk store for it."""
-    chunk = entry.chunk.size if entry.chunk is not None else 0
-    return 2 * len(data) + chunk + ENTRY_OVERHEAD
+    return 2 * len(data) + (entry.chunk.size if entry.chunk is not None else 0) + ENTRY_OVERHEAD
+
+
+def _chunk_size(held: Held) -> int:
+    """The payload a held entry's apply reads from the chunk store (a chunked value, a MULTI object)."""
+    chunk = held.entry.chunk
+    return chunk.size if chunk is not None else 0
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -229,21 +234,41 @@ class PartitionWorker:
                 if self.lanes.get(key) and key not in self.blocked:
                     self.ready.add(key)
 
-    def _run_for(self, key: str) -> list[Held]:
+    def _run_for(self, key: str, room: int) -> list[Held]:
+        """The run at the head of the key's lane: at least one entry, and no more chunked payload
+        than `room` bytes besides (those are read from the chunk store for the round)."""
         lane = self.lanes[key]
         if lane[0].entry.op is Op.MULTI:
             return [lane[0]]
-        run = []
+        run: list[Held] = []
         for held in lane:
             if held.entry.op is Op.MULTI or len(run) >= self.max_run:
+                break
+            room -= _chunk_size(held)
+            if run and room < 0:
                 break
             run.append(held)
         return run
 
+    def _runs_for(self, keys: list[str]) -> tuple[list[str], list[list[Held]]]:
+        """Runs for as many of `keys` as the byte budget allows chunked payloads for (at least one);
+        the other keys stay ready for the next round."""
+        taken: list[str] = []
+        runs: list[list[Held]] = []
+        room = self.byte_budget
+        for key in keys:
+            if taken and room <= 0:
+                break
+            run = self._run_for(key, room)
+            room -= sum(_chunk_size(held) for held in run)
+            taken.append(key)
+            runs.append(run)
+        return taken, runs
+
     async def _round(self, keys: list[str]) -> bool:
         """Apply one run per key; returns whether the round failed entirely."""
         drainer = self.drainer
-        runs = [self._run_for(key) for key in keys]
+        keys, runs = self._runs_for(keys)
         for key in keys:
             self.ready.discard(key)
         self.inflight.update(keys)

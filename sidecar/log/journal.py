@@ -171,7 +171,8 @@ class Journal:
                 f"(ids {', '.join(stored[:5])}{', ...' if len(stored) > 5 else ''}) were stored by an earlier "
                 f"write, the other {len(missing)} are not stored; send them under a new token"))
         if not stored and len(missing) == len(ids):
-            return WriteResult(Durable.FALSE, message="journal rejected the write: the mutation repeats an entry id")
+            return WriteResult(Durable.FALSE, message="journal rejected the write: an entry id repeats within the "
+                                                      "mutation, or its stored copy just left the duplicate window")
         return WriteResult(Durable.UNKNOWN, message="the journal refused the mutation for ids already stored, and "
                                                     "could not tell which: retry with the same token")
 

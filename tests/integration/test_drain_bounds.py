@@ -10,12 +10,15 @@ import httpx
 import msgspec
 import pytest
 import trio
+from cassandra.query import BatchStatement as DriverBatch
+from cassandra.query import BatchType
 
 from sidecar.config import DrainSettings, stream_name
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
 from sidecar.log.streams import dlq_stream_name
-from tests.integration.test_drain import DRAIN, FAST_RETRY, memcached_target, memcached_values
+from tests.integration.test_drain import DRAIN, FAST_RETRY, cassandra_target, memcached_target, memcached_values
+from tests.support.cassandra import driver_cluster
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import (
@@ -248,3 +251,41 @@ async def test_nothing_acked_expires_unseen(services: Services, private_memcache
         assert "expiring before applied" in walcar.log()
     finally:
         walcar.stop()
+
+
+async def test_a_cql_batch_over_max_payload_is_stored_and_applied(services: Services, cassandra_session,
+                                                                  keyspace: str, unique: str) -> None:
+    """A CQL BATCH over 2 partitions with 1.5 MB each (one message would be over NATS's 1 MiB
+    max_payload) is acked durable through the chunk store, and lands in Cassandra; the connection to
+    NATS is never lost."""
+    cassandra_session.execute(f"CREATE TABLE {keyspace}.blobs (k int PRIMARY KEY, v blob)")
+    listener = {"protocol": "cql", "bind": f"127.0.0.1:{free_port()}", "namespace": unique}
+    config = build_config(sidecar_document(
+        services.nats_url, {unique: {"partitions": 4, "targets": [
+            cassandra_target("db", services.cassandra[1], keyspace)]}}, [listener], drain=DRAIN))
+    values = {1: b"a" * 1_500_000, 2: b"b" * 1_500_000}
+    async with running_sidecar(config) as sidecar:
+        def batch() -> str:
+            cluster = driver_cluster(int(listener["bind"].rsplit(":", 1)[1]))
+            try:
+                session = cluster.connect(keyspace)
+                insert = session.prepare("INSERT INTO blobs (k, v) VALUES (?, ?)")
+                statement = DriverBatch(batch_type=BatchType.LOGGED)
+                for k, v in values.items():
+                    statement.add(insert, (k, v))
+                future = session.execute_async(statement)
+                future.result()
+                return future.custom_payload["walcar-durable"].decode()
+            finally:
+                cluster.shutdown()
+
+        assert await trio.to_thread.run_sync(batch) == "true"
+        assert sidecar.ingress.journal.writer.stats.unknown == 0
+        assert sidecar.state.conn.link.connected
+
+        def missing() -> list[int]:
+            rows = cassandra_session.execute(f"SELECT k, v FROM {keyspace}.blobs")
+            found = {row.k: row.v for row in rows}
+            return [k for k, v in values.items() if found.get(k) != v]
+
+        await converge(missing, 60, "the batch's rows in Cassandra")

@@ -129,6 +129,9 @@ class DrainSettings(_Base):
     lease_ttl: Duration = Duration(10.0)  # a dead drainer's partitions move after at most this long
     ack_wait: Duration = Duration(30.0)  # JetStream redelivery timeout; held entries send +WPI well before
     max_inflight: int = 1000  # entries held per partition (bounds memory, whatever the backlog)
+    # Bytes of held entries, all partitions of all targets together (split evenly): what bounds
+    # the drain's memory for large values; sized so the Helm chart's 256Mi pod limit holds.
+    max_held_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
     fetch_batch: int = 256
     max_run: int = 64  # entries of one key applied in one round
 

@@ -39,6 +39,7 @@ class Ack(msgspec.Struct, omit_defaults=True):
     sequence: int = 0
     duplicate: bool = False
     message: str = ""
+    conflict: bool = False  # ids used before by a different mutation: nothing stored (HTTP 409)
 
     @property
     def ok(self) -> bool:
@@ -195,7 +196,7 @@ class Ingress:
     def _ack(self, entries: list[Entry], result: WriteResult) -> Ack:
         """The answer before any wait for visibility; a stored write is noted for `sync` reads."""
         ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,
-                  message=result.message)
+                  message=result.message, conflict=result.conflict)
         if result.ok and result.sequence and not result.duplicate:
             namespace = entries[0].ns
             all_targets = [t.name for t in self.namespace(namespace).targets]

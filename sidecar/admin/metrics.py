@@ -103,6 +103,10 @@ class SidecarCollector:
                                    labels=labels)
         rate = GaugeMetricFamily("walcar_drain_apply_rate", "Entries applied per second (all drainers)", labels=labels)
         dlq = GaugeMetricFamily("walcar_dlq_depth", "Dead letters waiting", labels=labels)
+        window = GaugeMetricFamily("walcar_drain_replay_window_seconds", "The journal's max age (the namespace's "
+                                   "replay_window): un-applied entries are dead-lettered at 0.8 of it", labels=labels)
+        at_risk = GaugeMetricFamily("walcar_drain_at_risk", "1 while the oldest un-applied entry is older than half "
+                                    "the replay window", labels=labels)
         if self.poller is not None:
             for row in self.poller.polled_rows():
                 key = [row.namespace, row.target]
@@ -110,7 +114,9 @@ class SidecarCollector:
                 oldest.add_metric(key, row.oldest_age_s)
                 rate.add_metric(key, row.rate)
                 dlq.add_metric(key, row.dlq)
-        yield from (backlog, oldest, rate, dlq)
+                window.add_metric(key, self.sidecar.config.namespaces[row.namespace].replay_window)
+                at_risk.add_metric(key, int(row.state == "at-risk"))
+        yield from (backlog, oldest, rate, dlq, window, at_risk)
         drain = self.sidecar.drain
         if drain is None:
             return

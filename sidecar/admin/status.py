@@ -23,6 +23,7 @@ import trio
 
 from sidecar.config import Config, Target, stream_name
 from sidecar.drain.consumer import consumer_name
+from sidecar.drain.expiry import AT_RISK_FRACTION, first_stored_time
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.log.streams import dlq_stream_name
 from sidecar.logs import get_logger
@@ -45,18 +46,13 @@ class TargetStatus(msgspec.Struct, kw_only=True):
     backlog: int = 0
     oldest_age_s: float = 0.0
     rate: float = 0.0
-    state: str = "unknown"  # draining | paused | breaker-open | breaker-half-open | idle
+    # at-risk | draining | paused | breaker-open | breaker-half-open | idle | unknown
+    state: str = "unknown"
     dlq: int = 0
     last_error: str = ""
     partitions: int = 0
     owned_here: int = 0
     updated_at: str = ""
-
-
-def _parse_time(text: str) -> float:
-    # JetStream times are RFC3339 with nanoseconds; Python takes microseconds.
-    head, _, frac = text.rstrip("Z").partition(".")
-    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
 
 
 class StatusPoller:
@@ -106,7 +102,10 @@ class StatusPoller:
         """Fold in this process's live view: pause, breaker, last error, owned partitions."""
         out = msgspec.structs.replace(row)
         drainer = self.drain.drainer(row.namespace, row.target) if self.drain is not None else None
-        if self.pauses is not None and self.pauses.is_paused(row.namespace, row.target):
+        window = self.config.namespaces[row.namespace].replay_window
+        if row.updated_at and row.oldest_age_s > AT_RISK_FRACTION * window:
+            out.state = "at-risk"  # un-applied entries are nearing the journal's max age
+        elif self.pauses is not None and self.pauses.is_paused(row.namespace, row.target):
             out.state = "paused"
         elif drainer is not None and drainer.state.startswith("breaker"):
             out.state = drainer.state
@@ -173,7 +172,7 @@ class StatusPoller:
         if info is None:  # never drained yet: everything on the partition is pending
             state = (await self.conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": subject}))["state"]
             pending = int((state.get("subjects") or {}).get(subject, 0))
-            return pending, await self._first_time(stream, subject, 1) if pending else 0.0, 0.0
+            return pending, await first_stored_time(self.conn, stream, subject, 1) if pending else 0.0, 0.0
         pending = int(info.get("num_pending", 0)) + int(info.get("num_ack_pending", 0))
         floor = info.get("ack_floor") or {}
         acked = int(floor.get("consumer_seq", 0))
@@ -183,15 +182,9 @@ class StatusPoller:
         rate = 0.0
         if previous is not None and now > previous[1]:
             rate = max(0.0, (acked - previous[0]) / (now - previous[1]))
-        first = await self._first_time(stream, subject, int(floor.get("stream_seq", 0)) + 1) if pending else 0.0
+        first = await first_stored_time(self.conn, stream, subject,
+                                                  int(floor.get("stream_seq", 0)) + 1) if pending else 0.0
         return pending, first, rate
-
-    async def _first_time(self, stream: str, subject: str, from_seq: int) -> float:
-        try:
-            reply = await self.conn.js_api(f"STREAM.MSG.GET.{stream}", {"seq": from_seq, "next_by_subj": subject})
-        except JetStreamApiError:
-            return 0.0
-        return _parse_time(reply["message"]["time"])
 
     async def _dlq_counts(self, namespace: str) -> dict[str, int]:
         try:

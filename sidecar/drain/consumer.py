@@ -1,7 +1,8 @@
 """One durable pull consumer per (namespace, target, partition), feeding a partition worker.
 
-Deliveries are pushed, not polled: the worker grants credit (how many more entries
-it can hold) and the consumer keeps one pull request outstanding within that credit;
+Deliveries are pushed, not polled: the consumer keeps one pull request outstanding,
+each sized by what the worker says it can hold now (entries, and bytes: the request's
+`max_bytes`, so the server itself never sends more than the worker's byte budget);
 what one read of the socket brought reaches the worker as one batch.
 Requests, deliveries, acks and +WPI all go over the sidecar's trio connection to NATS
 (link.py): a delivery reaches its worker as it is read, with no thread in between.
@@ -36,6 +37,7 @@ class Delivered(msgspec.Struct, gc=False):  # no cycles; untracked keeps the GC 
     seq: int
     reply: bytes  # the ack subject, kept as read: it only ever goes back on the wire
     data: bytes
+    stored_ns: int = 0  # when the stream stored it (unix ns): its age decides when it nears expiry
 
 
 def parse_reply(reply: str | bytes) -> tuple[int, int, int]:
@@ -52,18 +54,20 @@ def consumer_name(target: str, partition: int) -> str:
 
 
 Sink = Callable[[list[Delivered]], None]
+# What the worker can take now: (entries, bytes) for the next pull request; (0, 0) for nothing.
+Allowance = Callable[[], tuple[int, int]]
+MAX_BYTES_EXCEEDED = b"Message Size Exceeds MaxBytes"
 
 
 class PartitionConsumer:
     def __init__(self, conn: NatsConnection, stream: str, target: str, subject: str, partition: int,
-                 ack_wait: float, max_ack_pending: int, fetch_batch: int = 256) -> None:
+                 ack_wait: float, max_ack_pending: int) -> None:
         self.conn = conn
         self.stream = stream
         self.name = consumer_name(target, partition)
         self.subject = subject
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
-        self.fetch_batch = fetch_batch
         self.sink: Sink | None = None
         self._pull: _Pull | None = None
 
@@ -92,8 +96,8 @@ class PartitionConsumer:
                 return None
             raise
 
-    async def take_over(self, sink: Sink) -> int:
-        """Recreate the consumer at its ack floor and start delivering to `sink` (as credit allows).
+    async def take_over(self, sink: Sink, allowance: Allowance) -> int:
+        """Recreate the consumer at its ack floor and start delivering to `sink`, as `allowance` says.
 
         Returns the first sequence it will deliver."""
         info = await self.info()
@@ -107,13 +111,18 @@ class PartitionConsumer:
         )
         self.sink = sink
         assert self.conn.link is not None, "the drain needs the connection's link (open_journal opens it)"
-        self._pull = _Pull(self.conn.link, self, self.fetch_batch)
+        self._pull = _Pull(self.conn.link, self, allowance)
         return start
 
-    def grant(self, credit: int) -> None:
-        """The worker can hold `credit` more entries."""
-        if credit > 0 and self._pull is not None:
-            self._pull.grant(credit)
+    def poke(self) -> None:
+        """The worker has room again (or may fetch again): ask for more unless a request is out."""
+        if self._pull is not None:
+            self._pull.request()
+
+    def outstanding(self) -> tuple[int, int]:
+        """(entries, bytes) the outstanding pull request may still deliver."""
+        pull = self._pull
+        return (pull.requested, pull.bytes_left) if pull is not None else (0, 0)
 
     def signal(self, replies: list[bytes], body: bytes = ACK) -> None:
         """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks (a lost
@@ -130,36 +139,35 @@ class PartitionConsumer:
 
 
 class _Pull:
-    """Keeps one pull request outstanding within the granted credit; deliveries go to the sink."""
+    """Keeps at most one pull request outstanding, each as big as the worker's allowance; deliveries
+    go to the sink."""
 
-    def __init__(self, link: NatsLink, consumer: PartitionConsumer, batch: int) -> None:
+    def __init__(self, link: NatsLink, consumer: PartitionConsumer, allowance: Allowance) -> None:
         self.link = link
         self.consumer = consumer
-        self.batch = batch
+        self.allowance = allowance
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.name}"
         self.inbox = new_inbox()
-        self.credit = 0
-        self.requested = 0  # of the outstanding request, not yet delivered
+        self.requested = 0  # entries of the outstanding request, not yet delivered
+        self.bytes_left = 0  # its max_bytes, less what was delivered (payloads: an upper bound)
+        self.delivered = 0  # entries the outstanding request brought so far
         self.request_id = 0
         self.closed = False
         self.timers: list[Timer] = []
         self.read: list[Delivered] = []  # deliveries of the current read, handed over together after it
         self.sid = link.subscribe(self.inbox, self._on_message)
         link.on_lost.append(self._on_lost)
-        link.on_connected.append(self._request)
+        link.on_connected.append(self.request)
 
-    def grant(self, credit: int) -> None:
-        self.credit += credit
-        self._request()
-
-    def _request(self) -> None:
-        if self.closed or self.requested or self.credit <= 0 or not self.link.connected:
+    def request(self) -> None:
+        if self.closed or self.requested or not self.link.connected:
             return
-        size = min(self.credit, self.batch)
-        self.credit -= size
-        self.requested = size
+        size, max_bytes = self.allowance()
+        if size <= 0 or max_bytes <= 0:
+            return
+        self.requested, self.bytes_left, self.delivered = size, max_bytes, 0
         self.request_id += 1
-        body = json.dumps({"batch": size, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+        body = json.dumps({"batch": size, "max_bytes": max_bytes, "expires": int(PULL_EXPIRES * 1e9)}).encode()
         self.link.send(encode_publish(self.subject, self.inbox.encode(), None, body))
         # A request can vanish unanswered: if it neither delivers nor ends, ask again.
         request_id = self.request_id
@@ -173,35 +181,40 @@ class _Pull:
         if request_id == self.request_id and self.requested == size:
             self._end_request()
 
-    def _end_request(self) -> None:
-        self.credit += self.requested  # what the request did not bring is credit again
-        self.requested = 0
-        self._request()
+    def _end_request(self, again_after: float = 0.0) -> None:
+        self.requested = self.bytes_left = 0
+        if again_after:
+            self._later(again_after, self.request)
+        else:
+            self.request()
 
     def _on_lost(self, _reason: str) -> None:
-        """The request went with the connection; `_request` asks again once the link is back."""
-        self.credit += self.requested
-        self.requested = 0
+        """The request went with the connection; `request` asks again once the link is back."""
+        self.requested = self.bytes_left = 0
 
     def _on_message(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if self.closed:
             return
         if not reply and headers:
             status = status_of(headers)
-            if status == b"409":  # a server limit (e.g. max ack pending): ask again a little later
-                self.credit += self.requested
-                self.requested = 0
-                self._later(0.5, self._request)
+            if status == b"409":
+                # Max bytes reached: the request is simply over (at once, if it brought anything).
+                # Another server limit (e.g. max ack pending): ask again a little later.
+                full = MAX_BYTES_EXCEEDED in headers and self.delivered
+                self._end_request(0.0 if full else 0.5)
             elif status != b"100":  # 404 no messages, 408 expired: the request is over
                 self._end_request()
             return
-        seq = parse_reply(reply)[0]
+        seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
+        self.bytes_left = max(0, self.bytes_left - len(data))
+        self.delivered += 1
         if not self.read:
             self.link.after_read(self._hand_over)
-        self.read.append(Delivered(seq, reply, data))
+        self.read.append(Delivered(seq, reply, data, stored_ns))
         if self.requested == 0:
-            self._request()
+            self.bytes_left = 0
+            self.link.after_read(self.request)  # once the worker has counted what this read brought
 
     def _hand_over(self) -> None:
         read, self.read = self.read, []
@@ -215,4 +228,4 @@ class _Pull:
             timer.cancel()
         self.link.unsubscribe(self.sid)
         self.link.on_lost.remove(self._on_lost)
-        self.link.on_connected.remove(self._request)
+        self.link.on_connected.remove(self.request)

@@ -13,8 +13,11 @@ class decides:
 - permanent:   dead-lettered at once; later entries of the key proceed (or, with
                `strict`, wait until the dead letter is replayed or purged)
 
-Held entries are bounded by `max_inflight`, so memory stays flat however long the
-backlog in JetStream is; entries held past a third of AckWait get `+WPI`.
+Held entries are bounded by count (`max_inflight`) and by bytes (the worker's share of
+`max_held_bytes`, enforced by the server through each pull request's `max_bytes`), so
+memory stays flat however long the backlog in JetStream is and however large its
+values; while the target is paused or its breaker open nothing more is fetched.
+Entries held past a third of AckWait get `+WPI`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
+from sidecar.drain import expiry
 from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
 from sidecar.drain.recent import RecentlyApplied
@@ -47,10 +51,28 @@ class Held(msgspec.Struct, gc=False):
     reply: bytes
     data: bytes
     entry: Entry
+    cost: int = 0  # bytes counted against the worker's budget (see `held_cost`)
+    stored_at: float = 0.0  # unix seconds the stream stored it; it expires replay_window later
     attempts: int = 0
     first_failure: float = 0.0
     last_failure: float = 0.0
     last_error: str = ""
+
+
+# Python objects around one held entry (Held, Entry, lane slot, dict entries), counted per entry.
+ENTRY_OVERHEAD = 1024
+
+
+def held_cost(data: bytes, entry: Entry) -> int:
+    """What holding an entry costs: its message and its decoded copy (values, CQL rows), plus what
+    the apply will read from the chunk store for it."""
+    return 2 * len(data) + (entry.chunk.size if entry.chunk is not None else 0) + ENTRY_OVERHEAD
+
+
+def _chunk_size(held: Held) -> int:
+    """The payload a held entry's apply reads from the chunk store (a chunked value, a MULTI object)."""
+    chunk = held.entry.chunk
+    return chunk.size if chunk is not None else 0
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -76,9 +98,13 @@ class PartitionWorker:
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
         self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
         self.held: dict[int, Held] = {}
+        self.held_bytes = 0
+        self.byte_budget = drainer.byte_budget  # this worker's share of sidecar.drain.max_held_bytes
+        self.inflight: set[str] = set()  # keys of the round being applied
+        self.next_seq = 1  # the first stream sequence not delivered yet
+        self.rescue = False  # fetch though paused / breaker open: unfetched entries near expiry
         self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
         self._work = trio.Event()
-        self._credit_out = 0  # granted to the consumer, not delivered yet
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
 
@@ -87,12 +113,14 @@ class PartitionWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
-            start = await self.consumer.take_over(self._take)
+            start = self.next_seq = await self.consumer.take_over(self._take, self._allowance)
             log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
                      partition=self.partition, from_seq=start)
             task_status.started()
             self._refill()
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fetch_loop)
+                nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._keepalive_loop)
                 nursery.start_soon(self._blocked_loop)
                 await self._apply_loop()
@@ -112,18 +140,37 @@ class PartitionWorker:
     # --- deliveries ---------------------------------------------------------------
 
     def _refill(self) -> None:
-        """Grant the consumer what fits in memory; in bites, not one entry at a time."""
-        if self._stopping:
-            return
-        room = self.max_inflight - len(self.held) - self._credit_out
-        if room >= min(self.fetch_batch, self.max_inflight) // 4 or (room > 0 and not self._credit_out):
-            self._credit_out += room
-            self.consumer.grant(room)
+        """Room was made: let the consumer ask for more (it asks only when no request is out)."""
+        if not self._stopping:
+            self.consumer.poke()
+
+    def _allowance(self) -> tuple[int, int]:
+        """(entries, max_bytes) for the next pull request, or (0, 0): in bites, not one entry at a time.
+
+        The server counts a message's payload, subject and headers against max_bytes, so what a
+        request brings costs at most 2 x max_bytes + ENTRY_OVERHEAD per entry (see `held_cost`)."""
+        if self._stopping or not (self.drainer.fetching() or self.rescue):
+            return 0, 0
+        entries = min(self.fetch_batch, self.max_inflight - len(self.held))
+        if entries <= 0 or (self.held and entries < min(self.fetch_batch, self.max_inflight) // 4):
+            return 0, 0
+        # Never ask for less than the largest message the server can hold: a request whose
+        # max_bytes is under the next message's size would end at once, again and again.
+        largest = self.drainer.largest_message()
+        room = self.byte_budget - self.held_bytes
+        entries = min(entries, (room - 2 * largest) // ENTRY_OVERHEAD)
+        if entries <= 0:
+            return 0, 0
+        return entries, (room - entries * ENTRY_OVERHEAD) // 2
+
+    def _release(self, held: Held) -> None:
+        del self.held[held.seq]
+        self.held_bytes -= held.cost
 
     def _take(self, delivered: list[Delivered]) -> None:
         """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
-        self._credit_out = max(0, self._credit_out - len(delivered))
         skip: list[bytes] = []
+        self.next_seq = max(self.next_seq, delivered[-1].seq + 1)
         for item in delivered:
             if item.seq in self.held:
                 continue  # a redelivery of something this worker still holds
@@ -139,8 +186,9 @@ class PartitionWorker:
             if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
-            held = Held(item.seq, item.reply, item.data, entry)
+            held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry), item.stored_ns / 1e9)
             self.held[item.seq] = held
+            self.held_bytes += held.cost
             lane = self.lanes.get(entry.key)
             if lane is None:
                 self.lanes[entry.key] = [held]
@@ -186,24 +234,48 @@ class PartitionWorker:
                 if self.lanes.get(key) and key not in self.blocked:
                     self.ready.add(key)
 
-    def _run_for(self, key: str) -> list[Held]:
+    def _run_for(self, key: str, room: int) -> list[Held]:
+        """The run at the head of the key's lane: at least one entry, and no more chunked payload
+        than `room` bytes besides (those are read from the chunk store for the round)."""
         lane = self.lanes[key]
         if lane[0].entry.op is Op.MULTI:
             return [lane[0]]
-        run = []
+        run: list[Held] = []
         for held in lane:
             if held.entry.op is Op.MULTI or len(run) >= self.max_run:
+                break
+            room -= _chunk_size(held)
+            if run and room < 0:
                 break
             run.append(held)
         return run
 
+    def _runs_for(self, keys: list[str]) -> tuple[list[str], list[list[Held]]]:
+        """Runs for as many of `keys` as the byte budget allows chunked payloads for (at least one);
+        the other keys stay ready for the next round."""
+        taken: list[str] = []
+        runs: list[list[Held]] = []
+        room = self.byte_budget
+        for key in keys:
+            if taken and room <= 0:
+                break
+            run = self._run_for(key, room)
+            room -= sum(_chunk_size(held) for held in run)
+            taken.append(key)
+            runs.append(run)
+        return taken, runs
+
     async def _round(self, keys: list[str]) -> bool:
         """Apply one run per key; returns whether the round failed entirely."""
         drainer = self.drainer
-        runs = [self._run_for(key) for key in keys]
+        keys, runs = self._runs_for(keys)
         for key in keys:
             self.ready.discard(key)
-        outcomes = await self._apply_runs(runs)
+        self.inflight.update(keys)
+        try:
+            outcomes = await self._apply_runs(runs)
+        finally:
+            self.inflight.difference_update(keys)
         acks: list[bytes] = []
         applied: list[int] = []
         chunked: list[Held] = []
@@ -214,7 +286,7 @@ class PartitionWorker:
             lane = self.lanes[key]
             del lane[: outcome.applied]
             for held in run[: outcome.applied]:
-                del self.held[held.seq]
+                self._release(held)
                 acks.append(held.reply)
                 applied.append(held.seq)
                 if held.entry.chunk is not None:
@@ -350,7 +422,7 @@ class PartitionWorker:
             return
         assert lane is not None
         del lane[0]
-        del self.held[held.seq]
+        self._release(held)
         if drainer.strict and drainer.dlq_enabled:
             self.blocked.add(key)
         elif lane:
@@ -369,6 +441,46 @@ class PartitionWorker:
                     if self.lanes.get(key):
                         self.ready.add(key)
                         self._work.set()
+
+    async def _fetch_loop(self) -> None:
+        """Resumes fetching after a pause or an open breaker (nothing else would ask again)."""
+        while True:
+            await trio.sleep(0.25)
+            self._refill()
+
+    async def _expiry_loop(self) -> None:
+        """Dead-letter held entries nearing the journal's max age (oldest first, a key's in order); while
+        nothing is fetched, look whether the next unfetched entry is near it, and fetch it if so."""
+        drainer = self.drainer
+        window = drainer.ns.replay_window
+        limit = expiry.EXPIRE_FRACTION * window
+        while True:
+            await trio.sleep(expiry.check_interval(window))
+            now = time.time()
+            for key in [k for k, lane in self.lanes.items() if now - lane[0].stored_at >= limit]:
+                while key not in self.inflight and (lane := self.lanes.get(key)) and \
+                        now - lane[0].stored_at >= limit:
+                    held = lane[0]
+                    message = expiry.expiry_message(now - held.stored_at, window, held.last_error)
+                    # Out of the apply loop's reach while its dead letter is written.
+                    self.ready.discard(key)
+                    self.inflight.add(key)
+                    try:
+                        await self._dead_letter(key, held, ApplyError(ErrorClass.PERMANENT, message),
+                                                expiry.ERROR_CLASS)
+                    finally:
+                        self.inflight.discard(key)
+                    if self.lanes.get(key) is lane and lane and lane[0] is held:
+                        break  # the DLQ write failed: the key is parked, try on the next check
+            if drainer.fetching() or (self.held and not self.rescue):
+                self.rescue = False  # what is held is older than anything unfetched: it goes first
+                continue
+            consumer = self.consumer
+            stored = await expiry.first_stored_time(drainer.service.journal.writer.conn, consumer.stream,
+                                                    consumer.subject, self.next_seq)
+            self.rescue = bool(stored) and time.time() - stored >= limit
+            if self.rescue:
+                self._refill()
 
     async def _keepalive_loop(self) -> None:
         """+WPI for everything held, so parked keys and an open breaker never cause redeliveries."""

@@ -27,18 +27,24 @@ from sidecar.drain.chunkgc import ChunkCollector
 from sidecar.drain.consumer import PartitionConsumer
 from sidecar.drain.dlq import key_token
 from sidecar.drain.lease import Leases, group_name, lease_key
-from sidecar.drain.partition import PartitionWorker
+from sidecar.drain.partition import ENTRY_OVERHEAD, PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.pump import ApplyPump
 from sidecar.drain.targets import build_target
 from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry
 from sidecar.log.journal import Journal
+from sidecar.log.link import DEFAULT_MAX_PAYLOAD
 from sidecar.log.streams import dlq_stream_name
 from sidecar.log.wire import encode_publish
 from sidecar.logs import get_logger
 
 log = get_logger("drain")
+
+# Subject, reply subject and headers of a delivered message, over its payload (max_bytes counts them).
+MESSAGE_ENVELOPE = 4096
+# However small a worker's share of the budget, it has room for this many small entries besides.
+MIN_BITE = 64
 
 
 class DrainStats:
@@ -82,6 +88,24 @@ class TargetDrainer:
             return "breaker-open" if self.breaker.state is BreakerState.OPEN else "breaker-half-open"
         return "draining"
 
+    def fetching(self) -> bool:
+        """Whether partitions may fetch more: not while paused, nor while the breaker is open."""
+        return not self.service.pauses.is_paused(self.namespace, self.name) and \
+            self.breaker.state is not BreakerState.OPEN
+
+    def largest_message(self) -> int:
+        """A bound on one journal message as the server counts it for a pull's max_bytes."""
+        link = self.service.journal.writer.conn.link
+        return (link.max_payload if link is not None else DEFAULT_MAX_PAYLOAD) + MESSAGE_ENVELOPE
+
+    @property
+    def byte_budget(self) -> int:
+        """One partition worker's share of `max_held_bytes`: the budget split over every partition of
+        every target, so the sum stays within it; at least room for one largest message (twice:
+        a held entry is its message plus its decoded copy) and a bite of small ones."""
+        share = self.settings.max_held_bytes // max(1, self.service.total_partitions)
+        return max(share, 2 * self.largest_message() + MIN_BITE * ENTRY_OVERHEAD)
+
     def wants(self, entry: Entry) -> bool:
         return self.target.wants(entry)
 
@@ -119,7 +143,6 @@ class TargetDrainer:
             partition,
             ack_wait=self.settings.ack_wait,
             max_ack_pending=self.settings.max_inflight * 2,
-            fetch_batch=self.settings.fetch_batch,
         )
 
     async def probe_loop(self) -> None:
@@ -174,6 +197,8 @@ class DrainService:
             for name, ns in config.namespaces.items()
             for target in ns.targets
         ]
+        # Every partition of every target: the denominator of each worker's byte budget.
+        self.total_partitions = sum(d.ns.partitions for d in self.drainers)
         self.held: dict[str, _Lease] = {}
         self._nursery: trio.Nursery | None = None
         self._stopping = False

@@ -2,7 +2,8 @@
 
 A chunked payload is written completely (every chunk acked, then its metadata)
 before the marker entry that points at it is journaled, so a marker never refers to
-a partial object. Reads check the SHA-256 recorded in the marker. The drain deletes
+a partial object; the object's name carries the payload's digest, so no later write
+replaces it. Reads check the SHA-256 recorded in the marker. The drain deletes
 an object once every target that needed it has applied the marker's entry.
 """
 
@@ -38,7 +39,11 @@ class ChunkStore:
         return store
 
     async def put(self, namespace: str, name: str, data: bytes) -> ChunkRef:
+        """Store `data` under `name` and its digest: a write that reuses an idempotency token with
+        other content must not overwrite the object a stored marker points at (it would read back
+        as corrupt); the same content under the same token lands on the same object."""
         digest = hashlib.sha256(data).hexdigest()
+        name = f"{name}.{digest[:16]}"
 
         async def put() -> int:
             from nats.js.api import ObjectMeta, ObjectMetaOptions

@@ -16,14 +16,30 @@ import msgspec
 from sidecar.config import Config, Namespace
 from sidecar.envelope import Entry, Op, encode, encode_many, new_id, now_us, schedule_subject, subject_for
 from sidecar.log.chunks import ChunkError, ChunkStore
-from sidecar.log.writer import MAX_ATOMIC_MESSAGES, Durable, JournalWriter, Message, WriteResult
+from sidecar.log.writer import (
+    DUPLICATE_MESSAGE_IN_BATCH,
+    MAX_ATOMIC_MESSAGES,
+    Durable,
+    JournalWriter,
+    Message,
+    WriteResult,
+)
 
 # One atomic batch must fit comfortably in the server's limits (1000 messages; each
 # message under max_payload); beyond these the mutation is stored as one MULTI object.
 MAX_ATOMIC_BYTES = 4 * 1024 * 1024
 # An entry that is still too big for one message once its value is chunked (a CQL batch
-# with many large values, say) goes to the chunk store whole, behind a MULTI marker.
+# with many large values, say) goes to the chunk store whole, behind a MULTI marker; so
+# does an atomic mutation with such an entry. The bound is also kept this far under the
+# server's max_payload (headers): the writer refuses any message over it rather than send it.
 MAX_ENTRY_BYTES = 900 * 1024
+MAX_PAYLOAD_HEADROOM = 8 * 1024
+# Asking JetStream whether a message id is stored, without storing anything: a publish with the
+# id and an expected last id that never matches. The server checks the id first (a stored one
+# answers `duplicate` with its sequence), then the expectation (10070: nothing stored). The subject
+# is one no drain consumer reads, should a server ever store a probe after all.
+PROBE_EXPECTED_LAST_ID = "walcar-id-probe-never-matches"
+WRONG_LAST_MSG_ID = 10070
 
 
 class UnknownNamespace(KeyError):
@@ -45,6 +61,11 @@ class Journal:
         if ns is None:
             raise UnknownNamespace(name)
         return ns
+
+    @property
+    def entry_limit(self) -> int:
+        """The largest entry message journaled as it is; larger ones go to the chunk store."""
+        return min(MAX_ENTRY_BYTES, self.writer.max_payload - MAX_PAYLOAD_HEADROOM)
 
     def message_for(self, entry: Entry) -> Message:
         """The JetStream message of an entry that is already small enough for the stream."""
@@ -72,7 +93,7 @@ class Journal:
         except ChunkError as exc:
             return WriteResult(Durable.FALSE, message=str(exc))
         message = self.message_for(entry)
-        if len(message.payload) > MAX_ENTRY_BYTES:
+        if len(message.payload) > self.entry_limit:
             return await self._append_multi([entry], entry.id)
         return await self.writer.publish(message.subject, message.payload, message.headers)
 
@@ -82,7 +103,7 @@ class Journal:
         if not _fits_inline(entry, self.namespace(entry.ns)):
             return False
         message = self.message_for(entry)
-        if len(message.payload) > MAX_ENTRY_BYTES:
+        if len(message.payload) > self.entry_limit:
             return False
         return self.writer.publish_then(message.subject, message.payload, message.headers, done)
 
@@ -90,16 +111,28 @@ class Journal:
         """Independent entries in one group commit, journaled in the order given (per-key order holds).
 
         Used for batches replicated from another region: each entry keeps its id (so a retried
-        batch is deduplicated entry by entry) and is stored or refused on its own."""
-        prepared: list[Entry | WriteResult] = []
+        batch is deduplicated entry by entry) and is stored or refused on its own. An entry too
+        large for one message goes through the chunk store on its own, in its place in the order."""
+        results: list[WriteResult] = []
+        run: list[Message | WriteResult] = []
         for entry in entries:
             try:
-                prepared.append(await self._externalize(entry, self.namespace(entry.ns)))
+                prepared = await self._externalize(entry, self.namespace(entry.ns))
             except ChunkError as exc:
-                prepared.append(WriteResult(Durable.FALSE, message=str(exc)))
-        messages = [self.message_for(e) for e in prepared if isinstance(e, Entry)]
-        results = iter(await self.writer.publish_many(messages))
-        return [next(results) if isinstance(e, Entry) else e for e in prepared]
+                run.append(WriteResult(Durable.FALSE, message=str(exc)))
+                continue
+            message = self.message_for(prepared)
+            if len(message.payload) > self.entry_limit:
+                results += await self._publish_run(run)
+                run = []
+                results.append(await self._append_multi([prepared], prepared.id))
+            else:
+                run.append(message)
+        return results + await self._publish_run(run)
+
+    async def _publish_run(self, run: list[Message | WriteResult]) -> list[WriteResult]:
+        results = iter(await self.writer.publish_many([m for m in run if isinstance(m, Message)]))
+        return [next(results) if isinstance(m, Message) else m for m in run]
 
     async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
         """Journal several entries as one mutation: all of them or none."""
@@ -111,9 +144,37 @@ class Journal:
         ns = self.namespace(namespace)
         small = all(_fits_inline(e, ns) for e in entries)
         messages = [self.message_for(e) for e in entries] if small else []
-        if small and len(messages) <= MAX_ATOMIC_MESSAGES and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
-            return await self.writer.publish_atomic(messages)
+        limit = self.entry_limit
+        if small and len(messages) <= MAX_ATOMIC_MESSAGES and all(len(m.payload) <= limit for m in messages) \
+                and sum(len(m.payload) for m in messages) <= MAX_ATOMIC_BYTES:
+            result = await self.writer.publish_atomic(messages)
+            if result.code == DUPLICATE_MESSAGE_IN_BATCH:
+                return await self._duplicates(namespace, messages)
+            return result
         return await self._append_multi(entries, mutation_id or new_id())
+
+    async def _duplicates(self, namespace: str, messages: list[Message]) -> WriteResult:
+        """An atomic batch refused for ids already stored: a retry (all of them stored), or a
+        different mutation under ids used before (some stored) whose new entries must not be acked."""
+        ids = [(m.headers or {})["Nats-Msg-Id"] for m in messages]
+        probes = [Message(f"wal.{namespace}.idprobe", b"",
+                          {"Nats-Msg-Id": i, "Nats-Expected-Last-Msg-Id": PROBE_EXPECTED_LAST_ID}) for i in ids]
+        answers = await self.writer.publish_many(probes)
+        stored = [i for i, a in zip(ids, answers, strict=True) if a.ok and a.duplicate]
+        missing = [i for i, a in zip(ids, answers, strict=True) if a.code == WRONG_LAST_MSG_ID]
+        if len(stored) == len(ids):
+            return WriteResult(Durable.TRUE, duplicate=True, count=len(ids),
+                               message="a retry: every entry of this mutation is stored already")
+        if stored and len(stored) + len(missing) == len(ids):
+            return WriteResult(Durable.FALSE, conflict=True, message=(
+                f"idempotency token reused for a different mutation: {len(stored)} of its {len(ids)} entries "
+                f"(ids {', '.join(stored[:5])}{', ...' if len(stored) > 5 else ''}) were stored by an earlier "
+                f"write, the other {len(missing)} are not stored; send them under a new token"))
+        if not stored and len(missing) == len(ids):
+            return WriteResult(Durable.FALSE, message="journal rejected the write: an entry id repeats within the "
+                                                      "mutation, or its stored copy just left the duplicate window")
+        return WriteResult(Durable.UNKNOWN, message="the journal refused the mutation for ids already stored, and "
+                                                    "could not tell which: retry with the same token")
 
     async def _append_multi(self, entries: list[Entry], mutation_id: str) -> WriteResult:
         """Over the batch limits: the whole mutation as one object, one MULTI marker on the stream."""

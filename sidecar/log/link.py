@@ -53,6 +53,7 @@ RECONNECT_WAIT: Final = 0.5
 PING_INTERVAL: Final = 5.0
 MAX_OUTSTANDING_PINGS: Final = 2
 RECEIVE_SIZE: Final = 256 * 1024
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024  # nats-server's default, until the server's INFO says
 
 MessageHandler = Callable[[bytes, bytes, bytes, bytes | None], None]  # (subject, reply, payload, header block)
 
@@ -140,6 +141,9 @@ class NatsLink:
         self.name = name
         self.connected = False
         self.last_error = ""
+        # The server's limit for one message (INFO max_payload): a PUB over it makes the server close
+        # the connection, and with it every write in flight, so every publish path checks it first.
+        self.max_payload = DEFAULT_MAX_PAYLOAD
         self.on_lost: list[Callable[[str], None]] = []  # what was in flight on the lost connection is gone
         self.on_connected: list[Callable[[], None]] = []  # after a (re)connect, subscriptions renewed
         self._sign = creds_signer(creds) if creds else None
@@ -256,6 +260,7 @@ class NatsLink:
                 parser = ClientParser()
                 info = await self._next(stream, parser, Info)
                 assert isinstance(info, Info)
+                self.max_payload = int(info.fields.get("max_payload") or DEFAULT_MAX_PAYLOAD)
                 if server.tls or info.fields.get("tls_required"):
                     stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=server.host)
                     await stream.do_handshake()

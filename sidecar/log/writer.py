@@ -11,6 +11,8 @@ its write. A write is `durable: true` only with a PubAck in hand:
 - the connection lost before the PubAck -> unknown, at once
 - not connected / no stream responded -> false, at once
 - in-flight limits or ack latency over their bounds -> false ("overloaded"), at once
+- a message over the server's max_payload -> false, at once, never sent: nats-server would
+  close the connection for it, and every other writer's in-flight write would be lost with it
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import trio
 
 from sidecar.config import JournalSettings
 from sidecar.log.connection import NatsConnection
-from sidecar.log.link import NatsLink, new_inbox
-from sidecar.log.wire import encode_publish, status_of, unsafe_header
+from sidecar.log.link import DEFAULT_MAX_PAYLOAD, NatsLink, new_inbox
+from sidecar.log.wire import encode_headers, encode_publish, status_of, unsafe_header
 from sidecar.logs import get_logger
 
 log = get_logger("journal")
@@ -39,6 +41,8 @@ EAGER_SEND_ENTRIES = 64
 # Atomic batches: the server keeps at most 50 in flight per stream and 1000 messages each.
 MAX_ATOMIC_MESSAGES = 1000
 DUPLICATE_MESSAGE_IN_BATCH = 10201
+# Room for what the writer adds to a message's headers (an atomic batch's id, sequence and commit).
+HEADER_HEADROOM = 256
 
 
 class Durable(StrEnum):
@@ -54,6 +58,8 @@ class WriteResult(msgspec.Struct, omit_defaults=True):
     duplicate: bool = False
     message: str = ""
     stream: str = ""
+    code: int = 0  # JetStream's err_code when the server refused the write
+    conflict: bool = False  # the write's ids were used before by a different write (HTTP 409)
 
     @property
     def ok(self) -> bool:
@@ -146,10 +152,10 @@ def _result_from_ack(data: bytes, status: bytes) -> WriteResult:
         return WriteResult(Durable.UNKNOWN, message=f"unreadable PubAck: {data[:80]!r}")
     if ack.error is not None:
         description = str(ack.error.get("description", "error"))
-        if ack.error.get("err_code") == DUPLICATE_MESSAGE_IN_BATCH:
-            # The batch's ids are all in the stream already: a retry of a stored mutation.
-            return WriteResult(Durable.TRUE, duplicate=True, message=description)
-        return _fail(f"journal rejected the write: {description}")
+        # 10201 (an atomic batch with an id already stored) says *some* id is: the journal asks
+        # which (Journal.append_atomic), as a batch with one new entry is no retry of a stored one.
+        return WriteResult(Durable.FALSE, message=f"journal rejected the write: {description}",
+                           code=int(ack.error.get("err_code") or 0))
     return WriteResult(
         Durable.TRUE, sequence=ack.seq, count=max(ack.count, 1), duplicate=ack.duplicate, stream=ack.stream
     )
@@ -187,6 +193,22 @@ class JournalWriter:
     @property
     def connected(self) -> bool:
         return self.conn.connected and self._link is not None and self._link.connected
+
+    @property
+    def max_payload(self) -> int:
+        """The server's limit for one message (headers and payload), from its INFO."""
+        return self._link.max_payload if self._link is not None else DEFAULT_MAX_PAYLOAD
+
+    def oversized(self, message: Message) -> str:
+        """Why `message` must not be sent (over the server's max_payload), or ""."""
+        limit = self.max_payload
+        if len(message.payload) + HEADER_HEADROOM <= limit - 4096:  # nearly every write: no header encoding
+            return ""
+        size = len(message.payload) + len(encode_headers(message.headers)) + HEADER_HEADROOM
+        if size <= limit:
+            return ""
+        return (f"journal refused the write: a message of {size} bytes is over the NATS server's max_payload "
+                f"of {limit} bytes (not sent: the server would close the connection for it)")
 
     @property
     def link_error(self) -> str:
@@ -230,18 +252,28 @@ class JournalWriter:
     async def publish_many(self, messages: list[Message]) -> list[WriteResult]:
         """Independent writes queued together, in order, so they share a group commit and keep their order."""
         writes = [_Write([m], False, len(m.payload)) for m in messages]
-        if not writes:
-            return []
-        total = _Write(messages, False, sum(w.nbytes for w in writes))  # capacity is reserved for all at once
-        refusal = await self._admit(total)
-        if refusal is not None:
-            return [refusal] * len(writes)
-        group = _Group(len(writes))
+        # An oversized message is refused on its own; the others still go.
         for write in writes:
-            write.group = group
-        self._queue.extend(writes)
-        self._wake.set()
-        await group.done.wait()
+            reason = self.oversized(write.messages[0])
+            if reason:
+                write.result = _fail(reason)
+                self._count_refused(write)
+        sending = [w for w in writes if w.result is None]
+        if sending:
+            # Capacity is reserved for all at once.
+            total = _Write([m for w in sending for m in w.messages], False, sum(w.nbytes for w in sending))
+            refusal = await self._admit(total)
+            if refusal is not None:
+                for write in sending:
+                    write.result = refusal
+                sending = []
+        if sending:
+            group = _Group(len(sending))
+            for write in sending:
+                write.group = group
+            self._queue.extend(sending)
+            self._wake.set()
+            await group.done.wait()
         return [w.result for w in writes]  # type: ignore[misc]
 
     async def _admit(self, write: _Write) -> WriteResult | None:
@@ -306,6 +338,10 @@ class JournalWriter:
             return _fail("journal closed: the sidecar is shutting down")
         if not self.connected:
             return _fail("journal unavailable: not connected to NATS")
+        for message in write.messages:
+            reason = self.oversized(message)
+            if reason:
+                return _fail(reason)
         if self._inflight_batches:
             age = trio.current_time() - self._inflight_batches[0].submitted
             if age > self.settings.shed_ack_latency:

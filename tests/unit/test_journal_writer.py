@@ -15,7 +15,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from sidecar.config import JournalSettings
 from sidecar.log import writer as writer_module
-from sidecar.log.writer import Durable, JournalWriter, WriteResult
+from sidecar.log.writer import Durable, JournalWriter, Message, WriteResult
 
 
 class StandInLink:
@@ -24,6 +24,7 @@ class StandInLink:
     def __init__(self) -> None:
         self.connected = True
         self.last_error = ""
+        self.max_payload = 1024 * 1024
         self.on_lost: list[Any] = []
         self.sent: list[bytes] = []
 
@@ -100,4 +101,31 @@ async def test_a_write_answered_by_callback_is_refused_at_once_when_disconnected
         assert writer.publish_then("wal.t.0", b"d", None, answers.append)
         assert answers[-1].durable is Durable.FALSE  # answered before publish_then returned
         assert writer.stats.inflight_entries == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_over_the_servers_max_payload_is_refused_and_never_sent() -> None:
+    """nats-server closes the connection on a PUB over max_payload, and every write in flight with it."""
+    conn = StandInConnection()
+    conn.link.max_payload = 64 * 1024
+    writer = JournalWriter(conn, JournalSettings())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        big = Message("wal.t.0", b"x" * (64 * 1024), {"Nats-Msg-Id": "big"})
+        answers: list[WriteResult] = []
+        assert writer.publish_then(big.subject, big.payload, big.headers, answers.append)
+        assert answers[0].durable is Durable.FALSE and "max_payload" in answers[0].message
+        atomic = await writer.publish_atomic([Message("wal.t.0", b"small"), big])
+        assert atomic.durable is Durable.FALSE and "max_payload" in atomic.message
+        many = writer.publish_many([Message("wal.t.0", b"small"), big])
+        with trio.fail_after(2):
+            async with trio.open_nursery() as inner:
+                async def answer() -> None:
+                    await wait_all_tasks_blocked()
+                    (reply,) = conn.link.reply_subjects()
+                    writer._on_reply(reply, b"", puback(1), None)
+                inner.start_soon(answer)
+                small, over = await many
+        assert small.durable is Durable.TRUE and over.durable is Durable.FALSE
+        assert all(b"xxxx" not in chunk for chunk in conn.link.sent)  # the big payload never went out
         nursery.cancel_scope.cancel()

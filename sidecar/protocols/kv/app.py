@@ -294,7 +294,7 @@ class KvApp:
             sequence=ack.sequence,
             duplicate=ack.duplicate,
         )
-        return (200 if ack.ok else 503), response
+        return (200 if ack.ok else 409 if ack.conflict else 503), response
 
     @staticmethod
     def _lifecycle(lifecycle: models.Lifecycle | None) -> dict[str, Any]:

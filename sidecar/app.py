@@ -178,7 +178,8 @@ class Sidecar:
         name = _listener_name(listener)
         assert self.ingress is not None
         if listener.protocol == "kv":
-            app = KvApp(self.ingress, self._readers, region_token=_read_secret(self.config.sidecar.region_token_file))
+            app = KvApp(self.ingress, self._readers, region_token=_read_secret(self.config.sidecar.region_token_file),
+                        max_body=int(listener.max_body), max_items=listener.max_items)
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             server, args = serve_http, (app, http, self._stop_listeners)
         elif listener.protocol == "memcached":

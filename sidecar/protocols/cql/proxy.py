@@ -249,7 +249,7 @@ class CqlProxy:
         client.decoder.compression = compression
         # The STARTUP answer goes out uncompressed; everything after it is compressed.
         if authenticator is None:
-            client.state = READY_STATE
+            client.ready()
             client.pool = self.upstream.pool(None, None)
             client.respond(stream, Ready(), compress=False)
         else:
@@ -271,7 +271,7 @@ class CqlProxy:
                                          f"Unable to perform authentication: walcar: {exc}"))
             return
         client.token = token
-        client.state = READY_STATE
+        client.ready()
         client.pool = self.upstream.pool(token, None)
         client.respond(stream, AuthSuccess(None))
 

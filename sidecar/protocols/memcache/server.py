@@ -30,8 +30,8 @@ from sidecar.tcp import ByteBudget, ConnectionGate, IdleWatch, accept_forever, c
 from sidecar.units import parse_hostport
 
 from .backend import Backend
-from .codec import RequestParser
-from .commands import NEED_DATA, Command, ProtocolError
+from .codec import OUT_OF_MEMORY, RequestParser
+from .commands import NEED_DATA, Command, ProtocolError, ServerError
 from .handlers import Handlers, JournalJob, Kind, memcached_target
 from .stats import FrontStats
 
@@ -212,7 +212,8 @@ class Connection:
             while True:
                 event = parser.next_event()
                 if event is NEED_DATA:
-                    if parser.pending_length >= LARGE_VALUE and not self.reserved:
+                    if not self.reserved and (parser.pending_length >= LARGE_VALUE
+                                              or parser.partial_line_length >= LARGE_VALUE):
                         event = await self._reserve()
                         if event is None:
                             break
@@ -227,15 +228,20 @@ class Connection:
                     await self._wait_for_space()
 
     async def _reserve(self) -> ProtocolError | None:
-        """Room in the listener's budget for the data block being received, before reading it;
-        None once reserved, or the refusal (the block is discarded) when none came in time."""
+        """Room in the listener's budget for the data block being received (or a long multi-key get
+        line, up to its limit), before reading on; None once reserved, else the refusal: the data
+        block is discarded (the connection goes on), a line closes the connection."""
         server = self.server
-        self.reserved = await server.budget.acquire(self.parser.pending_length, server.partial_wait)
+        parser = self.parser
+        length = parser.pending_length or parser.max_partial_line
+        self.reserved = await server.budget.acquire(length, server.partial_wait)
         if self.reserved:
             return None
-        log.warning("partial_budget_exhausted", length=self.parser.pending_length, budget=server.budget.limit,
+        log.warning("partial_budget_exhausted", length=length, budget=server.budget.limit,
                     refused=server.budget.refused)
-        return self.parser.refuse_pending()
+        if parser.pending_length:
+            return parser.refuse_pending()
+        return ServerError(OUT_OF_MEMORY, fatal=True)
 
     async def _wait_for_space(self) -> None:
         responses = self.responses

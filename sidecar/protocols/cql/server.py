@@ -91,7 +91,8 @@ class _Connection:
                 proxy.clients.add(client)
                 try:
                     nursery.start_soon(self._write_loop)
-                    nursery.start_soon(self._watch_idle)
+                    if self.idle.timeout > 0:
+                        nursery.start_soon(self.idle.run)
                     with self.read_scope:
                         await self._read_loop(client)
                     # Answer what was already asked, then flush and close.
@@ -110,9 +111,6 @@ class _Connection:
             self.reserved = 0
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
-
-    async def _watch_idle(self) -> None:
-        await self.idle.run()
 
     def _idle(self) -> None:
         self.limits.gate.idle_closed += 1

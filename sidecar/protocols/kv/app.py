@@ -47,7 +47,7 @@ MAX_BODY = 64 * 1024 * 1024  # the listener's `max_body` default
 MAX_ITEMS = 10_000  # the listener's `max_items` default: entries one request may make
 # A request builds its entries in slices of this many, with a checkpoint between them, so a
 # large legal request never holds the event loop for more than a few milliseconds at a time.
-_SLICE = 256
+_SLICE = 64
 
 
 class HttpError(Exception):

@@ -170,7 +170,8 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
                 idle_scope = trio.CancelScope()
-                nursery.start_soon(self._watch_idle, idle_scope)
+                if self.idle.timeout > 0:
+                    nursery.start_soon(self._watch_idle, idle_scope)
                 await self._read_loop()
                 idle_scope.cancel()
                 self.responses.close()

@@ -469,4 +469,3 @@ async def serve_memcached(
             with trio.CancelScope(shield=True):
                 await sock.aclose()
     log.info("memcached_stopped", bind=listener.bind)
-

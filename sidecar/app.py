@@ -181,7 +181,8 @@ class Sidecar:
         assert self.ingress is not None
         if listener.protocol == "kv":
             app = KvApp(self.ingress, self._readers, region_token=self._region_token,
-                        token=_read_secret(listener.token_file))
+                        token=_read_secret(listener.token_file), max_body=int(listener.max_body),
+                        max_items=listener.max_items)
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             server, args = serve_http, (app, http, self._stop_listeners)
         elif listener.protocol == "memcached":

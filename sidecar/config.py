@@ -39,11 +39,18 @@ class RetryPolicy(_Base):
     max_attempts: int = 20
 
 
+MEMCACHED_ITEM_SIZE = 1024 * 1024  # memcached's own default item size (-I 1m)
+DEFAULT_MAX_ITEM_SIZE = 16 * 1024 * 1024
+
+
 class MemcachedTarget(_Base, tag="memcached", tag_field="type"):
     name: str
     servers: list[str]
     pool_size: int = 8
     timeout: Duration = Duration(1.0)
+    # memcached's item size (its -I): an item over it can never be stored, so the front refuses
+    # it before journaling. Counts memcached's per-item overhead and the key, as memcached does.
+    max_item_size: ByteSize = ByteSize(MEMCACHED_ITEM_SIZE)
 
 
 class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
@@ -82,7 +89,9 @@ class Namespace(_Base):
     duplicate_window: Duration = Duration(120.0)
     replicas: int = 1
     chunk_threshold: ByteSize = ByteSize(256 * 1024)
-    max_item_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    # The largest value a client may write; default: the smallest item size of the namespace's
+    # memcached targets, else 16 MiB (see item_limit).
+    max_item_size: ByteSize | None = None
     # A client-given write time further than this from the sidecar's clock is refused.
     write_time_drift: Duration = Duration(3600.0)
     dlq: bool = True
@@ -102,6 +111,13 @@ class Namespace(_Base):
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
 
+    def item_limit(self) -> int:
+        """The largest value a front accepts: `max_item_size`, or what every memcached target can store."""
+        if self.max_item_size is not None:
+            return int(self.max_item_size)
+        sizes = [int(t.max_item_size) for t in self.targets if isinstance(t, MemcachedTarget)]
+        return min(sizes) if sizes else DEFAULT_MAX_ITEM_SIZE
+
 
 class Listener(_Base):
     protocol: Literal["memcached", "cql", "kv"]
@@ -114,6 +130,23 @@ class Listener(_Base):
     # kv: a bearer token every route but /healthz, /openapi.json and the cross-region /batch needs
     # (that one takes sidecar.region_token_file). Required when `bind` is beyond loopback.
     token_file: str | None = None
+    # Limits (docs/configuration.md, "Limits"): each bounds what one client can make the sidecar hold.
+    # memcached, cql: connections served at once; more are accepted and closed at once (counted).
+    max_connections: int = 1024
+    # memcached, cql: a connection that sends nothing for this long is closed; 0: never.
+    idle_timeout: Duration = Duration(0.0)
+    # memcached: bytes of partly received values all connections of the listener hold at once.
+    partial_budget: ByteSize = ByteSize(32 * 1024 * 1024)
+    # memcached: how long a large value waits for room in partial_budget before it is refused.
+    partial_wait: Duration = Duration(2.0)
+    # cql: the largest frame (Cassandra's native_transport_max_frame_size), after decompression too.
+    max_frame_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    # cql: the largest frame before the connection is READY (authenticated, when auth is on).
+    preauth_frame_size: ByteSize = ByteSize(64 * 1024)
+    # kv: the largest request body (after gzip decompression).
+    max_body: ByteSize = ByteSize(32 * 1024 * 1024)
+    # kv: entries one request may make (items of a put, keys of a delete, over all mutations).
+    max_items: int = 10_000
 
 
 class JournalSettings(_Base):
@@ -351,6 +384,12 @@ def _semantic_errors(config: Config) -> Iterator[str]:
         if listener.protocol == "kv" and not is_loopback(host) and listener.token_file is None:
             yield (f"{path}.bind: a kv listener on {host} (beyond loopback) needs `token_file`; "
                    "bind it to 127.0.0.1 or give it a token")
+        if listener.max_connections < 1:
+            yield f"{path}.max_connections: must be at least 1, got {listener.max_connections}"
+        if listener.max_items < 1:
+            yield f"{path}.max_items: must be at least 1, got {listener.max_items}"
+        if listener.preauth_frame_size > listener.max_frame_size:
+            yield f"{path}.preauth_frame_size: must not exceed max_frame_size ({listener.max_frame_size})"
         if listener.protocol in ("memcached", "cql"):
             if listener.namespace is None:
                 yield f"{path}: a {listener.protocol} listener needs `namespace`"

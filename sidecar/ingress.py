@@ -8,12 +8,13 @@ they get back are the same, so they live here once.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import msgspec
 import trio
 
 from sidecar.admin.metrics import WriteCounters
-from sidecar.config import CassandraTarget, Config, Namespace
+from sidecar.config import CassandraTarget, Config, MemcachedTarget, Namespace
 from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import (
     MAX_ID_BYTES,
@@ -29,6 +30,8 @@ from sidecar.envelope import (
 )
 from sidecar.log.journal import Journal, UnknownNamespace
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.protocols.memcache.keys import item_size, key_problem, target_key
+from sidecar.tcp import ConnectionGate
 
 
 class Ack(msgspec.Struct, omit_defaults=True):
@@ -46,12 +49,29 @@ class Ack(msgspec.Struct, omit_defaults=True):
         return self.durable is Durable.TRUE
 
 
-class TooLarge(ValueError):
-    pass
-
-
 class Refused(ValueError):
-    """An entry from another region that this region will not journal (the reason is the message)."""
+    """A write the front door refuses before journaling: it could never land on a target.
+    `part` names what is wrong ("value", "key" or "item") for fronts that report a field."""
+
+    def __init__(self, message: str, part: str = "value") -> None:
+        super().__init__(message)
+        self.part = part
+
+
+class TooLarge(Refused):
+    """The value (or the item it makes) is over a size limit: memcached `object too large`, KV 413."""
+
+
+class BadKey(Refused):
+    """A key (or KV item key) a target cannot store: memcached CLIENT_ERROR, KV 400, CQL Invalid."""
+
+
+# The ops a target applies with the entry's key and item (CQL entries carry their own statements).
+_KEYED_OPS: Final = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})
+# Cassandra's own limits: a partition key (and a clustering key) is at most 65535 bytes; an
+# empty text partition key is refused ("Key may not be empty").
+CASSANDRA_MAX_KEY: Final = 65535
+INT32_MAX: Final = 2**31 - 1  # memcached parses an expiry as a signed 32-bit unix time
 
 
 class Ingress:
@@ -62,6 +82,8 @@ class Ingress:
         # Fed by the drain's applied notices (wired by the sidecar at start).
         self.applied = applied or AppliedTracker()
         self.counters = WriteCounters()
+        # Each memcached/CQL listener's connection cap and counts, by bind (for metrics).
+        self.connection_gates: dict[str, ConnectionGate] = {}
 
     def namespace(self, name: str) -> Namespace:
         ns = self.config.namespaces.get(name)
@@ -112,11 +134,22 @@ class Ingress:
 
     def check_entry(self, entry: Entry, ns: Namespace) -> None:
         """The front door's checks on a built entry, in one place: every front and the cross-region
-        entry point pass through here before anything is journaled. Raises TooLarge (or another
-        ValueError naming the problem) for a write that must not be acked."""
+        entry point pass through here before anything is journaled. Raises Refused (TooLarge,
+        BadKey) for a write that must not be acked: one that no target of the namespace it is
+        addressed to could ever store."""
         value = entry.value
-        if value is not None and len(value) > ns.max_item_size:
-            raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {ns.max_item_size}")
+        limit = ns.item_limit()
+        if value is not None and len(value) > limit:
+            raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {limit}")
+        if entry.op not in _KEYED_OPS:
+            return
+        for target in ns.targets:
+            if entry.targets and target.name not in entry.targets:
+                continue
+            if isinstance(target, MemcachedTarget):
+                _check_memcached(entry, target)
+            elif isinstance(target, CassandraTarget):
+                _check_cassandra(entry, target)
 
     def check_replicated(self, entry: Entry, ns: Namespace) -> None:
         """An entry from another region passes what the front door checks, plus what only such an
@@ -212,6 +245,35 @@ class Ingress:
             if remaining <= 0 or not await self.applied.wait_applied(namespace, target, sequence, remaining):
                 return False
         return True
+
+
+def _check_memcached(entry: Entry, target: MemcachedTarget) -> None:
+    """memcached's key rules and item size, on the key the memcached target will use."""
+    try:
+        raw = target_key(entry.key, entry.item)
+    except ValueError:  # a `b64:` key that is not base64
+        raise BadKey("key starts with `b64:` but the rest is not base64", "key") from None
+    problem = key_problem(raw)
+    if problem is not None:
+        part = "item" if entry.item and key_problem(target_key(entry.key)) is None else "key"
+        raise BadKey(f"memcached key for target {target.name!r} {problem}", part)
+    if entry.expires_at > INT32_MAX:
+        raise Refused(f"expiry {entry.expires_at} is past what memcached can store (2038-01-19)", "expires_at")
+    if entry.value is not None and entry.op is Op.PUT:
+        size = item_size(raw, len(entry.value), entry.flags)
+        if size > target.max_item_size:
+            raise TooLarge(f"item of {size} bytes (value, key and memcached's overhead) is over target "
+                           f"{target.name!r}'s max_item_size of {int(target.max_item_size)}")
+
+
+def _check_cassandra(entry: Entry, target: CassandraTarget) -> None:
+    key = entry.key.encode()
+    if not key:
+        raise BadKey(f"target {target.name!r} (cassandra) cannot store an empty key", "key")
+    if len(key) > CASSANDRA_MAX_KEY:
+        raise BadKey(f"key of {len(key)} bytes is over Cassandra's {CASSANDRA_MAX_KEY}", "key")
+    if len(entry.item.encode()) > CASSANDRA_MAX_KEY:
+        raise BadKey(f"item key is over Cassandra's {CASSANDRA_MAX_KEY} bytes", "item")
 
 
 def _sequences(entries: list[Entry], result: WriteResult) -> list[int]:

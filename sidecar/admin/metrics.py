@@ -64,6 +64,7 @@ class SidecarCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._writes()
         yield from self._journal()
+        yield from self._fronts()
         yield from self._drain()
 
     def _writes(self) -> Iterator[Metric]:
@@ -95,6 +96,32 @@ class SidecarCollector:
                                   "or overloaded", value=stats.shed)
         connected = self.sidecar.state.conn is not None and self.sidecar.state.conn.connected
         yield GaugeMetricFamily("walcar_journal_connected", "1 while connected to NATS", value=int(connected))
+
+    def _fronts(self) -> Iterator[Metric]:
+        ingress = self.sidecar.ingress
+        if ingress is None:
+            return
+        labels = ["protocol", "bind"]
+        active = GaugeMetricFamily("walcar_front_connections", "Connections a listener serves", labels=labels)
+        cap = GaugeMetricFamily("walcar_front_connection_limit", "The listener's connection cap (max_connections, "
+                                "within the descriptor limit)", labels=labels)
+        refused = CounterMetricFamily("walcar_front_connections_refused", "Connections closed at once: the "
+                                      "listener was at its cap", labels=labels)
+        idle = CounterMetricFamily("walcar_front_idle_closed", "Connections closed after idle_timeout", labels=labels)
+        partial = GaugeMetricFamily("walcar_front_partial_bytes", "Bytes of partly received requests held "
+                                    "(memcached: partial_budget)", labels=labels)
+        starved = CounterMetricFamily("walcar_front_partial_refused", "Requests refused for want of room in "
+                                      "partial_budget", labels=labels)
+        for bind, gate in sorted(ingress.connection_gates.items()):
+            key = [gate.protocol, bind]
+            active.add_metric(key, gate.active)
+            cap.add_metric(key, gate.limit)
+            refused.add_metric(key, gate.refused)
+            idle.add_metric(key, gate.idle_closed)
+            if gate.budget is not None:
+                partial.add_metric(key, gate.budget.used)
+                starved.add_metric(key, gate.budget.refused)
+        yield from (active, cap, refused, idle, partial, starved)
 
     def _drain(self) -> Iterator[Metric]:
         labels = ["namespace", "target"]

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "cql": ["--ops", "300", "--rounds", "1", "--clients", "1,2", "--rate", "200", "--latency-seconds", "0.5"],
     "memcached": ["--seconds", "1", "--latency-seconds", "0.5"],
+    "fronts": ["--connections", "4", "--value-mb", "2", "--hold", "1"],
     "drain": ["--entries", "2000", "--keys", "200", "--small", "1000"],
     "drain_memory": ["--backlog-mb", "20", "--down-seconds", "2"],
     "journal": ["--messages", "2000", "--clients", "2", "--rounds", "1", "--http-seconds", "0.5"],

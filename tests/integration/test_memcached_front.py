@@ -176,7 +176,7 @@ def test_pymemcache_default_noreply_writes_are_journaled_before_the_next_answer(
 
 def test_large_binary_values_and_key_lengths(front: Front, services: Services, direct: Client, unique: str) -> None:
     client = front.client()
-    big = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    big = bytes(range(256)) * 4000  # every byte value; fits memcached's 1 MiB item with its overhead
     binary = b"\x00\r\n\xff" * 1000
     key250 = (unique + "k" * 250)[:250]
     assert client.set(f"{unique}-big", big) is True
@@ -378,7 +378,7 @@ def test_a_long_noreply_stream_keeps_flowing(front: Front, services: Services, u
 
 def test_meta_commands_with_opaque_quiet_mode_and_base64_keys(front: Front, services: Services, direct: Client,
                                                               unique: str) -> None:
-    binary_key = b"\xffbin\x00" + unique.encode()
+    binary_key = b"\xffbin\x01" + unique.encode()
     b64 = base64.b64encode(binary_key)
     text_as_b64 = base64.b64encode(f"{unique}-text".encode())
     direct.set(f"{unique}-hit", b"hit!", flags=4)

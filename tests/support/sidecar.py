@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def base_url(config: config_mod.Config, protocol: str = "kv") -> str:
 class SidecarProcess:
     """`walcar run` as a child process: killable, restartable, with its log captured."""
 
-    def __init__(self, document: dict[str, Any], workdir: Path, role: str = "all") -> None:
+    def __init__(self, document: dict[str, Any], workdir: Path, role: str = "all", nofile: int | None = None) -> None:
         self.document = document
+        self.nofile = nofile  # the child's open-file limit (ulimit -n), when a test squeezes it
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "walcar.toml"
@@ -93,6 +95,7 @@ class SidecarProcess:
                 # Not the caller's directory: `-m` puts the working directory first on sys.path, and
                 # from a checkout it would shadow a PYTHONPATH meant to run another version.
                 cwd=self.workdir,
+                preexec_fn=self._limit if self.nofile is not None else None,
             )
         if wait_ready:
             try:
@@ -100,6 +103,22 @@ class SidecarProcess:
             except TimeoutError:
                 raise RuntimeError(f"sidecar did not become ready:\n{self.log()[-4000:]}") from None
         return self
+
+    def _limit(self) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, hard))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mib(self) -> float:
+        """The process's resident memory now, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS line")
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

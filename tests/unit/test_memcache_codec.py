@@ -875,3 +875,29 @@ def test_pipelined_responses_parse_identically_under_any_split(answers: list, da
         expected.raw = wire
     events = parse_responses([kind for kind, _, _ in answers], split(blob, cuts))
     assert events == [expected for _, _, expected in answers]
+
+
+# --------------------------------------------------------------------------- byte budget hooks (issue 18)
+
+
+def test_a_refused_data_block_is_discarded_unbuffered_and_the_connection_goes_on() -> None:
+    parser = RequestParser(max_item_size=10**8)
+    parser.feed(b"set big 0 1 100000 noreply\r\n" + b"x" * 5000)
+    assert parser.next_event() is NEED_DATA
+    assert parser.pending_length == 100_000 and parser.partial_line_length == 0
+    refused = parser.refuse_pending()
+    assert isinstance(refused, ServerError) and refused.noreply and not refused.fatal
+    assert refused.message == "out of memory storing object"
+    parser.feed(b"y" * 95_000)  # the rest of the block: dropped as it comes
+    assert parser.next_event() is NEED_DATA and parser.pending_length == 0
+    parser.feed(b"\r\nget k\r\n")
+    assert parser.next_event() == Retrieve("get", [b"k"])
+    with pytest.raises(RuntimeError):
+        parser.refuse_pending()
+
+
+def test_partial_line_length_counts_a_line_still_arriving() -> None:
+    parser = RequestParser()
+    parser.feed(b"get " + b"k " * 40_000)
+    assert parser.next_event() is NEED_DATA
+    assert parser.partial_line_length == 80_004 and parser.max_partial_line == 1024 * 1024

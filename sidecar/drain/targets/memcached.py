@@ -32,7 +32,7 @@ from pymemcache.exceptions import (
 from sidecar.config import MemcachedTarget as MemcachedSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
-from sidecar.protocols.memcache.keys import memcached_key
+from sidecar.protocols.memcache.keys import target_key
 from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.units import parse_hostport
 
@@ -40,8 +40,7 @@ _APPLIED_OPS = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})
 
 
 def cache_key(entry: Entry) -> bytes:
-    raw = memcached_key(entry.key)
-    return raw + b"/" + entry.item.encode() if entry.item else raw
+    return target_key(entry.key, entry.item)
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     _snappy = None
 
 __all__ = [
+    "CLIENT_FRAME_LENGTH",
     "COMPRESSIONS",
     "FLAG_COMPRESSION",
     "FLAG_CUSTOM_PAYLOAD",
@@ -37,6 +38,7 @@ __all__ = [
     "FLAG_WARNING",
     "HEADER_LENGTH",
     "MAX_FRAME_LENGTH",
+    "PREAUTH_FRAME_LENGTH",
     "REQUEST_V4",
     "RESPONSE_V4",
     "Compression",
@@ -50,11 +52,17 @@ __all__ = [
     "encode_frame",
     "encode_header",
     "get_compression",
+    "snappy_length",
     "unsupported_version_message",
 ]
 
 HEADER_LENGTH: Final = 9
 MAX_FRAME_LENGTH: Final = 256 * 1024 * 1024  # the spec's 256MB body limit
+# What an app connection may send: Cassandra's own default native_transport_max_frame_size,
+# and far less before the connection is ready (authenticated, or READY when there is no auth):
+# a stranger must not make the sidecar hold a large frame.
+CLIENT_FRAME_LENGTH: Final = 16 * 1024 * 1024
+PREAUTH_FRAME_LENGTH: Final = 64 * 1024
 DIRECTION_RESPONSE: Final = 0x80
 VERSION_MASK: Final = 0x7F
 REQUEST_V4: Final = 0x04
@@ -159,7 +167,9 @@ class Compression(Protocol):
 
     def compress(self, data: bytes) -> bytes: ...
 
-    def decompress(self, data: bytes) -> bytes: ...
+    def decompress(self, data: bytes, max_length: int = MAX_FRAME_LENGTH) -> bytes:
+        """Inflate a body; a body that declares more than `max_length` bytes is refused unread."""
+        ...
 
 
 class LZ4Compression:
@@ -167,18 +177,15 @@ class LZ4Compression:
 
     name = "lz4"
 
-    def __init__(self, max_length: int = MAX_FRAME_LENGTH) -> None:
-        self.max_length = max_length
-
     def compress(self, data: bytes) -> bytes:
         return _LENGTH.pack(len(data)) + lz4.block.compress(data, store_size=False)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int = MAX_FRAME_LENGTH) -> bytes:
         if len(data) < 4:
             raise CqlProtocolError("lz4 body shorter than its length prefix")
         (size,) = _LENGTH.unpack_from(data)
-        if size > self.max_length:
-            raise CqlProtocolError(f"lz4 body claims {size} uncompressed bytes, over the frame limit")
+        if size > max_length:
+            raise CqlProtocolError(f"lz4 body claims {size} uncompressed bytes, over the frame limit of {max_length}")
         try:
             out = lz4.block.decompress(memoryview(data)[4:], uncompressed_size=size)
         except Exception as exc:  # LZ4BlockError and friends: the block is garbage
@@ -196,11 +203,26 @@ class SnappyCompression:
     def compress(self, data: bytes) -> bytes:
         return bytes(_snappy.compress(data))
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int = MAX_FRAME_LENGTH) -> bytes:
+        size = snappy_length(data)
+        if size > max_length:
+            raise CqlProtocolError(f"snappy body claims {size} uncompressed bytes, over the limit of {max_length}")
         try:
             return bytes(_snappy.decompress(data))
         except Exception as exc:  # snappy raises its own error types
             raise CqlProtocolError(f"corrupt snappy body: {exc}") from None
+
+
+def snappy_length(data: bytes) -> int:
+    """The uncompressed length a snappy block declares (its varint preamble), read before inflating."""
+    size = shift = 0
+    for index in range(min(len(data), 5)):  # a 32-bit length takes at most 5 varint bytes
+        byte = data[index]
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return size
+        shift += 7
+    raise CqlProtocolError("snappy body without a valid length preamble")
 
 
 COMPRESSIONS: Final[dict[str, Compression]] = {"lz4": LZ4Compression()}
@@ -238,6 +260,13 @@ def encode_frame(frame: Frame, compression: Compression | None = None) -> bytes:
 class FrameDecoder:
     """Incremental frame splitter: ``for event in decoder.feed(data): ...``.
 
+    ``max_frame_length`` bounds every frame body, compressed or inflated; with
+    ``preauth_frame_length`` the bound is that smaller one until :meth:`authenticated`
+    (the connection is ready). A body's length is checked from its header, before any
+    of it is buffered; an inflated length from the compressed body's preamble, before
+    inflating. :attr:`pending_length` is the length of a frame still arriving, for a
+    server that budgets what it buffers.
+
     Yields :class:`Frame` for every complete frame and, at most once,
     :class:`UnsupportedVersion` (after which it ignores all further input: the
     connection is to be answered and closed).  A partial frame simply stays
@@ -253,16 +282,25 @@ class FrameDecoder:
         max_frame_length: int = MAX_FRAME_LENGTH,
         supported_versions: Iterable[int] = (4,),
         compression: Compression | None = None,
+        preauth_frame_length: int | None = None,
     ) -> None:
         self.supported_versions = frozenset(supported_versions)
         if not self.supported_versions or min(self.supported_versions) < 3:
             raise ValueError("supported_versions must be protocol versions >= 3")
-        self.max_frame_length = max_frame_length
+        self._full_length = max_frame_length
+        self.preauth = preauth_frame_length is not None
+        self.max_frame_length = min(max_frame_length, preauth_frame_length or max_frame_length)
+        self.pending_length = 0  # body length of a frame whose header came and body has not
         self.compression = compression
         self._buf = bytearray()
         self._pos = 0
         self._failure: CqlProtocolError | None = None
         self._stopped = False
+
+    def authenticated(self) -> None:
+        """The connection is ready: frames up to the full limit from now on."""
+        self.preauth = False
+        self.max_frame_length = self._full_length
 
     @property
     def buffered(self) -> int:
@@ -300,17 +338,22 @@ class FrameDecoder:
         if (version & VERSION_MASK) not in self.supported_versions:
             return self._unsupported(buf, pos, avail)
         if length < 0 or length > self.max_frame_length:
-            self._failure = CqlProtocolError(
-                f"invalid frame body length {length} (limit {self.max_frame_length})",
-                stream=stream,
-                fatal=True,
-            )
+            if length < 0:
+                message = f"invalid frame body length {length}"
+            elif self.preauth:
+                message = (f"Request is too big: length {length} exceeds maximum allowed length "
+                           f"{self.max_frame_length} before the connection is authenticated")
+            else:  # Cassandra's wording
+                message = f"Request is too big: length {length} exceeds maximum allowed length {self.max_frame_length}"
+            self._failure = CqlProtocolError(message, stream=stream, fatal=True)
             raise self._failure
         start = pos + HEADER_LENGTH
         end = start + length
         if end > len(buf):
+            self.pending_length = length
             self._compact()
             return None
+        self.pending_length = 0
         with memoryview(buf) as view:
             body = bytes(view[start:end])
         self._pos = end
@@ -318,7 +361,7 @@ class FrameDecoder:
             if self.compression is None:
                 raise CqlProtocolError("compressed frame but no compression was negotiated", stream=stream)
             try:
-                body = self.compression.decompress(body)
+                body = self.compression.decompress(body, self.max_frame_length)
             except CqlProtocolError as exc:
                 exc.stream = stream
                 raise

@@ -29,7 +29,7 @@ import trio
 
 from sidecar.config import CassandraTarget, Config, Listener
 from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError, new_id, now_us
-from sidecar.ingress import Ack, Ingress
+from sidecar.ingress import Ack, Ingress, Refused
 from sidecar.logs import get_logger
 from sidecar.units import parse_hostport
 
@@ -249,7 +249,7 @@ class CqlProxy:
         client.decoder.compression = compression
         # The STARTUP answer goes out uncompressed; everything after it is compressed.
         if authenticator is None:
-            client.state = READY_STATE
+            client.ready()
             client.pool = self.upstream.pool(None, None)
             client.respond(stream, Ready(), compress=False)
         else:
@@ -271,7 +271,7 @@ class CqlProxy:
                                          f"Unable to perform authentication: walcar: {exc}"))
             return
         client.token = token
-        client.state = READY_STATE
+        client.ready()
         client.pool = self.upstream.pool(token, None)
         client.respond(stream, AuthSuccess(None))
 
@@ -623,7 +623,7 @@ class CqlProxy:
         """Journal one entry per partition (all or none) and answer Void with the flags, or an error."""
         try:
             entries = self._entries(groups, batch_type, consistency, serial_consistency, timestamp)
-        except WriteTimeError as exc:
+        except (WriteTimeError, Refused) as exc:  # Cassandra's answer to a write it cannot take
             client.respond(stream, Error.invalid(f"walcar: {exc}"))
             return
         if len(entries) == 1:

@@ -18,11 +18,11 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.ingress import Ingress
 from sidecar.logs import get_logger
-from sidecar.tcp import accept_forever
+from sidecar.tcp import ByteBudget, ConnectionGate, IdleWatch, accept_forever, cap_connections
 from sidecar.units import parse_hostport
 
 from .frames import Frame, UnsupportedVersion
-from .messages import Error
+from .messages import Error, ErrorCode
 from .proxy import CqlProxy
 from .session import Client
 from .types import CqlProtocolError
@@ -37,14 +37,32 @@ RECEIVE_SIZE: Final = 65536
 # the driver and walcar take turns idling; slices keep both busy (~+20% inserts/s).
 DISPATCH_SLICE: Final = 8
 HIGH_WATER: Final = 4 * 1024 * 1024  # unsent reply bytes before the reader pauses
+# A frame at least this long is received only with room in the listener's partial_budget.
+LARGE_FRAME: Final = 64 * 1024
+
+
+class _Limits:
+    """What one listener bounds for all its connections."""
+
+    def __init__(self, listener: Listener, config: Config, ingress: Ingress) -> None:
+        self.max_frame = int(listener.max_frame_size)
+        self.preauth_frame = int(listener.preauth_frame_size)
+        self.budget = ByteBudget(int(listener.partial_budget))
+        self.partial_wait = float(listener.partial_wait)
+        self.idle_timeout = float(listener.idle_timeout)
+        self.gate = ConnectionGate("cql", listener.bind, cap_connections(listener, config), budget=self.budget)
+        ingress.connection_gates[listener.bind] = self.gate
 
 
 class _Connection:
     """The socket side of one app connection."""
 
-    def __init__(self, stream: trio.SocketStream, proxy: CqlProxy) -> None:
+    def __init__(self, stream: trio.SocketStream, proxy: CqlProxy, limits: _Limits) -> None:
         self.stream = stream
         self.proxy = proxy
+        self.limits = limits
+        self.reserved = 0  # bytes of the listener's partial budget held for the frame arriving
+        self.idle = IdleWatch(limits.idle_timeout, self._idle)
         self.out = bytearray()
         self._wake = trio.Event()
         self._written = trio.Event()
@@ -68,10 +86,13 @@ class _Connection:
         proxy = self.proxy
         try:
             async with trio.open_nursery() as nursery:
-                client = Client(self.send, nursery, proxy.local_node(*self.local), self.peer)
+                client = Client(self.send, nursery, proxy.local_node(*self.local), self.peer,
+                                self.limits.max_frame, self.limits.preauth_frame)
                 proxy.clients.add(client)
                 try:
                     nursery.start_soon(self._write_loop)
+                    if self.idle.timeout > 0:
+                        nursery.start_soon(self.idle.run)
                     with self.read_scope:
                         await self._read_loop(client)
                     # Answer what was already asked, then flush and close.
@@ -86,8 +107,27 @@ class _Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the app went away; its pending answers have nowhere to go
         finally:
+            self.limits.budget.release(self.reserved)
+            self.reserved = 0
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+    def _idle(self) -> None:
+        self.limits.gate.idle_closed += 1
+        log.info("connection_idle_closed", peer=self.peer, idle_timeout=self.limits.idle_timeout)
+        self.read_scope.cancel()
+
+    async def _reserve(self, client: Client) -> bool:
+        """Room in the listener's budget for the frame arriving, before reading it; False (the app
+        told Overloaded, the connection to close) when none came within partial_wait."""
+        limits = self.limits
+        self.reserved = await limits.budget.acquire(client.decoder.pending_length, limits.partial_wait)
+        if self.reserved:
+            return True
+        log.warning("partial_budget_exhausted", peer=self.peer, length=client.decoder.pending_length,
+                    budget=limits.budget.limit, refused=limits.budget.refused)
+        client.respond(0, Error(ErrorCode.OVERLOADED, "walcar: too many large requests arriving at once"))
+        return False
 
     async def _flush(self) -> None:
         while self.out:
@@ -106,6 +146,7 @@ class _Connection:
                 return
             if not data:
                 return
+            self.idle.touch()
             decoder.feed(data)
             dispatched = 0
             while True:
@@ -116,7 +157,12 @@ class _Connection:
                     if exc.fatal:
                         return
                     continue
+                if self.reserved and not decoder.pending_length:  # its frame is complete
+                    self.limits.budget.release(self.reserved)
+                    self.reserved = 0
                 if event is None:
+                    if decoder.pending_length >= LARGE_FRAME and not self.reserved and not await self._reserve(client):
+                        return
                     break
                 if isinstance(event, UnsupportedVersion):
                     self.send(event.reply())  # the driver retries with v4 on a new connection
@@ -149,15 +195,15 @@ class _Connection:
 
 async def _accept_loop(
     listener: trio.SocketListener, nursery: trio.Nursery, proxy: CqlProxy, connections: set[_Connection],
-    deadline: float,
+    deadline: float, limits: _Limits,
 ) -> None:
     async def handle(stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, proxy)
+        conn = _Connection(stream, proxy, limits)
         connections.add(conn)
         await _serve_connection(conn, connections, deadline)
 
     async with listener:
-        await accept_forever(listener, handle, nursery, "cql")
+        await accept_forever(listener, handle, nursery, "cql", limits.gate)
 
 
 async def _serve_connection(conn: _Connection, connections: set[_Connection], deadline: float) -> None:
@@ -178,6 +224,7 @@ async def serve_cql(
     """Serve one CQL listener until ``stop`` is set, then drain its connections and return."""
     host, port = parse_hostport(listener.bind)
     proxy = CqlProxy(listener, ingress, config)
+    limits = _Limits(listener, config, ingress)
     deadline = float(config.sidecar.shutdown_deadline)
     sockets = await trio.open_tcp_listeners(port, host=host)
     connections: set[_Connection] = set()
@@ -190,7 +237,7 @@ async def serve_cql(
                 with accept_scope:
                     async with trio.open_nursery() as acceptors:
                         for sock in sockets:
-                            acceptors.start_soon(_accept_loop, sock, conns, proxy, connections, deadline)
+                            acceptors.start_soon(_accept_loop, sock, conns, proxy, connections, deadline, limits)
 
             conns.start_soon(accept_all)
             log.info("cql_listening", bind=listener.bind, namespace=listener.namespace,

@@ -16,7 +16,15 @@ import trio
 
 from sidecar.logs import get_logger
 
-from .frames import FLAG_COMPRESSION, RESPONSE_V4, Compression, Frame, FrameDecoder
+from .frames import (
+    CLIENT_FRAME_LENGTH,
+    FLAG_COMPRESSION,
+    PREAUTH_FRAME_LENGTH,
+    RESPONSE_V4,
+    Compression,
+    Frame,
+    FrameDecoder,
+)
 from .messages import Error, ErrorCode, ResponseMessage, UnavailableInfo, encode_response
 from .mutations import MutationError
 from .system_tables import LocalNode
@@ -45,13 +53,14 @@ class Client:
     """One app connection's protocol state, with hooks into the server's I/O for it."""
 
     def __init__(
-        self, send: Callable[[bytes], None], nursery: trio.Nursery, node: LocalNode, peer: str = ""
+        self, send: Callable[[bytes], None], nursery: trio.Nursery, node: LocalNode, peer: str = "",
+        max_frame: int = CLIENT_FRAME_LENGTH, preauth_frame: int = PREAUTH_FRAME_LENGTH,
     ) -> None:
         self._send = send
         self.nursery = nursery
         self.node = node
         self.peer = peer
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(max_frame_length=max_frame, preauth_frame_length=preauth_frame)
         self.compression: Compression | None = None
         self.state = STARTUP_STATE
         self.keyspace: str | None = None
@@ -60,6 +69,11 @@ class Client:
         self.registered = False
         self.inflight = 0
         self.closed = False
+
+    def ready(self) -> None:
+        """The handshake is done (authenticated, or READY without auth): full-size frames from now on."""
+        self.state = READY_STATE
+        self.decoder.authenticated()
 
     # --- output ----------------------------------------------------------------
 

@@ -28,9 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import msgspec
+import trio
 
 from sidecar.drain.targets.base import ApplyError
-from sidecar.envelope import Entry, Op, WriteTimeError, new_id, partition_of, valid_id
+from sidecar.envelope import Entry, Op, WriteTimeError, new_id, now_us, partition_of, valid_id
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
 from sidecar.ingress import Ack, Ingress, Refused, TooLarge
 from sidecar.log.journal import UnknownNamespace
@@ -49,10 +50,14 @@ MSGPACK = b"application/msgpack"
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 _FIELD_RE = re.compile(r" - at `\$(.*)`$")
 _UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
-MAX_MUTATIONS = 10_000
 MAX_TOKEN_BYTES = 128  # an idempotency token; entry ids add ":<index>" to it
 MAX_CONTENT_TYPE = 255
 _CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0," + str(MAX_CONTENT_TYPE) + "}")  # printable: no CR, LF, control
+MAX_BODY = 64 * 1024 * 1024  # the listener's `max_body` default
+MAX_ITEMS = 10_000  # the listener's `max_items` default: entries one request may make
+# A request builds its entries in slices of this many, with a checkpoint between them, so a
+# large legal request never holds the event loop for more than a few milliseconds at a time.
+_SLICE = 64
 
 
 class HttpError(Exception):
@@ -81,11 +86,12 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
 
 
 class KvApp:
-    def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = 64 * 1024 * 1024,
-                 region_token: str | None = None, token: str | None = None) -> None:
+    def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = MAX_BODY,
+                 region_token: str | None = None, token: str | None = None, max_items: int = MAX_ITEMS) -> None:
         self.ingress = ingress
         self.readers = readers or Readers(ingress.config)
         self.max_body = max_body
+        self.max_items = max_items
         self.region_token = region_token
         self.token = token
         self._openapi = msgspec.json.encode(openapi_document())
@@ -275,13 +281,18 @@ class KvApp:
         if method not in allowed:
             raise HttpError(405, f"method {method} not allowed here (use {', '.join(allowed)})")
 
-    def _entry(self, namespace: str, op: Op, key: str, where: str = "", **kwargs: Any) -> Entry:
+    def _entry(self, namespace: str, op: Op, key: str, where: str = "", key_field: str = "key",
+               item_field: str = "item", expires_field: str = "", **kwargs: Any) -> Entry:
+        """`where` names the value's field, `key_field` and `item_field` the key's and the item key's."""
         try:
             return self.ingress.entry(namespace, op, key, **kwargs)
         except UnknownNamespace:
             raise HttpError(404, f"unknown namespace {namespace!r}") from None
         except TooLarge as exc:
             raise HttpError(413, str(exc), where) from None
+        except Refused as exc:  # a key (or expiry) no target of the namespace can store
+            fields = {"key": key_field, "item": item_field, "expires_at": expires_field}
+            raise HttpError(400, str(exc), fields.get(exc.part, where)) from None
         except WriteTimeError as exc:
             raise HttpError(400, str(exc), "lifecycle.write_time") from None
 
@@ -296,13 +307,22 @@ class KvApp:
         )
         return (200 if ack.ok else 409 if ack.conflict else 503), response
 
-    @staticmethod
-    def _lifecycle(lifecycle: models.Lifecycle | None) -> dict[str, Any]:
+    def _lifecycle(self, namespace: str, lifecycle: models.Lifecycle | None) -> dict[str, Any]:
         if lifecycle is None:
             return {}
-        if lifecycle.delay_ms < 0:
-            raise HttpError(400, "delay_ms must not be negative", "lifecycle.delay_ms")
+        # The stream keeps entries for replay_window: a delivery later than that would find its
+        # entry gone, so it is refused rather than acked and silently dropped.
+        window_ms = int(self._namespace(namespace).replay_window * 1000)
+        if lifecycle.delay_ms > window_ms:
+            raise HttpError(400, f"delay_ms of {lifecycle.delay_ms} is beyond the namespace's replay_window "
+                                 f"({window_ms} ms): the entry would expire before its delivery",
+                            "lifecycle.delay_ms")
         return {"delay_ms": lifecycle.delay_ms, "write_time": lifecycle.write_time}
+
+    def _count(self, count: int, field: str) -> None:
+        if count > self.max_items:
+            raise HttpError(413, f"{count} entries in one request, over the listener's max_items of "
+                                 f"{self.max_items}", field)
 
     async def _write_to_log(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request: models.WriteToLog = self._decode(body, models.WriteToLog, msgpack)
@@ -322,7 +342,7 @@ class KvApp:
             entry_id=self._token(request.idempotency_token),
             targets=targets,
             content_type=request.content_type,
-            **self._lifecycle(request.lifecycle),
+            **self._lifecycle(namespace, request.lifecycle),
         )
         return self._answer(await self.ingress.write(entry))
 
@@ -332,31 +352,39 @@ class KvApp:
         except UnknownNamespace:
             raise HttpError(404, f"unknown namespace {namespace!r}") from None
 
-    def _put_entries(
+    async def _put_entries(
         self, namespace: str, record: str, items: list[models.Item], lifecycle: dict[str, Any], where: str
     ) -> list[Entry]:
         if not items:
             raise HttpError(400, "a put needs at least one item", f"{where}items")
         entries = []
         for index, item in enumerate(items):
+            if index and not index % _SLICE:
+                await trio.sleep(0)
             path = f"{where}items[{index}]"
             value = _value_of(item.value, item.text, path)
-            if item.ttl_s < 0:
-                raise HttpError(400, "ttl_s must not be negative", f"{path}.ttl_s")
-            entry = self._entry(namespace, Op.PUT, record, path, item=item.key, value=value, **lifecycle)
-            if item.ttl_s:
-                entry.expires_at = entry.write_time // 1_000_000 + item.ttl_s
-            entries.append(entry)
+            # The expiry counts from the write time (the client's, or now): passed in, so the
+            # front door's checks see it.
+            expires_at = (lifecycle.get("write_time") or now_us()) // 1_000_000 + item.ttl_s if item.ttl_s else 0
+            entries.append(self._entry(namespace, Op.PUT, record, path, key_field=f"{where}id",
+                                       item_field=f"{path}.key", expires_field=f"{path}.ttl_s",
+                                       item=item.key, value=value, expires_at=expires_at, **lifecycle))
         return entries
 
-    def _delete_entries(
+    async def _delete_entries(
         self, namespace: str, record: str, item_keys: list[str] | None, lifecycle: dict[str, Any], where: str
     ) -> list[Entry]:
         if item_keys is None:
-            return [self._entry(namespace, Op.DELETE, record, **lifecycle)]
+            return [self._entry(namespace, Op.DELETE, record, key_field=f"{where}id", **lifecycle)]
         if not item_keys:
             raise HttpError(400, "item_keys is empty: omit it to delete the whole record", f"{where}item_keys")
-        return [self._entry(namespace, Op.DELETE, record, item=key, **lifecycle) for key in item_keys]
+        entries = []
+        for index, key in enumerate(item_keys):
+            if index and not index % _SLICE:
+                await trio.sleep(0)
+            entries.append(self._entry(namespace, Op.DELETE, record, key_field=f"{where}id",
+                                       item_field=f"{where}item_keys[{index}]", item=key, **lifecycle))
+        return entries
 
     async def _journal(self, entries: list[Entry], token: str | None) -> tuple[int, object]:
         """Ids derive from the idempotency token, so a retried request maps to the same entries."""
@@ -368,13 +396,17 @@ class KvApp:
     async def _put(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request: models.PutItems = self._decode(body, models.PutItems, msgpack)
         self._namespace(namespace)
-        entries = self._put_entries(namespace, record, request.items, self._lifecycle(request.lifecycle), "")
+        self._count(len(request.items), "items")
+        entries = await self._put_entries(namespace, record, request.items,
+                                          self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
     async def _delete(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request = self._decode(body, models.DeleteItems, msgpack) if body.strip() else models.DeleteItems()
         self._namespace(namespace)
-        entries = self._delete_entries(namespace, record, request.item_keys, self._lifecycle(request.lifecycle), "")
+        self._count(len(request.item_keys or ()), "item_keys")
+        entries = await self._delete_entries(namespace, record, request.item_keys,
+                                             self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
     async def _mutate(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
@@ -382,20 +414,18 @@ class KvApp:
         self._namespace(namespace)
         if not request.mutations:
             raise HttpError(400, "mutations is empty", "mutations")
-        if len(request.mutations) > MAX_MUTATIONS:
-            raise HttpError(413, f"at most {MAX_MUTATIONS} mutations per request", "mutations")
-        lifecycle = self._lifecycle(request.lifecycle)
+        # Every entry counts against max_items (a mutation makes one per item, or one for the record).
+        self._count(sum(max(1, len(m.items or m.item_keys or ())) for m in request.mutations), "mutations")
+        lifecycle = self._lifecycle(namespace, request.lifecycle)
         entries: list[Entry] = []
         for index, mutation in enumerate(request.mutations):
             where = f"mutations[{index}]."
             if mutation.op == "put":
                 if mutation.item_keys is not None:
                     raise HttpError(400, "a put takes `items`, not `item_keys`", f"{where}item_keys")
-                entries += self._put_entries(namespace, mutation.id, mutation.items or [], lifecycle, where)
+                entries += await self._put_entries(namespace, mutation.id, mutation.items or [], lifecycle, where)
             else:
                 if mutation.items is not None:
                     raise HttpError(400, "a delete takes `item_keys`, not `items`", f"{where}items")
-                entries += self._delete_entries(namespace, mutation.id, mutation.item_keys, lifecycle, where)
-        if len(entries) > MAX_MUTATIONS:
-            raise HttpError(413, f"at most {MAX_MUTATIONS} items per mutation", "mutations")
+                entries += await self._delete_entries(namespace, mutation.id, mutation.item_keys, lifecycle, where)
         return await self._journal(entries, request.idempotency_token)

@@ -7,7 +7,7 @@ APIs. Binary fields (`payload`, `value`) are base64 in JSON and raw bytes in msg
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -19,8 +19,15 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw
     pass
 
 
+# Bounds the decoder enforces (400 naming the field): beyond them a value could only overflow.
+# A delay is also refused beyond the namespace's replay_window (the API checks that).
+MAX_DELAY_MS: Final = 100 * 365 * 24 * 3600 * 1000
+MAX_TTL_S: Final = 20 * 365 * 24 * 3600  # Cassandra's own largest TTL (20 years)
+
+
 class Lifecycle(_Strict):
-    delay_ms: int = 0  # deliver no earlier than this many ms from now
+    # deliver no earlier than this many ms from now
+    delay_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)] = 0
     write_time: int | None = None  # µs since the epoch; default: the sidecar's clock
 
 
@@ -38,7 +45,7 @@ class Item(_Strict):
     key: str
     value: bytes | None = None
     text: str | None = None
-    ttl_s: int = 0  # seconds; 0: no expiry
+    ttl_s: Annotated[int, msgspec.Meta(ge=0, le=MAX_TTL_S)] = 0  # seconds; 0: no expiry
 
 
 class PutItems(_Strict):

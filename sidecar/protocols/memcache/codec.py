@@ -62,6 +62,7 @@ __all__ = [
     "NOT_FOUND",
     "NOT_STORED",
     "OK",
+    "OUT_OF_MEMORY",
     "STORED",
     "TOUCHED",
     "Event",
@@ -92,6 +93,7 @@ BAD_FORMAT: Final = "bad command line format"
 CLIENT_ERROR_BAD_FORMAT: Final = b"CLIENT_ERROR bad command line format\r\n"
 _DELETE_USAGE: Final = "bad command line format.  Usage: delete <key> [noreply]"
 _TOO_LARGE: Final = "object too large for cache"
+OUT_OF_MEMORY: Final = "out of memory storing object"
 _BAD_CHUNK: Final = "bad data chunk"
 
 # Meta limits from proto_text.c: at most 19 tokens (MFLAG_MAX_OPT_LENGTH counts the
@@ -273,6 +275,38 @@ class RequestParser:
     def idle(self) -> bool:
         """Between commands: not inside a data block, nothing buffered."""
         return self._pending is None and not self._swallow and self._pos == len(self._buf)
+
+    @property
+    def pending_length(self) -> int:
+        """The length of the data block being received (0 when none is): what the connection is
+        about to buffer, for the server to budget before it reads on."""
+        return self._need if self._pending is not None else 0
+
+    @property
+    def partial_line_length(self) -> int:
+        """Bytes of a command line received without its end yet (0 inside a data block)."""
+        return 0 if self._pending is not None or self._swallow else len(self._buf) - self._pos
+
+    @property
+    def max_partial_line(self) -> int:
+        """The longest a line may grow before it is refused (multi-key gets may be long)."""
+        return self._max_multiget_line_length
+
+    def refuse_pending(self, message: str = OUT_OF_MEMORY) -> ProtocolError:
+        """Give up the data block being received: discard what came and what is still to come,
+        and answer SERVER_ERROR (memcached's `out of memory storing object` when it cannot
+        allocate the item). The connection goes on with the next command."""
+        event = self._pending
+        if event is None:
+            raise RuntimeError("no data block is being received")
+        total = self._need + 2
+        take = min(len(self._buf) - self._pos, total)
+        self._pos += take
+        self._scan = self._pos
+        self._swallow = total - take
+        self._pending = None
+        self._need_data()
+        return ServerError(message, noreply=event.noreply if type(event) is Store else False)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes (any split is fine)."""

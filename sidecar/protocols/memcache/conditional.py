@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from sidecar.envelope import Entry, Op
-from sidecar.ingress import Ingress, TooLarge
+from sidecar.ingress import Ingress, Refused
 from sidecar.logs import get_logger
 
 from .backend import Backend
@@ -145,7 +145,7 @@ class ConditionalOps:
                     self.namespace, Op.PUT, key, value=state.value, flags=state.client_flags or 0,
                     expires_at=ttl_to_expiry(state.ttl if state.ttl is not None else -1), entry_id=new_entry_id(),
                 )
-            except TooLarge as exc:
+            except Refused as exc:
                 return str(exc)
         elif type(state) is MetaResponse and state.code == b"EN":
             entry = self.ingress.entry(self.namespace, Op.DELETE, key, entry_id=new_entry_id())

@@ -26,7 +26,7 @@ import trio
 
 from sidecar.config import MemcachedTarget, Namespace
 from sidecar.envelope import Entry, Op
-from sidecar.ingress import Ingress, TooLarge
+from sidecar.ingress import BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
 
 from .backend import Backend, BackendError
@@ -34,6 +34,7 @@ from .client_codec import ResponseKind, encode_command, strip_quiet
 from .codec import (
     MN,
     OK,
+    encode_client_error,
     encode_meta_response,
     encode_values,
     quiet_suppresses,
@@ -216,6 +217,8 @@ class Handlers:
                                        expires_at=expires_at, entry_id=new_entry_id())
         except TooLarge:
             return b"" if noreply else server_error("object too large for cache")
+        except BadKey:  # a binary (meta `b`) key memcached's text protocol cannot carry
+            return b"" if noreply else encode_client_error("bad command line format")
         hold = value is not None and len(value) > self._chunk_threshold
         return JournalJob(entry, answer, noreply, hold)
 

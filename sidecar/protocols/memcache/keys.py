@@ -25,14 +25,28 @@ THIRTY_DAYS: Final = 30 * 24 * 3600
 EXPIRED: Final = -1  # an expiry already in the past: the item is gone at once
 
 _unsafe: Final = re.compile(r"[\x00-\x20\x7f]").search
+# What memcached's text protocol (and pymemcache, which the drain uses) cannot carry in a key:
+# ASCII whitespace splits the command line, NUL ends it. memcached takes other control
+# characters (memaslap sends them), so they are not refused.
+_splits_key: Final = re.compile(rb"[\x00\t\n\x0b\x0c\r ]").search
+MAX_KEY_LENGTH: Final = 250
+# memcached 1.6 refuses an item whose header + key + value is over its item size (-I): the
+# item struct (48 bytes), the CAS (8), the key's NUL (1), the value's CRLF (2), and 4 bytes
+# of client flags when they are not 0 (measured against memcached 1.6: exact to the byte).
+ITEM_OVERHEAD: Final = 48 + 8 + 1 + 2
+FLAGS_OVERHEAD: Final = 4
 
 __all__ = [
     "BINARY_KEY_PREFIX",
     "EXPIRED",
+    "MAX_KEY_LENGTH",
     "absolute_expiry",
     "entry_key",
+    "item_size",
+    "key_problem",
     "memcached_key",
     "new_entry_id",
+    "target_key",
     "ttl_to_expiry",
 ]
 
@@ -53,6 +67,29 @@ def memcached_key(key: str) -> bytes:
     if key.startswith(BINARY_KEY_PREFIX):
         return base64.b64decode(key[len(BINARY_KEY_PREFIX):])
     return key.encode("utf-8")
+
+
+def target_key(key: str, item: str = "") -> bytes:
+    """The key a memcached target stores an entry under: the raw key, or `<key>/<item>` for a
+    KV item. Raises ValueError for a `b64:` key that is not base64."""
+    raw = memcached_key(key)
+    return raw + b"/" + item.encode() if item else raw
+
+
+def key_problem(raw: bytes) -> str | None:
+    """Why memcached could never store `raw` as a key, or None when it can."""
+    if not raw:
+        return "is empty"
+    if len(raw) > MAX_KEY_LENGTH:
+        return f"is {len(raw)} bytes, over memcached's {MAX_KEY_LENGTH}"
+    if _splits_key(raw) is not None:
+        return "contains a space, a line break or another character that splits memcached's command line"
+    return None
+
+
+def item_size(raw_key: bytes, value_length: int, flags: int = 0) -> int:
+    """The bytes memcached counts against its item size (-I) for this key and value."""
+    return ITEM_OVERHEAD + len(raw_key) + value_length + (FLAGS_OVERHEAD if flags else 0)
 
 
 def absolute_expiry(exptime: int, now: float | None = None) -> int:

@@ -26,12 +26,12 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.ingress import Ingress
 from sidecar.logs import get_logger
-from sidecar.tcp import accept_forever
+from sidecar.tcp import ByteBudget, ConnectionGate, IdleWatch, accept_forever, cap_connections
 from sidecar.units import parse_hostport
 
 from .backend import Backend
-from .codec import RequestParser
-from .commands import NEED_DATA, Command, ProtocolError
+from .codec import OUT_OF_MEMORY, RequestParser
+from .commands import NEED_DATA, Command, ProtocolError, ServerError
 from .handlers import Handlers, JournalJob, Kind, memcached_target
 from .stats import FrontStats
 
@@ -43,6 +43,10 @@ _RECEIVE: Final = 256 * 1024
 MAX_PENDING: Final = 4096  # answers a connection may owe before it stops reading
 MAX_OUT_BYTES: Final = 8 * 1024 * 1024  # unsent answer bytes before it stops reading
 LINGER: Final = 1.0  # seconds to wait for the client to close after we half-closed
+# A data block at least this long is received only with room in the listener's partial_budget;
+# smaller ones arrive within a read or two, and the connection cap bounds them.
+LARGE_VALUE: Final = 64 * 1024
+TOO_MANY: Final = b"ERROR Too many open connections\r\n"  # memcached's words at its -c limit
 
 
 class _Slot:
@@ -136,7 +140,18 @@ class Connection:
         self.last_gate: trio.Event | None = None  # set once the latest journal write is queued
         self.stopping = False
         self.client_gone = False  # the client closed its side (or the connection broke)
+        self.reserved = 0  # bytes of the listener's partial budget this connection holds
+        self.idle = IdleWatch(server.idle_timeout, self._idle)
         self._nursery: trio.Nursery | None = None
+
+    async def _watch_idle(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.idle.run()
+
+    def _idle(self) -> None:
+        self.server.gate.idle_closed += 1
+        log.info("connection_idle_closed", idle_timeout=self.server.idle_timeout)
+        self.stop()
 
     def stop(self) -> None:
         """Read no more commands; answer those already read, then close.
@@ -154,11 +169,17 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                idle_scope = trio.CancelScope()
+                if self.idle.timeout > 0:
+                    nursery.start_soon(self._watch_idle, idle_scope)
                 await self._read_loop()
+                idle_scope.cancel()
                 self.responses.close()
             if self.responses.closing and not self.client_gone and not self.stopping:
                 await self._linger()
         finally:
+            self.server.budget.release(self.reserved)
+            self.reserved = 0
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
@@ -187,15 +208,41 @@ class Connection:
             if not data:
                 self.client_gone = not self.stopping
                 return
+            self.idle.touch()
             parser.feed(data)
             while True:
                 event = parser.next_event()
                 if event is NEED_DATA:
-                    break
+                    if not self.reserved and (parser.pending_length >= LARGE_VALUE
+                                              or parser.partial_line_length >= LARGE_VALUE):
+                        event = await self._reserve()
+                        if event is None:
+                            break
+                    else:
+                        break
+                elif self.reserved:  # the value it was held for is complete (or refused)
+                    self.server.budget.release(self.reserved)
+                    self.reserved = 0
                 if not await self._dispatch(event):  # type: ignore[arg-type]
                     return
                 if responses.full:
                     await self._wait_for_space()
+
+    async def _reserve(self) -> ProtocolError | None:
+        """Room in the listener's budget for the data block being received (or a long multi-key get
+        line, up to its limit), before reading on; None once reserved, else the refusal: the data
+        block is discarded (the connection goes on), a line closes the connection."""
+        server = self.server
+        parser = self.parser
+        length = parser.pending_length or parser.max_partial_line
+        self.reserved = await server.budget.acquire(length, server.partial_wait)
+        if self.reserved:
+            return None
+        log.warning("partial_budget_exhausted", length=length, budget=server.budget.limit,
+                    refused=server.budget.refused)
+        if parser.pending_length:
+            return parser.refuse_pending()
+        return ServerError(OUT_OF_MEMORY, fatal=True)
 
     async def _wait_for_space(self) -> None:
         responses = self.responses
@@ -340,13 +387,18 @@ class Connection:
 class MemcacheServer:
     """One memcached listener: its connections, their handlers, and graceful stop."""
 
-    def __init__(self, handlers: Handlers, max_item_size: int) -> None:
+    def __init__(self, handlers: Handlers, max_item_size: int, budget: ByteBudget | None = None,
+                 partial_wait: float = 2.0, idle_timeout: float = 0.0, gate: ConnectionGate | None = None) -> None:
         self.handlers = handlers
         self.max_item_size = max_item_size
+        self.budget = budget or ByteBudget(32 * 1024 * 1024)
+        self.partial_wait = partial_wait
+        self.idle_timeout = idle_timeout
+        self.gate = gate or ConnectionGate("memcached", "", 1 << 30, TOO_MANY)
         self.connections: set[Connection] = set()
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        await accept_forever(listener, self.handle, nursery, "memcached")
+        await accept_forever(listener, self.handle, nursery, "memcached", self.gate)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         connection = Connection(self, stream)
@@ -390,7 +442,11 @@ async def serve_memcached(
         async with trio.open_nursery() as backend_nursery:
             backend = Backend(target, backend_nursery) if target is not None else None
             handlers = Handlers(ingress, listener.namespace, backend, stats)
-            server = MemcacheServer(handlers, int(ns.max_item_size))
+            budget = ByteBudget(int(listener.partial_budget))
+            gate = ConnectionGate("memcached", listener.bind, cap_connections(listener, config), TOO_MANY, budget)
+            ingress.connection_gates[listener.bind] = gate
+            server = MemcacheServer(handlers, ns.item_limit(), budget, listener.partial_wait, listener.idle_timeout,
+                                    gate)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     for sock in sockets:

@@ -154,7 +154,8 @@ async def test_bad_requests_name_the_field(config, unique: str) -> None:
         assert both.status_code == 400 and both.json()["field"] == "items[0]"
         unknown_field = await client.post(f"/v1/log/{unique}", json={"key": "a", "text": "x", "colour": "red"})
         assert unknown_field.status_code == 400 and unknown_field.json()["field"] == "colour"
-        malformed = await client.post(f"/v1/log/{unique}", content=b"{not json")
+        malformed = await client.post(f"/v1/log/{unique}", content=b"{not json",
+                                      headers={"content-type": "application/json"})
         assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
         missing_ns = await client.post("/v1/log/nosuchns", json={"key": "a", "text": "x"})
         assert missing_ns.status_code == 404

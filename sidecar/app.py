@@ -16,11 +16,14 @@ from typing import Any, Literal
 
 import trio
 
+from sidecar import config as config_mod
 from sidecar.admin.app import AdminApp
 from sidecar.admin.dlq import DeadLetters
 from sidecar.admin.state import SidecarState
 from sidecar.admin.status import StatusPoller
-from sidecar.config import Config, Listener
+from sidecar.config import Config, Listener, Namespace
+from sidecar.control.live import LiveNamespaces
+from sidecar.control.store import ControlError, NamespaceStore, unsafe_changes
 from sidecar.drain.notices import subscribe_applied
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.service import DrainService
@@ -28,6 +31,7 @@ from sidecar.http import hypercorn_config, serve_http
 from sidecar.ingress import Ingress
 from sidecar.log.journal import Journal
 from sidecar.log.service import open_journal
+from sidecar.log.streams import provision_namespace
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
 from sidecar.reads import Readers
@@ -39,8 +43,11 @@ Role = Literal["ingress", "drain", "all"]
 
 
 class Sidecar:
-    def __init__(self, config: Config, role: Role = "all", connect_retry: float = 30.0) -> None:
+    def __init__(self, config: Config, role: Role = "all", connect_retry: float = 30.0,
+                 config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read on SIGHUP (namespaces only)
+        self.live: LiveNamespaces | None = None
         self.role = role
         self.connect_retry = connect_retry
         self.state = SidecarState()
@@ -116,12 +123,19 @@ class Sidecar:
         await self.pauses.open()
         self.dead_letters = DeadLetters(conn, journal.writer)
         log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
+        # The control plane's namespaces (bucket over file) are in force before anything drains or listens.
+        store = NamespaceStore(conn)
+        await store.open()
+        self.live = LiveNamespaces(config.namespaces, store, self._apply_namespace)
+        await self.live.load()
         ingress_role = self.role in ("ingress", "all")
         if ingress_role:
             await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))
         async with trio.open_nursery() as services:
             self._services = services
             services.start_soon(self.pauses.watch)
+            services.start_soon(self.live.watch)
+            services.start_soon(self.live.run)
             if self.role in ("drain", "all") and any(ns.targets for ns in config.namespaces.values()):
                 self.drain = await services.start(DrainService(config, journal, pauses=self.pauses).run)
             self.poller = StatusPoller(config, conn, self.pauses, self.drain)
@@ -150,6 +164,36 @@ class Sidecar:
                 await self.drain.stop(config.sidecar.shutdown_deadline)
             services.cancel_scope.cancel()
 
+    async def _apply_namespace(self, name: str, ns: Namespace | None) -> None:
+        """The control plane's change to one namespace, made live (LiveNamespaces calls it, one at a time)."""
+        config = self.config
+        old = config.namespaces.get(name)
+        if ns is None:
+            if self.drain is not None:
+                await self.drain.reconcile(name, None)
+            config.namespaces.pop(name, None)
+            await self._readers.forget(name)
+            log.info("namespace_removed", namespace=name)
+            return
+        stream = await self.live.store.stream_info(name) if self.live is not None else None
+        problems = unsafe_changes(name, old, ns, stream)
+        if problems:
+            raise ControlError("; ".join(problems))
+        assert self.state.conn is not None
+        await provision_namespace(self.state.conn, name, ns)
+        config.namespaces[name] = ns
+        if old is None and self.ingress is not None and self.role in ("ingress", "all"):
+            await subscribe_applied(self.state.conn, self.ingress.applied, [name])
+        await self._readers.forget(name)
+        if self.drain is not None:
+            await self.drain.reconcile(name, ns)
+        elif self._services is not None and self.role in ("drain", "all") and ns.targets and self.ingress is not None:
+            self.drain = await self._services.start(DrainService(config, self.ingress.journal, pauses=self.pauses).run)
+            if self.poller is not None:
+                self.poller.drain = self.drain
+        log.info("namespace_applied", namespace=name, mode=ns.mode, targets=",".join(t.name for t in ns.targets),
+                 source="new" if old is None else "changed")
+
     async def _enforce_deadline(self, scope: trio.CancelScope) -> None:
         """Whatever is still running at the deadline is cancelled: the process exits on time."""
         await self._shutdown.wait()
@@ -158,9 +202,26 @@ class Sidecar:
         log.warning("shutdown_deadline_reached", deadline=str(self.config.sidecar.shutdown_deadline))
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                self.request_shutdown(signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    self._reload_file()
+                else:
+                    self.request_shutdown(signal.Signals(signum).name)
+
+    def _reload_file(self) -> None:
+        """SIGHUP: the file's namespaces are applied live like a bucket change; the rest of the file
+        (listeners, sidecar settings) takes a restart."""
+        if self.config_path is None or self.live is None:
+            log.warning("reload_ignored", reason="no config file or the journal is not open yet")
+            return
+        try:
+            fresh = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            log.error("reload_failed", path=self.config_path, errors="; ".join(exc.errors))
+            return
+        log.info("reload", path=self.config_path, namespaces=",".join(fresh.namespaces))
+        self.live.reload_file(fresh.namespaces)
 
     async def _serve_admin(self, stop: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -17,6 +17,7 @@ from pathlib import Path
 from sidecar import config as config_mod
 from sidecar.admin.cli import CliError
 from sidecar.admin.cli import add_parsers as add_admin_parsers
+from sidecar.control.cli import add_parser as add_ns_parser
 from sidecar.inject.cli import add_parser as add_inject_parser
 from sidecar.replay.cli import add_parser as add_replay_parser
 
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # OSError: a listener could not bind; SecretFileError: a token file is missing or empty
     expected = (ServerTooOld, StreamConflict, ConnectionError, OSError, SecretFileError)
     try:
-        trio.run(Sidecar(cfg, role=args.role, connect_retry=args.connect_retry).run)
+        trio.run(Sidecar(cfg, role=args.role, connect_retry=args.connect_retry, config_path=args.config).run)
     except expected as exc:
         print(f"walcar: {redact_urls(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parsers(sub)
     add_replay_parser(sub)
+    add_ns_parser(sub)
     add_inject_parser(sub)
     return parser
 

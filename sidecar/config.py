@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,8 +44,15 @@ MEMCACHED_ITEM_SIZE = 1024 * 1024  # memcached's own default item size (-I 1m)
 DEFAULT_MAX_ITEM_SIZE = 16 * 1024 * 1024
 
 
-class MemcachedTarget(_Base, tag="memcached", tag_field="type"):
+class _TargetBase(_Base):
     name: str
+    # Where a target's drain starts the first time it runs (no consumer yet): "oldest" (the whole
+    # retained journal), or an RFC3339 time. `walcar ns apply` turns "now" into the time of the apply,
+    # so every sidecar starts a target added live from the same point.
+    start: str = "oldest"
+
+
+class MemcachedTarget(_TargetBase, tag="memcached", tag_field="type", kw_only=True):
     servers: list[str]
     pool_size: int = 8
     timeout: Duration = Duration(1.0)
@@ -53,8 +61,7 @@ class MemcachedTarget(_Base, tag="memcached", tag_field="type"):
     max_item_size: ByteSize = ByteSize(MEMCACHED_ITEM_SIZE)
 
 
-class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
-    name: str
+class CassandraTarget(_TargetBase, tag="cassandra", tag_field="type", kw_only=True):
     contact_points: list[str]
     keyspace: str
     table: str | None = None  # KV items go to <keyspace>.<table>; default: the namespace name
@@ -67,10 +74,9 @@ class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
     replication_factor: int = 1
 
 
-class WalTarget(_Base, tag="wal", tag_field="type"):
+class WalTarget(_TargetBase, tag="wal", tag_field="type", kw_only=True):
     """A remote region's walcar, reached over its KV API."""
 
-    name: str
     url: str
     token_file: str | None = None
     timeout: Duration = Duration(5.0)
@@ -448,6 +454,9 @@ def _semantic_errors(config: Config) -> Iterator[str]:
         seen: dict[str, int] = {}
         for index, target in enumerate(ns.targets):
             tpath = f"{path}.targets[{index}]"
+            if target.start != "oldest" and parse_start(target.start) is None:
+                yield (f"{tpath}.start: expected \"oldest\" or an RFC3339 time (`walcar ns apply` turns "
+                       f"\"now\" into one), got {target.start!r}")
             if not TARGET_NAME_RE.match(target.name):
                 yield f"{tpath}.name: target names are lowercase letters, digits, '-' and '_'"
             if target.name in seen:
@@ -467,6 +476,15 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             yield f"{path}.primary: no target named {ns.primary!r}"
         if ns.mode == "sync" and not ns.targets:
             yield f"{path}.mode: sync mode needs at least one target to be visible in"
+
+
+def parse_start(text: str) -> float | None:
+    """An RFC3339 time -> unix seconds, or None."""
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return stamp.timestamp() if stamp.tzinfo is not None else None
 
 
 def _hostports(values: list[str], path: str) -> Iterator[str]:
@@ -550,15 +568,15 @@ def dumps(config: Config, fmt: str = "toml") -> str:
         return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False)
-    return msgspec.toml.encode(_drop_none(data)).decode()
+    return msgspec.toml.encode(drop_none(data)).decode()
 
 
-def _drop_none(node: Any) -> Any:
+def drop_none(node: Any) -> Any:
     """TOML has no null: an unset optional setting is simply absent."""
     if isinstance(node, dict):
-        return {k: _drop_none(v) for k, v in node.items() if v is not None}
+        return {k: drop_none(v) for k, v in node.items() if v is not None}
     if isinstance(node, list):
-        return [_drop_none(v) for v in node]
+        return [drop_none(v) for v in node]
     return node
 
 

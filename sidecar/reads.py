@@ -41,6 +41,13 @@ class Readers:
         target = await self.target(namespace)
         return await target.get_items(record, items)
 
+    async def forget(self, namespace: str) -> None:
+        """The namespace changed or went: the next read builds its reader from the new settings."""
+        async with self._lock:
+            target = self._targets.pop(namespace, None)
+        if target is not None:
+            await target.close()
+
     async def close(self) -> None:
         for target in self._targets.values():
             await target.close()

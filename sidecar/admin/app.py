@@ -9,6 +9,7 @@
     GET  /v1/dlq/{ns}/{seq}                one dead letter, whole, with its error headers
     POST /v1/dlq/{ns}/replay|purge         by target, sequence range or list, key glob
     GET  /v1/config                        the effective config, secrets redacted
+    GET  /v1/namespaces                    each namespace in force: source (file or bucket), revision, mode, targets
     POST /v1/shutdown                      graceful shutdown (what `walcar drain --wait` calls)
     POST /v1/replay                        start a point-in-time replay in this sidecar (progress: /v1/drain)
     POST /v1/replay/{id}/stop              stop it cleanly
@@ -114,6 +115,9 @@ class AdminApp:
             reasons = sidecar.state.not_ready_reasons()
             return self._json(503, {"status": "not ready", "reasons": reasons}) if reasons \
                 else self._json(200, {"status": "ready"})
+        if path == "/v1/namespaces" and method == "GET":
+            self._authorize(scope, mutation=False)
+            return self._json(200, self._namespaces())
         if path == "/v1/config" and method == "GET":
             self._authorize(scope, mutation=False)
             return self._json(200, config_mod.to_builtins(sidecar.config))
@@ -131,11 +135,22 @@ class AdminApp:
             return await self._dlq(scope, receive, method, parts[2], parts[3:], query)
         raise AdminError(404, f"no route for {method} {path}")
 
+    def _namespaces(self) -> dict[str, object]:
+        live = self.sidecar.live
+        summary = live.summary() if live is not None else {"namespaces": [], "stale_since": None, "apply_errors": 0}
+        for row in summary["namespaces"]:
+            ns = self.sidecar.config.namespaces.get(row["namespace"])
+            if ns is not None:
+                row["mode"] = ns.mode
+                row["targets"] = [t.name for t in ns.targets]
+        return summary
+
     async def _drain(self, scope: Scope, method: str, rest: list[str]) -> tuple[int, bytes, bytes]:
         sidecar = self.sidecar
         if not rest and method == "GET":
             rows = await sidecar.poller.current() if sidecar.poller is not None else []
-            return self._json(200, {"targets": rows, "replays": sidecar.replay_progress()})
+            config = sidecar.live.summary() if sidecar.live is not None else None
+            return self._json(200, {"targets": rows, "replays": sidecar.replay_progress(), "config": config})
         if len(rest) == 3 and rest[2] in ("pause", "resume"):
             if method != "POST":
                 raise AdminError(405, "pause and resume are POST")

@@ -126,6 +126,18 @@ def letters_table(letters: list[dict[str, Any]]) -> str:
 # --- commands -------------------------------------------------------------------------
 
 
+def config_line(config: dict[str, Any]) -> str:
+    """Where each namespace comes from: `config: orders (bucket r3), sessions (file)`, and staleness."""
+    parts = [f"{row['namespace']} ({row['source']}{' r' + str(row['revision']) if row['revision'] else ''})"
+             for row in config.get("namespaces", [])]
+    line = "config: " + (", ".join(parts) or "no namespaces")
+    if config.get("stale_since"):
+        line += f"; stale since {config['stale_since']} (namespace bucket unreachable)"
+    if config.get("apply_errors"):
+        line += f"; {config['apply_errors']} refused or failed change(s), see the log"
+    return line
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     client = client_from(args)
     while True:
@@ -139,6 +151,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if reply.get("replays"):
                 print()
                 print(replays_table(reply["replays"]))
+            if reply.get("config"):
+                print()
+                print(config_line(reply["config"]))
         if not args.watch:
             return 0
         sys.stdout.flush()

@@ -66,6 +66,21 @@ class SidecarCollector:
         yield from self._journal()
         yield from self._fronts()
         yield from self._drain()
+        yield from self._control()
+
+    def _control(self) -> Iterator[Metric]:
+        live = self.sidecar.live
+        if live is None:
+            return
+        revision = GaugeMetricFamily("walcar_config_revision", "Bucket revision of each namespace in force "
+                                     "(0: the config file's)", labels=["namespace"])
+        for name in sorted(self.sidecar.config.namespaces):
+            revision.add_metric([name], live.source(name)[1])
+        yield revision
+        yield CounterMetricFamily("walcar_config_apply_errors", "Namespace documents refused (invalid or unsafe) "
+                                  "or failed to apply", value=live.apply_errors)
+        yield GaugeMetricFamily("walcar_config_stale", "1 while the namespace bucket cannot be followed",
+                                value=int(live.stale_since is not None))
 
     def _writes(self) -> Iterator[Metric]:
         ingress = self.sidecar.ingress

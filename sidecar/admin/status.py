@@ -134,7 +134,10 @@ class StatusPoller:
                 await self._wanted.wait()  # a reader finding stale numbers need not wait out the sleep
 
     async def poll(self) -> None:
-        for name, ns in self.config.namespaces.items():
+        configured = {(name, t.name) for name, ns in self.config.namespaces.items() for t in ns.targets}
+        for key in self._rows.keys() - configured:  # removed live by the control plane
+            del self._rows[key]
+        for name, ns in list(self.config.namespaces.items()):
             dlq_counts = await self._dlq_counts(name) if ns.dlq else {}
             for target in ns.targets:
                 try:

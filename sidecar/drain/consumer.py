@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -61,13 +62,15 @@ MAX_BYTES_EXCEEDED = b"Message Size Exceeds MaxBytes"
 
 class PartitionConsumer:
     def __init__(self, conn: NatsConnection, stream: str, target: str, subject: str, partition: int,
-                 ack_wait: float, max_ack_pending: int) -> None:
+                 ack_wait: float, max_ack_pending: int, first_start: float | None = None) -> None:
         self.conn = conn
         self.stream = stream
         self.name = consumer_name(target, partition)
         self.subject = subject
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
+        # A target added live starts at this time (unix seconds) the first time it runs; None: oldest.
+        self.first_start = first_start
         self.sink: Sink | None = None
         self._pull: _Pull | None = None
 
@@ -86,6 +89,9 @@ class PartitionConsumer:
         if start_seq > 1:
             config["deliver_policy"] = "by_start_sequence"
             config["opt_start_seq"] = start_seq
+        elif self.first_start is not None:
+            config["deliver_policy"] = "by_start_time"
+            config["opt_start_time"] = datetime.fromtimestamp(self.first_start, UTC).isoformat().replace("+00:00", "Z")
         return config
 
     async def info(self) -> dict[str, Any] | None:

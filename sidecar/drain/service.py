@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, stream_name
+from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, parse_start, stream_name
 from sidecar.drain.applied import applied_subject
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.chunkgc import ChunkCollector
@@ -79,6 +79,14 @@ class TargetDrainer:
         self.stats = DrainStats()
         self.writer = service.journal.writer
         self.chunks = service.journal.chunks
+        self.scope = trio.CancelScope()  # its probe and pump tasks: cancelled when the target is removed
+
+    def follow(self, ns: Namespace) -> None:
+        """The namespace changed live (retry, strict, dlq, partitions stay): read it from now on."""
+        self.ns = ns
+        self.retry = ns.retry
+        self.strict = ns.strict
+        self.dlq_enabled = ns.dlq
 
     @property
     def state(self) -> str:
@@ -143,6 +151,7 @@ class TargetDrainer:
             partition,
             ack_wait=self.settings.ack_wait,
             max_ack_pending=self.settings.max_inflight * 2,
+            first_start=parse_start(self.config.start) if self.config.start != "oldest" else None,
         )
 
     async def probe_loop(self) -> None:
@@ -230,9 +239,7 @@ class DrainService:
                 await self.pauses.open()
                 nursery.start_soon(self.pauses.watch)
             for drainer in self.drainers:
-                await drainer.target.start()
-                nursery.start_soon(drainer.probe_loop)
-                nursery.start_soon(drainer.pump.run)
+                await self._start_drainer(nursery, drainer)
             log.info("drain_started", owner=self.owner, targets=",".join(f"{d.namespace}/{d.name}"
                                                                        for d in self.drainers))
             task_status.started(self)
@@ -240,6 +247,70 @@ class DrainService:
                 await self._assignment_loop(nursery)
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _start_drainer(self, nursery: trio.Nursery, drainer: TargetDrainer) -> None:
+        await drainer.target.start()
+
+        async def tasks() -> None:
+            with drainer.scope:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(drainer.probe_loop)
+                    inner.start_soon(drainer.pump.run)
+
+        nursery.start_soon(tasks)
+
+    async def reconcile(self, namespace: str, ns: Namespace | None) -> None:
+        """The control plane changed a namespace: drainers for new targets start (from the target's
+        `start`), removed targets stop and their consumers go, changed targets restart with their
+        new settings, and the others read the namespace's new retry/strict/dlq settings."""
+        assert self._nursery is not None, "run() first"
+        wanted = {t.name: t for t in (ns.targets if ns is not None else [])}
+        for drainer in self.drainers_of(namespace):
+            target = wanted.get(drainer.name)
+            if target is not None and target == drainer.config:
+                drainer.follow(ns)  # type: ignore[arg-type]
+                del wanted[drainer.name]
+                continue
+            await self._remove_drainer(drainer, delete_consumers=target is None)
+        for target in wanted.values():
+            assert ns is not None
+            drainer = TargetDrainer(self, namespace, ns, target)
+            await self._start_drainer(self._nursery, drainer)
+            self.drainers.append(drainer)
+            log.info("target_added", namespace=namespace, target=target.name, start=target.start)
+
+    async def _remove_drainer(self, drainer: TargetDrainer, delete_consumers: bool) -> None:
+        self.drainers.remove(drainer)
+        mine = [lease for lease in self.held.values() if lease.drainer is drainer]
+        if not delete_consumers:  # restarting with new settings: let in-flight rounds finish and ack
+            for lease in mine:
+                lease.worker.stop()
+            with trio.move_on_after(self.config.sidecar.drain.ack_wait):
+                for lease in mine:
+                    await lease.done.wait()
+        for lease in mine:
+            lease.worker.abort()
+            self.held.pop(lease.key, None)
+            try:
+                await self.leases.release(lease.key, lease.revision)
+            except Exception as exc:  # NATS gone: the lease expires by itself
+                log.warning("lease_release_failed", key=lease.key, error=str(exc))
+        drainer.scope.cancel()
+        try:
+            await self.leases.leave([group_name(drainer.namespace, drainer.name)])
+        except Exception as exc:
+            log.warning("drain_leave_failed", error=str(exc))
+        await drainer.target.close()
+        if delete_consumers:
+            conn = self.journal.writer.conn
+            for partition in range(drainer.ns.partitions):
+                consumer = drainer.consumer(partition)
+                try:
+                    await conn.js_api(f"CONSUMER.DELETE.{consumer.stream}.{consumer.name}")
+                except Exception:  # gone already (another sidecar deleted it), or the stream is gone
+                    pass
+        log.info("target_removed" if delete_consumers else "target_restarting", namespace=drainer.namespace,
+                 target=drainer.name)
 
     async def _assignment_loop(self, nursery: trio.Nursery) -> None:
         interval = max(0.5, self.config.sidecar.drain.lease_ttl / 3)
@@ -271,9 +342,11 @@ class DrainService:
             await view.ready.wait()
         if not view.ready.is_set():
             raise RuntimeError("the lease bucket's watch has not delivered it yet")
-        for drainer in self.drainers:
+        for drainer in list(self.drainers):  # the control plane may add or remove drainers meanwhile
             if self._stopping:
                 break
+            if drainer not in self.drainers:
+                continue
             drainers = view.drainers(group_name(drainer.namespace, drainer.name), self.owner)
             share = math.ceil(drainer.ns.partitions / drainers)
             await self._balance(nursery, drainer, share)

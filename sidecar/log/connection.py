@@ -160,7 +160,7 @@ class NatsConnection:
         """Reconnect hooks run in this nursery."""
         self._nursery = nursery
 
-    async def key_value(self, bucket: str, ttl: float = 0.0) -> Any:
+    async def key_value(self, bucket: str, ttl: float = 0.0, history: int = 1, replicas: int = 1) -> Any:
         """A nats-py KeyValue bucket (for use on the NATS thread), created if missing.
 
         Several sidecars may race to create it: whoever loses binds to the winner's."""
@@ -174,7 +174,8 @@ class NatsConnection:
                 return await js.key_value(bucket)
             except Exception:  # not there yet (nats-py raises several types)
                 try:
-                    return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl or None, history=1))
+                    return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl or None, history=history,
+                                                                    replicas=replicas))
                 except Exception:
                     return await js.key_value(bucket)
 

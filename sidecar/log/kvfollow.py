@@ -41,6 +41,9 @@ async def follow(conn: NatsConnection, kv: Any, pattern: str, follower: Follower
             await _watch(conn, kv, pattern, follower)
         except Exception as exc:  # keep the last known state while NATS is away
             log.debug("kv_watch_failed", pattern=pattern, error=f"{type(exc).__name__}: {exc}")
+            lost = getattr(follower, "lost", None)  # optional: a follower that reports staleness
+            if lost is not None:
+                lost()
         await trio.sleep(RETRY)
 
 

@@ -26,6 +26,20 @@ async def provision_all(conn: NatsConnection, config: Config) -> None:
 
 
 @asynccontextmanager
+async def open_connection(config: Config, name: str = "walcar", connect_retry: float = 0.0
+                          ) -> AsyncIterator[NatsConnection]:
+    """Just the nats-py connection (and its thread): for tools that manage, not journal (`walcar ns`)."""
+    bridge = AsyncioBridge().start()
+    conn = NatsConnection(bridge, config.sidecar.nats_url, config.sidecar.nats_creds, name=name)
+    try:
+        await conn.connect(retry_for=connect_retry)
+        yield conn
+    finally:
+        await conn.close()
+        bridge.close()
+
+
+@asynccontextmanager
 async def open_journal(
     config: Config, connect_retry: float = 0.0, name: str = "walcar", provision: bool = True,
 ) -> AsyncIterator[Journal]:

@@ -125,11 +125,6 @@ class PartitionConsumer:
         if self._pull is not None:
             self._pull.request()
 
-    def outstanding(self) -> tuple[int, int]:
-        """(entries, bytes) the outstanding pull request may still deliver."""
-        pull = self._pull
-        return (pull.requested, pull.bytes_left) if pull is not None else (0, 0)
-
     def signal(self, replies: list[bytes], body: bytes = ACK) -> None:
         """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks (a lost
         one is redelivered after AckWait, and the worker skips what it already applied)."""
@@ -155,7 +150,6 @@ class _Pull:
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.name}"
         self.inbox = new_inbox()
         self.requested = 0  # entries of the outstanding request, not yet delivered
-        self.bytes_left = 0  # its max_bytes, less what was delivered (payloads: an upper bound)
         self.delivered = 0  # entries the outstanding request brought so far
         self.request_id = 0
         self.closed = False
@@ -171,7 +165,7 @@ class _Pull:
         size, max_bytes = self.allowance()
         if size <= 0 or max_bytes <= 0:
             return
-        self.requested, self.bytes_left, self.delivered = size, max_bytes, 0
+        self.requested, self.delivered = size, 0
         self.request_id += 1
         body = json.dumps({"batch": size, "max_bytes": max_bytes, "expires": int(PULL_EXPIRES * 1e9)}).encode()
         self.link.send(encode_publish(self.subject, self.inbox.encode(), None, body))
@@ -188,15 +182,17 @@ class _Pull:
             self._end_request()
 
     def _end_request(self, again_after: float = 0.0) -> None:
-        self.requested = self.bytes_left = 0
+        self.requested = 0
         if again_after:
             self._later(again_after, self.request)
+        elif self.read:  # the worker counts what this read brought before it is asked for more
+            self.link.after_read(self.request)
         else:
             self.request()
 
     def _on_lost(self, _reason: str) -> None:
         """The request went with the connection; `request` asks again once the link is back."""
-        self.requested = self.bytes_left = 0
+        self.requested = 0
 
     def _on_message(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if self.closed:
@@ -213,13 +209,11 @@ class _Pull:
             return
         seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
-        self.bytes_left = max(0, self.bytes_left - len(data))
         self.delivered += 1
         if not self.read:
             self.link.after_read(self._hand_over)
         self.read.append(Delivered(seq, reply, data, stored_ns))
         if self.requested == 0:
-            self.bytes_left = 0
             self.link.after_read(self.request)  # once the worker has counted what this read brought
 
     def _hand_over(self) -> None:

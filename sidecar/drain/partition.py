@@ -63,16 +63,15 @@ class Held(msgspec.Struct, gc=False):
 ENTRY_OVERHEAD = 1024
 
 
+def _chunk_bytes(entry: Entry) -> int:
+    """The payload an entry's apply reads from the chunk store (a chunked value, a MULTI object)."""
+    return entry.chunk.size if entry.chunk is not None else 0
+
+
 def held_cost(data: bytes, entry: Entry) -> int:
     """What holding an entry costs: its message and its decoded copy (values, CQL rows), plus what
     the apply will read from the chunk store for it."""
-    return 2 * len(data) + (entry.chunk.size if entry.chunk is not None else 0) + ENTRY_OVERHEAD
-
-
-def _chunk_size(held: Held) -> int:
-    """The payload a held entry's apply reads from the chunk store (a chunked value, a MULTI object)."""
-    chunk = held.entry.chunk
-    return chunk.size if chunk is not None else 0
+    return 2 * len(data) + _chunk_bytes(entry) + ENTRY_OVERHEAD
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -218,13 +217,17 @@ class PartitionWorker:
             await self.drainer.wait_not_paused()
             await self.drainer.breaker.wait_until_usable()
             granted = await self.drainer.limiter.acquire(len(self.ready))
-            keys = list(self.ready)[:granted]
+            # The expiry check may have dead-lettered keys while this waited.
+            keys, runs = self._runs_for(list(self.ready)[:granted])
             began = trio.current_time()
             failed = True
+            self.inflight.update(keys)  # until the round's outcomes are all handled
             try:
-                failed = await self._round(keys)
+                if keys:
+                    failed = await self._round(keys, runs)
             finally:
-                self.drainer.limiter.release(granted, trio.current_time() - began, failed)
+                self.inflight.difference_update(keys)
+                self.drainer.limiter.release(granted, trio.current_time() - began, failed and bool(keys))
 
     def _unpark_due(self) -> None:
         now = trio.current_time()
@@ -244,7 +247,7 @@ class PartitionWorker:
         for held in lane:
             if held.entry.op is Op.MULTI or len(run) >= self.max_run:
                 break
-            room -= _chunk_size(held)
+            room -= _chunk_bytes(held.entry)
             if run and room < 0:
                 break
             run.append(held)
@@ -260,22 +263,17 @@ class PartitionWorker:
             if taken and room <= 0:
                 break
             run = self._run_for(key, room)
-            room -= sum(_chunk_size(held) for held in run)
+            room -= sum(_chunk_bytes(held.entry) for held in run)
             taken.append(key)
             runs.append(run)
         return taken, runs
 
-    async def _round(self, keys: list[str]) -> bool:
+    async def _round(self, keys: list[str], runs: list[list[Held]]) -> bool:
         """Apply one run per key; returns whether the round failed entirely."""
         drainer = self.drainer
-        keys, runs = self._runs_for(keys)
         for key in keys:
             self.ready.discard(key)
-        self.inflight.update(keys)
-        try:
-            outcomes = await self._apply_runs(runs)
-        finally:
-            self.inflight.difference_update(keys)
+        outcomes = await self._apply_runs(runs)
         acks: list[bytes] = []
         applied: list[int] = []
         chunked: list[Held] = []

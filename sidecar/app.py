@@ -113,7 +113,7 @@ class Sidecar:
         self.pauses = Pauses(conn)
         await self.pauses.open()
         self.dead_letters = DeadLetters(conn, journal.writer)
-        log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
+        log.info("journal_ready", nats_url=conn.url, server_version=conn.server_version)
         ingress_role = self.role in ("ingress", "all")
         if ingress_role:
             await subscribe_applied(conn, self.ingress.applied, list(config.namespaces))

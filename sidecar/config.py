@@ -129,10 +129,24 @@ class DrainSettings(_Base):
     max_run: int = 64  # entries of one key applied in one round
 
 
+class NatsTls(_Base):
+    """TLS to NATS with the operator's CA; every file is re-read at the next (re)connect after it changes."""
+
+    ca_file: str | None = None  # PEM CA bundle the server's certificate must chain to; default: system roots
+    cert_file: str | None = None  # PEM client certificate (mTLS), with its chain
+    key_file: str | None = None  # PEM key of cert_file
+    server_name: str | None = None  # name the server's certificate must carry; default: the URL's host
+    handshake_first: bool = False  # TLS before the server's INFO (nats-server `handshake_first: true`)
+
+
 class SidecarSettings(_Base):
     region: str = "local"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_creds: str | None = None
+    nats_tls: NatsTls | None = None
+    nats_user: str | None = None  # with nats_password_file
+    nats_password_file: str | None = None
+    nats_token_file: str | None = None
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
     admin_token_file: str | None = None  # bearer token for mutating admin calls
@@ -350,6 +364,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             ns = config.namespaces[listener.namespace]
             if not any(isinstance(t, CassandraTarget) for t in ns.targets):
                 yield f"{path}: set `upstream` or give namespace {listener.namespace!r} a cassandra target"
+    yield from _nats_auth_errors(config.sidecar)
     admin_addresses = [("sidecar.admin", config.sidecar.admin)]
     if config.sidecar.metrics:
         admin_addresses.append(("sidecar.metrics", config.sidecar.metrics))
@@ -406,6 +421,19 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             yield f"{path}.primary: no target named {ns.primary!r}"
         if ns.mode == "sync" and not ns.targets:
             yield f"{path}.mode: sync mode needs at least one target to be visible in"
+
+
+def _nats_auth_errors(sidecar: SidecarSettings) -> Iterator[str]:
+    ways = [name for name, value in (("nats_password_file", sidecar.nats_password_file),
+                                     ("nats_token_file", sidecar.nats_token_file),
+                                     ("nats_creds", sidecar.nats_creds)) if value]
+    if len(ways) > 1:
+        yield f"sidecar: set one of {', '.join(ways)}, not several (one way to authenticate to NATS)"
+    if (sidecar.nats_user is None) != (sidecar.nats_password_file is None):
+        yield "sidecar: nats_user and nats_password_file go together"
+    tls = sidecar.nats_tls
+    if tls is not None and tls.key_file and not tls.cert_file:
+        yield "sidecar.nats_tls.key_file: set cert_file too (the client certificate)"
 
 
 def _hostports(values: list[str], path: str) -> Iterator[str]:
@@ -473,11 +501,21 @@ def to_builtins(config: Config, redact: bool = True) -> dict[str, Any]:
 _SECRET_KEYS = {"password", "token", "secret"}
 
 
+_USERINFO = re.compile(r"(?<=://)[^@/,]*@")
+
+
+def redact_url(url: str) -> str:
+    """`nats://user:secret@host` -> `nats://***@host`, for every server of a list."""
+    return _USERINFO.sub("***@", url)
+
+
 def _redact(node: object) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if key in _SECRET_KEYS and value:
                 node[key] = "<redacted>"
+            elif key.endswith("url") and isinstance(value, str):
+                node[key] = redact_url(value)
             else:
                 _redact(value)
     elif isinstance(node, list):

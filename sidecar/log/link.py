@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -45,6 +45,10 @@ from sidecar.log.wire import (
     encode_unsub,
 )
 from sidecar.logs import get_logger
+from sidecar.tls import ClientTls, explain
+
+if TYPE_CHECKING:
+    from sidecar.log.options import NatsOptions
 
 log = get_logger("nats")
 
@@ -107,7 +111,7 @@ def creds_signer(path: str) -> Callable[[str], dict[str, str]]:
     try:
         import nkeys  # type: ignore[import-not-found]
     except ImportError:
-        raise ValueError("nats_creds needs the `nkeys` package: pip install nkeys") from None
+        raise ValueError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
     keys = nkeys.from_seed(seed.encode())
 
     def sign(nonce: str) -> dict[str, str]:
@@ -135,9 +139,12 @@ class Timer:
 class NatsLink:
     """One trio connection to NATS; handlers run on the trio loop as messages are read."""
 
-    def __init__(self, url: str, *, creds: str | None = None, name: str = "walcar") -> None:
+    def __init__(self, url: str, *, creds: str | None = None, name: str = "walcar", tls: ClientTls | None = None,
+                 user: str | None = None, password: str | None = None, token: str | None = None) -> None:
         self.servers = parse_servers(url)
         self.name = name
+        self.tls = tls
+        self._auth = (user, password, token)  # from the config's files; override what a URL carries
         self.connected = False
         self.last_error = ""
         self.on_lost: list[Callable[[str], None]] = []  # what was in flight on the lost connection is gone
@@ -154,6 +161,11 @@ class NatsLink:
         self._timer_ids = itertools.count()
         self._timers_changed = trio.Event()
         self._after_read: list[Callable[[], None]] = []
+
+    @classmethod
+    def from_options(cls, options: NatsOptions, name: str = "walcar") -> NatsLink:
+        return cls(options.url, creds=options.creds, name=name, tls=options.tls, user=options.user,
+                   password=options.password, token=options.token)
 
     def send(self, data: bytes) -> bool:
         """Write bytes now if the socket takes them, else queue them; False while disconnected.
@@ -230,7 +242,7 @@ class NatsLink:
                 stream, parser = await self._open(server)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, WireError,
                     LinkRefused, LinkLost) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = explain(exc, "sidecar.nats_tls")
                 if error != self.last_error:
                     log.warning("nats_link_connect_failed", host=server.host, port=server.port, error=error)
                 self.last_error = error
@@ -254,11 +266,18 @@ class NatsLink:
             stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
             try:
                 parser = ClientParser()
+                tls = self.tls
+                if tls is not None and tls.handshake_first:
+                    stream = await self._start_tls(stream, server)
                 info = await self._next(stream, parser, Info)
                 assert isinstance(info, Info)
-                if server.tls or info.fields.get("tls_required"):
-                    stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=server.host)
-                    await stream.do_handshake()
+                fields = info.fields
+                wanted = server.tls or tls is not None
+                if not isinstance(stream, trio.SSLStream) and (wanted or fields.get("tls_required")):
+                    # fail closed: TLS was asked for, never fall back to plain text
+                    if not (fields.get("tls_required") or fields.get("tls_available")):
+                        raise LinkRefused("the server does not offer TLS, and TLS is configured")
+                    stream = await self._start_tls(stream, server)
                 options = self._connect_options(server, info.fields)
                 await stream.send_all(encode_connect(options) + PING)
                 await self._next(stream, parser, Pong)
@@ -267,16 +286,27 @@ class NatsLink:
                 raise
         return stream, parser
 
+    async def _start_tls(self, stream: trio.abc.Stream, server: Server) -> trio.SSLStream[trio.abc.Stream]:
+        # asked at each connect: a rotated CA or client certificate is read here
+        context = self.tls.context() if self.tls is not None else ssl.create_default_context()
+        name = (self.tls.server_name if self.tls is not None else None) or server.host
+        ssl_stream = trio.SSLStream(stream, context, server_hostname=name)
+        await ssl_stream.do_handshake()
+        return ssl_stream
+
     def _connect_options(self, server: Server, info: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "verbose": False, "pedantic": False, "tls_required": server.tls, "name": self.name,
+            "verbose": False, "pedantic": False, "tls_required": server.tls or self.tls is not None, "name": self.name,
             "lang": "python3-walcar", "version": "1", "protocol": 1, "headers": True, "no_responders": True,
             "echo": False,
         }
-        if server.user is not None:
-            options.update(user=server.user, **{"pass": server.password or ""})
-        if server.token is not None:
-            options["auth_token"] = server.token
+        user, password, token = self._auth
+        if user is None and token is None:
+            user, password, token = server.user, server.password, server.token
+        if user is not None:
+            options.update(user=user, **{"pass": password or ""})
+        if token is not None:
+            options["auth_token"] = token
         if self._sign is not None:
             options.update(self._sign(str(info.get("nonce", ""))))
         return options

@@ -38,3 +38,25 @@ def tls_nats(workdir: Path, ca: Authority, *, verify: bool = True, handshake_fir
     server = issue(ca, workdir / "server.pem", workdir / "server-key.pem", common_name="nats.test", expired=expired)
     return configured_nats(workdir, tls_block(ca, server, workdir, verify=verify, handshake_first=handshake_first)
                            + extra, port=port)
+
+
+# What walcar needs inside its own account, and nothing else (docs/security.md repeats it).
+WALCAR_PUBLISH = [
+    "wal.>", "waldlq.>", "walapplied.>",  # journal, dead letters, applied notices
+    "$JS.API.>",  # stream, consumer, KV and object-store management and pulls (scoped to the account)
+    "$JS.ACK.>",  # acks of drained entries
+    # control buckets; the leases bucket's name carries drain.lease_ttl in ms (10s by default)
+    "$KV.walcar_state.>", "$KV.walcar_leases_10000ms.>", "$KV.walcar_chunkrefs.>",
+    "$O.*.>",  # chunked values (walchunks_<namespace> object stores)
+]
+WALCAR_SUBSCRIBE = ["_INBOX.>", "walapplied.>"]
+
+
+def walcar_permissions() -> str:
+    return ("permissions: { publish: { allow: " + json.dumps(WALCAR_PUBLISH) + " }, subscribe: { allow: "
+            + json.dumps(WALCAR_SUBSCRIBE) + " } }")
+
+
+def account_block(users: str) -> str:
+    """One account with JetStream, holding `users` (a nats-server users list body)."""
+    return "accounts {\n  WALCAR {\n    jetstream: enabled\n    users: [\n" + users + "\n    ]\n  }\n}\n"

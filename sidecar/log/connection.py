@@ -59,11 +59,6 @@ def _refused_for_good(exc: BaseException | None) -> bool:
     return "authorization violation" in str(exc).lower()
 
 
-def _require_nkeys() -> None:
-    try:
-        import nkeys  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        raise CredentialsError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
 
 
 class JetStreamApiError(RuntimeError):
@@ -213,7 +208,6 @@ class NatsConnection:
         opts = self.options
         extra: dict[str, Any] = {}
         if opts.creds:
-            _require_nkeys()
             extra["user_credentials"] = opts.creds
         if opts.user is not None:
             extra.update(user=opts.user, password=opts.password or "")

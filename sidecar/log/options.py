@@ -28,6 +28,14 @@ def read_secret_file(setting: str, path: str) -> str:
     return value
 
 
+def require_nkeys() -> None:
+    """Signing with a creds file's seed needs `nkeys` (the `walcar[nkeys]` extra), in both clients."""
+    try:
+        import nkeys  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        raise CredentialsError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
+
+
 @dataclass(frozen=True)
 class NatsOptions:
     url: str
@@ -40,8 +48,10 @@ class NatsOptions:
     @classmethod
     def from_settings(cls, settings: SidecarSettings) -> NatsOptions:
         """Reads the secret files and the TLS files now: a bad one is a startup error naming it."""
-        if settings.nats_creds and not Path(settings.nats_creds).expanduser().is_file():
-            raise CredentialsError(f"sidecar.nats_creds: {settings.nats_creds}: no such file")
+        if settings.nats_creds:
+            if not Path(settings.nats_creds).expanduser().is_file():
+                raise CredentialsError(f"sidecar.nats_creds: {settings.nats_creds}: no such file")
+            require_nkeys()
         return cls(
             url=settings.nats_url,
             creds=str(Path(settings.nats_creds).expanduser()) if settings.nats_creds else None,

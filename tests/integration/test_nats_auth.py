@@ -7,10 +7,14 @@ the set docs/security.md documents). Secrets come from files and never reach a l
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 
 from tests.support.natsconf import account_block, configured_nats, walcar_permissions
 from tests.support.procs import NatsProcess
@@ -116,3 +120,31 @@ def test_config_refuses_two_ways_to_authenticate() -> None:
         config_mod.validate({"sidecar": {"nats_user": "walcar"}})
 
 
+
+
+def test_nkey_jwt_creds_file_in_operator_mode(tmp_path: Path, services, unique: str) -> None:
+    from tests.support.natsjwt import operator_setup
+
+    body, creds = operator_setup(tmp_path)
+    nats = configured_nats(tmp_path / "nats", body)
+    nats.start()
+    try:
+        exercise(nats, tmp_path, services, unique, nats_creds=str(creds))
+    finally:
+        nats.stop()
+
+
+def test_creds_without_nkeys_installed_say_which_extra_to_install(tmp_path: Path) -> None:
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "nkeys.py").write_text("raise ImportError('nkeys is not installed here')\n")
+    creds = tmp_path / "walcar.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n")
+    document = sidecar_document("nats://127.0.0.1:1", {}, nats_creds=str(creds))
+    path = tmp_path / "walcar.toml"
+    path.write_text(tomli_w.dumps(document))
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "run", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "pip install 'walcar[nkeys]'" in result.stderr, result.stderr

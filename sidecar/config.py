@@ -45,6 +45,15 @@ class MemcachedTarget(_Base, tag="memcached", tag_field="type"):
     timeout: Duration = Duration(1.0)
 
 
+class CassandraTls(_Base):
+    """TLS to Cassandra (client_encryption_options); files re-read when new connections are made."""
+
+    ca_file: str | None = None  # PEM CA bundle the nodes' certificates chain to; default: system roots
+    cert_file: str | None = None  # PEM client certificate, for require_client_auth: true
+    key_file: str | None = None
+    check_hostname: bool = True  # the node certificate must name the address dialled (IP SAN or DNS)
+
+
 class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
     name: str
     contact_points: list[str]
@@ -57,6 +66,7 @@ class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
     timeout: Duration = Duration(5.0)
     create_schema: bool = True
     replication_factor: int = 1
+    tls: CassandraTls | None = None
 
 
 class WalTarget(_Base, tag="wal", tag_field="type"):
@@ -110,6 +120,8 @@ class Listener(_Base):
     upstream: list[str] | None = None
     data_center: str = "datacenter1"
     rack: str = "rack1"
+    # cql: TLS to the upstream; default: the namespace's cassandra target's `tls`.
+    upstream_tls: CassandraTls | None = None
 
 
 class JournalSettings(_Base):

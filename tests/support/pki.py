@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa as rsa_module
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -64,18 +65,19 @@ def make_ca(common_name: str = "walcar-test-ca") -> Authority:
 
 
 def issue(ca: Authority, certfile: Path, keyfile: Path, *, common_name: str = "walcar-injector.walcar-system.svc",
-          client: bool = False, expired: bool = False, dns_names: tuple[str, ...] = ()) -> Pair:
+          client: bool = False, expired: bool = False, dns_names: tuple[str, ...] = (), rsa: bool = False) -> Pair:
     """A leaf certificate for localhost/127.0.0.1 (serving, or `client` auth), written key first.
 
     The files are replaced one at a time, like a non-atomic update: a reloader must never load a
-    mismatched pair."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    mismatched pair. `rsa`: an RSA key (what every Java PEM reader takes)."""
+    key = rsa_module.generate_private_key(65537, 2048) if rsa else ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     if expired:
         not_before, not_after = now - datetime.timedelta(days=2), now - datetime.timedelta(days=1)
     else:
         not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                               ExtendedKeyUsageOID.CLIENT_AUTH]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -89,7 +91,7 @@ def issue(ca: Authority, certfile: Path, keyfile: Path, *, common_name: str = "w
             *(x509.DNSName(name) for name in (common_name, *dns_names)),
             x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
         ]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
         .sign(ca.key, hashes.SHA256())
     )

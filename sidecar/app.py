@@ -25,7 +25,7 @@ from sidecar.config import Config, Listener
 from sidecar.drain.notices import subscribe_applied
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.service import DrainService
-from sidecar.http import hypercorn_config, serve_http
+from sidecar.http import hypercorn_config, serve_http, serve_tls
 from sidecar.ingress import Ingress
 from sidecar.log.journal import Journal
 from sidecar.log.service import open_journal
@@ -180,6 +180,10 @@ class Sidecar:
         if listener.protocol == "kv":
             app = KvApp(self.ingress, self._readers, region_token=_read_secret(self.config.sidecar.region_token_file))
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
+            if listener.tls is not None:
+                assert self._services is not None
+                serve_tls(http, listener.tls.cert_file, listener.tls.key_file, float(listener.tls.reload_interval),
+                          self._services, f"{_listener_name(listener)}.tls")
             server, args = serve_http, (app, http, self._stop_listeners)
         elif listener.protocol == "memcached":
             from sidecar.protocols.memcache.server import serve_memcached

@@ -69,6 +69,14 @@ class CassandraTarget(_Base, tag="cassandra", tag_field="type"):
     tls: CassandraTls | None = None
 
 
+class WalTls(_Base):
+    """HTTPS to a remote region's KV listener with the operator's CA; files re-read when they change."""
+
+    ca_file: str | None = None  # PEM CA bundle the remote's certificate chains to; default: system roots
+    cert_file: str | None = None  # PEM client certificate, if the remote's ingress asks for one
+    key_file: str | None = None
+
+
 class WalTarget(_Base, tag="wal", tag_field="type"):
     """A remote region's walcar, reached over its KV API."""
 
@@ -78,6 +86,7 @@ class WalTarget(_Base, tag="wal", tag_field="type"):
     timeout: Duration = Duration(5.0)
     batch_size: int = 500
     compress_above: ByteSize = ByteSize(64 * 1024)
+    tls: WalTls | None = None  # for an https:// url
 
 
 Target = MemcachedTarget | CassandraTarget | WalTarget
@@ -112,6 +121,14 @@ class Namespace(_Base):
         return next((t for t in self.targets if t.name == name), None)
 
 
+class ListenerTls(_Base):
+    """A kv listener served over HTTPS; the pair is re-read when it changes (a rotated Secret)."""
+
+    cert_file: str
+    key_file: str
+    reload_interval: Duration = Duration(10.0)  # how often the files are checked for a change
+
+
 class Listener(_Base):
     protocol: Literal["memcached", "cql", "kv"]
     bind: str
@@ -122,6 +139,7 @@ class Listener(_Base):
     rack: str = "rack1"
     # cql: TLS to the upstream; default: the namespace's cassandra target's `tls`.
     upstream_tls: CassandraTls | None = None
+    tls: ListenerTls | None = None  # kv: serve HTTPS
 
 
 class JournalSettings(_Base):
@@ -368,6 +386,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
         elif listener.namespace is not None and listener.namespace not in config.namespaces:
             yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
+        if listener.tls is not None and listener.protocol != "kv":
+            yield f"{path}.tls: only a kv listener serves TLS (got {listener.protocol})"
         if listener.protocol == "memcached" and listener.namespace in config.namespaces:
             ns = config.namespaces[listener.namespace]
             if not any(isinstance(t, MemcachedTarget) for t in ns.targets):

@@ -145,23 +145,6 @@ def explain(exc: BaseException, where: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def serving_context(where: str, cert_file: str, key_file: str, ca_file: str | None = None) -> ssl.SSLContext:
-    """A server context for a listener; with `ca_file`, clients must present a certificate it signed."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert = _check_file(f"{where}.cert_file", cert_file)
-    key = _check_file(f"{where}.key_file", key_file)
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise TlsError(f"{where}: cannot use cert_file {cert_file} with key_file {key_file}: {exc.reason or exc}") \
-            from None
-    if ca_file:
-        context.load_verify_locations(_check_file(f"{where}.ca_file", ca_file))
-        context.verify_mode = ssl.CERT_REQUIRED
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
 async def reload_certificate(context: ssl.SSLContext, certfile: str, keyfile: str, interval: float,
                              where: str = "certificate") -> None:
     """New handshakes use the new certificate; a half-updated pair is skipped and retried at the next tick."""

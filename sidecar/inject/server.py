@@ -15,11 +15,10 @@ from typing import Any
 
 import trio
 
-from sidecar.http import Receive, Scope, Send, hypercorn_config, respond, serve_http, serve_lifespan
+from sidecar.http import Receive, Scope, Send, hypercorn_config, respond, serve_http, serve_lifespan, serve_tls
 from sidecar.inject.patch import Injector
 from sidecar.inject.settings import InjectorSettings
 from sidecar.logs import get_logger
-from sidecar.tls import reload_certificate
 
 log = get_logger("inject")
 
@@ -92,12 +91,7 @@ async def serve(settings: InjectorSettings, injector: Injector, shutdown: trio.E
     stop_http = trio.Event()
     async with trio.open_nursery() as background:
         if settings.cert_file and settings.key_file:
-            context = config.create_ssl_context()
-            assert context is not None
-            # hypercorn builds its context once; hand it ours so reloads reach new handshakes
-            config.create_ssl_context = lambda: context  # type: ignore[method-assign]
-            background.start_soon(reload_certificate, context, settings.cert_file, settings.key_file,
-                                  float(settings.cert_reload_interval))
+            serve_tls(config, settings.cert_file, settings.key_file, float(settings.cert_reload_interval), background)
         async with trio.open_nursery() as http:
             await http.start(serve_http, app, config, stop_http)
             app.ready = True

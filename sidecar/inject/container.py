@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from sidecar.inject.annotations import CONFIG, PodOptions
-from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE
+from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE, NATS_TLS_DIR
 from sidecar.inject.settings import InjectorSettings
 
 CONTAINER_NAME = "walcar"
@@ -20,6 +20,7 @@ CONFIG_DIR = "/etc/walcar"
 CONFIG_PATH = f"{CONFIG_DIR}/walcar.yaml"
 CONFIG_VOLUME = "walcar-config"
 NATS_CREDS_VOLUME = "walcar-nats-creds"
+NATS_TLS_VOLUME = "walcar-nats-tls"
 ADMIN_PORT_NAME = "walcar-admin"
 DEFAULT_ADMIN_PORT = 9901
 PORT_NAMES = {"kv": "walcar-kv", "memcached": "walcar-memcache", "cql": "walcar-cql"}  # <= 15 characters
@@ -50,6 +51,9 @@ def volumes(settings: InjectorSettings) -> list[dict[str, Any]]:
                 "defaultMode": 0o444,
             },
         })
+    if settings.nats_tls_secret:  # mounted as a directory (never subPath, which kubelet never updates)
+        result.append({"name": NATS_TLS_VOLUME, "secret": {"secretName": settings.nats_tls_secret,
+                                                           "defaultMode": 0o444}})
     for index, mount in enumerate(settings.secret_mounts):
         result.append({"name": _secret_volume_name(index),
                        "secret": {"secretName": mount.secret, "defaultMode": 0o444}})
@@ -60,6 +64,8 @@ def _mounts(settings: InjectorSettings) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}]
     if settings.nats_creds_secret:
         mounts.append({"name": NATS_CREDS_VOLUME, "mountPath": NATS_CREDS_DIR, "readOnly": True})
+    if settings.nats_tls_secret:
+        mounts.append({"name": NATS_TLS_VOLUME, "mountPath": NATS_TLS_DIR, "readOnly": True})
     for index, mount in enumerate(settings.secret_mounts):
         mounts.append({"name": _secret_volume_name(index), "mountPath": mount.path, "readOnly": True})
     return mounts

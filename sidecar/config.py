@@ -177,6 +177,8 @@ class SidecarSettings(_Base):
     nats_user: str | None = None  # with nats_password_file
     nats_password_file: str | None = None
     nats_token_file: str | None = None
+    # bytes waiting for the socket to NATS; beyond it writes are refused (durable=false) until it drains
+    nats_max_pending: ByteSize = ByteSize(32 * 1024 * 1024)
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
     admin_token_file: str | None = None  # bearer token for mutating admin calls

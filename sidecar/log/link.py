@@ -140,7 +140,7 @@ class NatsLink:
     @classmethod
     def from_options(cls, options: NatsOptions, name: str = "walcar") -> NatsLink:
         return cls(options.url, creds=options.creds, name=name, tls=options.tls, user=options.user,
-                   password=options.password, token=options.token)
+                   password=options.password, token=options.token, max_pending=options.max_pending)
 
     @property
     def congested(self) -> bool:

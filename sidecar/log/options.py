@@ -44,6 +44,7 @@ class NatsOptions:
     user: str | None = None
     password: str | None = None
     token: str | None = None
+    max_pending: int = 32 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings: SidecarSettings) -> NatsOptions:
@@ -60,6 +61,7 @@ class NatsOptions:
             password=read_secret_file("nats_password_file", settings.nats_password_file)
             if settings.nats_password_file else None,
             token=read_secret_file("nats_token_file", settings.nats_token_file) if settings.nats_token_file else None,
+            max_pending=int(settings.nats_max_pending),
         )
 
     @property

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -15,6 +16,7 @@ from sidecar.log.link import NatsLink
 from sidecar.log.wire import encode_publish
 from tests.support.natscluster import cluster_url, nats_cluster
 from tests.support.procs import NatsProcess
+from tests.support.sidecar import base_url, build_config, kv_listener, running_sidecar, sidecar_document
 from tests.support.waiting import until
 
 
@@ -107,3 +109,27 @@ async def test_writes_are_refused_not_queued_without_bound_when_the_server_stops
         await until(lambda: not link.congested, 10, "the buffer to drain once the server reads again")
         assert link.send(encode_publish("bounded.test", b"", None, b"ok"))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sidecar_given_one_url_keeps_journaling_to_r3_streams_when_that_node_dies(
+        cluster: list[NatsProcess], unique: str) -> None:
+    """Both connections (nats-py and the link) learn the other nodes and move when the one URL's node dies."""
+    first = cluster[0]
+    config = build_config(sidecar_document(first.url, {unique: {"partitions": 2, "replicas": 3}}, [kv_listener()]))
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=10) as client:
+
+        async def put(i: int) -> str:
+            response = await client.put(f"/v1/kv/{unique}/k{i}", json={"items": [{"key": "v", "text": str(i)}]})
+            return str(response.json().get("durable")) if response.status_code in (200, 503) else "error"
+
+        assert await put(0) == "true"
+        first.kill()
+        durable_after = 0
+        for i in range(1, 400):  # bounded: at most ~40 s of attempts
+            if await put(i) == "true":
+                durable_after += 1
+                if durable_after >= 20:
+                    break
+            else:
+                await trio.sleep(0.1)
+        assert durable_after >= 20, "writes did not become durable again on the surviving nodes"

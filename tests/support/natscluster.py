@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
-from tests.support.procs import NatsProcess, free_port
+from tests.support.procs import NatsProcess, free_port, wait_for
 
 
 def nats_cluster(workdir: Path, size: int = 3) -> list[NatsProcess]:
@@ -19,11 +20,21 @@ def nats_cluster(workdir: Path, size: int = 3) -> list[NatsProcess]:
         for node in nodes:
             node.start(timeout=30)
             started.append(node)
+        wait_for(lambda: all(_healthy(node) for node in nodes), 60, what="the cluster's JetStream meta leader")
     except BaseException:
         for node in started:
             node.kill()
         raise
     return nodes
+
+
+def _healthy(node: NatsProcess) -> bool:
+    """/healthz without js-enabled-only: JetStream is current (the meta leader is known)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}/healthz", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def cluster_url(nodes: list[NatsProcess]) -> str:

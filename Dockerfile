@@ -17,7 +17,7 @@ RUN python -m venv /opt/walcar
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN /opt/walcar/bin/pip install . \
+RUN /opt/walcar/bin/pip install '.[nkeys]' \
     && /opt/walcar/bin/walcar --help > /dev/null
 
 # Runtime stage: slim Python, the virtualenv, a non-root user. Numeric USER so the kubelet can

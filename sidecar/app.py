@@ -27,7 +27,7 @@ from sidecar.control.store import ControlError, NamespaceStore, unsafe_changes
 from sidecar.drain.notices import subscribe_applied
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.service import DrainService
-from sidecar.http import hypercorn_config, serve_http
+from sidecar.http import hypercorn_config, serve_http, serve_tls
 from sidecar.ingress import Ingress
 from sidecar.log.journal import Journal
 from sidecar.log.service import open_journal
@@ -122,7 +122,7 @@ class Sidecar:
         self.pauses = Pauses(conn)
         await self.pauses.open()
         self.dead_letters = DeadLetters(conn, journal.writer)
-        log.info("journal_ready", nats_url=config.sidecar.nats_url, server_version=conn.server_version)
+        log.info("journal_ready", nats_url=conn.url, server_version=conn.server_version)
         # The control plane's namespaces (bucket over file) are in force before anything drains or listens.
         store = NamespaceStore(conn)
         await store.open()
@@ -245,6 +245,10 @@ class Sidecar:
                         token=_read_secret(listener.token_file), max_body=int(listener.max_body),
                         max_items=listener.max_items)
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
+            if listener.tls is not None:
+                assert self._services is not None
+                serve_tls(http, listener.tls.cert_file, listener.tls.key_file, float(listener.tls.reload_interval),
+                          self._services, f"{_listener_name(listener)}.tls")
             server, args = serve_http, (app, http, self._stop_listeners)
         elif listener.protocol == "memcached":
             from sidecar.protocols.memcache.server import serve_memcached

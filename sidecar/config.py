@@ -61,6 +61,15 @@ class MemcachedTarget(_TargetBase, tag="memcached", tag_field="type", kw_only=Tr
     max_item_size: ByteSize = ByteSize(MEMCACHED_ITEM_SIZE)
 
 
+class CassandraTls(_Base):
+    """TLS to Cassandra (client_encryption_options); files re-read when new connections are made."""
+
+    ca_file: str | None = None  # PEM CA bundle the nodes' certificates chain to; default: system roots
+    cert_file: str | None = None  # PEM client certificate, for require_client_auth: true
+    key_file: str | None = None
+    check_hostname: bool = True  # the node certificate must name the address dialled (IP SAN or DNS)
+
+
 class CassandraTarget(_TargetBase, tag="cassandra", tag_field="type", kw_only=True):
     contact_points: list[str]
     keyspace: str
@@ -72,6 +81,15 @@ class CassandraTarget(_TargetBase, tag="cassandra", tag_field="type", kw_only=Tr
     timeout: Duration = Duration(5.0)
     create_schema: bool = True
     replication_factor: int = 1
+    tls: CassandraTls | None = None
+
+
+class WalTls(_Base):
+    """HTTPS to a remote region's KV listener with the operator's CA; files re-read when they change."""
+
+    ca_file: str | None = None  # PEM CA bundle the remote's certificate chains to; default: system roots
+    cert_file: str | None = None  # PEM client certificate, if the remote's ingress asks for one
+    key_file: str | None = None
 
 
 class WalTarget(_TargetBase, tag="wal", tag_field="type", kw_only=True):
@@ -82,6 +100,7 @@ class WalTarget(_TargetBase, tag="wal", tag_field="type", kw_only=True):
     timeout: Duration = Duration(5.0)
     batch_size: int = 500
     compress_above: ByteSize = ByteSize(64 * 1024)
+    tls: WalTls | None = None  # for an https:// url
 
 
 Target = MemcachedTarget | CassandraTarget | WalTarget
@@ -125,6 +144,14 @@ class Namespace(_Base):
         return min(sizes) if sizes else DEFAULT_MAX_ITEM_SIZE
 
 
+class ListenerTls(_Base):
+    """A kv listener served over HTTPS; the pair is re-read when it changes (a rotated Secret)."""
+
+    cert_file: str
+    key_file: str
+    reload_interval: Duration = Duration(10.0)  # how often the files are checked for a change
+
+
 class Listener(_Base):
     protocol: Literal["memcached", "cql", "kv"]
     bind: str
@@ -153,6 +180,9 @@ class Listener(_Base):
     max_body: ByteSize = ByteSize(32 * 1024 * 1024)
     # kv: entries one request may make (items of a put, keys of a delete, over all mutations).
     max_items: int = 10_000
+    # cql: TLS to the upstream; default: the namespace's cassandra target's `tls`.
+    upstream_tls: CassandraTls | None = None
+    tls: ListenerTls | None = None  # kv: serve HTTPS
 
 
 class JournalSettings(_Base):
@@ -175,10 +205,26 @@ class DrainSettings(_Base):
     max_run: int = 64  # entries of one key applied in one round
 
 
+class NatsTls(_Base):
+    """TLS to NATS with the operator's CA; every file is re-read at the next (re)connect after it changes."""
+
+    ca_file: str | None = None  # PEM CA bundle the server's certificate must chain to; default: system roots
+    cert_file: str | None = None  # PEM client certificate (mTLS), with its chain
+    key_file: str | None = None  # PEM key of cert_file
+    server_name: str | None = None  # name the server's certificate must carry; default: the URL's host
+    handshake_first: bool = False  # TLS before the server's INFO (nats-server `handshake_first: true`)
+
+
 class SidecarSettings(_Base):
     region: str = "local"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_creds: str | None = None
+    nats_tls: NatsTls | None = None
+    nats_user: str | None = None  # with nats_password_file
+    nats_password_file: str | None = None
+    nats_token_file: str | None = None
+    # bytes waiting for the socket to NATS; beyond it writes are refused (durable=false) until it drains
+    nats_max_pending: ByteSize = ByteSize(32 * 1024 * 1024)
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
     # Bearer token for admin mutations and for reads that reveal values or config. Required when
@@ -403,6 +449,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
         elif listener.namespace is not None and listener.namespace not in config.namespaces:
             yield f"{path}.namespace: unknown namespace {listener.namespace!r}"
+        if listener.tls is not None and listener.protocol != "kv":
+            yield f"{path}.tls: only a kv listener serves TLS (got {listener.protocol})"
         if listener.protocol == "memcached" and listener.namespace in config.namespaces:
             ns = config.namespaces[listener.namespace]
             if not any(isinstance(t, MemcachedTarget) for t in ns.targets):
@@ -411,6 +459,7 @@ def _semantic_errors(config: Config) -> Iterator[str]:
             ns = config.namespaces[listener.namespace]
             if not any(isinstance(t, CassandraTarget) for t in ns.targets):
                 yield f"{path}: set `upstream` or give namespace {listener.namespace!r} a cassandra target"
+    yield from _nats_auth_errors(config.sidecar)
     admin_addresses = [("sidecar.admin", config.sidecar.admin)]
     if config.sidecar.admin_token_create and config.sidecar.admin_token_file is None:
         yield "sidecar.admin_token_create: needs sidecar.admin_token_file (where the token is written)"
@@ -485,6 +534,19 @@ def parse_start(text: str) -> float | None:
     except ValueError:
         return None
     return stamp.timestamp() if stamp.tzinfo is not None else None
+
+
+def _nats_auth_errors(sidecar: SidecarSettings) -> Iterator[str]:
+    ways = [name for name, value in (("nats_password_file", sidecar.nats_password_file),
+                                     ("nats_token_file", sidecar.nats_token_file),
+                                     ("nats_creds", sidecar.nats_creds)) if value]
+    if len(ways) > 1:
+        yield f"sidecar: set one of {', '.join(ways)}, not several (one way to authenticate to NATS)"
+    if (sidecar.nats_user is None) != (sidecar.nats_password_file is None):
+        yield "sidecar: nats_user and nats_password_file go together"
+    tls = sidecar.nats_tls
+    if tls is not None and tls.key_file and not tls.cert_file:
+        yield "sidecar.nats_tls.key_file: set cert_file too (the client certificate)"
 
 
 def _hostports(values: list[str], path: str) -> Iterator[str]:

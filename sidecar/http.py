@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from sidecar.tls import TlsError, reload_certificate
 from sidecar.units import parse_hostport
 
 Scope = dict[str, Any]
@@ -68,3 +70,18 @@ async def serve_http(
 ) -> None:
     """Serve until `shutdown` is set; in-flight requests get `graceful_timeout` to finish."""
     await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+def serve_tls(config: HypercornConfig, cert_file: str, key_file: str, reload_interval: float,
+              nursery: trio.Nursery, where: str = "certificate") -> None:
+    """Serve `config` over TLS with this pair, re-read every `reload_interval` once it changed.
+
+    hypercorn builds its context once: it is handed ours, so a reload reaches new handshakes."""
+    config.certfile, config.keyfile = cert_file, key_file
+    try:
+        context = config.create_ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"{where}: cannot serve with cert_file {cert_file} and key_file {key_file}: {exc}") from None
+    assert context is not None
+    config.create_ssl_context = lambda: context  # type: ignore[method-assign]
+    nursery.start_soon(reload_certificate, context, cert_file, key_file, reload_interval, where)

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from sidecar.inject.annotations import CONFIG, PodOptions
-from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE, RUN_DIR
+from sidecar.inject.render import NATS_CREDS_DIR, NATS_CREDS_FILE, NATS_TLS_DIR, RUN_DIR
 from sidecar.inject.settings import InjectorSettings
 
 CONTAINER_NAME = "walcar"
@@ -21,6 +21,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/walcar.yaml"
 CONFIG_VOLUME = "walcar-config"
 NATS_CREDS_VOLUME = "walcar-nats-creds"
 RUN_VOLUME = "walcar-run"
+NATS_TLS_VOLUME = "walcar-nats-tls"
 ADMIN_PORT_NAME = "walcar-admin"  # loopback only; declared so the injector sees an app's clash with it
 METRICS_PORT_NAME = "walcar-metrics"
 PORT_NAMES = {"kv": "walcar-kv", "memcached": "walcar-memcache", "cql": "walcar-cql"}  # <= 15 characters
@@ -55,6 +56,9 @@ def volumes(settings: InjectorSettings) -> list[dict[str, Any]]:
                 "defaultMode": 0o444,
             },
         })
+    if settings.nats_tls_secret:  # mounted as a directory (never subPath, which kubelet never updates)
+        result.append({"name": NATS_TLS_VOLUME, "secret": {"secretName": settings.nats_tls_secret,
+                                                           "defaultMode": 0o444}})
     for index, mount in enumerate(settings.secret_mounts):
         result.append({"name": _secret_volume_name(index),
                        "secret": {"secretName": mount.secret, "defaultMode": 0o444}})
@@ -66,6 +70,8 @@ def _mounts(settings: InjectorSettings) -> list[dict[str, Any]]:
                                     {"name": RUN_VOLUME, "mountPath": RUN_DIR}]
     if settings.nats_creds_secret:
         mounts.append({"name": NATS_CREDS_VOLUME, "mountPath": NATS_CREDS_DIR, "readOnly": True})
+    if settings.nats_tls_secret:
+        mounts.append({"name": NATS_TLS_VOLUME, "mountPath": NATS_TLS_DIR, "readOnly": True})
     for index, mount in enumerate(settings.secret_mounts):
         mounts.append({"name": _secret_volume_name(index), "mountPath": mount.path, "readOnly": True})
     return mounts

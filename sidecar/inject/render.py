@@ -34,9 +34,22 @@ from sidecar.inject.settings import InjectorSettings
 
 NATS_CREDS_DIR = "/var/run/secrets/walcar/nats"
 NATS_CREDS_FILE = "nats.creds"
+NATS_TLS_DIR = "/var/run/secrets/walcar/nats-tls"
 RUN_DIR = "/var/run/walcar"  # a memory emptyDir of the walcar container alone
 ADMIN_TOKEN_FILE = f"{RUN_DIR}/admin.token"
 GRACE_MARGIN_SECONDS = 5  # process start-up of `walcar drain`, the kubelet's own slack
+
+
+def nats_tls_files(settings: InjectorSettings) -> dict[str, Any]:
+    """sidecar.nats_tls pointing into the mounted Secret (the chart's drain Deployment does the same)."""
+    tls: dict[str, Any] = {"ca_file": f"{NATS_TLS_DIR}/ca.crt"}
+    if settings.nats_tls_client_cert:
+        tls.update(cert_file=f"{NATS_TLS_DIR}/tls.crt", key_file=f"{NATS_TLS_DIR}/tls.key")
+    if settings.nats_tls_server_name:
+        tls["server_name"] = settings.nats_tls_server_name
+    if settings.nats_tls_handshake_first:
+        tls["handshake_first"] = True
+    return tls
 
 
 class RenderError(Exception):
@@ -89,6 +102,8 @@ def pod_config(control_plane: dict[str, Any], settings: InjectorSettings,
         sidecar["nats_url"] = settings.nats_url
     if settings.nats_creds_secret:
         sidecar["nats_creds"] = f"{NATS_CREDS_DIR}/{NATS_CREDS_FILE}"
+    if settings.nats_tls_secret:
+        sidecar["nats_tls"] = nats_tls_files(settings)
     sidecar["admin"] = f"127.0.0.1:{settings.ports.admin}"
     sidecar["admin_token_file"] = ADMIN_TOKEN_FILE
     sidecar["admin_token_create"] = True

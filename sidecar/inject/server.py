@@ -10,14 +10,12 @@ no restart.
 from __future__ import annotations
 
 import json
-import os
-import ssl
 import time
 from typing import Any
 
 import trio
 
-from sidecar.http import Receive, Scope, Send, hypercorn_config, respond, serve_http, serve_lifespan
+from sidecar.http import Receive, Scope, Send, hypercorn_config, respond, serve_http, serve_lifespan, serve_tls
 from sidecar.inject.patch import Injector
 from sidecar.inject.settings import InjectorSettings
 from sidecar.logs import get_logger
@@ -84,33 +82,6 @@ async def _json(send: Send, status: int, body: object) -> None:
     await respond(send, status, json.dumps(body).encode())
 
 
-def _stamp(*paths: str) -> tuple[tuple[int, int], ...]:
-    stamps = []
-    for path in paths:
-        info = os.stat(path)
-        stamps.append((info.st_mtime_ns, info.st_size))
-    return tuple(stamps)
-
-
-async def _reload_certificate(context: ssl.SSLContext, certfile: str, keyfile: str, interval: float) -> None:
-    """New handshakes use the new certificate; a half-updated pair is skipped and retried at the next tick."""
-    seen = _stamp(certfile, keyfile)
-    while True:
-        await trio.sleep(interval)
-        try:
-            stamp = _stamp(certfile, keyfile)
-            if stamp == seen:
-                continue
-            # check the pair on a scratch context first: a mismatched half-update must not reach the live one
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
-            context.load_cert_chain(certfile, keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            log.warning("certificate_reload_failed", error=str(exc), cert_file=certfile)
-            continue
-        seen = stamp
-        log.info("certificate_reloaded", cert_file=certfile)
-
-
 async def serve(settings: InjectorSettings, injector: Injector, shutdown: trio.Event, *,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the webhook until `shutdown` is set; readiness fails first so Service endpoints move away."""
@@ -120,12 +91,7 @@ async def serve(settings: InjectorSettings, injector: Injector, shutdown: trio.E
     stop_http = trio.Event()
     async with trio.open_nursery() as background:
         if settings.cert_file and settings.key_file:
-            context = config.create_ssl_context()
-            assert context is not None
-            # hypercorn builds its context once; hand it ours so reloads reach new handshakes
-            config.create_ssl_context = lambda: context  # type: ignore[method-assign]
-            background.start_soon(_reload_certificate, context, settings.cert_file, settings.key_file,
-                                  float(settings.cert_reload_interval))
+            serve_tls(config, settings.cert_file, settings.key_file, float(settings.cert_reload_interval), background)
         async with trio.open_nursery() as http:
             await http.start(serve_http, app, config, stop_http)
             app.ready = True

@@ -65,6 +65,12 @@ class InjectorSettings(_Base):
     nats_url: str | None = None  # overrides the control plane's sidecar.nats_url when set
     nats_creds_secret: str | None = None  # Secret (in the pod's namespace) holding the NATS credentials file
     nats_creds_key: str = "nats.creds"
+    # Secret (in the pod's namespace) with the NATS TLS files, cert-manager's layout: ca.crt, and
+    # tls.crt + tls.key when nats_tls_client_cert (mTLS). Mounted whole, so a rotation reaches the pod.
+    nats_tls_secret: str | None = None
+    nats_tls_client_cert: bool = True
+    nats_tls_server_name: str | None = None
+    nats_tls_handshake_first: bool = False
     role: Literal["all", "ingress"] = "all"  # "ingress" when a drain-only Deployment applies the journal
     native_sidecar: bool = True  # false for clusters older than 1.29 (pods may still opt out per pod)
     drain_deadline: Duration = Duration(30.0)

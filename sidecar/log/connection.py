@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import nats
 import trio
 from nats.aio.client import Client
 
 from sidecar.log.bridge import AsyncioBridge
+from sidecar.log.options import CredentialsError, NatsOptions
 from sidecar.logs import get_logger
+from sidecar.secrets import redact_urls
+from sidecar.tls import ClientTls, TlsError, explain
 
 if TYPE_CHECKING:
     from sidecar.log.link import NatsLink
@@ -25,6 +29,39 @@ class ServerTooOld(RuntimeError):
     pass
 
 
+class _Client(Client):
+    """nats-py's client, asking for the TLS context at each (re)connect: rotated files are read then."""
+
+    walcar_tls: ClientTls | None = None
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        if self.walcar_tls is not None:
+            return self.walcar_tls.context()
+        return super().ssl_context
+
+    def _connect_command(self) -> bytes:
+        # nats-py goes on in plain text when the server does not ask for TLS: with TLS configured,
+        # fail closed before CONNECT (and its credentials) is sent
+        if self.walcar_tls is not None and not self.walcar_tls.handshake_first \
+                and not self._server_info.get("tls_required"):
+            raise NoTlsOffered("the server does not offer TLS, and sidecar.nats_tls is set")
+        return super()._connect_command()
+
+
+class NoTlsOffered(ssl.SSLError):
+    pass
+
+
+def _refused_for_good(exc: BaseException | None) -> bool:
+    """A TLS verification failure or an authorization refusal: retrying at startup cannot help."""
+    if isinstance(exc, ssl.SSLError):
+        return not isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    return "authorization violation" in str(exc).lower()
+
+
+
+
 class JetStreamApiError(RuntimeError):
     def __init__(self, subject: str, error: dict[str, Any]) -> None:
         self.code = int(error.get("code", 0))
@@ -36,9 +73,11 @@ class JetStreamApiError(RuntimeError):
 class NatsConnection:
     """Owns the nats-py client; lives on the bridge's asyncio loop, reported to trio."""
 
-    def __init__(self, bridge: AsyncioBridge, url: str, creds: str | None = None, name: str = "walcar") -> None:
+    def __init__(self, bridge: AsyncioBridge, url: str, creds: str | None = None, name: str = "walcar",
+                 options: NatsOptions | None = None) -> None:
         self.bridge = bridge
-        self.url = url
+        self.options = options or NatsOptions(url, creds)
+        self.url = redact_urls(url)  # what logs and errors show: never a password
         self.creds = creds
         self.name = name
         self.nc: Client | None = None
@@ -51,6 +90,7 @@ class NatsConnection:
         self._state_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._connect_error: BaseException | None = None
         # The trio connection for the hot paths (journal writes, drain pulls and acks): open_journal sets it.
         self.link: NatsLink | None = None
 
@@ -86,13 +126,18 @@ class NatsConnection:
         deadline = trio.current_time() + retry_for
         delay = 0.1
         while True:
+            self._connect_error = None
             try:
                 self.nc = await self.bridge.run(self._connect_async)
                 break
-            except ServerTooOld:
+            except (ServerTooOld, TlsError, CredentialsError):
                 raise
             except Exception as exc:  # nats-py raises several unrelated types when unreachable
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                cause = self._connect_error if isinstance(exc, TimeoutError) and self._connect_error else exc
+                self.last_error = explain(cause, "sidecar.nats_tls")
+                if _refused_for_good(cause):
+                    # a wrong CA, certificate or password: waiting will not mend it
+                    raise ConnectionError(f"cannot connect to NATS at {self.url}: {self.last_error}") from None
                 if trio.current_time() + delay > deadline:
                     raise ConnectionError(f"cannot connect to NATS at {self.url}: {self.last_error}") from None
                 log.warning("nats_connect_retry", url=self.url, error=self.last_error, retry_in=f"{delay:.1f}s")
@@ -112,10 +157,11 @@ class NatsConnection:
             self.to_trio(self._after_reconnect)
 
         async def error(exc: Exception) -> None:
-            self.to_trio(lambda: setattr(self, "last_error", f"{type(exc).__name__}: {exc}"))
+            self._connect_error = exc  # why a first connect that times out did so
+            self.to_trio(lambda: setattr(self, "last_error", explain(exc, "sidecar.nats_tls")))
 
         options: dict[str, Any] = {
-            "servers": [u.strip() for u in self.url.split(",")],
+            "servers": [u.strip() for u in self.options.url.split(",")],
             "name": self.name,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
@@ -131,9 +177,20 @@ class NatsConnection:
             "reconnected_cb": reconnected,
             "error_cb": error,
         }
-        if self.creds:
-            options["user_credentials"] = self.creds
-        nc = await nats.connect(**options)
+        options.update(self._auth_options())
+        nc = _Client()
+        nc.walcar_tls = self.options.tls
+        # nats-py retries a first connect forever when reconnects are unlimited: one bounded round
+        # here, and `connect` decides whether to try again (and says why it failed).
+        attempt = (options["connect_timeout"] + options["reconnect_time_wait"]) * len(options["servers"]) + 1
+        try:
+            await asyncio.wait_for(nc.connect(**options), attempt)
+        except BaseException:
+            try:
+                await nc.close()
+            except Exception:  # half-open: nothing more to release
+                pass
+            raise
         version = nc.connected_server_version
         self.server_version = f"{version.major}.{version.minor}.{version.patch}"
         if (version.major, version.minor) < MIN_SERVER_VERSION:
@@ -146,6 +203,23 @@ class NatsConnection:
             await nc.close()
             raise ServerTooOld(f"nats-server at {self.url} has JetStream disabled: start it with -js")
         return nc
+
+    def _auth_options(self) -> dict[str, Any]:
+        """Credentials and TLS as nats-py takes them; the files were read by NatsOptions."""
+        opts = self.options
+        extra: dict[str, Any] = {}
+        if opts.creds:
+            extra["user_credentials"] = opts.creds
+        if opts.user is not None:
+            extra.update(user=opts.user, password=opts.password or "")
+        if opts.token is not None:
+            extra["token"] = opts.token
+        if opts.tls is not None:
+            extra["tls"] = opts.tls.context()
+            extra["tls_handshake_first"] = opts.tls.handshake_first
+            if opts.tls.server_name:
+                extra["tls_hostname"] = opts.tls.server_name
+        return extra
 
     def _after_reconnect(self) -> None:
         self._set_state(True)

@@ -23,13 +23,12 @@ import re
 import secrets
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from sidecar.log.pool import Server, ServerPool, backoff
 from sidecar.log.wire import (
     PING,
     PONG,
@@ -45,11 +44,15 @@ from sidecar.log.wire import (
     encode_unsub,
 )
 from sidecar.logs import get_logger
+from sidecar.tls import ClientTls, explain
+
+if TYPE_CHECKING:
+    from sidecar.log.options import NatsOptions
 
 log = get_logger("nats")
 
 CONNECT_TIMEOUT: Final = 2.0
-RECONNECT_WAIT: Final = 0.5
+MAX_PENDING: Final = 32 * 1024 * 1024  # bytes queued for the socket; beyond it the link refuses more
 PING_INTERVAL: Final = 5.0
 MAX_OUTSTANDING_PINGS: Final = 2
 RECEIVE_SIZE: Final = 256 * 1024
@@ -66,34 +69,6 @@ class LinkLost(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Server:
-    host: str
-    port: int
-    tls: bool
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-
-
-def parse_servers(url: str) -> list[Server]:
-    """`nats://[user:pass@|token@]host[:port]`, `tls://...`, comma-separated, as nats-py takes them."""
-    servers = []
-    for part in url.split(","):
-        part = part.strip()
-        if "://" not in part:
-            part = "nats://" + part
-        split = urlsplit(part)
-        if split.scheme not in ("nats", "tls"):
-            raise ValueError(f"unsupported NATS URL scheme {split.scheme!r} in {part!r}")
-        user = unquote(split.username) if split.username else None
-        password = unquote(split.password) if split.password else None
-        token = user if user is not None and password is None else None
-        servers.append(Server(split.hostname or "127.0.0.1", split.port or 4222, split.scheme == "tls",
-                              None if token else user, password, token))
-    return servers
-
-
 _CREDS_BLOCK = re.compile(r"-{3,}[^\n]*-{3,}\s*\n(.+?)\s*\n\s*-{3,}[^\n]*-{3,}", re.DOTALL)
 
 
@@ -108,7 +83,7 @@ def creds_signer(path: str) -> Callable[[str], dict[str, str]]:
     try:
         import nkeys  # type: ignore[import-not-found]
     except ImportError:
-        raise ValueError("nats_creds needs the `nkeys` package: pip install nkeys") from None
+        raise ValueError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
     keys = nkeys.from_seed(seed.encode())
 
     def sign(nonce: str) -> dict[str, str]:
@@ -136,9 +111,15 @@ class Timer:
 class NatsLink:
     """One trio connection to NATS; handlers run on the trio loop as messages are read."""
 
-    def __init__(self, url: str, *, creds: str | None = None, name: str = "walcar") -> None:
-        self.servers = parse_servers(url)
+    def __init__(self, url: str, *, creds: str | None = None, name: str = "walcar", tls: ClientTls | None = None,
+                 user: str | None = None, password: str | None = None, token: str | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.pool = ServerPool(url)
+        self.current: Server | None = None  # the server connected to
+        self.max_pending = max_pending
         self.name = name
+        self.tls = tls
+        self._auth = (user, password, token)  # from the config's files; override what a URL carries
         self.connected = False
         self.last_error = ""
         # The server's limit for one message (INFO max_payload): a PUB over it makes the server close
@@ -150,6 +131,7 @@ class NatsLink:
         self._subscriptions: dict[int, tuple[str, MessageHandler]] = {}
         self._sids = itertools.count(1)
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._wake = trio.Event()
         self._pings_outstanding = 0
         self._fd: int | None = None  # plain TCP: bytes can go out at once, without waiting for the write loop
@@ -159,12 +141,24 @@ class NatsLink:
         self._timers_changed = trio.Event()
         self._after_read: list[Callable[[], None]] = []
 
+    @classmethod
+    def from_options(cls, options: NatsOptions, name: str = "walcar") -> NatsLink:
+        return cls(options.url, creds=options.creds, name=name, tls=options.tls, user=options.user,
+                   password=options.password, token=options.token, max_pending=options.max_pending)
+
+    @property
+    def congested(self) -> bool:
+        """More than `max_pending` bytes wait for the socket: the server (or the network) is not keeping
+        up. Writers refuse new writes (durable=false) instead of queueing without bound."""
+        return self._out_bytes >= self.max_pending
+
     def send(self, data: bytes) -> bool:
-        """Write bytes now if the socket takes them, else queue them; False while disconnected.
+        """Write bytes now if the socket takes them, else queue them; False while disconnected or
+        congested (nothing is queued then).
 
         Writing at once (not only from the write loop's next turn) lets the server start on
         the first burst of a scheduling round while trio is still running the rest of it."""
-        if not self.connected:
+        if not self.connected or self._out_bytes >= self.max_pending:
             return False
         if self._fd is not None and not self._out and not self._writing:
             try:
@@ -175,6 +169,7 @@ class NatsLink:
                 return True
             data = data[sent:]
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._wake.is_set():
             self._wake.set()
         return True
@@ -226,30 +221,34 @@ class NatsLink:
                 await self._timers_changed.wait()
 
     async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
-        attempt = 0
+        failures = 0  # attempts since the last connection: a full round over the pool waits, with jitter
         started = False
         while True:
-            server = self.servers[attempt % len(self.servers)]
+            server = self.pool.pick()
             try:
                 stream, parser = await self._open(server)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, WireError,
                     LinkRefused, LinkLost) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = explain(exc, "sidecar.nats_tls")
                 if error != self.last_error:
                     log.warning("nats_link_connect_failed", host=server.host, port=server.port, error=error)
                 self.last_error = error
-                attempt += 1
+                failures += 1
                 if not started:
                     task_status.started()
                     started = True
-                await trio.sleep(RECONNECT_WAIT)
+                if failures % len(self.pool) == 0:  # else: the next server at once
+                    await trio.sleep(backoff(failures // len(self.pool)))
                 continue
+            failures = 0
             if not started:
                 task_status.started()
                 started = True
-            log.info("nats_link_connected", host=server.host, port=server.port)
+            log.info("nats_link_connected", host=server.host, port=server.port, discovered=server.discovered)
             self.last_error = ""
+            self.current = server
             reason = await self._serve(stream, parser)
+            self.current = None
             self.last_error = reason
             log.warning("nats_link_lost", host=server.host, port=server.port, error=reason)
 
@@ -258,12 +257,20 @@ class NatsLink:
             stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
             try:
                 parser = ClientParser()
+                tls = self.tls
+                if tls is not None and tls.handshake_first:
+                    stream = await self._start_tls(stream, server)
                 info = await self._next(stream, parser, Info)
                 assert isinstance(info, Info)
                 self.max_payload = int(info.fields.get("max_payload") or DEFAULT_MAX_PAYLOAD)
-                if server.tls or info.fields.get("tls_required"):
-                    stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=server.host)
-                    await stream.do_handshake()
+                self._discover(info.fields, server)
+                fields = info.fields
+                wanted = server.tls or tls is not None
+                if not isinstance(stream, trio.SSLStream) and (wanted or fields.get("tls_required")):
+                    # fail closed: TLS was asked for, never fall back to plain text
+                    if not (fields.get("tls_required") or fields.get("tls_available")):
+                        raise LinkRefused("the server does not offer TLS, and TLS is configured")
+                    stream = await self._start_tls(stream, server)
                 options = self._connect_options(server, info.fields)
                 await stream.send_all(encode_connect(options) + PING)
                 await self._next(stream, parser, Pong)
@@ -272,16 +279,27 @@ class NatsLink:
                 raise
         return stream, parser
 
+    async def _start_tls(self, stream: trio.abc.Stream, server: Server) -> trio.SSLStream[trio.abc.Stream]:
+        # asked at each connect: a rotated CA or client certificate is read here
+        context = self.tls.context() if self.tls is not None else ssl.create_default_context()
+        name = (self.tls.server_name if self.tls is not None else None) or server.tls_name or server.host
+        ssl_stream = trio.SSLStream(stream, context, server_hostname=name)
+        await ssl_stream.do_handshake()
+        return ssl_stream
+
     def _connect_options(self, server: Server, info: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "verbose": False, "pedantic": False, "tls_required": server.tls, "name": self.name,
+            "verbose": False, "pedantic": False, "tls_required": server.tls or self.tls is not None, "name": self.name,
             "lang": "python3-walcar", "version": "1", "protocol": 1, "headers": True, "no_responders": True,
             "echo": False,
         }
-        if server.user is not None:
-            options.update(user=server.user, **{"pass": server.password or ""})
-        if server.token is not None:
-            options["auth_token"] = server.token
+        user, password, token = self._auth
+        if user is None and token is None:
+            user, password, token = server.user, server.password, server.token
+        if user is not None:
+            options.update(user=user, **{"pass": password or ""})
+        if token is not None:
+            options["auth_token"] = token
         if self._sign is not None:
             options.update(self._sign(str(info.get("nonce", ""))))
         return options
@@ -306,6 +324,7 @@ class NatsLink:
     async def _serve(self, stream: trio.abc.Stream, parser: ClientParser) -> str:
         """Until the connection breaks; returns why. What was queued but not written is dropped."""
         self._out.clear()
+        self._out_bytes = 0
         self._pings_outstanding = 0
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.connected = True
@@ -326,11 +345,30 @@ class NatsLink:
             self.connected = False
             self._fd = None
             self._out.clear()
+            self._out_bytes = 0
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
         for lost in list(self.on_lost):
             lost(reason)
         return reason
+
+    def _discover(self, info: dict[str, Any], server: Server) -> None:
+        added = self.pool.discover(list(info.get("connect_urls") or []), server)
+        if added:
+            log.info("nats_link_discovered", servers=",".join(f"{s.host}:{s.port}" for s in added))
+
+    def _on_info(self, info: dict[str, Any]) -> None:
+        """An INFO while connected: the cluster changed, or this server is going away."""
+        current = self.current
+        if current is None:
+            return
+        self._discover(info, current)
+        if info.get("ldm"):
+            # Lame-duck mode: the server takes no new clients and will close this connection at some
+            # point in its lame-duck period. Move now, to a server that stays, rather than then.
+            self.pool.lame_duck(current)
+            log.warning("nats_link_lame_duck", host=current.host, port=current.port)
+            raise LinkLost(f"{current.host}:{current.port} entered lame-duck mode: moving to another server")
 
     async def _write_loop(self, stream: trio.abc.Stream) -> None:
         while True:
@@ -340,6 +378,7 @@ class NatsLink:
                 continue
             data = b"".join(self._out)
             self._out.clear()
+            self._out_bytes = 0
             self._writing = True
             try:
                 await stream.send_all(data)
@@ -373,6 +412,8 @@ class NatsLink:
                         self._pings_outstanding = 0
                     elif type(event) is ServerError:
                         log.warning("nats_link_server_error", error=event.message)
+                    elif type(event) is Info:
+                        self._on_info(event.fields)
             finally:  # what was handled before a bad frame is still passed on
                 while self._after_read:
                     hooks, self._after_read = self._after_read, []

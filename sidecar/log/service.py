@@ -13,6 +13,7 @@ from sidecar.log.chunks import ChunkStore
 from sidecar.log.connection import NatsConnection
 from sidecar.log.journal import Journal
 from sidecar.log.link import NatsLink
+from sidecar.log.options import NatsOptions
 from sidecar.log.streams import provision_namespace
 from sidecar.log.writer import JournalWriter
 from sidecar.logs import get_logger
@@ -45,8 +46,9 @@ async def open_journal(
 ) -> AsyncIterator[Journal]:
     """`provision=False` for tools that only read (replay, verify): streams are used as they are,
     never created or changed by a config that may differ from the running sidecars'."""
+    options = NatsOptions.from_settings(config.sidecar)  # a bad TLS or secret file stops here, named
     bridge = AsyncioBridge().start()
-    conn = NatsConnection(bridge, config.sidecar.nats_url, config.sidecar.nats_creds, name=name)
+    conn = NatsConnection(bridge, options.url, name=name, options=options)
     try:
         await conn.connect(retry_for=connect_retry)
         if provision:
@@ -60,7 +62,7 @@ async def open_journal(
 
             conn.on_reconnect(reprovision)
         writer = JournalWriter(conn, config.sidecar.journal)
-        conn.link = NatsLink(config.sidecar.nats_url, creds=config.sidecar.nats_creds, name=f"{name}-link")
+        conn.link = NatsLink.from_options(options, name=f"{name}-link")
         async with trio.open_nursery() as nursery:
             conn.attach(nursery)
             await nursery.start(conn.link.run)

@@ -383,9 +383,10 @@ class JournalWriter:
     def _send(self, writes: list[_Write]) -> None:
         assert self._link is not None
         batch = _Batch(writes, trio.current_time())
-        if not self._link.connected:
+        if not self._link.connected or self._link.congested:
+            reason = "not connected to NATS" if not self._link.connected else "NATS is not keeping up (link full)"
             for write in writes:
-                self._settle(write, batch, _fail("journal unavailable: not connected to NATS"))
+                self._settle(write, batch, _fail(f"journal unavailable: {reason}"))
             return
         commands = []
         for write in writes:

@@ -85,6 +85,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     cass.add_argument("--username", metavar="U")
     cass.add_argument("--password-file", metavar="FILE")
     cass.add_argument("--local-dc", metavar="DC")
+    cass.add_argument("--tls-ca", metavar="FILE", help="TLS to Cassandra, trusting this PEM CA bundle")
+    cass.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for require_client_auth")
+    cass.add_argument("--tls-key", metavar="FILE", help="key of --tls-cert")
+    cass.add_argument("--tls-no-check-hostname", action="store_true",
+                      help="accept a node certificate that does not name the contact point")
     cass.add_argument("--consistency", default="LOCAL_QUORUM",
                       choices=["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "ALL", "EACH_QUORUM"])
     where.add_argument("--as", dest="as_target", metavar="NAME",
@@ -150,7 +155,8 @@ def _target_config(args: argparse.Namespace) -> config_mod.Target | None:
     if not args.to_cassandra:
         extra = [flag for flag, value in (("--keyspace", args.keyspace), ("--table", args.table),
                                           ("--username", args.username), ("--password-file", args.password_file),
-                                          ("--local-dc", args.local_dc)) if value]
+                                          ("--local-dc", args.local_dc), ("--tls-ca", args.tls_ca),
+                                          ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)) if value]
         if extra:
             raise ReplayError(f"{', '.join(extra)} only go with --to-cassandra")
     if args.password_file and not Path(args.password_file).expanduser().is_file():
@@ -162,8 +168,22 @@ def _target_config(args: argparse.Namespace) -> config_mod.Target | None:
             name="replay", contact_points=args.to_cassandra, keyspace=args.keyspace, table=args.table,
             username=args.username, local_dc=args.local_dc, consistency=args.consistency,
             password_file=str(Path(args.password_file).expanduser()) if args.password_file else None,
+            tls=_tls(args),
         )
     return None
+
+
+def _tls(args: argparse.Namespace) -> config_mod.CassandraTls | None:
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_no_check_hostname):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ReplayError("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not Path(path).expanduser().is_file():
+            raise ReplayError(f"{flag} {path}: no such file")
+    ca, cert, key = (str(Path(p).expanduser()) if p else None for p in (args.tls_ca, args.tls_cert, args.tls_key))
+    return config_mod.CassandraTls(ca_file=ca, cert_file=cert, key_file=key,
+                                   check_hostname=not args.tls_no_check_hostname)
 
 
 def _range_fields(args: argparse.Namespace) -> dict[str, Any]:

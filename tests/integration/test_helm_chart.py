@@ -54,6 +54,8 @@ OPTIONS: dict[str, list[str]] = {
     "credentials": ["--set", "nats.credentialsSecret=walcar-nats", "--set", "drain.enabled=true",
                     "--set", "sidecar.secretMounts[0].secret=cassandra-password",
                     "--set", "sidecar.secretMounts[0].path=/var/run/secrets/walcar/cassandra"],
+    "nats-tls": ["--set", "nats.tls.secret=walcar-nats-tls", "--set", "nats.tls.serverName=nats.nats.svc",
+                 "--set", "drain.enabled=true"],
 }
 
 
@@ -279,6 +281,20 @@ def test_drain_deployment_only_drains_and_sidecars_only_ingest(helm: str) -> Non
     assert pod["terminationGracePeriodSeconds"] > 30  # beyond the drain deadline
     assert yaml.safe_load(config_map(docs)["injector.yaml"])["role"] == "ingress"
     assert yaml.safe_load(config_map(template(helm))["injector.yaml"])["role"] == "all"
+
+
+def test_nats_tls_secret_reaches_the_drain_deployment_and_the_injector(helm: str) -> None:
+    docs = template(helm, *OPTIONS["nats-tls"])
+    pod = deployment(docs, "drain")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["nats-tls"]["secret"] == {"secretName": "walcar-nats-tls"}  # whole: renewals reach the pod
+    control_plane = yaml.safe_load(config_map(docs)["walcar.yaml"])
+    assert control_plane["sidecar"]["nats_tls"] == {
+        "ca_file": f"{mounts['nats-tls']}/ca.crt", "cert_file": f"{mounts['nats-tls']}/tls.crt",
+        "key_file": f"{mounts['nats-tls']}/tls.key", "server_name": "nats.nats.svc"}
+    settings = parse_settings(yaml.safe_load(config_map(docs)["injector.yaml"]))
+    assert settings.nats_tls_secret == "walcar-nats-tls" and settings.nats_tls_server_name == "nats.nats.svc"
 
 
 def test_service_monitor_scrapes_the_drain_admin_metrics(helm: str) -> None:

@@ -6,8 +6,6 @@ only that CA, the way the API server trusts the webhook's caBundle.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -16,18 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.pki import Authority, issue, make_ca, trusting
 from tests.support.procs import free_port, wait_for
 from tests.unit.test_inject import (
     CONTROL_PLANE,
@@ -40,80 +34,6 @@ from tests.unit.test_inject import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-# --- a throwaway PKI ----------------------------------------------------------------------
-
-
-@dataclass
-class Authority:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def make_ca(common_name: str = "walcar-test-ca") -> Authority:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Authority(cert, key)
-
-
-def issue(ca: Authority, certfile: Path, keyfile: Path) -> None:
-    """A serving certificate for localhost/127.0.0.1, the way Helm's genSignedCert makes the injector's."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("walcar-injector.walcar-system.svc"))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"),
-            x509.DNSName("walcar-injector.walcar-system.svc"),
-            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-        ]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    # one file at a time, like a non-atomic update: the server must never load a mismatched pair
-    tmp_key, tmp_cert = keyfile.with_name(keyfile.name + ".tmp"), certfile.with_name(certfile.name + ".tmp")
-    tmp_key.write_bytes(key_pem)
-    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp_key, keyfile)
-    os.replace(tmp_cert, certfile)
-
-
-def trusting(ca: Authority, tmp: Path) -> ssl.SSLContext:
-    path = tmp / f"ca-{ca.cert.serial_number}.pem"
-    path.write_bytes(ca.pem())
-    return ssl.create_default_context(cafile=str(path))
 
 
 # --- the injector process -----------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -163,18 +164,22 @@ class CassandraProcess(ManagedProcess):
 
     name = "cassandra"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_yaml: str = "",
+                 ready_context: ssl.SSLContext | None = None) -> None:
         super().__init__(workdir, port)
         self.storage_port = free_port()
         self.jmx_port = free_port()
         self._services = services_module()
+        self.extra_yaml = extra_yaml  # e.g. client_encryption_options (TLS-only native transport)
+        self.ready_context = ready_context  # how the readiness probe speaks TLS to it
 
     def command(self) -> list[str]:
-        return self._services.cassandra_command(self.workdir, self.port, self.storage_port, self.jmx_port)
+        return self._services.cassandra_command(self.workdir, self.port, self.storage_port, self.jmx_port,
+                                                self.extra_yaml)
 
     def ready(self) -> bool:
         try:
-            return self._services.cql_release_version(self.port) is not None
+            return self._services.cql_release_version(self.port, self.ready_context) is not None
         except OSError:
             return False
 

@@ -268,6 +268,23 @@ def test_without_a_credentials_secret_nothing_is_mounted_for_nats() -> None:
     assert "nats_creds" not in pod_config_of(out)["sidecar"]
 
 
+def test_nats_tls_secret_is_mounted_whole_and_named_in_the_config() -> None:
+    """cert-manager's Secret layout (ca.crt, tls.crt, tls.key), mounted as a directory so a rotation
+    reaches the pod and the sidecar re-reads it at its next reconnect."""
+    pod = deployment_pod({"walcar.io/inject": "true"})
+    out = apply(pod, answer_for(pod, injector(nats_tls_secret="walcar-nats-tls", nats_tls_server_name="nats.svc")))
+    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert volumes["walcar-nats-tls"]["secret"] == {"secretName": "walcar-nats-tls", "defaultMode": 0o444}
+    mounts = {m["mountPath"]: m for m in walcar_of(out)["volumeMounts"]}
+    assert mounts["/var/run/secrets/walcar/nats-tls"] == {"name": "walcar-nats-tls", "readOnly": True,
+                                                          "mountPath": "/var/run/secrets/walcar/nats-tls"}
+    assert pod_config_of(out)["sidecar"]["nats_tls"] == {
+        "ca_file": "/var/run/secrets/walcar/nats-tls/ca.crt", "cert_file": "/var/run/secrets/walcar/nats-tls/tls.crt",
+        "key_file": "/var/run/secrets/walcar/nats-tls/tls.key", "server_name": "nats.svc"}
+    ca_only = apply(pod, answer_for(pod, injector(nats_tls_secret="nats-ca", nats_tls_client_cert=False)))
+    assert pod_config_of(ca_only)["sidecar"]["nats_tls"] == {"ca_file": "/var/run/secrets/walcar/nats-tls/ca.crt"}
+
+
 def test_secret_mounts_for_target_passwords() -> None:
     pod = deployment_pod({"walcar.io/inject": "true"})
     inj = injector(secret_mounts=[{"secret": "cassandra-password", "path": "/var/run/secrets/walcar/cassandra"}])

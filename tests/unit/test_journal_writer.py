@@ -25,6 +25,7 @@ class StandInLink:
         self.connected = True
         self.last_error = ""
         self.max_payload = 1024 * 1024
+        self.congested = False
         self.on_lost: list[Any] = []
         self.sent: list[bytes] = []
 

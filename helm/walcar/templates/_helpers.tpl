@@ -79,6 +79,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Where the sidecar and the drain Deployment find the NATS credentials (sidecar/inject/render.py). */}}
 {{- define "walcar.natsCredsDir" -}}/var/run/secrets/walcar/nats{{- end }}
 
+{{/* Where the NATS TLS Secret is mounted (a directory: kubelet updates it when the Secret is renewed). */}}
+{{- define "walcar.natsTlsDir" -}}/var/run/secrets/walcar/nats-tls{{- end }}
+
 {{/* The control plane document (values.config plus what the chart owns), as YAML. */}}
 {{- define "walcar.controlPlane" -}}
 {{- $cfg := deepCopy (default dict .Values.config) }}
@@ -86,6 +89,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $sidecar "nats_url" .Values.nats.url }}
 {{- if .Values.nats.credentialsSecret }}
 {{- $_ := set $sidecar "nats_creds" (printf "%s/nats.creds" (include "walcar.natsCredsDir" .)) }}
+{{- end }}
+{{- with .Values.nats.tls }}
+{{- if .secret }}
+{{- $dir := include "walcar.natsTlsDir" $ }}
+{{- $tls := dict "ca_file" (printf "%s/ca.crt" $dir) }}
+{{- if .clientCertificate }}
+{{- $_ := set $tls "cert_file" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $tls "key_file" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- if .serverName }}
+{{- $_ := set $tls "server_name" .serverName }}
+{{- end }}
+{{- if .handshakeFirst }}
+{{- $_ := set $tls "handshake_first" true }}
+{{- end }}
+{{- $_ := set $sidecar "nats_tls" $tls }}
+{{- end }}
 {{- end }}
 {{- $_ := set $sidecar "admin" (printf "127.0.0.1:%d" (int .Values.sidecar.ports.admin)) }}
 {{- $_ := set $sidecar "admin_token_file" (printf "%s/%s" (include "walcar.adminTokenDir" .) .Values.adminToken.key) }}
@@ -108,6 +128,14 @@ nats_url: {{ .Values.nats.url | quote }}
 {{- if .Values.nats.credentialsSecret }}
 nats_creds_secret: {{ .Values.nats.credentialsSecret | quote }}
 nats_creds_key: {{ .Values.nats.credentialsKey | quote }}
+{{- end }}
+{{- if .Values.nats.tls.secret }}
+nats_tls_secret: {{ .Values.nats.tls.secret | quote }}
+nats_tls_client_cert: {{ .Values.nats.tls.clientCertificate }}
+{{- if .Values.nats.tls.serverName }}
+nats_tls_server_name: {{ .Values.nats.tls.serverName | quote }}
+{{- end }}
+nats_tls_handshake_first: {{ .Values.nats.tls.handshakeFirst }}
 {{- end }}
 role: {{ include "walcar.sidecarRole" . }}
 native_sidecar: {{ .Values.sidecar.nativeSidecar }}
@@ -145,6 +173,11 @@ failure_policy: {{ .Values.webhook.failurePolicy }}
       - key: {{ .Values.nats.credentialsKey }}
         path: nats.creds
 {{- end }}
+{{- if .Values.nats.tls.secret }}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.tls.secret }}
+{{- end }}
 {{- range $i, $m := .Values.sidecar.secretMounts }}
 - name: secret-{{ $i }}
   secret:
@@ -162,6 +195,11 @@ failure_policy: {{ .Values.webhook.failurePolicy }}
 {{- if .Values.nats.credentialsSecret }}
 - name: nats-creds
   mountPath: {{ include "walcar.natsCredsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.nats.tls.secret }}
+- name: nats-tls
+  mountPath: {{ include "walcar.natsTlsDir" . }}
   readOnly: true
 {{- end }}
 {{- range $i, $m := .Values.sidecar.secretMounts }}

@@ -58,6 +58,7 @@ from sidecar.config import CassandraTarget as CassandraSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import CqlMutation, Entry, Op
 from sidecar.logs import get_logger
+from sidecar.tls import ClientTls
 from sidecar.units import parse_hostport
 
 log = get_logger("drain.cassandra")
@@ -108,6 +109,7 @@ class CassandraTarget:
         self._prepared: dict[tuple[str, str], PreparedStatement] = {}
         self._kv: dict[str, PreparedStatement] = {}
         self._connect_lock = trio.Lock()
+        self.tls = ClientTls.from_settings(f"{settings.name}.tls", settings.tls)  # a bad file fails the start
 
     # --- connection --------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class CassandraTarget:
             control_connection_timeout=self.settings.timeout,
             # The driver's default backs off to 10 minutes: far too slow to notice a database that came back.
             reconnection_policy=ExponentialReconnectionPolicy(0.5, 5.0),
+            ssl_context=self.tls.context() if self.tls is not None else None,
         )
 
     def _connect_sync(self) -> None:
@@ -194,6 +197,9 @@ class CassandraTarget:
 
     async def health(self) -> None:
         session = await self._ensure_connected()
+        if self.tls is not None and self.cluster is not None:
+            # the driver dials new connections with the cluster's context: rotated files reach them
+            self.cluster.ssl_context = self.tls.context()
         try:
             await trio.to_thread.run_sync(lambda: session.execute("SELECT release_version FROM system.local"))
         except Exception as exc:

@@ -16,6 +16,7 @@ refused after its own front-door checks (answered `refused`, entry by entry).
 from __future__ import annotations
 
 import gzip
+import ssl
 
 import httpx
 import msgspec
@@ -25,6 +26,7 @@ from sidecar.config import WalTarget as WalSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
 from sidecar.secrets import read_token_file
+from sidecar.tls import ClientTls
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -54,13 +56,27 @@ class WalTarget:
         self.health_url = f"{settings.url.rstrip('/')}/healthz"
         self.token = read_token_file(settings.token_file) if settings.token_file else None
         self.client: httpx.AsyncClient | None = None
+        self.tls = ClientTls.from_settings(f"{settings.name}.tls", settings.tls)  # a bad file fails the start
+        self._context: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         headers = {"content-type": "application/msgpack", "accept": "application/msgpack"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
+        self._context = self.tls.context() if self.tls is not None else None
         self.client = httpx.AsyncClient(timeout=self.settings.timeout, headers=headers,
+                                        verify=self._context if self._context is not None else True,
                                         limits=httpx.Limits(max_keepalive_connections=8, max_connections=16))
+
+    async def _current_client(self) -> httpx.AsyncClient:
+        """The client, made anew when the CA or client certificate files changed (kept connections
+        were verified with the old ones)."""
+        if self.tls is not None and self.tls.context() is not self._context:
+            await self.close()
+        if self.client is None:
+            await self.start()
+        assert self.client is not None
+        return self.client
 
     async def close(self) -> None:
         if self.client is not None:
@@ -95,7 +111,7 @@ class WalTarget:
         return [RunOutcome(applied[i], errors.get(i)) for i in range(len(runs))]
 
     async def _send(self, entries: list[Entry]) -> list[ApplyError | None]:
-        assert self.client is not None, "start() first"
+        client = await self._current_client()
         # Target names are this region's: the remote applies the entry to all of its own targets.
         body = _encoder.encode({"entries": [msgspec.structs.replace(e, targets=[]) for e in entries]})
         headers = {}
@@ -103,7 +119,7 @@ class WalTarget:
             body = gzip.compress(body, compresslevel=1)
             headers["content-encoding"] = "gzip"
         try:
-            response = await self.client.post(self.url, content=body, headers=headers)
+            response = await client.post(self.url, content=body, headers=headers)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             raise ApplyError(ErrorClass.UNAVAILABLE,
                              f"remote {self.settings.url}: {type(exc).__name__}: {exc}") from None
@@ -122,9 +138,9 @@ class WalTarget:
         raise ApplyError(ErrorClass.PERMANENT, f"remote refused with {response.status_code}: {detail}")
 
     async def health(self) -> None:
-        assert self.client is not None
+        client = await self._current_client()
         try:
-            response = await self.client.get(self.health_url)
+            response = await client.get(self.health_url)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             raise ApplyError(ErrorClass.UNAVAILABLE, f"remote {self.settings.url}: {exc}") from None
         if response.status_code != 200:

@@ -31,6 +31,7 @@ from sidecar.config import CassandraTarget, Config, Listener
 from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError, new_id, now_us
 from sidecar.ingress import Ack, Ingress, Refused
 from sidecar.logs import get_logger
+from sidecar.tls import ClientTls
 from sidecar.units import parse_hostport
 
 from .frames import (
@@ -134,7 +135,9 @@ class CqlProxy:
         ns = config.namespaces[self.namespace]
         cassandra = [t for t in ns.targets if isinstance(t, CassandraTarget)]
         upstream = listener.upstream or (cassandra[0].contact_points if cassandra else [])
-        self.upstream = Upstream([parse_hostport(a) for a in upstream])
+        tls = listener.upstream_tls or (cassandra[0].tls if cassandra else None)
+        self.upstream = Upstream([parse_hostport(a) for a in upstream],
+                                 tls=ClientTls.from_settings(f"listeners.{listener.bind}.upstream_tls", tls))
         self.upstream.on_event = self._on_upstream_event
         # A conditional statement waits for earlier journaled writes to reach these targets.
         self.wait_targets = [t.name for t in cassandra] or [t.name for t in ns.targets]

@@ -26,6 +26,7 @@ from typing import Any, Final
 import trio
 
 from sidecar.logs import get_logger
+from sidecar.tls import ClientTls, explain
 
 from .frames import FLAG_COMPRESSION, REQUEST_V4, Frame, FrameDecoder
 from .messages import (
@@ -109,7 +110,7 @@ class UpstreamConnection:
     connection dies first.
     """
 
-    def __init__(self, stream: trio.SocketStream, address: str, on_event: Callable[[Frame], None]) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: str, on_event: Callable[[Frame], None]) -> None:
         self.stream = stream
         self.address = address
         self.on_event = on_event
@@ -328,6 +329,7 @@ class Upstream:
         pool_size: int = 2,
         connect_timeout: float = 5.0,
         request_timeout: float = 12.0,
+        tls: ClientTls | None = None,
     ) -> None:
         if not contact_points:
             raise ValueError("a CQL listener needs at least one upstream contact point")
@@ -335,6 +337,7 @@ class Upstream:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.tls = tls  # asked at each dial: rotated files reach new connections
         self.on_event: Callable[[Frame], None] = lambda frame: None
         self.supported: dict[str, list[str]] = {}
         self._authenticator: Any = _UNKNOWN  # None: no auth; str: the authenticator class
@@ -365,15 +368,29 @@ class Upstream:
 
     # --- connections -----------------------------------------------------------
 
-    async def _dial(self) -> tuple[trio.SocketStream, str]:
+    async def _dial(self) -> tuple[trio.abc.Stream, str]:
         errors = []
         for host, port in self.contact_points:
             try:
                 with trio.fail_after(self.connect_timeout):
-                    return await trio.open_tcp_stream(host, port), f"{host}:{port}"
-            except (OSError, trio.TooSlowError) as exc:
-                errors.append(f"{host}:{port}: {exc or 'connect timed out'}")
+                    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                    if self.tls is not None:
+                        stream = await self._start_tls(stream, host)
+                    return stream, f"{host}:{port}"
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                reason = explain(exc, "the cassandra target's tls") if self.tls is not None else str(exc)
+                errors.append(f"{host}:{port}: {reason or 'connect timed out'}")
         raise UpstreamUnavailable("cannot reach Cassandra (" + "; ".join(errors) + ")")
+
+    async def _start_tls(self, stream: trio.abc.Stream, host: str) -> trio.abc.Stream:
+        assert self.tls is not None
+        ssl_stream = trio.SSLStream(stream, self.tls.context(), server_hostname=host)
+        try:
+            await ssl_stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return ssl_stream
 
     async def open_connection(self, token: bytes | None, keyspace: str | None) -> UpstreamConnection:
         """A handshaken connection (STARTUP, SASL with the app's token, USE keyspace)."""

@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 import yaml
@@ -70,7 +70,68 @@ class WalTarget(_Base, tag="wal", tag_field="type"):
     compress_above: ByteSize = ByteSize(64 * 1024)
 
 
-Target = MemcachedTarget | CassandraTarget | WalTarget
+# Request headers walcar sets itself, or that belong to one connection (RFC 9110 7.6.1): not configurable.
+_RESERVED_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
+                     "content-encoding", "idempotency-key"}
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class HttpTarget(_Base, tag="http", tag_field="type"):
+    """An upstream application that applies each entry itself (docs/targets.md)."""
+
+    name: str
+    url: str  # {namespace} and {key} are replaced (the key percent-encoded: never a path or query of its own)
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    delete_method: Literal["POST", "PUT", "PATCH", "DELETE"] | None = None  # default: `method`
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    token_file: str | None = None  # sent as `Authorization: Bearer <token>`, or in `token_header`
+    token_header: str = "authorization"
+    ca_file: str | None = None  # PEM bundle to verify the application's certificate (https)
+    timeout: Duration = Duration(5.0)
+    concurrency: int = 32  # requests in flight at once
+    batch: Literal["none", "json", "ndjson"] = "none"  # one request per entry, or many in a JSON array / NDJSON
+    max_batch: int = 100  # entries per batched request
+    health_url: str | None = None  # probed while the application is away; default: any answer from its host
+
+    not_verifiable: ClassVar[str] = ("the application keeps its own state, which walcar cannot read back; "
+                                     "replay (`walcar replay --target NAME`) re-sends with the same Idempotency-Key")
+
+    def describe(self) -> str:
+        return f"http {self.method} {self.url}"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        """(field, problem) for what the types cannot say."""
+        if not self.url.startswith(("http://", "https://")):
+            yield "url", f"expected an http:// or https:// URL, got {self.url!r}"
+        else:
+            authority = self.url.split("://", 1)[1].split("/", 1)[0]
+            if "{" in authority:
+                yield "url", "placeholders belong in the path or query, not the host"
+            unknown = set(re.findall(r"{([^}]*)}", self.url)) - {"namespace", "key"}
+            if unknown:
+                yield "url", f"unknown placeholder(s) {sorted(unknown)} (known: {{namespace}}, {{key}})"
+        if self.health_url is not None and not self.health_url.startswith(("http://", "https://")):
+            yield "health_url", f"expected an http:// or https:// URL, got {self.health_url!r}"
+        for header, value in self.headers.items():
+            if not _settable_header(header):
+                yield "headers", f"{header!r} is not a valid header name, or one walcar or the connection owns"
+            if any(c in value for c in "\r\n\0"):
+                yield "headers", f"the value of {header!r} holds a line break or NUL"
+        if not _settable_header(self.token_header):
+            yield "token_header", f"{self.token_header!r} is not a valid header name, or one walcar owns"
+        if not 1 <= self.concurrency <= 1024:
+            yield "concurrency", f"must be between 1 and 1024, got {self.concurrency}"
+        if not 1 <= self.max_batch <= 10_000:
+            yield "max_batch", f"must be between 1 and 10000, got {self.max_batch}"
+
+
+Target = MemcachedTarget | CassandraTarget | WalTarget | HttpTarget
+
+
+def _settable_header(name: str) -> bool:
+    lower = name.lower()
+    return bool(_HEADER_NAME_RE.match(name)) and lower not in _RESERVED_HEADERS and not lower.startswith("walcar-")
 
 
 class Namespace(_Base):
@@ -402,6 +463,10 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                 yield from _hostports(target.contact_points, f"{tpath}.contact_points")
             elif isinstance(target, WalTarget) and not target.url.startswith(("http://", "https://")):
                 yield f"{tpath}.url: expected an http:// or https:// URL, got {target.url!r}"
+            check = getattr(target, "check", None)  # targets added later validate themselves
+            if check is not None:
+                for field, problem in check():
+                    yield f"{tpath}.{field}: {problem}"
         if ns.primary is not None and ns.primary not in seen:
             yield f"{path}.primary: no target named {ns.primary!r}"
         if ns.mode == "sync" and not ns.targets:

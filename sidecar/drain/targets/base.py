@@ -26,10 +26,12 @@ class ErrorClass(StrEnum):
 
 
 class ApplyError(Exception):
-    def __init__(self, error_class: ErrorClass, message: str) -> None:
+    def __init__(self, error_class: ErrorClass, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.error_class = error_class
         self.message = message
+        # Seconds the target asked us to wait (HTTP Retry-After): the retry comes no sooner.
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"ApplyError({self.error_class.value}: {self.message})"

@@ -126,7 +126,54 @@ class HttpTarget(_Base, tag="http", tag_field="type"):
             yield "max_batch", f"must be between 1 and 10000, got {self.max_batch}"
 
 
-Target = MemcachedTarget | CassandraTarget | WalTarget | HttpTarget
+# librdkafka settings the kafka target owns: what makes per-key order and no loss hold.
+_KAFKA_OWNED = {"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks", "partitioner",
+                "message.timeout.ms", "delivery.timeout.ms", "max.in.flight.requests.per.connection",
+                "max.in.flight", "sasl.password"}
+
+
+class KafkaTarget(_Base, tag="kafka", tag_field="type"):
+    """A Kafka topic other systems consume (docs/targets.md); needs `pip install 'walcar[kafka]'`."""
+
+    name: str
+    bootstrap_servers: list[str]
+    topic: str  # {namespace} is replaced
+    deletes: Literal["tombstone", "header"] = "tombstone"  # a record delete as a null value, or an empty one
+    create_topic: bool = False  # create it at start (partitions, replication_factor) when it does not exist
+    partitions: int = 8
+    replication_factor: int = 1
+    timeout: Duration = Duration(10.0)  # delivery timeout: past it, an unanswered entry is retried
+    linger: Duration = Duration(0.005)
+    compression: Literal["none", "lz4", "zstd", "gzip", "snappy"] = "lz4"
+    max_message_size: ByteSize = ByteSize(1024 * 1024)  # larger entries are dead-lettered before sending
+    max_buffer: ByteSize = ByteSize(32 * 1024 * 1024)  # the producer's queue (counts against the pod's memory)
+    properties: dict[str, str] = msgspec.field(default_factory=dict)  # more librdkafka settings (TLS, SASL, ...)
+    password_file: str | None = None  # sasl.password, read from this file
+
+    not_verifiable: ClassVar[str] = ("a topic is a log other systems consume, not a state walcar can read back "
+                                     "and compare; replay (`walcar replay --target NAME`) produces again")
+
+    def describe(self) -> str:
+        return f"kafka {','.join(self.bootstrap_servers)} topic {self.topic}"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.bootstrap_servers:
+            yield "bootstrap_servers", "needs at least one host:port"
+        for index, value in enumerate(self.bootstrap_servers):
+            try:
+                parse_hostport(value)
+            except ValueError as exc:
+                yield f"bootstrap_servers[{index}]", str(exc)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic.replace("{namespace}", "n")):
+            yield "topic", f"topic names are letters, digits, '.', '_' and '-' (<= 249), got {self.topic!r}"
+        owned = sorted(set(self.properties) & _KAFKA_OWNED)
+        if owned:
+            yield "properties", f"{owned} are set by walcar (idempotence, acks=all and order depend on them)"
+        if self.partitions < 1 or self.replication_factor < 1:
+            yield "partitions", "partitions and replication_factor must be at least 1"
+
+
+Target = MemcachedTarget | CassandraTarget | WalTarget | HttpTarget | KafkaTarget
 
 
 def _settable_header(name: str) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 from sidecar.config import CassandraTarget as CassandraSettings
 from sidecar.config import Config, Target
 from sidecar.config import HttpTarget as HttpSettings
+from sidecar.config import KafkaTarget as KafkaSettings
 from sidecar.config import MemcachedTarget as MemcachedSettings
 
 
@@ -24,6 +25,10 @@ def build_target(settings: Target, namespace: str, config: Config) -> Any:
         from sidecar.drain.targets.http import HttpTarget
 
         return HttpTarget(settings, namespace)
+    if isinstance(settings, KafkaSettings):
+        from sidecar.drain.targets.kafka import KafkaTarget  # ImportError names the extra when it is missing
+
+        return KafkaTarget(settings, namespace)
     from sidecar.drain.targets.wal import WalTarget
 
     return WalTarget(settings, namespace, config)

@@ -45,6 +45,10 @@ class RunOutcome:
 
 class Target(Protocol):
     name: str
+    # Optional: keyword arguments for the drain's AdaptiveLimit (keys in flight: initial, minimum, maximum).
+    # The default suits a database, whose latency rises under load; a target that batches on its own (a
+    # queue's producer) and whose latency is its batching window sets a high floor instead.
+    # limits: dict[str, int]
 
     async def start(self) -> None:
         """Connect (and create schema where the target owns it)."""

@@ -24,16 +24,18 @@ in their partition. When one fails, those after it may already be in the topic a
 produced again on the retry: a key's last record is always its last entry, and a
 consumer that must see each entry once dedupes by `walcar-id` (at-least-once).
 
-produce() is called on the trio thread (it only queues); a poll thread runs the
-delivery callbacks, and each apply call crosses back to trio once, when its last
-delivery is in.
+Everything runs on the trio thread: produce() only queues, and an apply call polls the
+producer (poll(0), never blocking) every millisecond until its last delivery is in, so
+the delivery callbacks run here too. A poll thread would make every report batch wait
+for the GIL behind the drain (the switch interval is 5 ms): measured, it drained at a
+sixth of the rate.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -77,55 +79,56 @@ def _apply_error(error: KafkaError) -> ApplyError:
     return ApplyError(classify(error), f"kafka: {error.name()}: {error.str()}")
 
 
-def record(entry: Entry, deletes: str) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+_OPS = {op: op.value.encode() for op in Op}
+
+
+def record(entry: Entry, deletes: str) -> tuple[bytes | None, dict[str, bytes]]:
     """(value, headers) of an entry's record; a None value is a tombstone."""
-    headers = [("walcar-id", entry.id.encode()), ("walcar-write-time", str(entry.write_time).encode()),
-               ("walcar-op", entry.op.value.encode()), ("walcar-origin", entry.origin.encode()),
-               ("walcar-seq", str(entry.seq).encode())]
+    headers = {"walcar-id": entry.id.encode(), "walcar-write-time": b"%d" % entry.write_time,
+               "walcar-op": _OPS[entry.op], "walcar-origin": entry.origin.encode(), "walcar-seq": b"%d" % entry.seq}
     if entry.item:
-        headers.append(("walcar-item", entry.item.encode("utf-8", "surrogateescape")))
+        headers["walcar-item"] = entry.item.encode("utf-8", "surrogateescape")
     if entry.content_type:
-        headers.append(("walcar-content-type", entry.content_type.encode()))
+        headers["walcar-content-type"] = entry.content_type.encode()
     if entry.expires_at:
-        headers.append(("walcar-expires-at", str(entry.expires_at).encode()))
-    if entry.op is Op.DELETE:
+        headers["walcar-expires-at"] = b"%d" % entry.expires_at
+    op = entry.op
+    if op is Op.PUT:
+        return entry.value or b"", headers
+    if op is Op.DELETE:
         return (None if deletes == "tombstone" and not entry.item else b""), headers
-    if entry.op is Op.TOUCH:
-        return b"", headers
-    return entry.value or b"", headers
+    return b"", headers  # a touch: its expiry is in the headers
 
 
 class _Round:
-    """One apply call's deliveries: counted down on the poll thread, one wake-up for trio at the end."""
+    """One apply call's deliveries, counted down by the delivery callbacks."""
 
-    __slots__ = ("done", "failures", "lock", "pending", "token")
+    __slots__ = ("failures", "pending")
 
     def __init__(self) -> None:
-        self.token = trio.lowlevel.current_trio_token()
-        self.done = trio.Event()
-        self.lock = threading.Lock()
-        self.pending = 1  # the producing side's own count, released when it has queued everything
+        self.pending = 0
         self.failures: dict[tuple[int, int], ApplyError] = {}
 
-    def settle(self, count: int = 1) -> None:
-        with self.lock:
-            self.pending -= count
-            finished = self.pending == 0
-        if finished:
-            try:
-                self.token.run_sync_soon(self.done.set)
-            except trio.RunFinishedError:
-                pass
+    def callback(self, index: int, position: int) -> Callable[[KafkaError | None, object], None]:
+        def delivered(error: KafkaError | None, _message: object) -> None:
+            if error is not None:
+                self.failures[(index, position)] = _apply_error(error)
+            self.pending -= 1
+
+        return delivered
 
 
 class KafkaTarget:
+    # Keys in flight, fixed: the producer batches them itself and its latency is the linger and the broker's ack,
+    # not a sign of overload (its queue, max_buffer, is the backpressure). The drain's default limit, which
+    # shrinks as latency rises, held a round at a time in flight: a third of the rate (docs/benchmarks.md).
+    limits: ClassVar[dict[str, int]] = {"initial": 4096, "minimum": 4096, "maximum": 4096}
+
     def __init__(self, settings: KafkaSettings, namespace: str) -> None:
         self.settings = settings
         self.name = settings.name
         self.topic = settings.topic.replace("{namespace}", namespace)
         self.producer: Any = None
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
         self._fatal = False
 
     def _config(self) -> dict[str, Any]:
@@ -150,9 +153,6 @@ class KafkaTarget:
     async def start(self) -> None:
         config = self._config()
         self.producer = Producer({**config, "error_cb": self._client_error})
-        self._stop.clear()
-        self._poller = threading.Thread(target=self._poll, name=f"kafka-{self.name}", daemon=True)
-        self._poller.start()
         if self.settings.create_topic:
             try:
                 await trio.to_thread.run_sync(self._create_topic, config)
@@ -179,18 +179,11 @@ class KafkaTarget:
             log.error("kafka_fatal", target=self.name, error=error.str())
             self._fatal = True
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.producer.poll(0.1)
-
     async def close(self) -> None:
         producer, self.producer = self.producer, None
         if producer is None:
             return
         await trio.to_thread.run_sync(lambda: producer.flush(float(self.settings.timeout)))
-        self._stop.set()
-        if self._poller is not None:
-            await trio.to_thread.run_sync(self._poller.join)
 
     def wants(self, entry: Entry) -> bool:
         # MULTI: the drain expands it and asks for each entry inside. CQL statements are Cassandra's.
@@ -204,44 +197,39 @@ class KafkaTarget:
             await self.start()
         state = _Round()
         limit = int(self.settings.max_message_size)
+        deletes = self.settings.deletes
+        producer, topic = self.producer, self.topic
         for index, run in enumerate(runs):
             for position, entry in enumerate(run):
-                value, headers = record(entry, self.settings.deletes)
+                value, headers = record(entry, deletes)
                 if value is not None and len(value) > limit:
                     state.failures[(index, position)] = ApplyError(
                         ErrorClass.PERMANENT, f"kafka: record of {len(value)} bytes is over max_message_size {limit}")
                     break  # the run stops here; its later entries wait for the next round
-                await self._produce(state, index, position, entry, value, headers)
-        state.settle()
-        await state.done.wait()
+                key = entry.key.encode("utf-8", "surrogateescape")
+                callback = state.callback(index, position)
+                state.pending += 1
+                while True:
+                    try:
+                        producer.produce(topic, value, key, on_delivery=callback, headers=headers)
+                        break
+                    except BufferError:  # the queue is at max_buffer: let deliveries drain it
+                        producer.poll(0)
+                        await trio.sleep(0.005)
+                    except KafkaException as exc:
+                        state.failures[(index, position)] = _apply_error(exc.args[0])
+                        state.pending -= 1
+                        break
+        while state.pending:
+            producer.poll(0)  # runs the delivery callbacks that are due, here
+            if state.pending:
+                await trio.sleep(0.001)
         outcomes = []
         for index, run in enumerate(runs):
-            failed = [p for p in range(len(run)) if (index, p) in state.failures]
+            failed = [p for p in range(len(run)) if (index, p) in state.failures] if state.failures else None
             outcomes.append(RunOutcome(failed[0], state.failures[(index, failed[0])]) if failed
                             else RunOutcome(len(run)))
         return outcomes
-
-    async def _produce(self, state: _Round, index: int, position: int, entry: Entry, value: bytes | None,
-                       headers: list[tuple[str, bytes]]) -> None:
-        def delivered(error: KafkaError | None, _message: object) -> None:
-            if error is not None:
-                with state.lock:
-                    state.failures[(index, position)] = _apply_error(error)
-            state.settle()
-
-        with state.lock:
-            state.pending += 1
-        while True:
-            try:
-                self.producer.produce(self.topic, value, entry.key.encode("utf-8", "surrogateescape"),
-                                      on_delivery=delivered, headers=headers)
-                return
-            except BufferError:  # the queue is at max_buffer: let deliveries drain it
-                await trio.sleep(0.005)
-            except KafkaException as exc:
-                state.failures[(index, position)] = _apply_error(exc.args[0])
-                state.settle()
-                return
 
     async def health(self) -> None:
         """The cluster answers and knows the topic."""

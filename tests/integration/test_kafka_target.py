@@ -160,3 +160,15 @@ async def test_a_record_the_broker_refuses_as_too_large_is_dead_lettered(service
     assert len(letters) == 1 and letters[0].entry().key == "big"
     headers = letters[0].headers
     assert headers["Walcar-Error-Class"] == "permanent" and "MSG_SIZE_TOO_LARGE" in headers["Walcar-Error"]
+
+
+async def test_an_unknown_topic_is_permanent_when_the_cluster_does_not_create_topics(services: Services,
+                                                                                   unique: str) -> None:
+    doc = document(services, unique, kafka_target(services.kafka, f"walcar.{unique}.typo", timeout="4s"))
+    async with running_sidecar(build_config(doc)) as sidecar:
+        ingress = sidecar.ingress
+        assert (await ingress.write(ingress.entry(unique, Op.PUT, "k", value=b"v"))).ok
+        drainer = sidecar.drain.drainer(unique, "events")
+        await until(lambda: drainer.stats.dead_lettered == 1, 60, "the dead letter")
+    letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+    assert "UNKNOWN_TOPIC" in letters[0].headers["Walcar-Error"]

@@ -143,6 +143,9 @@ class KafkaTarget:
             "linger.ms": float(settings.linger) * 1000,
             "compression.type": settings.compression,
             "message.timeout.ms": int(float(settings.timeout) * 1000),
+            # A topic the cluster does not have fails as such (permanent) within half the timeout, instead of
+            # timing out like a broker that is away (librdkafka's default waits 30 s, past the timeout).
+            "topic.metadata.propagation.max.ms": max(1000, int(float(settings.timeout) * 500)),
             "message.max.bytes": int(settings.max_message_size) + 64 * 1024,  # room for the record's overhead
             "queue.buffering.max.kbytes": max(1, int(settings.max_buffer) // 1024),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sidecar.envelope import Op
 from sidecar.log.streams import dlq_stream_name
 from tests.integration.test_drain import write_load
+from tests.integration.test_injector_tls import issue, make_ca
 from tests.integration.test_replay import walcar, write_config
 from tests.support.httpapp import RecordingApp, served
 from tests.support.services import Services
@@ -149,3 +150,20 @@ async def test_batches_keep_order_and_keys_cannot_escape_their_segment(services:
         prefix = f"/apply/{unique}x/"
         assert received.path.startswith(prefix) and "/" not in received.path[len(prefix):]
         assert "?" not in received.path
+
+
+async def test_https_with_a_private_ca_and_a_bearer_token_from_a_file(services: Services, unique: str,
+                                                                     tmp_path) -> None:
+    ca = make_ca()
+    certfile, keyfile = tmp_path / "tls.crt", tmp_path / "tls.key"
+    issue(ca, certfile, keyfile)
+    (tmp_path / "ca.pem").write_bytes(ca.pem())
+    (tmp_path / "token").write_text("s3cret-token\n")
+    app = RecordingApp()
+    async with served(app, tls=(str(certfile), str(keyfile))) as server:
+        target = http_target(server.url, ca_file=str(tmp_path / "ca.pem"), token_file=str(tmp_path / "token"))
+        async with running_sidecar(build_config(document(services, unique, target))) as sidecar:
+            ack = await sidecar.ingress.write(sidecar.ingress.entry(unique, Op.PUT, "k", value=b"v"))
+            assert ack.ok
+            await until(lambda: app.applied.get("k") == [b"v"], 30)
+    assert app.received[0].headers["authorization"] == "Bearer s3cret-token"

@@ -113,16 +113,18 @@ class RecordingApp:
 class AppServer:
     """The app on 127.0.0.1:<port>, stoppable and restartable inside the test's nursery."""
 
-    def __init__(self, app: RecordingApp, nursery: trio.Nursery, port: int | None = None) -> None:
+    def __init__(self, app: RecordingApp, nursery: trio.Nursery, port: int | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.app = app
         self.nursery = nursery
         self.port = port or free_port()
+        self.tls = tls  # (certfile, keyfile): serve https
         self._shutdown: trio.Event | None = None
         self._stopped: trio.Event | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         self._shutdown, self._stopped = trio.Event(), trio.Event()
@@ -130,8 +132,8 @@ class AppServer:
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
-                await serve_http(self.app, hypercorn_config(f"127.0.0.1:{self.port}", 0.5), shutdown,
-                                 task_status=task_status)
+                config = hypercorn_config(f"127.0.0.1:{self.port}", 0.5, *(self.tls or ()))
+                await serve_http(self.app, config, shutdown, task_status=task_status)
             finally:
                 stopped.set()
 
@@ -144,10 +146,10 @@ class AppServer:
 
 
 @asynccontextmanager
-async def served(app: RecordingApp) -> AsyncIterator[AppServer]:
+async def served(app: RecordingApp, tls: tuple[str, str] | None = None) -> AsyncIterator[AppServer]:
     """The app served for the block (stoppable and restartable inside it)."""
     async with trio.open_nursery() as nursery:
-        server = AppServer(app, nursery)
+        server = AppServer(app, nursery, tls=tls)
         await server.start()
         try:
             yield server

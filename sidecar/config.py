@@ -169,6 +169,9 @@ class KafkaTarget(_Base, tag="kafka", tag_field="type"):
         owned = sorted(set(self.properties) & _KAFKA_OWNED)
         if owned:
             yield "properties", f"{owned} are set by walcar (idempotence, acks=all and order depend on them)"
+        secrets = sorted(k for k in self.properties if "password" in k or "secret" in k)
+        if secrets:  # a config is printed by `config check`: secrets live in files
+            yield "properties", f"{secrets} would put a secret in the config (sasl.password: use password_file)"
         if self.partitions < 1 or self.replication_factor < 1:
             yield "partitions", "partitions and replication_factor must be at least 1"
 

@@ -1,4 +1,4 @@
-"""The http target's pure pieces: key escaping, Retry-After, status classes, headers, config checks."""
+"""The http and kafka targets' pure pieces: key escaping, Retry-After, status classes, headers, config checks."""
 
 from __future__ import annotations
 
@@ -63,3 +63,31 @@ def test_config_refuses_unsafe_headers_and_placeholders() -> None:
     for part in ("not the host", "unknown placeholder", "'Transfer-Encoding'", "'Walcar-Op'", "line break",
                  "token_header"):
         assert part in text
+
+
+def test_kafka_config_keeps_order_settings_and_secrets_out_of_properties() -> None:
+    bad = {"type": "kafka", "name": "q", "bootstrap_servers": ["nohost"], "topic": "a b",
+           "properties": {"acks": "1", "ssl.key.password": "x", "security.protocol": "ssl"}}
+    with pytest.raises(config_mod.ConfigError) as caught:
+        config_mod.validate({"namespaces": {"a": {"targets": [bad]}}})
+    text = str(caught.value)
+    for part in ("bootstrap_servers[0]", "topic names", "['acks'] are set by walcar", "ssl.key.password"):
+        assert part in text
+    good = {**bad, "bootstrap_servers": ["127.0.0.1:9092"], "topic": "wal.{namespace}", "properties": {}}
+    target = config_mod.validate({"namespaces": {"a": {"targets": [good]}}}).namespaces["a"].targets[0]
+    assert target.describe() == "kafka 127.0.0.1:9092 topic wal.{namespace}"
+
+
+def test_kafka_records_deletes_as_tombstones_or_a_header() -> None:
+    from sidecar.drain.targets.kafka import record
+
+    put = Entry(id="i1", ns="ns", op=Op.PUT, key="k", partition=0, write_time=7, origin="eu", value=b"v", seq=3)
+    value, headers = record(put, "tombstone")
+    assert value == b"v" and headers["walcar-id"] == b"i1" and headers["walcar-seq"] == b"3"
+    assert headers["walcar-op"] == b"put" and headers["walcar-write-time"] == b"7"
+    delete = Entry(id="i2", ns="ns", op=Op.DELETE, key="k", partition=0, write_time=8)
+    assert record(delete, "tombstone")[0] is None
+    assert record(delete, "header") == (b"", record(delete, "header")[1])
+    item_delete = Entry(id="i3", ns="ns", op=Op.DELETE, key="k", item="a", partition=0, write_time=9)
+    value, headers = record(item_delete, "tombstone")
+    assert value == b"" and headers["walcar-item"] == b"a"  # a tombstone would drop the whole key

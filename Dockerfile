@@ -17,7 +17,8 @@ RUN python -m venv /opt/walcar
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN /opt/walcar/bin/pip install '.[nkeys]' \
+# The nkeys extra (NATS creds files) and the kafka extra (confluent-kafka, a wheel with librdkafka inside).
+RUN /opt/walcar/bin/pip install '.[nkeys,kafka]' \
     && /opt/walcar/bin/walcar --help > /dev/null
 
 # Runtime stage: slim Python, the virtualenv, a non-root user. Numeric USER so the kubelet can

@@ -85,6 +85,9 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     targets: list[str] = []  # [] means every target of the namespace
     cql: CqlMutation | None = None
     batch: BatchRef | None = None
+    # The entry's journal (stream) sequence, set by whoever read it from the stream (drain, replay) for
+    # targets that pass it on; never journaled: 0 is the default and omitted, and nothing encodes it set.
+    seq: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from sidecar.config import Config, WalTarget
+from sidecar.config import Config
 from sidecar.drain.targets import build_target
 
 
@@ -30,9 +30,9 @@ class Readers:
             if target is None:
                 ns = self.config.namespaces[namespace]
                 primary = ns.primary_target()
-                if primary is None or isinstance(primary, WalTarget):
+                target = build_target(primary, namespace, self.config) if primary is not None else None
+                if target is None or not hasattr(target, "get_items"):  # a remote region, an app, a queue
                     raise NoReadableTarget(f"namespace {namespace!r} has no memcached or cassandra target to read")
-                target = build_target(primary, namespace, self.config)
                 await target.start()
                 self._targets[namespace] = target
             return target

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import CassandraProcess, MemcachedProcess, NatsProcess
+from tests.support.procs import CassandraProcess, KafkaProcess, MemcachedProcess, NatsProcess
 from tests.support.services import Services, ensure_up
 from tests.support.streams import remove_streams, stream_names
 
@@ -78,3 +78,12 @@ def private_cassandra(tmp_path: Path, services: Services) -> Iterator[CassandraP
     node.start()
     yield node
     node.stop()
+
+
+@pytest.fixture
+def private_kafka(tmp_path: Path, services: Services) -> Iterator[KafkaProcess]:
+    """A Kafka broker of this test's own, to stop and restart (~10 s to start)."""
+    broker = KafkaProcess(tmp_path / "kafka")
+    broker.start()
+    yield broker
+    broker.stop()

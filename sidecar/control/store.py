@@ -19,13 +19,12 @@ from typing import Any
 import msgspec
 
 from sidecar import config as config_mod
-from sidecar.config import CassandraTarget, MemcachedTarget, Namespace, WalTarget, stream_name
+from sidecar.config import Namespace, stream_name
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 
 BUCKET = "walcar_namespaces"
 HISTORY = 64  # the most JetStream keeps per key
 STREAM_NOT_FOUND = 10059
-TARGET_TYPES = {MemcachedTarget: "memcached", CassandraTarget: "cassandra", WalTarget: "wal"}
 
 
 class ControlError(Exception):

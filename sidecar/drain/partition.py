@@ -182,6 +182,7 @@ class PartitionWorker:
                 held = Held(item.seq, item.reply, item.data, entry)
                 self._dead_letter_soon(held, ApplyError(ErrorClass.PERMANENT, f"undecodable entry: {exc}"))
                 continue
+            entry.seq = item.seq  # for targets that pass the journal sequence on (never re-journaled)
             if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
@@ -352,6 +353,7 @@ class PartitionWorker:
             return RunOutcome(0, ApplyError(error_class, exc.message))
         runs: dict[str, list[Entry]] = {}
         for entry in entries:
+            entry.seq = marker.seq  # the pieces of one mutation share its journal sequence
             if self.drainer.wants(entry):
                 runs.setdefault(entry.key, []).append(entry)
         keys = list(runs)
@@ -375,12 +377,13 @@ class PartitionWorker:
         held.last_failure = now
         held.last_error = error.message
         if error.error_class is ErrorClass.UNAVAILABLE:
-            self.parked[key] = trio.current_time() + retry.initial_delay
+            self.parked[key] = trio.current_time() + max(retry.initial_delay, error.retry_after)
             return
         held.attempts += 1
         if error.error_class is ErrorClass.TRANSIENT and held.attempts < retry.max_attempts:
             drainer.stats.retries += 1
-            delay = backoff(held.attempts, retry.initial_delay, retry.max_delay, retry.multiplier)
+            delay = max(error.retry_after, backoff(held.attempts, retry.initial_delay, retry.max_delay,
+                                                   retry.multiplier))
             self.parked[key] = trio.current_time() + delay
             log.debug("apply_retry", target=drainer.name, key=key, seq=held.seq, attempts=held.attempts,
                       delay=f"{delay:.2f}s", error=error.message)

@@ -74,7 +74,7 @@ class TargetDrainer:
         self.retry: RetryPolicy = ns.retry
         self.strict = ns.strict
         self.dlq_enabled = ns.dlq
-        self.limiter = AdaptiveLimit()
+        self.limiter = AdaptiveLimit(**getattr(self.target, "limits", {}))  # a target may bound it its own way
         self.breaker = CircuitBreaker()
         self.stats = DrainStats()
         self.writer = service.journal.writer

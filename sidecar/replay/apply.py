@@ -82,8 +82,8 @@ class Applier:
                                             f"{error.message} (gave up after {attempts[index]} attempts)")
                             lane.popleft()
                         else:
-                            delay = max(delay, backoff(attempts[index], retry.initial_delay, retry.max_delay,
-                                                       retry.multiplier))
+                            delay = max(delay, error.retry_after, backoff(attempts[index], retry.initial_delay,
+                                                                          retry.max_delay, retry.multiplier))
                 if not lane:
                     del lanes[key]
             if unavailable is not None:

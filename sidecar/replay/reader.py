@@ -378,7 +378,9 @@ def pending_of(reply: str) -> int:
 
 def _decoded(seq: int, time_ns: int, data: bytes) -> Journaled:
     try:
-        return Journaled(seq, time_ns, decode(data))
+        entry = decode(data)
+        entry.seq = seq
+        return Journaled(seq, time_ns, entry)
     except msgspec.DecodeError as exc:
         return Journaled(seq, time_ns, None, f"undecodable entry: {exc}")
 

@@ -148,8 +148,9 @@ def describe_target(settings: Target) -> str:
     if isinstance(settings, CassandraTarget):
         table = settings.table or "<namespace>"
         return f"cassandra {','.join(settings.contact_points)} {settings.keyspace}.{table} (as {settings.name})"
-    assert isinstance(settings, WalTarget)
-    return f"wal {settings.url} (as {settings.name})"
+    if isinstance(settings, WalTarget):
+        return f"wal {settings.url} (as {settings.name})"
+    return f"{settings.describe()} (as {settings.name})"  # targets added later describe themselves
 
 
 def to_builtins(request: RangeRequest) -> dict[str, Any]:

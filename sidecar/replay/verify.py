@@ -390,6 +390,9 @@ async def prepare_verify(config: Config, journal: Journal, request: VerifyReques
     if isinstance(settings, WalTarget):
         raise ReplayError(f"target {settings.name!r} is a remote region's walcar: verify reads memcached or "
                           "Cassandra targets (run verify in that region)")
+    not_verifiable = getattr(settings, "not_verifiable", None)  # targets walcar cannot read back say why
+    if not_verifiable:
+        raise ReplayError(f"verify does not apply to target {settings.name!r}: {not_verifiable}")
     reader = JournalReader(journal.writer.conn, request.namespace, ns)
     rng = await reader.resolve(request.from_, request.to, now_ns)
     target = build_target(settings, request.namespace, config)

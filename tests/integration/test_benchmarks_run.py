@@ -24,6 +24,7 @@ TINY = {
     "journal": ["--messages", "2000", "--clients", "2", "--rounds", "1", "--http-seconds", "0.5"],
     "replay": ["--entries", "2000", "--writes-per-key", "4"],
     "replication": ["--rate", "100", "--seconds", "2", "--backlog", "1000"],
+    "targets": ["--entries", "2000", "--http-entries", "300", "--keys", "100"],
 }
 
 

@@ -142,7 +142,36 @@ def test_cassandra_write_read_with_writetime(cassandra_session, keyspace: str) -
     assert release.startswith("5.0."), release
 
 
-@pytest.mark.parametrize("service", ["memcached", "cassandra"])
+def test_kafka_single_kraft_node_creates_topics_only_when_asked(services: Services, unique: str) -> None:
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": services.kafka})
+    metadata = admin.list_topics(timeout=10)
+    assert len(metadata.brokers) == 1
+    broker = ConfigResource(ConfigResource.Type.BROKER, str(next(iter(metadata.brokers))))
+    configs = admin.describe_configs([broker])[broker].result(10)
+    assert configs["process.roles"].value == "broker,controller"  # KRaft, no ZooKeeper
+    assert configs["auto.create.topics.enable"].value == "false"
+    topic = f"smoke.{unique}"
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": services.kafka, "enable.idempotence": True, "acks": "all"})
+    producer.produce(topic, b"value", b"key")
+    assert producer.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": services.kafka, "group.id": unique, "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    try:
+        deadline = time.monotonic() + 30
+        message = None
+        while message is None and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+        assert message is not None and (message.key(), message.value()) == (b"key", b"value")
+    finally:
+        consumer.close()
+        admin.delete_topics([topic])[topic].result(30)
+
+
+@pytest.mark.parametrize("service", ["memcached", "cassandra", "kafka"])
 def test_services_report_up(service: str, services: Services) -> None:
     import subprocess
     import sys

@@ -185,3 +185,27 @@ class CassandraProcess(ManagedProcess):
 
     def start(self, timeout: float = 180.0) -> None:
         super().start(timeout)
+
+
+class KafkaProcess(ManagedProcess):
+    """A Kafka broker (KRaft, broker + controller) of the test's own: stop it, start it again on the same data."""
+
+    name = "kafka"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.controller_port = free_port()
+        self._services = services_module()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return self._services.kafka_command(self.workdir, self.port, self.controller_port)
+
+    def ready(self) -> bool:
+        return self._services.kafka_ready(self.port)
+
+    def start(self, timeout: float = 90.0) -> None:
+        super().start(timeout)

@@ -22,6 +22,7 @@ class Services:
     nats_url: str
     memcached: tuple[str, int]
     cassandra: tuple[str, int]
+    kafka: str = "127.0.0.1:19092"  # bootstrap server
     cassandra_user: str = "cassandra"
     cassandra_password: str = "cassandra"
 
@@ -31,10 +32,11 @@ def _port(name: str, default: int) -> int:
 
 
 def ensure_up() -> Services:
-    """Start nats, memcached and cassandra unless they already answer; fail loudly otherwise."""
+    """Start nats, memcached, cassandra and kafka unless they already answer; fail loudly otherwise."""
     status = subprocess.run([sys.executable, str(SCRIPT), "status", "--json"], capture_output=True, text=True)
     rows = {row["service"]: row["state"] for row in json.loads(status.stdout or "[]")}
-    wanted = [name for name in ("nats", "memcached", "cassandra", "helm") if rows.get(name) not in ("up", "installed")]
+    wanted = [name for name in ("nats", "memcached", "cassandra", "kafka", "helm")
+              if rows.get(name) not in ("up", "installed")]
     if wanted:
         proc = subprocess.run([sys.executable, str(SCRIPT), "up", *wanted], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -43,4 +45,5 @@ def ensure_up() -> Services:
         nats_url=f"nats://127.0.0.1:{_port('WALCAR_NATS_PORT', 14222)}",
         memcached=("127.0.0.1", _port("WALCAR_MEMCACHED_PORT", 21211)),
         cassandra=("127.0.0.1", _port("WALCAR_CASSANDRA_PORT", 19042)),
+        kafka=f"127.0.0.1:{_port('WALCAR_KAFKA_PORT', 19092)}",
     )

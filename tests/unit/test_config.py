@@ -145,8 +145,9 @@ def test_missing_target_settings(tmp_path: Path) -> None:
     assert errors == [
         "namespaces.a.targets[0]: missing required field `contact_points`",
         "namespaces.a.targets[0]: missing required field `keyspace`",
-        "namespaces.a.targets[1]: missing required field `type` (one of 'memcached', 'cassandra', 'wal')",
-        "namespaces.a.targets[2].type: expected one of 'memcached', 'cassandra', 'wal', got 'redis'",
+        "namespaces.a.targets[1]: missing required field `type` "
+        "(one of 'memcached', 'cassandra', 'wal', 'http', 'kafka')",
+        "namespaces.a.targets[2].type: expected one of 'memcached', 'cassandra', 'wal', 'http', 'kafka', got 'redis'",
     ]
 
 

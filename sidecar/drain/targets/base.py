@@ -26,10 +26,12 @@ class ErrorClass(StrEnum):
 
 
 class ApplyError(Exception):
-    def __init__(self, error_class: ErrorClass, message: str) -> None:
+    def __init__(self, error_class: ErrorClass, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.error_class = error_class
         self.message = message
+        # Seconds the target asked us to wait (HTTP Retry-After): the retry comes no sooner.
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"ApplyError({self.error_class.value}: {self.message})"
@@ -43,6 +45,10 @@ class RunOutcome:
 
 class Target(Protocol):
     name: str
+    # Optional: keyword arguments for the drain's AdaptiveLimit (keys in flight: initial, minimum, maximum).
+    # The default suits a database, whose latency rises under load; a target that batches on its own (a
+    # queue's producer) and whose latency is its batching window sets a high floor instead.
+    # limits: dict[str, int]
 
     async def start(self) -> None:
         """Connect (and create schema where the target owns it)."""

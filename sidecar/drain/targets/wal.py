@@ -112,8 +112,9 @@ class WalTarget:
 
     async def _send(self, entries: list[Entry]) -> list[ApplyError | None]:
         client = await self._current_client()
-        # Target names are this region's: the remote applies the entry to all of its own targets.
-        body = _encoder.encode({"entries": [msgspec.structs.replace(e, targets=[]) for e in entries]})
+        # Target names are this region's: the remote applies the entry to all of its own targets; the
+        # sequence is this journal's, never the remote's.
+        body = _encoder.encode({"entries": [msgspec.structs.replace(e, targets=[], seq=0) for e in entries]})
         headers = {}
         if len(body) > self.settings.compress_above:
             body = gzip.compress(body, compresslevel=1)

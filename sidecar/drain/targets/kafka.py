@@ -1,0 +1,248 @@
+"""The `kafka` target: every entry produced to a topic other systems consume.
+
+A record per entry: key = the entry's key (so Kafka's key partitioning keeps a key in
+one partition, in order), value = the payload, headers `walcar-id` (dedupe by it),
+`walcar-write-time`, `walcar-op`, `walcar-origin`, `walcar-seq` (and `walcar-item`,
+`walcar-content-type`, `walcar-expires-at` when set). A record delete is a tombstone
+(null value) or, with `deletes = "header"`, an empty value whose `walcar-op` says
+delete; an item delete always takes the header form (a tombstone would drop the
+whole key from a compacted topic).
+
+The producer is confluent-kafka (librdkafka): idempotent, `acks=all`, murmur2 key
+partitioning (what Java clients use). It is chosen over aiokafka by measurement
+(docs/benchmarks.md: ~2.6x the throughput on the same broker) and because its
+callback threads bridge to trio the way cassandra-driver's do, where aiokafka would
+need an asyncio loop of its own. librdkafka retries what is retriable inside
+`timeout`; a delivery that still fails is reported per entry:
+
+- permanent (dead-lettered): record too large, authorization, unknown topic, invalid record
+- unavailable (breaker; never dead-lettered): timed out, transport, all brokers down
+- transient (retried, counted): anything else
+
+A run's entries are produced together: the idempotent producer keeps them in order
+in their partition. When one fails, those after it may already be in the topic and are
+produced again on the retry: a key's last record is always its last entry, and a
+consumer that must see each entry once dedupes by `walcar-id` (at-least-once).
+
+Everything runs on the trio thread: produce() only queues, and an apply call polls the
+producer (poll(0), never blocking) every millisecond until its last delivery is in, so
+the delivery callbacks run here too. A poll thread would make every report batch wait
+for the GIL behind the drain (the switch interval is 5 ms): measured, it drained at a
+sixth of the rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import trio
+
+from sidecar.config import KafkaTarget as KafkaSettings
+from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
+from sidecar.envelope import Entry, Op
+from sidecar.logs import get_logger
+
+try:
+    from confluent_kafka import KafkaError, KafkaException, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError("the kafka target needs confluent-kafka: pip install 'walcar[kafka]'") from exc
+
+log = get_logger("drain.kafka")
+
+APPLIES = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})
+PERMANENT = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION,
+    KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION,
+    KafkaError.POLICY_VIOLATION, KafkaError._INVALID_ARG,
+})
+UNAVAILABLE = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE, KafkaError.NETWORK_EXCEPTION, KafkaError.LEADER_NOT_AVAILABLE,
+})
+
+
+def classify(error: KafkaError) -> ErrorClass:
+    if error.code() in PERMANENT:
+        return ErrorClass.PERMANENT
+    if error.code() in UNAVAILABLE:
+        return ErrorClass.UNAVAILABLE
+    return ErrorClass.TRANSIENT
+
+
+def _apply_error(error: KafkaError) -> ApplyError:
+    return ApplyError(classify(error), f"kafka: {error.name()}: {error.str()}")
+
+
+_OPS = {op: op.value.encode() for op in Op}
+
+
+def record(entry: Entry, deletes: str) -> tuple[bytes | None, dict[str, bytes]]:
+    """(value, headers) of an entry's record; a None value is a tombstone."""
+    headers = {"walcar-id": entry.id.encode(), "walcar-write-time": b"%d" % entry.write_time,
+               "walcar-op": _OPS[entry.op], "walcar-origin": entry.origin.encode(), "walcar-seq": b"%d" % entry.seq}
+    if entry.item:
+        headers["walcar-item"] = entry.item.encode("utf-8", "surrogateescape")
+    if entry.content_type:
+        headers["walcar-content-type"] = entry.content_type.encode()
+    if entry.expires_at:
+        headers["walcar-expires-at"] = b"%d" % entry.expires_at
+    op = entry.op
+    if op is Op.PUT:
+        return entry.value or b"", headers
+    if op is Op.DELETE:
+        return (None if deletes == "tombstone" and not entry.item else b""), headers
+    return b"", headers  # a touch: its expiry is in the headers
+
+
+class _Round:
+    """One apply call's deliveries, counted down by the delivery callbacks."""
+
+    __slots__ = ("failures", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.failures: dict[tuple[int, int], ApplyError] = {}
+
+    def callback(self, index: int, position: int) -> Callable[[KafkaError | None, object], None]:
+        def delivered(error: KafkaError | None, _message: object) -> None:
+            if error is not None:
+                self.failures[(index, position)] = _apply_error(error)
+            self.pending -= 1
+
+        return delivered
+
+
+class KafkaTarget:
+    # Keys in flight, fixed: the producer batches them itself and its latency is the linger and the broker's ack,
+    # not a sign of overload (its queue, max_buffer, is the backpressure). The drain's default limit, which
+    # shrinks as latency rises, held a round at a time in flight: a third of the rate (docs/benchmarks.md).
+    limits: ClassVar[dict[str, int]] = {"initial": 4096, "minimum": 4096, "maximum": 4096}
+
+    def __init__(self, settings: KafkaSettings, namespace: str) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.topic = settings.topic.replace("{namespace}", namespace)
+        self.producer: Any = None
+        self._fatal = False
+
+    def _config(self) -> dict[str, Any]:
+        settings = self.settings
+        config: dict[str, Any] = {
+            **settings.properties,
+            "bootstrap.servers": ",".join(settings.bootstrap_servers),
+            "client.id": f"walcar-{settings.name}",
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",  # the Java clients' key partitioning
+            "linger.ms": float(settings.linger) * 1000,
+            "compression.type": settings.compression,
+            "message.timeout.ms": int(float(settings.timeout) * 1000),
+            # A topic the cluster does not have fails as such (permanent) within half the timeout, instead of
+            # timing out like a broker that is away (librdkafka's default waits 30 s, past the timeout).
+            "topic.metadata.propagation.max.ms": max(1000, int(float(settings.timeout) * 500)),
+            "message.max.bytes": int(settings.max_message_size) + 64 * 1024,  # room for the record's overhead
+            "queue.buffering.max.kbytes": max(1, int(settings.max_buffer) // 1024),
+        }
+        if settings.password_file:  # read here, handed to librdkafka only: never logged
+            config["sasl.password"] = Path(settings.password_file).read_text().strip()
+        return config
+
+    async def start(self) -> None:
+        config = self._config()
+        self.producer = Producer({**config, "error_cb": self._client_error})
+        if self.settings.create_topic:
+            try:
+                await trio.to_thread.run_sync(self._create_topic, config)
+            except KafkaException as exc:  # the drain keeps probing; entries are parked in the journal meanwhile
+                log.warning("kafka_topic_not_created", target=self.name, topic=self.topic, error=str(exc))
+
+    def _create_topic(self, config: dict[str, Any]) -> None:
+        admin = AdminClient({k: v for k, v in config.items()
+                             if k in ("bootstrap.servers", "client.id", "sasl.password") or
+                             k.startswith(("security.", "sasl.", "ssl."))})
+        future = admin.create_topics([NewTopic(self.topic, self.settings.partitions,
+                                               self.settings.replication_factor)])[self.topic]
+        try:
+            future.result(timeout=float(self.settings.timeout))
+            log.info("kafka_topic_created", target=self.name, topic=self.topic)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+    def _client_error(self, error: KafkaError) -> None:
+        """librdkafka's own errors (brokers down, ...): the deliveries say what matters, except a fatal one,
+        after which the idempotent producer refuses everything: the next round starts a new one."""
+        if error.fatal():
+            log.error("kafka_fatal", target=self.name, error=error.str())
+            self._fatal = True
+
+    async def close(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is None:
+            return
+        await trio.to_thread.run_sync(lambda: producer.flush(float(self.settings.timeout)))
+
+    def wants(self, entry: Entry) -> bool:
+        # MULTI: the drain expands it and asks for each entry inside. CQL statements are Cassandra's.
+        return addressed_to(entry, self.name) and (entry.op in APPLIES or entry.op is Op.MULTI)
+
+    async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
+        assert self.producer is not None, "start() first"
+        if self._fatal:
+            self._fatal = False
+            await self.close()
+            await self.start()
+        state = _Round()
+        limit = int(self.settings.max_message_size)
+        deletes = self.settings.deletes
+        producer, topic = self.producer, self.topic
+        for index, run in enumerate(runs):
+            for position, entry in enumerate(run):
+                value, headers = record(entry, deletes)
+                if value is not None and len(value) > limit:
+                    state.failures[(index, position)] = ApplyError(
+                        ErrorClass.PERMANENT, f"kafka: record of {len(value)} bytes is over max_message_size {limit}")
+                    break  # the run stops here; its later entries wait for the next round
+                key = entry.key.encode("utf-8", "surrogateescape")
+                callback = state.callback(index, position)
+                state.pending += 1
+                while True:
+                    try:
+                        producer.produce(topic, value, key, on_delivery=callback, headers=headers)
+                        break
+                    except BufferError:  # the queue is at max_buffer: let deliveries drain it
+                        producer.poll(0)
+                        await trio.sleep(0.005)
+                    except KafkaException as exc:
+                        state.failures[(index, position)] = _apply_error(exc.args[0])
+                        state.pending -= 1
+                        break
+        while state.pending:
+            producer.poll(0)  # runs the delivery callbacks that are due, here
+            if state.pending:
+                await trio.sleep(0.001)
+        outcomes = []
+        for index, run in enumerate(runs):
+            failed = [p for p in range(len(run)) if (index, p) in state.failures] if state.failures else None
+            outcomes.append(RunOutcome(failed[0], state.failures[(index, failed[0])]) if failed
+                            else RunOutcome(len(run)))
+        return outcomes
+
+    async def health(self) -> None:
+        """The cluster answers and knows the topic."""
+        assert self.producer is not None
+        timeout = min(5.0, float(self.settings.timeout))
+        try:
+            metadata = await trio.to_thread.run_sync(lambda: self.producer.list_topics(self.topic, timeout))
+        except KafkaException as exc:
+            raise ApplyError(ErrorClass.UNAVAILABLE, f"kafka: {exc.args[0].str()}") from None
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            error = topic.error if topic is not None else None
+            raise ApplyError(ErrorClass.UNAVAILABLE, f"kafka: topic {self.topic}: {error.str() if error else 'absent'}")

@@ -1,0 +1,174 @@
+"""The `kafka` target against a real Kafka (scripts/services, KRaft), read back with a real consumer.
+
+Order per key and completeness, deletes as tombstones, a broker restart mid-drain, a record
+the broker refuses as too large (DLQ), and a replay through the real CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import trio
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from sidecar.envelope import Op
+from sidecar.log.streams import dlq_stream_name
+from tests.integration.test_drain import write_load
+from tests.integration.test_replay import walcar, write_config
+from tests.support.procs import KafkaProcess
+from tests.support.services import Services
+from tests.support.sidecar import build_config, running_sidecar, sidecar_document
+from tests.support.streams import read_stream
+from tests.support.waiting import until
+
+FAST_RETRY = {"initial_delay": "20ms", "max_delay": "500ms", "multiplier": 2.0, "max_attempts": 50}
+DRAIN = {"lease_ttl": "2s", "ack_wait": "10s"}
+
+
+@dataclass
+class Record:
+    key: str
+    value: bytes | None
+    partition: int
+    headers: dict[str, str]
+
+    @property
+    def id(self) -> str:
+        return self.headers["walcar-id"]
+
+    @property
+    def seq(self) -> int:
+        return int(self.headers["walcar-seq"])
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 8, **config: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, partitions, 1, config=config)])[topic].result(30)
+
+
+def consume(bootstrap: str, topic: str, until_ids: int, timeout: float = 90.0, at_least: int = 0) -> list[Record]:
+    """Every record of the topic, from the start, until `until_ids` distinct entry ids (and `at_least`
+    records) were seen."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    records: list[Record] = []
+    ids: set[str] = set()
+    try:
+        deadline = time.monotonic() + timeout
+        while (len(ids) < until_ids or len(records) < at_least) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is not None:
+                    continue
+                headers = {k: v.decode() for k, v in message.headers() or []}
+                records.append(Record(message.key().decode(), message.value(), message.partition(), headers))
+                ids.add(headers["walcar-id"])
+    finally:
+        consumer.close()
+    return records
+
+
+def in_order_per_key(records: list[Record]) -> dict[str, list[int]]:
+    """Keys whose entries, each counted at its last occurrence, are not in journal order."""
+    last_position = {r.id: i for i, r in enumerate(records)}
+    lanes: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if last_position[r.id] == i:
+            lanes.setdefault(r.key, []).append(r.seq)
+    return {k: seqs for k, seqs in lanes.items() if seqs != sorted(seqs)}
+
+
+def kafka_target(bootstrap: str, topic: str, **settings: object) -> dict:
+    return {"name": "events", "type": "kafka", "bootstrap_servers": [bootstrap], "topic": topic, **settings}
+
+
+def document(services: Services, unique: str, target: dict) -> dict:
+    return sidecar_document(services.nats_url, {unique: {"partitions": 4, "retry": FAST_RETRY,
+                                                         "targets": [target]}}, drain=DRAIN)
+
+
+async def test_every_entry_in_order_per_key_deletes_as_tombstones_and_replay(services: Services, unique: str,
+                                                                             tmp_path) -> None:
+    topic = f"walcar.{unique}"
+    await trio.to_thread.run_sync(create_topic, services.kafka, topic)
+    doc = document(services, unique, kafka_target(services.kafka, topic))
+    keys = [f"k{i}" for i in range(100)]
+    async with running_sidecar(build_config(doc)) as sidecar:
+        last = await write_load(sidecar.ingress, unique, keys, 3000)
+        for key in keys[:10]:
+            assert (await sidecar.ingress.write(sidecar.ingress.entry(unique, Op.DELETE, key))).ok
+        records = await trio.to_thread.run_sync(consume, services.kafka, topic, 3010)
+        assert sidecar.drain.drainer(unique, "events").stats.dead_lettered == 0
+    assert len({r.id for r in records}) == 3010
+    assert not in_order_per_key(records)
+    assert all(len({r.partition for r in records if r.key == key}) == 1 for key in keys)  # a key, a partition
+    final = {r.key: r for r in records}
+    for key in keys[:10]:
+        assert final[key].value is None and final[key].headers["walcar-op"] == "delete"  # a tombstone
+    for key in keys[10:]:
+        assert final[key].value.decode() == last[key]
+    sample = records[0].headers
+    assert sample["walcar-origin"] == "local" and int(sample["walcar-write-time"]) > 0 and sample["walcar-op"] == "put"
+
+    # Replay: every entry produced again, with the same ids; verify says it does not apply.
+    path = str(write_config(tmp_path, doc))
+    result = await walcar("replay", "--config", path, "--namespace", unique, "--target", "events")
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = await trio.to_thread.run_sync(lambda: consume(services.kafka, topic, 3010, at_least=2 * 3010))
+    assert len(again) >= 2 * 3010 and {r.id for r in again} == {r.id for r in records}
+    verify = await walcar("verify", "--config", path, "--namespace", unique, "--target", "events")
+    assert verify.returncode != 0 and "verify does not apply" in verify.stdout + verify.stderr
+
+
+async def test_complete_and_in_order_across_a_broker_restart(services: Services, private_kafka: KafkaProcess,
+                                                            unique: str) -> None:
+    topic = f"walcar.{unique}"
+    target = kafka_target(private_kafka.bootstrap, topic, create_topic=True, timeout="3s")
+    keys = [f"k{i}" for i in range(200)]
+    async with running_sidecar(build_config(document(services, unique, target))) as sidecar:
+        await write_load(sidecar.ingress, unique, keys, 3000)
+        await trio.to_thread.run_sync(private_kafka.stop)  # mid-drain: deliveries in flight time out
+        await write_load(sidecar.ingress, unique, keys, 3000, first=3000)
+        drainer = sidecar.drain.drainer(unique, "events")
+        await until(lambda: drainer.state == "breaker-open", 30, "the breaker to open")
+        await trio.to_thread.run_sync(private_kafka.start)
+        await write_load(sidecar.ingress, unique, keys, 1000, first=6000)
+        records = await trio.to_thread.run_sync(consume, private_kafka.bootstrap, topic, 7000)
+        assert drainer.stats.dead_lettered == 0
+    assert len({r.id for r in records}) == 7000
+    assert not in_order_per_key(records)
+
+
+async def test_a_record_the_broker_refuses_as_too_large_is_dead_lettered(services: Services, unique: str) -> None:
+    topic = f"walcar.{unique}"
+    await trio.to_thread.run_sync(lambda: create_topic(services.kafka, topic, 2, **{"max.message.bytes": "20000"}))
+    doc = document(services, unique, kafka_target(services.kafka, topic))
+    async with running_sidecar(build_config(doc)) as sidecar:
+        ingress = sidecar.ingress
+        # Random bytes: lz4 cannot shrink them under the topic's limit.
+        for key, value in (("good", b"1"), ("big", os.urandom(60_000)), ("good", b"2")):
+            assert (await ingress.write(ingress.entry(unique, Op.PUT, key, value=value))).ok
+        drainer = sidecar.drain.drainer(unique, "events")
+        await until(lambda: drainer.stats.dead_lettered == 1, 60, "the dead letter")
+        records = await trio.to_thread.run_sync(consume, services.kafka, topic, 2)
+    assert [r.value for r in records if r.key == "good"] == [b"1", b"2"]
+    letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+    assert len(letters) == 1 and letters[0].entry().key == "big"
+    headers = letters[0].headers
+    assert headers["Walcar-Error-Class"] == "permanent" and "MSG_SIZE_TOO_LARGE" in headers["Walcar-Error"]
+
+
+async def test_an_unknown_topic_is_permanent_when_the_cluster_does_not_create_topics(services: Services,
+                                                                                   unique: str) -> None:
+    doc = document(services, unique, kafka_target(services.kafka, f"walcar.{unique}.typo", timeout="4s"))
+    async with running_sidecar(build_config(doc)) as sidecar:
+        ingress = sidecar.ingress
+        assert (await ingress.write(ingress.entry(unique, Op.PUT, "k", value=b"v"))).ok
+        drainer = sidecar.drain.drainer(unique, "events")
+        await until(lambda: drainer.stats.dead_lettered == 1, 60, "the dead letter")
+    letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+    assert "UNKNOWN_TOPIC" in letters[0].headers["Walcar-Error"]

@@ -1,0 +1,93 @@
+"""The http and kafka targets' pure pieces: key escaping, Retry-After, status classes, headers, config checks."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from sidecar import config as config_mod
+from sidecar.drain.targets.base import ErrorClass
+from sidecar.drain.targets.http import HttpTarget, classify, entry_headers, escape, retry_after
+from sidecar.envelope import Entry, Op
+
+
+@pytest.mark.parametrize("key", ["../../etc", "..", ".", "a/b", "a?b=c", "a#b", "%2e", "x y", "é", "a\r\nb"])
+def test_a_key_is_one_opaque_path_segment(key: str) -> None:
+    escaped = escape(key)
+    assert all(c not in escaped for c in "/?#\r\n ") and escaped not in (".", "..")
+
+
+def test_url_placeholders() -> None:
+    settings = config_mod.HttpTarget(name="app", url="http://h:1/v1/{namespace}/items/{key}?k={key}")
+    target = HttpTarget(settings, "ns")
+    assert target.url_for("a/b?c") == "http://h:1/v1/ns/items/a%2Fb%3Fc?k=a%2Fb%3Fc"
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert retry_after("7") == 7.0
+    assert retry_after(None) == retry_after("soon") == 0.0
+    assert retry_after("99999") == 600.0
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert retry_after(date, now=1_000_000) == pytest.approx(30, abs=1)
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (200, None), (204, None), (408, ErrorClass.TRANSIENT), (425, ErrorClass.TRANSIENT),
+    (500, ErrorClass.TRANSIENT), (507, ErrorClass.TRANSIENT), (429, ErrorClass.UNAVAILABLE),
+    (502, ErrorClass.UNAVAILABLE), (503, ErrorClass.UNAVAILABLE), (504, ErrorClass.UNAVAILABLE),
+    (400, ErrorClass.PERMANENT), (401, ErrorClass.PERMANENT), (404, ErrorClass.PERMANENT),
+    (422, ErrorClass.PERMANENT), (301, ErrorClass.PERMANENT),
+])
+def test_status_classes(status: int, expected: ErrorClass | None) -> None:
+    error = classify(status, b"x" * 1000, 3.0)
+    assert (error.error_class if error else None) is expected
+    if error is not None:
+        assert str(status) in error.message and len(error.message) < 300
+
+
+def test_headers_are_header_safe() -> None:
+    entry = Entry(id="abc", ns="ns", op=Op.PUT, key="a\r\nInjected: 1", partition=0, write_time=5, origin="eu",
+                  seq=42)
+    headers = entry_headers(entry)
+    assert headers["idempotency-key"] == "abc" and headers["walcar-sequence"] == "42"
+    assert all("\r" not in v and "\n" not in v for v in headers.values())
+
+
+def test_config_refuses_unsafe_headers_and_placeholders() -> None:
+    bad = {"type": "http", "name": "app", "url": "http://{key}.example/{nope}",
+           "headers": {"Transfer-Encoding": "chunked", "X-Ok": "a\nb", "Walcar-Op": "x"}, "token_header": "Host"}
+    with pytest.raises(config_mod.ConfigError) as caught:
+        config_mod.validate({"namespaces": {"a": {"targets": [bad]}}})
+    text = str(caught.value)
+    for part in ("not the host", "unknown placeholder", "'Transfer-Encoding'", "'Walcar-Op'", "line break",
+                 "token_header"):
+        assert part in text
+
+
+def test_kafka_config_keeps_order_settings_and_secrets_out_of_properties() -> None:
+    bad = {"type": "kafka", "name": "q", "bootstrap_servers": ["nohost"], "topic": "a b",
+           "properties": {"acks": "1", "ssl.key.password": "x", "security.protocol": "ssl"}}
+    with pytest.raises(config_mod.ConfigError) as caught:
+        config_mod.validate({"namespaces": {"a": {"targets": [bad]}}})
+    text = str(caught.value)
+    for part in ("bootstrap_servers[0]", "topic names", "['acks'] are set by walcar", "ssl.key.password"):
+        assert part in text
+    good = {**bad, "bootstrap_servers": ["127.0.0.1:9092"], "topic": "wal.{namespace}", "properties": {}}
+    target = config_mod.validate({"namespaces": {"a": {"targets": [good]}}}).namespaces["a"].targets[0]
+    assert target.describe() == "kafka 127.0.0.1:9092 topic wal.{namespace}"
+
+
+def test_kafka_records_deletes_as_tombstones_or_a_header() -> None:
+    from sidecar.drain.targets.kafka import record
+
+    put = Entry(id="i1", ns="ns", op=Op.PUT, key="k", partition=0, write_time=7, origin="eu", value=b"v", seq=3)
+    value, headers = record(put, "tombstone")
+    assert value == b"v" and headers["walcar-id"] == b"i1" and headers["walcar-seq"] == b"3"
+    assert headers["walcar-op"] == b"put" and headers["walcar-write-time"] == b"7"
+    delete = Entry(id="i2", ns="ns", op=Op.DELETE, key="k", partition=0, write_time=8)
+    assert record(delete, "tombstone")[0] is None
+    assert record(delete, "header") == (b"", record(delete, "header")[1])
+    item_delete = Entry(id="i3", ns="ns", op=Op.DELETE, key="k", item="a", partition=0, write_time=9)
+    value, headers = record(item_delete, "tombstone")
+    assert value == b"" and headers["walcar-item"] == b"a"  # a tombstone would drop the whole key

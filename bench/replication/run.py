@@ -36,6 +36,8 @@ def start_regions(workdir: Path) -> tuple[list[NatsProcess | MemcachedProcess], 
     processes: list[NatsProcess | MemcachedProcess] = []
     kv = {"a": free_port(), "b": free_port()}
     sidecars = {}
+    token = workdir / "region.token"  # the cross-region endpoint is off without one
+    token.write_text("bench-region-token\n")
     for name, peer in (("b", "a"), ("a", "b")):
         nats_server = NatsProcess(workdir / name / "nats")
         cache = MemcachedProcess(workdir / name / "memcached")
@@ -43,10 +45,11 @@ def start_regions(workdir: Path) -> tuple[list[NatsProcess | MemcachedProcess], 
         cache.start()
         processes += [nats_server, cache]
         targets = [{"name": "cache", "type": "memcached", "servers": [f"127.0.0.1:{cache.port}"]},
-                   {"name": "peer", "type": "wal", "url": f"http://127.0.0.1:{kv[peer]}", "batch_size": 500}]
+                   {"name": "peer", "type": "wal", "url": f"http://127.0.0.1:{kv[peer]}", "batch_size": 500,
+                    "token_file": str(token)}]
         document = sidecar_document(nats_server.url, {NS: {"partitions": 16, "targets": targets}},
                                     [{"protocol": "kv", "bind": f"127.0.0.1:{kv[name]}"}],
-                                    region=f"region-{name}", log_level="warning")
+                                    region=f"region-{name}", log_level="warning", region_token_file=str(token))
         sidecars[name] = start_walcar(workdir / name, document, role="all")
     return processes, sidecars["a"], sidecars["b"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,7 @@ async def drained_peak(drainer: SidecarProcess, namespace: str, target: tuple[st
                        last: dict[str, bytes]) -> float:
     """Resume the paused target "up", wait until it holds every key's last value; the drainer's peak RSS."""
     async with httpx.AsyncClient(base_url=drainer.admin) as admin:
-        response = await admin.post(f"/v1/drain/{namespace}/up/resume")
+        response = await admin.post(f"/v1/drain/{namespace}/up/resume", json={})
         assert response.status_code == 200, response.text
     await converge(lambda: {k for k, v in memcached_values(target, keys).items() if v.encode() != last[k]}
                    | (set(keys) - set(memcached_values(target, keys))), 120, "the resumed target's values")
@@ -94,7 +95,7 @@ async def test_drainer_memory_is_bounded_by_bytes_with_a_paused_and_a_down_targe
     try:
         pid = drainer.proc.pid  # type: ignore[union-attr]
         async with httpx.AsyncClient(base_url=drainer.admin) as admin:
-            response = await admin.post(f"/v1/drain/{unique}/up/pause")
+            response = await admin.post(f"/v1/drain/{unique}/up/pause", json={})
             assert response.status_code == 200, response.text
             await trio.sleep(1.0)  # the drain's tasks settle into their steady state before the baseline
             baseline = rss_mib(pid)
@@ -136,7 +137,7 @@ async def test_drainer_memory_is_bounded_with_chunked_values(services: Services,
     drainer = SidecarProcess(document, tmp_path / "drainer", role="drain").start()
     try:
         async with httpx.AsyncClient(base_url=drainer.admin) as admin:
-            assert (await admin.post(f"/v1/drain/{unique}/up/pause")).status_code == 200
+            assert (await admin.post(f"/v1/drain/{unique}/up/pause", json={})).status_code == 200
         await trio.sleep(1.0)
         baseline = rss_mib(drainer.proc.pid)  # type: ignore[union-attr]
         keys = [f"{unique}-k{i}" for i in range(40)]
@@ -167,7 +168,10 @@ async def test_writes_over_max_payload_go_to_the_chunk_store_and_never_break_the
     max_payload (but under the chunk threshold) are stored through the chunk store; a small writer
     running meanwhile sees every one of its writes durable. Sent as they were, each would have made
     nats-server close walcar's connection, and every write in flight would have become `unknown`."""
-    config = build_config(sidecar_document(small_payload_nats.url, {unique: {"partitions": 4}}, [kv_listener()]))
+    token = Path(tempfile.mkdtemp()) / "region.token"  # the cross-region endpoint is off without one
+    token.write_text("region-token\n")
+    config = build_config(sidecar_document(small_payload_nats.url, {unique: {"partitions": 4}}, [kv_listener()],
+                                           region_token_file=str(token)))
     big = "b" * (200 * 1024)
     async with running_sidecar(config) as sidecar:
         writer = sidecar.ingress.journal.writer
@@ -196,7 +200,8 @@ async def test_writes_over_max_payload_go_to_the_chunk_store_and_never_break_the
                                      partition=0, value=big.encode(), write_time=now_us(), origin="elsewhere")
                                for n in range(2)]
                     replicated = await client.post(f"/v1/log/{unique}/batch", content=msgspec.msgpack.encode(
-                        {"entries": entries}), headers={"content-type": "application/msgpack"})
+                        {"entries": entries}), headers={"content-type": "application/msgpack",
+                                                       "authorization": "Bearer region-token"})
                     assert replicated.status_code == 200, replicated.content[:300]
                     results = msgspec.msgpack.decode(replicated.content)["results"]
                     assert all(r["durable"] == "true" for r in results), results

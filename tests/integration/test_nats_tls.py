@@ -170,3 +170,22 @@ async def test_both_connections_reconnect_with_a_rotated_ca_and_certificates(ca:
     finally:
         server.stop()
 
+
+
+async def test_handshake_first_servers_with_both_connections(ca: Authority, tmp_path: Path, services,
+                                                             unique: str) -> None:
+    """nats-server `tls { handshake_first: true }`: TLS before INFO, for nats-py and the link alike."""
+    server = tls_nats(tmp_path / "nats", ca, handshake_first=True)
+    server.start()
+    try:
+        files = {**client_files(ca, tmp_path), "handshake_first": True, "server_name": "localhost"}
+        config = config_mod.validate(sidecar_document(f"nats://127.0.0.1:{server.port}",
+                                                      {unique: {"partitions": 1}}, nats_tls=files))
+        async with open_journal(config, connect_retry=5.0) as journal:
+            link = journal.writer.conn.link
+            assert link is not None
+            await until(lambda: link.connected, 10, "the link")
+            info = await journal.writer.conn.js_api(f"STREAM.INFO.{config_mod.stream_name(unique)}")
+            assert info["config"]["name"] == config_mod.stream_name(unique)
+    finally:
+        server.stop()

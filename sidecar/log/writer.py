@@ -303,6 +303,8 @@ class JournalWriter:
             return _fail("journal closed: the sidecar is shutting down")
         if not self.connected:
             return _fail("journal unavailable: not connected to NATS")
+        if self._link is not None and self._link.congested:
+            return _fail("journal unavailable: NATS is not keeping up (link full)")
         if self._inflight_batches:
             age = trio.current_time() - self._inflight_batches[0].submitted
             if age > self.settings.shed_ack_latency:

@@ -23,6 +23,7 @@ class StandInLink:
 
     def __init__(self) -> None:
         self.connected = True
+        self.congested = False  # the real link: its outgoing buffer is full
         self.last_error = ""
         self.on_lost: list[Any] = []
         self.sent: list[bytes] = []
@@ -100,4 +101,18 @@ async def test_a_write_answered_by_callback_is_refused_at_once_when_disconnected
         assert writer.publish_then("wal.t.0", b"d", None, answers.append)
         assert answers[-1].durable is Durable.FALSE  # answered before publish_then returned
         assert writer.stats.inflight_entries == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_is_refused_while_the_links_buffer_is_full() -> None:
+    """A server that stops reading fills the link's bounded buffer: writes are answered false, not queued."""
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings())  # type: ignore[arg-type]
+    answers: list[WriteResult] = []
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        conn.link.congested = True
+        assert writer.publish_then("wal.t.0", b"a", None, answers.append)
+        assert answers[-1].durable is Durable.FALSE and "link full" in answers[-1].message
+        assert conn.link.sent == [] and writer.stats.inflight_entries == 0
         nursery.cancel_scope.cancel()

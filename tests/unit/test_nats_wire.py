@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.log import wire
-from sidecar.log.link import Server, creds_signer, parse_servers
+from sidecar.log.link import creds_signer
+from sidecar.log.pool import Server, parse_servers
 from sidecar.log.wire import ClientParser, ServerMessage, WireError
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)

@@ -22,7 +22,7 @@ from sidecar.log.service import open_journal
 from sidecar.tls import ClientTls, TlsError
 from tests.support.natsconf import tls_nats
 from tests.support.pki import Authority, issue, make_ca
-from tests.support.procs import NatsProcess
+from tests.support.procs import NatsProcess, wait_for
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 from tests.support.waiting import until
 
@@ -67,8 +67,9 @@ def test_walcar_journals_and_drains_through_mtls_nats(mtls_nats: NatsProcess, ca
     try:
         with httpx.Client(base_url=f"http://{listener['bind']}", timeout=10) as client:
             put = client.put(f"/v1/kv/{unique}/user-1", json={"items": [{"key": "name", "text": "ada"}]})
-            assert put.status_code == 200, put.text
-            assert put.json()["durable"] == "true" and put.json()["visible"] is True  # journaled, drained, applied
+            assert put.status_code == 200 and put.json()["durable"] == "true", put.text
+            wait_for(lambda: client.get(f"/v1/kv/{unique}/user-1?items=name").status_code == 200, 30,
+                     what="the write to be drained")  # pulled and acked through the link, applied
             got = client.get(f"/v1/kv/{unique}/user-1?items=name")
             assert got.status_code == 200 and got.json()["items"][0]["value"] == "YWRh"  # base64 of "ada"
     finally:

@@ -156,6 +156,14 @@ class NatsConnection:
             log.info("nats_reconnected", url=self.url)
             self.to_trio(self._after_reconnect)
 
+        async def lame_duck() -> None:
+            # nats-py only reports lame-duck mode; like the link, move now rather than when the server
+            # closes the connection. Scheduled after this INFO is parsed: the parser is mid-buffer here.
+            nc = self.nc
+            log.warning("nats_lame_duck", url=self.url)
+            if nc is not None:
+                self.bridge.spawn(lambda: nc._process_op_err(ConnectionError("server in lame-duck mode")))
+
         async def error(exc: Exception) -> None:
             self._connect_error = exc  # why a first connect that times out did so
             self.to_trio(lambda: setattr(self, "last_error", explain(exc, "sidecar.nats_tls")))
@@ -176,6 +184,7 @@ class NatsConnection:
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "error_cb": error,
+            "lame_duck_mode_cb": lame_duck,
         }
         options.update(self._auth_options())
         nc = _Client()

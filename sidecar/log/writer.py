@@ -342,6 +342,8 @@ class JournalWriter:
             reason = self.oversized(message)
             if reason:
                 return _fail(reason)
+        if self._link is not None and self._link.congested:
+            return _fail("journal unavailable: NATS is not keeping up (link full)")
         if self._inflight_batches:
             age = trio.current_time() - self._inflight_batches[0].submitted
             if age > self.settings.shed_ack_latency:

@@ -161,6 +161,22 @@ def test_a_missing_tls_file_fails_at_startup_naming_it(tmp_path: Path) -> None:
                                                               key_file=str(tmp_path / "absent.key"))), "ns")
 
 
+async def test_a_renewed_client_certificate_is_used_without_a_restart(tls_node: CassandraProcess, ca: Authority,
+                                                                      client_tls: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    """The target starts with a certificate the node refuses; the Secret is renewed; the next try gets in."""
+    stale = issue(make_ca("stale"), tmp_path / "c.pem", tmp_path / "k.pem", common_name="walcar", client=True)
+    db = await drain_target(tls_node.port, "system", CassandraTls(ca_file=client_tls["ca_file"],
+                                                                 cert_file=str(stale.cert), key_file=str(stale.key)))
+    try:
+        with pytest.raises(ApplyError):
+            await db.health()
+        issue(ca, stale.cert, stale.key, common_name="walcar", client=True)  # what cert-manager does
+        await db.health()
+    finally:
+        await db.close()
+
+
 async def test_with_require_client_auth_false_the_ca_alone_is_enough(tls_node: CassandraProcess, ca: Authority,
                                                                      client_tls: dict[str, str]) -> None:
     """Runs last: the node is restarted with require_client_auth: false."""

@@ -17,7 +17,7 @@ import pytest
 import tomli_w
 
 from tests.support.natsconf import account_block, configured_nats, walcar_permissions
-from tests.support.procs import NatsProcess
+from tests.support.procs import NatsProcess, wait_for
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 
 PASSWORD = "pw-3f9a1c-not-in-logs"
@@ -39,9 +39,11 @@ def exercise(nats: NatsProcess, tmp_path: Path, services, unique: str, url: str 
         with httpx.Client(base_url=f"http://{listener['bind']}", timeout=10) as client:
             for record, text in (("small", "ada"), ("large", "x" * 4096)):
                 put = client.put(f"/v1/kv/{unique}/{record}", json={"items": [{"key": "v", "text": text}]})
-                assert put.status_code == 200 and put.json()["visible"] is True, put.text
-            status = client.get(f"/v1/kv/{unique}/large?items=v")
-            assert status.status_code == 200, status.text
+                assert put.status_code == 200 and put.json()["durable"] == "true", put.text
+            # drained (pull, ack, applied notice, chunk fetched from the object store) and read back
+            for record in ("small", "large"):
+                wait_for(lambda r=record: client.get(f"/v1/kv/{unique}/{r}?items=v").status_code == 200, 30,
+                         what=f"{record} to be drained")
         with httpx.Client(timeout=10) as admin:
             assert admin.get(f"{walcar.admin}/v1/drain").status_code == 200
     finally:

@@ -12,7 +12,9 @@ import httpx
 import pytest
 import trio
 
+from sidecar.config import stream_name
 from sidecar.log.link import NatsLink
+from sidecar.log.service import open_journal
 from sidecar.log.wire import encode_publish
 from tests.support.natscluster import cluster_url, nats_cluster
 from tests.support.procs import NatsProcess
@@ -133,3 +135,26 @@ async def test_a_sidecar_given_one_url_keeps_journaling_to_r3_streams_when_that_
             else:
                 await trio.sleep(0.1)
         assert durable_after >= 20, "writes did not become durable again on the surviving nodes"
+
+
+async def test_both_connections_of_a_sidecar_leave_a_lame_duck_node(cluster: list[NatsProcess], unique: str) -> None:
+    config = build_config(sidecar_document(cluster_url(cluster), {unique: {"partitions": 1}}))
+    async with open_journal(config, connect_retry=10.0) as journal:
+        conn, link = journal.writer.conn, journal.writer.conn.link
+        assert link is not None and conn.nc is not None
+        nc = conn.nc
+        await until(lambda: link.connected and nc.connected_url is not None, 10, "both connections")
+        assert nc.connected_url is not None
+        lame = next(node for node in cluster if node.port == nc.connected_url.port)
+        assert lame.proc is not None
+        lame.proc.send_signal(signal.SIGUSR2)
+
+        def moved() -> bool:
+            url = nc.connected_url
+            return (url is not None and url.port != lame.port and link.connected and link.current is not None
+                    and link.current.port != lame.port)
+
+        await until(moved, 8, "nats-py and the link to move off the lame-duck node")
+        assert lame.running
+        info = await conn.js_api(f"STREAM.INFO.{stream_name(unique)}")  # and nats-py works where it landed
+        assert info["config"]["name"] == stream_name(unique)

@@ -22,7 +22,7 @@ from sidecar.log.service import open_journal
 from sidecar.tls import ClientTls, TlsError
 from tests.support.natsconf import tls_nats
 from tests.support.pki import Authority, issue, make_ca
-from tests.support.procs import NatsProcess
+from tests.support.procs import NatsProcess, wait_for
 from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
 from tests.support.waiting import until
 
@@ -67,8 +67,9 @@ def test_walcar_journals_and_drains_through_mtls_nats(mtls_nats: NatsProcess, ca
     try:
         with httpx.Client(base_url=f"http://{listener['bind']}", timeout=10) as client:
             put = client.put(f"/v1/kv/{unique}/user-1", json={"items": [{"key": "name", "text": "ada"}]})
-            assert put.status_code == 200, put.text
-            assert put.json()["durable"] == "true" and put.json()["visible"] is True  # journaled, drained, applied
+            assert put.status_code == 200 and put.json()["durable"] == "true", put.text
+            wait_for(lambda: client.get(f"/v1/kv/{unique}/user-1?items=name").status_code == 200, 30,
+                     what="the write to be drained")  # pulled and acked through the link, applied
             got = client.get(f"/v1/kv/{unique}/user-1?items=name")
             assert got.status_code == 200 and got.json()["items"][0]["value"] == "YWRh"  # base64 of "ada"
     finally:
@@ -170,3 +171,22 @@ async def test_both_connections_reconnect_with_a_rotated_ca_and_certificates(ca:
     finally:
         server.stop()
 
+
+
+async def test_handshake_first_servers_with_both_connections(ca: Authority, tmp_path: Path, services,
+                                                             unique: str) -> None:
+    """nats-server `tls { handshake_first: true }`: TLS before INFO, for nats-py and the link alike."""
+    server = tls_nats(tmp_path / "nats", ca, handshake_first=True)
+    server.start()
+    try:
+        files = {**client_files(ca, tmp_path), "handshake_first": True, "server_name": "localhost"}
+        config = config_mod.validate(sidecar_document(f"nats://127.0.0.1:{server.port}",
+                                                      {unique: {"partitions": 1}}, nats_tls=files))
+        async with open_journal(config, connect_retry=5.0) as journal:
+            link = journal.writer.conn.link
+            assert link is not None
+            await until(lambda: link.connected, 10, "the link")
+            info = await journal.writer.conn.js_api(f"STREAM.INFO.{config_mod.stream_name(unique)}")
+            assert info["config"]["name"] == config_mod.stream_name(unique)
+    finally:
+        server.stop()

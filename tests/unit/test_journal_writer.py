@@ -23,9 +23,9 @@ class StandInLink:
 
     def __init__(self) -> None:
         self.connected = True
+        self.congested = False  # the real link: its outgoing buffer is full
         self.last_error = ""
         self.max_payload = 1024 * 1024
-        self.congested = False
         self.on_lost: list[Any] = []
         self.sent: list[bytes] = []
 
@@ -129,4 +129,17 @@ async def test_a_message_over_the_servers_max_payload_is_refused_and_never_sent(
                 small, over = await many
         assert small.durable is Durable.TRUE and over.durable is Durable.FALSE
         assert all(b"xxxx" not in chunk for chunk in conn.link.sent)  # the big payload never went out
+
+
+async def test_a_write_is_refused_while_the_links_buffer_is_full() -> None:
+    """A server that stops reading fills the link's bounded buffer: writes are answered false, not queued."""
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings())  # type: ignore[arg-type]
+    answers: list[WriteResult] = []
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        conn.link.congested = True
+        assert writer.publish_then("wal.t.0", b"a", None, answers.append)
+        assert answers[-1].durable is Durable.FALSE and "link full" in answers[-1].message
+        assert conn.link.sent == [] and writer.stats.inflight_entries == 0
         nursery.cancel_scope.cancel()

@@ -217,7 +217,7 @@ def test_deployment_pod_is_injected_over_tls(client: httpx.Client) -> None:
     assert walcar["name"] == "walcar"
     assert walcar["restartPolicy"] == "Always"
     assert walcar["resources"]["limits"]["memory"] == "512Mi"
-    assert [p["containerPort"] for p in walcar["ports"]] == [9901, 11211, 8080]
+    assert [p["containerPort"] for p in walcar["ports"]] == [9901, 9902, 11211, 8080]  # admin, metrics, protocols
     assert out["spec"]["terminationGracePeriodSeconds"] == 37
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +30,8 @@ from cryptography import x509
 
 from tests.integration.test_helm_chart import CHART
 from tests.integration.test_injector_tls import Authority, InjectorProcess, issue, make_ca, trusting
-from tests.support.kube import KUBECONFIG, Kube, KubeError, ensure_k8s, wait_until
-from tests.support.services import HELM
+from tests.support.kube import K8S_SERVICES, KUBECONFIG, Kube, KubeError, ensure_k8s, wait_until
+from tests.support.services import HELM, SCRIPT
 
 RELEASE = "walcar"
 RELEASE_NS = "walcar-system"
@@ -181,6 +183,23 @@ def injected(pod: dict[str, Any]) -> bool:
 WANTS = {"walcar.io/inject": "true"}
 
 
+# --- the control plane itself ---------------------------------------------------------------
+
+
+def test_control_plane_is_the_pinned_version_on_loopback_only(kube: Kube) -> None:
+    assert kube.get("/version")["gitVersion"] == "v1.37.2"  # helm's kubeVersion checks read this
+    status = subprocess.run([sys.executable, str(SCRIPT), "status", "--json"], capture_output=True, text=True)
+    pids = {row["pid"] for row in json.loads(status.stdout) if row["service"] in K8S_SERVICES}
+    assert None not in pids and len(pids) == 3
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    ours = [line.split()[3] for line in listening if any(f"pid={pid}," in line for pid in pids)]
+    assert len(ours) >= 4  # etcd client + peer, kube-apiserver, kube-controller-manager
+    assert all(address.startswith("127.0.0.1:") for address in ours), ours
+    apiserver = next(row["pid"] for row in json.loads(status.stdout) if row["service"] == "kube-apiserver")
+    cmdline = Path(f"/proc/{apiserver}/cmdline").read_bytes().split(b"\0")
+    assert b"--enable-aggregator-routing=true" in cmdline  # webhooks dialled at endpoints, never a ClusterIP
+
+
 # --- a Deployment's pods, through kube-controller-manager and PodSecurity -----------------------
 
 
@@ -324,7 +343,7 @@ def test_chart_service_webhook_fails_closed_without_endpoints(kube: Kube, namesp
         message = caught.value.message
         assert caught.value.code == 500
         assert 'failed calling webhook "inject.walcar.io"' in message
-        assert f"{INJECTOR}.{RELEASE_NS}.svc" in message or "no endpoints available" in message, message
+        assert f'no endpoints available for service "{INJECTOR}"' in message, message
         assert "10.96." not in message  # --enable-aggregator-routing: endpoints, never the ClusterIP
     finally:
         helm("upgrade", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--reuse-values",

@@ -245,6 +245,13 @@ def test_opted_out_pods_and_other_namespaces_are_untouched(kube: Kube, namespace
         assert not injected(elsewhere) and containers(elsewhere) == ["web"]
     finally:
         kube.delete(f"/api/v1/namespaces/{unlabelled}")
+    # kube-system is never sent, even labelled: the control plane must not wait on walcar
+    kube.merge_patch("/api/v1/namespaces/kube-system", {"metadata": {"labels": {"walcar.io/injection": "enabled"}}})
+    try:
+        system = kube.create("/api/v1/namespaces/kube-system/pods", pod(namespace, WANTS), dry_run=True)
+        assert not injected(system) and containers(system) == ["web"]
+    finally:
+        kube.merge_patch("/api/v1/namespaces/kube-system", {"metadata": {"labels": {"walcar.io/injection": None}}})
 
 
 def test_re_creating_an_injected_pod_does_not_inject_twice(kube: Kube, namespace: str) -> None:

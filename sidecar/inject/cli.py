@@ -2,6 +2,7 @@
 
     walcar inject serve --config injector.yaml
     walcar inject wait-ready [--url http://127.0.0.1:9901/readyz] [--timeout 120]
+    walcar inject health --url https://walcar-injector.walcar-system.svc/healthz --ca-file ca.crt
 
 Kept out of sidecar/cli.py (which only registers the group) so the injector's
 imports (hypercorn, trio) load only when it runs.
@@ -88,6 +89,28 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """`helm test`: the injector's health over TLS, trusting only the webhook's CA (as the API server does)."""
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=args.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"walcar: cannot read the CA {args.ca_file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout, context=context) as response:
+            status, text = response.status, response.read(200).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.reason
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"walcar: {args.url}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{args.url}: {status} {text}")
+    return EXIT_OK if status == 200 else EXIT_FAILURE
+
+
 def add_parser(sub: Any) -> None:
     """Register `walcar inject` on the main parser's subcommands."""
     inject = sub.add_parser("inject", help="the Kubernetes sidecar injector")
@@ -103,3 +126,9 @@ def add_parser(sub: Any) -> None:
     wait.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
     wait.add_argument("--interval", type=float, default=0.2, metavar="SECONDS")
     wait.set_defaults(func=cmd_wait_ready)
+
+    health = inject_sub.add_parser("health", help="check the injector's /healthz over TLS (helm test)")
+    health.add_argument("--url", required=True)
+    health.add_argument("--ca-file", required=True, help="the CA the webhook's caBundle holds")
+    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    health.set_defaults(func=cmd_health)

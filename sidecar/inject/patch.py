@@ -7,7 +7,10 @@ unit test. The answer is always an AdmissionReview that says why:
 - a review that cannot be read (no request, no pod object, a spec of the wrong
   shape): allowed with a warning, since the API server validates the pod itself;
 - invalid `walcar.io/*` annotations, a namespace the control plane does not know, a
-  port clash with the app: denied, every reason listed, so `kubectl` shows it;
+  port clash with the app, a hostNetwork pod, a legacy-mode sidecar in a pod that must
+  complete, annotations that would pass Kubernetes' 256 KiB cap: denied, every reason
+  listed, so `kubectl` shows it;
+- an app container already named `walcar`: allowed unchanged, with a warning;
 - a bug in here: answered per `failure_policy` (the webhook's), never an HTTP 500.
 
 Only a body that is not JSON at all gets HTTP 400: the API server never sends one,
@@ -32,6 +35,9 @@ API_VERSION = "admission.k8s.io/v1"
 SUPPORTED_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 DEFAULT_GRACE_SECONDS = 30  # what the API server assumes when a pod sets none
 MAX_CONFIG_BYTES = 128 * 1024  # all of a pod's annotations together may not exceed 256 KiB
+# The API server's cap on one object's annotations (keys + values, apimachinery's
+# TotalAnnotationSizeLimitB): past it the pod fails with a generic "Too long" naming no one.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
 MAX_WARNING_CHARS = 120  # kubectl shows longer warnings truncated
 
 
@@ -91,12 +97,31 @@ def _append(ops: list[dict[str, Any]], present: list[Any] | None, path: str, ite
         ops.append({"op": "add", "path": f"{path}/{offset}" if first else f"{path}/-", "value": item})
 
 
-def _already_injected(annotations: dict[str, str], spec: dict[str, Any]) -> bool:
-    if annotations.get(ann.STATUS) == "injected":
-        return True
+def _has_walcar_container(spec: dict[str, Any]) -> bool:
     names = [c.get("name") for key in ("containers", "initContainers") for c in spec.get(key) or []
              if isinstance(c, dict)]
     return container.CONTAINER_NAME in names
+
+
+def _annotations_bytes(annotations: dict[str, str]) -> int:
+    """What the API server counts against its cap: every key and value, in bytes."""
+    return sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+
+
+def _refusals(spec: dict[str, Any], native: bool) -> list[str]:
+    """Pods walcar must not go into, whatever the annotations say."""
+    reasons = []
+    if spec.get("hostNetwork") is True:
+        # on the node's network, walcar's loopback admin/KV ports are the node's: two such pods on
+        # one node clash, and every process on the node reaches them
+        reasons.append("hostNetwork pods are not injected: walcar's ports would be the node's and clash between "
+                       f"pods on one node; drop hostNetwork or {ann.INJECT}")
+    if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        # a regular container that never exits: the Job (or any run-to-completion pod) never completes
+        reasons.append(f"restartPolicy {spec['restartPolicy']} (a Job's pod) needs the native sidecar: as a regular "
+                       f"container walcar never exits and the pod never completes; set {ann.NATIVE_SIDECAR}: "
+                       '"true" (Kubernetes >= 1.29)')
+    return reasons
 
 
 def _clashes(spec: dict[str, Any], walcar: dict[str, Any], volumes: list[dict[str, Any]]) -> list[str]:
@@ -211,18 +236,32 @@ class Injector:
         _list_of_dicts(spec.get("initContainers"), "spec.initContainers")  # walcar goes in front of them
         if not containers:
             raise Malformed("the pod has no containers")
-        if _already_injected(annotations, spec):
-            return Decision(True, "already-injected")
+        if annotations.get(ann.STATUS) == "injected":
+            return Decision(True, "already-injected")  # a reinvocation, or a pod re-created from its own manifest
+        if _has_walcar_container(spec):
+            # the app's own container has walcar's name: injecting would make two, and the API
+            # server would refuse the pod; say why it runs without walcar instead of skipping silently
+            return Decision(True, "name-taken", warnings=[
+                f"walcar: not injected: the pod already has a container named {container.CONTAINER_NAME!r}"])
 
         try:
             options = ann.parse_options(annotations, self.settings)
             document, parsed = render.pod_config(self.control_plane, self.settings, options)
         except (ann.AnnotationError, render.RenderError) as exc:
             return self._deny(exc.errors)
+        refusals = _refusals(spec, options.native)
+        if refusals:
+            return self._deny(refusals)
         config_text = render.dump(document)
         if len(config_text.encode()) > MAX_CONFIG_BYTES:
             return self._deny([f"the walcar config for this pod is {len(config_text)} bytes, over the "
                                f"{MAX_CONFIG_BYTES}-byte annotation budget: set {ann.NAMESPACE} to narrow it"])
+        total = _annotations_bytes({**annotations, ann.STATUS: "injected", ann.CONFIG: config_text})
+        if total > MAX_ANNOTATIONS_BYTES:
+            return self._deny([f"with walcar's config ({len(config_text.encode())} bytes) the pod's annotations "
+                               f"would be {total} bytes, over Kubernetes' {MAX_ANNOTATIONS_BYTES}-byte limit: "
+                               "move the pod's large annotations elsewhere (a ConfigMap) or narrow "
+                               f"the config with {ann.NAMESPACE}"])
 
         walcar = container.sidecar_container(self.settings, options)
         volumes = container.volumes(self.settings)

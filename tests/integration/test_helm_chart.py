@@ -65,7 +65,19 @@ def helm(services: Services) -> str:
     return str(HELM)
 
 
+# The Kubernetes version scripts/services runs (K8S_VERSION). Rendering needs one: a helm built with
+# `go install` assumes v1.20.0 without it, which the chart's kubeVersion refuses.
+KUBE_VERSION = "1.37.2"
+# What the rendered manifests are validated against offline: the chart's kubeVersion floor (1.25),
+# the last version before native sidecars, the first with them, and the one tested live.
+SCHEMA_VERSIONS = ("1.25.0", "1.28.0", "1.29.0", "1.33.0", "1.37.0")
+# Custom resources (cert-manager, Prometheus Operator) have no schema in kubernetes-validate.
+CUSTOM_KINDS = {"Certificate", "Issuer", "ServiceMonitor", "PodMonitor"}
+
+
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    if args[0] in ("template", "lint") and not any(a.startswith("--kube-version") for a in args):
+        args = (*args, "--kube-version", KUBE_VERSION)
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -128,7 +140,7 @@ def test_every_option_renders_a_control_plane_that_walcar_accepts(helm: str, opt
 
 def test_default_install(helm: str) -> None:
     docs = template(helm)
-    assert kinds(docs) == ["ConfigMap", "Deployment", "MutatingWebhookConfiguration", "PodDisruptionBudget",
+    assert kinds(docs) == ["ConfigMap", "Deployment", "MutatingWebhookConfiguration", "Pod", "PodDisruptionBudget",
                            "Secret", "Service", "ServiceAccount"]
     injector = deployment(docs, "injector")
     assert injector["spec"]["replicas"] == 2
@@ -510,3 +522,85 @@ def test_chart_defaults_inject_a_working_pod_spec(helm: str) -> None:
     assert walcar["image"] == "ghcr.io/walcar/walcar:0.1.0"
     assert walcar["restartPolicy"] == "Always"
     assert yaml.safe_load(data["walcar.yaml"])["sidecar"]["admin"] == "127.0.0.1:9901"
+
+
+# --- what a real API server showed that `helm template` did not (issue 23) --------------------
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_every_variant_is_valid_against_the_kubernetes_schemas(helm: str, option: str, version: str) -> None:
+    """Offline: field names, types and required fields, as that version's API server would check them."""
+    import kubernetes_validate
+
+    docs = template(helm, *OPTIONS[option], "--kube-version", version)  # below 1.29: auto = legacy mode
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} ({option}, {version}): {exc.message} "
+                        f"at {list(exc.path)}")
+        checked += 1
+    assert checked >= 7
+
+
+@pytest.mark.parametrize(("version", "native"), [("1.25.0", "false"), ("1.28.9", "false"), ("1.29.0", "true"),
+                                                 ("1.37.2", "true")])
+def test_native_sidecar_follows_the_cluster_version(helm: str, version: str, native: str) -> None:
+    """Below 1.29 the API server drops restartPolicy from init containers: every injected pod would fail."""
+    settings = yaml.safe_load(config_map(template(helm, "--kube-version", version))["injector.yaml"])
+    assert settings["native_sidecar"] is (native == "true")
+
+
+def test_native_sidecar_forced_on_an_old_cluster_is_refused(helm: str) -> None:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "sidecar.nativeSidecar=true",
+                      "--kube-version", "1.28.0")
+    assert result.returncode != 0
+    assert "sidecar.nativeSidecar=true needs Kubernetes >= 1.29 (this cluster is v1.28.0)" in result.stderr
+    forced_off = config_map(template(helm, *OPTIONS["legacy-sidecar"]))
+    assert yaml.safe_load(forced_off["injector.yaml"])["native_sidecar"] is False
+
+
+def test_clusters_older_than_the_schemas_are_refused(helm: str) -> None:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.24.9")
+    assert result.returncode != 0
+    assert "chart requires kubeVersion: >=1.25.0-0" in result.stderr
+
+
+def test_one_injector_gets_no_pdb_that_would_block_node_drains(helm: str) -> None:
+    docs = template(helm, "--set", "injector.replicaCount=1")
+    assert "PodDisruptionBudget" not in kinds(docs)
+    assert one(template(helm, "--set", "injector.replicaCount=3"), "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+def test_pdb_that_could_never_allow_an_eviction_is_refused(helm: str) -> None:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "injector.podDisruptionBudget.minAvailable=2")
+    assert result.returncode != 0
+    assert "minAvailable (2) must be below injector.replicaCount (2)" in result.stderr
+    percent = template(helm, "--set", "injector.podDisruptionBudget.minAvailable=50%")
+    assert one(percent, "PodDisruptionBudget")["spec"]["minAvailable"] == "50%"
+
+
+def test_helm_test_pod_checks_the_injector_through_its_service_trusting_only_the_ca(helm: str) -> None:
+    docs = template(helm)
+    pod = one(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    service = one(docs, "Service")
+    url = f"https://{service['metadata']['name']}.{NAMESPACE}.svc:443/healthz"
+    assert container["command"] == ["walcar", "inject", "health", "--url", url,
+                                    "--ca-file", "/etc/walcar-injector/ca/ca.crt"]
+    # the DNS name it calls is one the serving certificate holds
+    secret = one(docs, "Secret")
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert f"{service['metadata']['name']}.{NAMESPACE}.svc" in names
+    # only the CA is mounted, never the serving key
+    volume = pod["spec"]["volumes"][0]
+    assert volume["secret"] == {"secretName": secret["metadata"]["name"], "items": [{"key": "ca.crt",
+                                                                                    "path": "ca.crt"}]}
+    assert pod["spec"]["restartPolicy"] == "Never"

@@ -137,7 +137,7 @@ def test_deployment_pod_is_injected_over_tls(client: httpx.Client) -> None:
     assert walcar["name"] == "walcar"
     assert walcar["restartPolicy"] == "Always"
     assert walcar["resources"]["limits"]["memory"] == "512Mi"
-    assert [p["containerPort"] for p in walcar["ports"]] == [9901, 11211, 8080]
+    assert [p["containerPort"] for p in walcar["ports"]] == [9901, 9902, 11211, 8080]  # admin, metrics, protocols
     assert out["spec"]["terminationGracePeriodSeconds"] == 37
 
 
@@ -209,6 +209,25 @@ def test_oversized_body_is_refused_without_a_500(client: httpx.Client) -> None:
 def test_client_that_does_not_trust_the_ca_cannot_talk_to_it(server: InjectorProcess) -> None:
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", verify=ssl.create_default_context(), timeout=2.0)
+
+
+def test_health_command_of_the_helm_test_pod(server: InjectorProcess, ca: Authority, tmp_path: Path) -> None:
+    """`walcar inject health` (the chart's `helm test` pod) trusts only the CA it is given."""
+
+    def health(ca_file: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sidecar.cli", "inject", "health", "--url",
+                               f"{server.url}/healthz", "--ca-file", str(ca_file)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    good, stranger = tmp_path / "ca.crt", tmp_path / "other.crt"
+    good.write_bytes(ca.pem())
+    stranger.write_bytes(make_ca("stranger").pem())
+    ok = health(good)
+    assert ok.returncode == 0, ok.stderr
+    assert '200 {"status": "alive"}' in ok.stdout
+    refused = health(stranger)
+    assert refused.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
 
 
 def test_decisions_are_logged_structured(client: httpx.Client, server: InjectorProcess) -> None:

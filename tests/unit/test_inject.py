@@ -439,10 +439,40 @@ def test_already_injected_pod_is_left_alone() -> None:
     assert again["response"] == {"uid": "b7c5e6a2-2f0d-4b8e-9d1f-5a7c3e9b0d42", "allowed": True}
 
 
-def test_pod_with_its_own_walcar_container_is_left_alone() -> None:
+def test_pod_with_its_own_walcar_container_is_left_alone_with_a_warning() -> None:
     pod = deployment_pod({"walcar.io/inject": "true"})
     pod["spec"]["containers"].append({"name": "walcar", "image": "registry.example/walcar:custom"})
-    assert "patch" not in answer_for(pod)["response"]
+    response = answer_for(pod)["response"]
+    assert "patch" not in response
+    assert response["allowed"] is True
+    # kubectl prints it: the user learns why the pod runs without walcar
+    assert response["warnings"] == ["walcar: not injected: the pod already has a container named 'walcar'"]
+
+
+def test_host_network_pod_is_denied() -> None:
+    message = denial(answer_for(deployment_pod({"walcar.io/inject": "true"}, hostNetwork=True)))
+    assert "hostNetwork pods are not injected" in message
+
+
+@pytest.mark.parametrize("restart_policy", ["Never", "OnFailure"])
+def test_legacy_sidecar_in_a_job_pod_is_denied(restart_policy: str) -> None:
+    pod = deployment_pod({"walcar.io/inject": "true", "walcar.io/native-sidecar": "false"},
+                         restartPolicy=restart_policy)
+    message = denial(answer_for(pod))
+    assert f"restartPolicy {restart_policy} (a Job's pod) needs the native sidecar" in message
+
+
+def test_native_sidecar_in_a_job_pod_is_injected() -> None:
+    pod = deployment_pod({"walcar.io/inject": "true"}, restartPolicy="Never")
+    out = apply(pod, answer_for(pod))
+    assert out["spec"]["initContainers"][0]["restartPolicy"] == "Always"  # kubelet stops it when the app exits
+
+
+def test_annotations_past_the_api_servers_cap_are_denied_with_walcars_message() -> None:
+    big = "x" * (256 * 1024 - 200)  # the pod alone fits; with walcar's config (hundreds of bytes) it would not
+    message = denial(answer_for(deployment_pod({"walcar.io/inject": "true", "example.com/blob": big})))
+    assert "over Kubernetes' 262144-byte limit" in message
+    assert "the pod's annotations would be" in message
 
 
 def test_updates_and_other_kinds_are_not_touched() -> None:

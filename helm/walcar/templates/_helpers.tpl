@@ -70,6 +70,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Native sidecars from Kubernetes 1.29 (auto), or as set; true below 1.29 would break every injected pod. */}}
+{{- define "walcar.nativeSidecar" -}}
+{{- $native := semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version }}
+{{- $value := .Values.sidecar.nativeSidecar }}
+{{- if eq (toString $value) "auto" }}{{ $native }}
+{{- else if and $value (not $native) }}
+{{- fail (printf "sidecar.nativeSidecar=true needs Kubernetes >= 1.29 (this cluster is %s): below it the API server drops restartPolicy from init containers and rejects every injected pod; use auto or false" .Capabilities.KubeVersion.Version) }}
+{{- else }}{{ $value }}
+{{- end }}
+{{- end }}
+
 {{- define "walcar.adminTokenSecretName" -}}
 {{- default (printf "%s-admin-token" (include "walcar.fullname" .) | trunc 63 | trimSuffix "-") .Values.adminToken.existingSecret }}
 {{- end }}
@@ -138,7 +149,7 @@ nats_tls_server_name: {{ .Values.nats.tls.serverName | quote }}
 nats_tls_handshake_first: {{ .Values.nats.tls.handshakeFirst }}
 {{- end }}
 role: {{ include "walcar.sidecarRole" . }}
-native_sidecar: {{ .Values.sidecar.nativeSidecar }}
+native_sidecar: {{ include "walcar.nativeSidecar" . }}
 drain_deadline: {{ int .Values.sidecar.drainDeadlineSeconds }}
 startup_timeout: {{ int .Values.sidecar.startupTimeoutSeconds }}
 protocols: {{ toJson .Values.sidecar.protocols }}

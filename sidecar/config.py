@@ -216,7 +216,9 @@ def _settable_header(name: str) -> bool:
 
 
 class Namespace(_Base):
-    mode: Literal["async", "sync"] = "async"
+    # async: ack after the journal; sync: also wait (bounded) for the primary target; off: the WAL is
+    # switched off, the memcached and CQL fronts write straight to the target (docs/control-plane.md).
+    mode: Literal["async", "sync", "off"] = "async"
     visibility_budget: Duration = Duration(0.05)
     partitions: int = 16
     replay_window: Duration = Duration(72 * 3600.0)
@@ -636,6 +638,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     yield f"{tpath}.{field}: {problem}"
         if ns.primary is not None and ns.primary not in seen:
             yield f"{path}.primary: no target named {ns.primary!r}"
+        if ns.mode == "off" and not ns.targets:
+            yield f"{path}.mode: off needs a target to write to"
         if ns.mode == "sync" and not ns.targets:
             yield f"{path}.mode: sync mode needs at least one target to be visible in"
 

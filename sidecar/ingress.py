@@ -151,6 +151,24 @@ class Ingress:
             elif isinstance(target, CassandraTarget):
                 _check_cassandra(entry, target)
 
+    def wal_off(self, namespace: str) -> bool:
+        return self.namespace(namespace).mode == "off"
+
+    async def direct(self, namespace: str, target: str, keys: Sequence[str], wait: float) -> bool:
+        """True when these keys' writes may go straight to `target` instead of the journal: the
+        namespace's WAL is switched off (`mode = "off"`) and none of the keys has entries this sidecar
+        journaled that the target has not applied yet — waiting for them up to `wait`. That per-key
+        fence keeps a key in order across a switch: its journaled writes land first, then it goes
+        direct. False (journal it, in order) when the wait runs out."""
+        if not self.wal_off(namespace):
+            return False
+        applied = self.applied
+        for key in keys:
+            if applied.has_unapplied(namespace, target, key) and \
+                    not await applied.wait_key_applied(namespace, target, key, wait):
+                return False
+        return True
+
     def check_replicated(self, entry: Entry, ns: Namespace) -> None:
         """An entry from another region passes what the front door checks, plus what only such an
         entry can get wrong; raises Refused (or TooLarge) naming the problem."""

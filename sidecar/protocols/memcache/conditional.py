@@ -44,7 +44,7 @@ from .keys import entry_key, new_entry_id, ttl_to_expiry
 from .replies import BUSY_MESSAGE, server_error
 from .stats import FrontStats, LogThrottle
 
-__all__ = ["ConditionalOps", "write_resolved"]
+__all__ = ["ConditionalOps", "relay_answer", "write_resolved"]
 
 log = get_logger("memcached")
 
@@ -93,7 +93,7 @@ class ConditionalOps:
                                   suppressed=self._log.take_suppressed())
                     return b"" if noreply else server_error(f"applied to memcached but not journaled: {problem}")
                 self.stats.conditional_applied += 1
-            return _relay(cmd, result, noreply)
+            return relay_answer(cmd, result, noreply)
 
     @asynccontextmanager
     async def _key_lock(self, key: str, deadline: float) -> AsyncIterator[bool]:
@@ -202,7 +202,7 @@ def _changed(result: Response) -> bool:
     return False
 
 
-def _relay(cmd: Command, result: Response, noreply: bool) -> bytes:
+def relay_answer(cmd: Command, result: Response, noreply: bool) -> bytes:
     """memcached's own answer, unless noreply or quiet mode hides it."""
     if noreply:
         return b""

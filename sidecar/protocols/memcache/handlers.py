@@ -30,7 +30,7 @@ from sidecar.ingress import BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
 
 from .backend import Backend, BackendError
-from .client_codec import ResponseKind, encode_command, strip_quiet
+from .client_codec import ResponseKind, encode_command, encode_store, strip_quiet
 from .codec import (
     MN,
     OK,
@@ -65,7 +65,7 @@ from .commands import (
     Verbosity,
     Version,
 )
-from .conditional import ConditionalOps, write_resolved
+from .conditional import ConditionalOps, relay_answer, write_resolved
 from .keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from .replies import DELETED, STORED, TOUCHED, VERSION_ANSWER, server_error
 from .stats import FrontStats, LogThrottle, stats_report
@@ -221,6 +221,30 @@ class Handlers:
             return b"" if noreply else encode_client_error("bad command line format")
         hold = value is not None and len(value) > self._chunk_threshold
         return JournalJob(entry, answer, noreply, hold)
+
+    # ------------------------------------------------------------------ the WAL switched off
+
+    def wal_off(self) -> bool:
+        return self.backend is not None and self.target is not None and self.ingress.wal_off(self.namespace)
+
+    async def direct(self, cmd: Command) -> bool:
+        """An unconditional write that goes straight to memcached: `mode = "off"`, and its key clear of
+        what this sidecar journaled earlier (waited for, like a conditional op: Ingress.direct)."""
+        assert self.target is not None
+        key = entry_key(cmd.key)  # type: ignore[attr-defined]
+        return await self.ingress.direct(self.namespace, self.target.name, (key,), self.busy_wait)
+
+    async def forward(self, cmd: Command) -> bytes:
+        """memcached's own answer to the write (no journal, no durable claim: the WAL is off)."""
+        try:
+            raw_key, request, kind = _direct_request(cmd)
+            backend = self._backend()
+            (response,) = await backend.request(backend.server_for(raw_key), request, (kind,))
+        except BackendError as exc:
+            self.stats.backend_errors += 1
+            return b"" if getattr(cmd, "noreply", False) else server_error(str(exc))
+        self.stats.writes_direct += 1
+        return relay_answer(cmd, response, bool(getattr(cmd, "noreply", False)))
 
     async def journal(self, job: JournalJob) -> bytes:
         """Journal an unconditional write; its answer only with a durable ack."""
@@ -437,3 +461,18 @@ def _merge(keys: list[bytes], backend: Backend, answers: dict[str, Values]) -> l
         if queue and queue[-1].key == key:
             merged.append(queue.pop())
     return merged
+
+
+def _direct_request(cmd: Command) -> tuple[bytes, bytes, ResponseKind]:
+    """(raw key, request for memcached, its answer kind) of an unconditional write, sent as is
+    (noreply and quiet stripped: the relay decides what the client hears)."""
+    if type(cmd) is Store:
+        return cmd.key, encode_store("set", cmd.key, cmd.value, flags=cmd.flags, exptime=cmd.exptime), \
+            ResponseKind.STORE
+    if type(cmd) is Delete:
+        return cmd.key, b"delete %b\r\n" % cmd.key, ResponseKind.DELETE
+    if type(cmd) is Touch:
+        return cmd.key, b"touch %b %d\r\n" % (cmd.key, cmd.exptime), ResponseKind.TOUCH
+    if type(cmd) is MetaSet or type(cmd) is MetaDelete:
+        return cmd.key, encode_command(strip_quiet(cmd)), ResponseKind.META
+    raise TypeError(f"{type(cmd).__name__} is not an unconditional write")

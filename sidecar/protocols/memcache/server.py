@@ -262,6 +262,10 @@ class Connection:
         handlers = self.handlers
         kind = handlers.classify(event)
         inline = not self.outstanding and self.parser.idle
+        if kind is Kind.JOURNAL and handlers.wal_off():
+            await self._settle()  # what was read before it is answered (and sent) first
+            if await handlers.direct(event):
+                return await self._reply(await handlers.forward(event))
         if kind is Kind.JOURNAL:
             job = handlers.journal_job(event)
             if type(job) is bytes:

@@ -236,6 +236,12 @@ class Namespace(_Base):
     # relay: forward entries that came from another region to this namespace's wal targets.
     relay: bool = False
     primary: str | None = None  # target that serves reads and sync visibility; default: first
+    # Reads through this sidecar (memcached get/gets/gat/gats/mg, KV GET) see its own acked writes
+    # before the primary target applied them (sidecar/overlay.py, docs/memcached.md).
+    read_your_writes: bool = True
+    # Bytes the read-your-writes overlay may hold (key + value + ~320 B a slot); past it the oldest
+    # slots are evicted and their reads wait up to visibility_budget for the drain instead.
+    overlay_budget: ByteSize = ByteSize(32 * 1024 * 1024)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     targets: list[Target] = msgspec.field(default_factory=list)
 

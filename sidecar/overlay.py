@@ -10,7 +10,7 @@ or see the value before it. The overlay closes that gap for this sidecar's own w
   sequence never replaces a newer one (acks of two connections can arrive in any order);
 * trimmed by the drain's applied notices: the primary target applying sequence >= the
   overlay's sequence for a slot removes it (per key the drain applies in journal order, so
-  it then holds that value or a newer one);
+  it then holds that value or a newer one); a dead-lettered entry's notice removes it too;
 * bounded: a byte budget per namespace (`overlay_budget`); past it the oldest slots are
   evicted. A read of an evicted key then waits (bounded) for the drain, then reads the
   target (`walcar_overlay_fallback_reads_total`).
@@ -154,6 +154,9 @@ class NamespaceOverlay:
         if not by_seq:
             return
         for seq in sequences:
+            # -seq: dead-lettered, never to be applied; the target keeps the value before it, so the
+            # slot goes too (reads show what the target holds, as they would for another sidecar).
+            seq = abs(seq)
             slots = by_seq.get(seq)
             if slots is None:
                 continue  # not overlaid, or superseded by a newer write (whose own notice will come)

@@ -110,10 +110,15 @@ class AppliedTracker:
     # --- called with each notice ---------------------------------------------
 
     def applied(self, namespace: str, target: str, sequences: list[int]) -> None:
+        """A notice: each sequence `target` applied; a negative one (-seq) was dead-lettered instead —
+        settled, so nothing waits for it any longer, but never visible."""
         if self.on_applied is not None:
             self.on_applied(namespace, target, sequences)
         view = self._view(namespace, target)
         for sequence in sequences:
+            if sequence < 0:
+                self._settled(namespace, target, -sequence)
+                continue
             if sequence in view.recent:
                 continue
             view.recent.add(sequence)
@@ -126,6 +131,22 @@ class AppliedTracker:
                 self._clear_through(namespace, target, key, sequence)
         while len(view.recent_order) > _RECENT:
             view.recent.discard(view.recent_order.popleft())
+
+    def _settled(self, namespace: str, target: str, sequence: int) -> None:
+        """Dead-lettered: a conditional op on its key need not wait for it; a `sync` waiter wakes and
+        answers visible=false (the sequence is not among the applied ones)."""
+        event = self._targets.get((namespace, target), _TargetView()).waiters.pop(sequence, None)
+        if event is not None:
+            event.set()
+        key = self._key_of.pop((namespace, target, sequence), None)
+        if key is None:
+            return
+        slot = (namespace, target, key)
+        pending = [s for s in self._unapplied.get(slot, []) if s != sequence]
+        if pending:
+            self._unapplied[slot] = pending
+        else:
+            self._unapplied.pop(slot, None)
 
     def _clear_through(self, namespace: str, target: str, key: str, sequence: int) -> None:
         """Entries of a key apply in order: this one and every earlier one are done."""

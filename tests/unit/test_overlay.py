@@ -87,3 +87,18 @@ def test_overlays_follow_the_primary_and_ignore_other_targets_notices() -> None:
     assert overlays.of("ns", "other").get("k") is None  # the primary changed: start empty
     overlays.drop("ns")
     assert "ns" not in overlays.namespaces
+
+
+def test_a_dead_lettered_entry_leaves_the_overlay_and_stops_the_waits() -> None:
+    from sidecar.drain.applied import AppliedTracker
+
+    tracker = AppliedTracker()
+    overlays = Overlays()
+    tracker.on_applied = overlays.applied
+    overlay = overlays.of("ns", "cache")
+    tracker.journaled("ns", "k", 4, ["cache"])
+    overlay.put("k", "", 4, b"poison", 0, 0, BIG)
+    tracker.applied("ns", "cache", [-4])
+    assert overlay.get("k") is None
+    assert not tracker.has_unapplied("ns", "cache", "k")
+    assert not tracker.is_applied("ns", "cache", 4)  # settled, never visible

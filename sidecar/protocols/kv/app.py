@@ -40,7 +40,7 @@ from sidecar.logs import get_logger
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
-from sidecar.reads import NoReadableTarget, Readers
+from sidecar.reads import NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
 
 log = get_logger("kv")
@@ -208,7 +208,7 @@ class KvApp:
         params = parse_qs(query.decode("latin-1"))
         items = [i for value in params.get("items", []) for i in value.split(",") if i] or None
         try:
-            found = await self.readers.get_items(namespace, record, items)
+            found = await read_items(self.ingress, self.readers, namespace, record, items)
         except NoReadableTarget as exc:
             raise HttpError(404, str(exc)) from None
         except ApplyError as exc:

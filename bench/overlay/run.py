@@ -14,18 +14,20 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import delete_streams, free_port, report, sidecar_document, start_walcar
+from bench.common import SidecarProcess, delete_streams, free_port, report, sidecar_document, start_walcar
 from bench.memcached.run import MEMASLAP, VALUE_SIZE, latency, memaslap
 from sidecar.overlay import Overlays
 from tests.support.services import ensure_up
@@ -46,6 +48,22 @@ def overlay_cpu_us(writes: int = 200_000) -> float:
         if not sequence % 64:
             overlays.applied("ns", "cache", list(range(sequence - 63, sequence + 1)))
     return (time.process_time() - began) / writes * 1e6
+
+
+def settle(walcar: SidecarProcess, namespace: str, timeout: float = 120.0) -> None:
+    """Wait until the drain applied everything journaled for `namespace` (its backlog is 0)."""
+    deadline = time.monotonic() + timeout
+    time.sleep(1.0)  # the status poller's backlog is a few hundred ms old
+    while time.monotonic() < deadline:
+        rows = [row for row in _rows(walcar) if row.get("namespace") == namespace]
+        if rows and all(row.get("backlog", 1) == 0 for row in rows):
+            return
+        time.sleep(0.5)
+
+
+def _rows(walcar: SidecarProcess) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"{walcar.admin}/v1/drain", timeout=10) as resp:
+        return json.load(resp)["targets"]
 
 
 def main() -> int:
@@ -85,6 +103,7 @@ def main() -> int:
                 for setting in order:
                     ops, _ = memaslap(ports[setting], 1.0, args.seconds, args.connections, Path(tmp))
                     tps[setting].append(ops)
+                    settle(walcar, names[setting])  # the latency run must not compete with the drain's catch-up
                     fifty, ninety_nine, count = latency(ports[setting], "set", args.latency_seconds)
                     p50[setting].append(fifty)
                     p99[setting].append(ninety_nine)

@@ -32,7 +32,7 @@ from sidecar.overlay import NamespaceOverlay
 
 from . import overlaid
 from .backend import Backend, BackendError
-from .client_codec import ResponseKind, encode_command, encode_store, strip_quiet
+from .client_codec import ResponseKind, encode_command, strip_quiet
 from .codec import (
     MN,
     OK,
@@ -67,7 +67,7 @@ from .commands import (
     Verbosity,
     Version,
 )
-from .conditional import ConditionalOps, relay_answer, write_resolved
+from .conditional import ConditionalOps, direct_request, relay_answer, write_resolved
 from .keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from .replies import DELETED, STORED, TOUCHED, VERSION_ANSWER, server_error
 from .stats import FrontStats, LogThrottle, stats_report
@@ -239,7 +239,7 @@ class Handlers:
     async def forward(self, cmd: Command) -> bytes:
         """memcached's own answer to the write (no journal, no durable claim: the WAL is off)."""
         try:
-            raw_key, request, kind = _direct_request(cmd)
+            raw_key, request, kind = direct_request(cmd)
             backend = self._backend()
             (response,) = await backend.request(backend.server_for(raw_key), request, (kind,))
         except BackendError as exc:
@@ -501,18 +501,3 @@ def _merge(keys: list[bytes], backend: Backend, answers: dict[str, Values]) -> l
         if queue and queue[-1].key == key:
             merged.append(queue.pop())
     return merged
-
-
-def _direct_request(cmd: Command) -> tuple[bytes, bytes, ResponseKind]:
-    """(raw key, request for memcached, its answer kind) of an unconditional write, sent as is
-    (noreply and quiet stripped: the relay decides what the client hears)."""
-    if type(cmd) is Store:
-        return cmd.key, encode_store("set", cmd.key, cmd.value, flags=cmd.flags, exptime=cmd.exptime), \
-            ResponseKind.STORE
-    if type(cmd) is Delete:
-        return cmd.key, b"delete %b\r\n" % cmd.key, ResponseKind.DELETE
-    if type(cmd) is Touch:
-        return cmd.key, b"touch %b %d\r\n" % (cmd.key, cmd.exptime), ResponseKind.TOUCH
-    if type(cmd) is MetaSet or type(cmd) is MetaDelete:
-        return cmd.key, encode_command(strip_quiet(cmd)), ResponseKind.META
-    raise TypeError(f"{type(cmd).__name__} is not an unconditional write")

@@ -9,6 +9,7 @@ is down, for the keys this sidecar wrote.
 from __future__ import annotations
 
 import re
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,15 @@ async def test_set_then_get_on_one_connection_never_misses(
         value, cas = client.gets("c")
         assert value == b"v" and int(cas) > 0
         assert client.cas("c", b"w", cas) is True
+        # Pipelined in one packet, a noreply set then a get: the get waits for the set's ack.
+        host, port = client.server
+        with socket.create_connection((host, port), timeout=10) as sock:
+            for index in range(200):
+                sock.sendall(b"set p 0 0 %d noreply\r\n%d\r\nget p\r\n" % (len(b"%d" % index), index))
+                answer = b""
+                while not answer.endswith(b"END\r\n"):
+                    answer += sock.recv(4096)
+                assert answer == b"VALUE p 0 %d\r\n%d\r\nEND\r\n" % (len(b"%d" % index), index)
         await until(lambda: metric(process, "walcar_overlay_bytes") == 0, 20, "the overlay to empty")
     finally:
         client.close()

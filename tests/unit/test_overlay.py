@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import time
 
+from sidecar.config import validate
+from sidecar.drain.applied import AppliedTracker
+from sidecar.envelope import Op
+from sidecar.ingress import Ingress
+from sidecar.log.writer import Durable, WriteResult
 from sidecar.overlay import SLOT_OVERHEAD, NamespaceOverlay, Overlays
 
 BIG = 1 << 30
@@ -90,8 +95,6 @@ def test_overlays_follow_the_primary_and_ignore_other_targets_notices() -> None:
 
 
 def test_a_dead_lettered_entry_leaves_the_overlay_and_stops_the_waits() -> None:
-    from sidecar.drain.applied import AppliedTracker
-
     tracker = AppliedTracker()
     overlays = Overlays()
     tracker.on_applied = overlays.applied
@@ -102,3 +105,43 @@ def test_a_dead_lettered_entry_leaves_the_overlay_and_stops_the_waits() -> None:
     assert overlay.get("k") is None
     assert not tracker.has_unapplied("ns", "cache", "k")
     assert not tracker.is_applied("ns", "cache", 4)  # settled, never visible
+
+
+def _ingress(**namespace: object) -> Ingress:
+    targets = [{"name": "cache", "type": "memcached", "servers": ["127.0.0.1:1"]},
+               {"name": "remote", "type": "wal", "url": "http://127.0.0.1:2"}]
+    config = validate({"sidecar": {"nats_url": "nats://127.0.0.1:4222"}, "listeners": [],
+                       "namespaces": {"ns": {"targets": targets, **namespace}}})
+    return Ingress(config, journal=None)  # type: ignore[arg-type]  # _ack never touches the journal
+
+
+def test_the_ingress_overlays_acked_writes_for_the_primary_only() -> None:
+    ingress = _ingress()
+    ok = WriteResult(durable=Durable.TRUE, sequence=10)
+    put = ingress.entry("ns", Op.PUT, "k", value=b"v", flags=3)
+    ingress._ack([put], ok)
+    overlay = ingress.overlay("ns")
+    assert overlay is not None
+    entry = overlay.get("k")
+    assert entry is not None and entry.value == b"v" and entry.flags == 3
+    # Only for the remote region: memcached never gets it, so reads must not show it.
+    remote = ingress.entry("ns", Op.PUT, "r", value=b"v", targets=["remote"])
+    ingress._ack([remote], WriteResult(durable=Durable.TRUE, sequence=11))
+    delayed = ingress.entry("ns", Op.PUT, "d", value=b"v", delay_ms=60_000)
+    ingress._ack([delayed], WriteResult(durable=Durable.TRUE, sequence=12))
+    # The drain's notice beat the ack: nothing to overlay.
+    ingress.applied.applied("ns", "cache", [13])
+    fast = ingress.entry("ns", Op.PUT, "f", value=b"v")
+    ingress._ack([fast], WriteResult(durable=Durable.TRUE, sequence=13))
+    failed = ingress.entry("ns", Op.PUT, "x", value=b"v")
+    ingress._ack([failed], WriteResult(durable=Durable.FALSE))
+    assert set(overlay.entries) == {("k", "")}
+    ingress.applied.applied("ns", "cache", [10])
+    assert len(overlay) == 0
+
+
+def test_read_your_writes_off_keeps_no_overlay() -> None:
+    ingress = _ingress(read_your_writes=False)
+    put = ingress.entry("ns", Op.PUT, "k", value=b"v")
+    ingress._ack([put], WriteResult(durable=Durable.TRUE, sequence=1))
+    assert ingress.overlay("ns") is None and not ingress.overlays.namespaces

@@ -216,7 +216,9 @@ def _settable_header(name: str) -> bool:
 
 
 class Namespace(_Base):
-    mode: Literal["async", "sync"] = "async"
+    # async: ack after the journal; sync: also wait (bounded) for the primary target; off: the WAL is
+    # switched off, the memcached and CQL fronts write straight to the target (docs/control-plane.md).
+    mode: Literal["async", "sync", "off"] = "async"
     visibility_budget: Duration = Duration(0.05)
     partitions: int = 16
     replay_window: Duration = Duration(72 * 3600.0)
@@ -234,6 +236,12 @@ class Namespace(_Base):
     # relay: forward entries that came from another region to this namespace's wal targets.
     relay: bool = False
     primary: str | None = None  # target that serves reads and sync visibility; default: first
+    # Reads through this sidecar (memcached get/gets/gat/gats/mg, KV GET) see its own acked writes
+    # before the primary target applied them (sidecar/overlay.py, docs/memcached.md).
+    read_your_writes: bool = True
+    # Bytes the read-your-writes overlay may hold (key + value + ~320 B a slot); past it the oldest
+    # slots are evicted and their reads wait up to visibility_budget for the drain instead.
+    overlay_budget: ByteSize = ByteSize(32 * 1024 * 1024)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     targets: list[Target] = msgspec.field(default_factory=list)
 
@@ -636,6 +644,8 @@ def _semantic_errors(config: Config) -> Iterator[str]:
                     yield f"{tpath}.{field}: {problem}"
         if ns.primary is not None and ns.primary not in seen:
             yield f"{path}.primary: no target named {ns.primary!r}"
+        if ns.mode == "off" and not ns.targets:
+            yield f"{path}.mode: off needs a target to write to"
         if ns.mode == "sync" and not ns.targets:
             yield f"{path}.mode: sync mode needs at least one target to be visible in"
 

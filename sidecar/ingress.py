@@ -30,6 +30,7 @@ from sidecar.envelope import (
 )
 from sidecar.log.journal import Journal, UnknownNamespace
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.overlay import NamespaceOverlay, Overlays
 from sidecar.protocols.memcache.keys import item_size, key_problem, target_key
 from sidecar.tcp import ConnectionGate
 
@@ -68,6 +69,8 @@ class BadKey(Refused):
 
 # The ops a target applies with the entry's key and item (CQL entries carry their own statements).
 _KEYED_OPS: Final = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})
+# Primary targets a front reads (memcached get, KV GET): only their namespaces keep an overlay.
+_READABLE: Final = (MemcachedTarget, CassandraTarget)
 # Cassandra's own limits: a partition key (and a clustering key) is at most 65535 bytes; an
 # empty text partition key is refused ("Key may not be empty").
 CASSANDRA_MAX_KEY: Final = 65535
@@ -81,6 +84,9 @@ class Ingress:
         self.region = config.sidecar.region
         # Fed by the drain's applied notices (wired by the sidecar at start).
         self.applied = applied or AppliedTracker()
+        # Read your own writes: what this sidecar acked and the primary target has not applied.
+        self.overlays = Overlays()
+        self.applied.on_applied = self.overlays.applied
         self.counters = WriteCounters()
         # Each memcached/CQL listener's connection cap and counts, by bind (for metrics).
         self.connection_gates: dict[str, ConnectionGate] = {}
@@ -150,6 +156,24 @@ class Ingress:
                 _check_memcached(entry, target)
             elif isinstance(target, CassandraTarget):
                 _check_cassandra(entry, target)
+
+    def wal_off(self, namespace: str) -> bool:
+        return self.namespace(namespace).mode == "off"
+
+    async def direct(self, namespace: str, target: str, keys: Sequence[str], wait: float) -> bool:
+        """True when these keys' writes may go straight to `target` instead of the journal: the
+        namespace's WAL is switched off (`mode = "off"`) and none of the keys has entries this sidecar
+        journaled that the target has not applied yet — waiting for them up to `wait`. That per-key
+        fence keeps a key in order across a switch: its journaled writes land first, then it goes
+        direct. False (journal it, in order) when the wait runs out."""
+        if not self.wal_off(namespace):
+            return False
+        applied = self.applied
+        for key in keys:
+            if applied.has_unapplied(namespace, target, key) and \
+                    not await applied.wait_key_applied(namespace, target, key, wait):
+                return False
+        return True
 
     def check_replicated(self, entry: Entry, ns: Namespace) -> None:
         """An entry from another region passes what the front door checks, plus what only such an
@@ -232,10 +256,46 @@ class Ingress:
                   message=result.message, conflict=result.conflict)
         if result.ok and result.sequence and not result.duplicate:
             namespace = entries[0].ns
-            all_targets = [t.name for t in self.namespace(namespace).targets]
-            for entry, sequence in zip(entries, _sequences(entries, result), strict=True):
+            ns = self.namespace(namespace)
+            all_targets = [t.name for t in ns.targets]
+            sequences = _sequences(entries, result)
+            for entry, sequence in zip(entries, sequences, strict=True):
                 self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
+            if ns.read_your_writes:
+                self._overlay(namespace, ns, entries, sequences)
         return ack
+
+    def overlay(self, namespace: str) -> NamespaceOverlay | None:
+        """The namespace's read-your-writes overlay, or None when it has none (switched off, or a
+        primary target no front reads: wal, http, kafka). Read at use: settings change live."""
+        ns = self.namespace(namespace)
+        primary = ns.primary_target()
+        if not ns.read_your_writes or not isinstance(primary, _READABLE):
+            if namespace in self.overlays.namespaces:
+                self.overlays.drop(namespace)
+            return None
+        return self.overlays.of(namespace, primary.name)
+
+    def _overlay(self, namespace: str, ns: Namespace, entries: list[Entry], sequences: list[int]) -> None:
+        """Acked entries into the overlay, in sequence order (an atomic batch's come in order)."""
+        primary = ns.primary_target()
+        if not isinstance(primary, _READABLE):
+            return
+        name = primary.name
+        overlay = self.overlays.of(namespace, name)
+        budget = int(ns.overlay_budget)
+        applied = self.applied
+        for entry, sequence in zip(entries, sequences, strict=True):
+            op = entry.op
+            if op not in _KEYED_OPS or entry.deliver_at or (entry.targets and name not in entry.targets):
+                continue  # a delayed entry is not visible before it is delivered
+            if applied.is_applied(namespace, name, sequence):
+                continue  # the drain was faster than our ack
+            if op is Op.TOUCH:
+                overlay.touch(entry.key, entry.item, sequence, entry.expires_at)
+            else:
+                overlay.put(entry.key, entry.item, sequence, entry.value if op is Op.PUT else None,
+                            entry.flags, entry.expires_at, budget)
 
     async def _visible(self, namespace: str, target: str, sequences: list[int], budget: float) -> bool:
         """Wait up to the budget for the drain to report every sequence applied by `target`."""

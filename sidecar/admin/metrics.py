@@ -65,6 +65,7 @@ class SidecarCollector:
         yield from self._writes()
         yield from self._journal()
         yield from self._fronts()
+        yield from self._overlay()
         yield from self._drain()
         yield from self._control()
 
@@ -111,6 +112,22 @@ class SidecarCollector:
                                   "or overloaded", value=stats.shed)
         connected = self.sidecar.state.conn is not None and self.sidecar.state.conn.connected
         yield GaugeMetricFamily("walcar_journal_connected", "1 while connected to NATS", value=int(connected))
+
+    def _overlay(self) -> Iterator[Metric]:
+        ingress = self.sidecar.ingress
+        if ingress is None:
+            return
+        size = GaugeMetricFamily("walcar_overlay_bytes", "Bytes the read-your-writes overlay holds (acked writes "
+                                 "the primary target has not applied; overlay_budget)", labels=["namespace"])
+        evicted = CounterMetricFamily("walcar_overlay_evictions", "Overlay slots dropped to stay within "
+                                      "overlay_budget", labels=["namespace"])
+        fallback = CounterMetricFamily("walcar_overlay_fallback_reads", "Reads of an evicted key: waited up to "
+                                       "visibility_budget for the drain, then read the target", labels=["namespace"])
+        for name, overlay in sorted(ingress.overlays.namespaces.items()):
+            size.add_metric([name], overlay.bytes)
+            evicted.add_metric([name], overlay.evictions)
+            fallback.add_metric([name], overlay.fallback_reads)
+        yield from (size, evicted, fallback)
 
     def _fronts(self) -> Iterator[Metric]:
         ingress = self.sidecar.ingress

@@ -12,6 +12,7 @@ list of stream sequences). The ingress uses it twice:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import trio
 
@@ -42,6 +43,8 @@ class AppliedTracker:
         # (namespace, target, key) -> sequences this sidecar journaled and `target` has not applied, oldest first
         self._unapplied: OrderedDict[tuple[str, str, str], list[int]] = OrderedDict()
         self._key_of: dict[tuple[str, str, int], str] = {}
+        # Told every notice too: the read-your-writes overlay trims itself with them (Ingress wires it).
+        self.on_applied: Callable[[str, str, list[int]], None] | None = None
 
     def _view(self, namespace: str, target: str) -> _TargetView:
         view = self._targets.get((namespace, target))
@@ -71,6 +74,11 @@ class AppliedTracker:
         (namespace, target, _), sequences = self._unapplied.popitem(last=False)
         for sequence in sequences:
             self._key_of.pop((namespace, target, sequence), None)
+
+    def is_applied(self, namespace: str, target: str, sequence: int) -> bool:
+        """Whether a notice for `sequence` already came (it can beat the write's own ack)."""
+        view = self._targets.get((namespace, target))
+        return view is not None and sequence in view.recent
 
     def has_unapplied(self, namespace: str, target: str, key: str) -> bool:
         return bool(self._unapplied.get((namespace, target, key)))
@@ -102,8 +110,15 @@ class AppliedTracker:
     # --- called with each notice ---------------------------------------------
 
     def applied(self, namespace: str, target: str, sequences: list[int]) -> None:
+        """A notice: each sequence `target` applied; a negative one (-seq) was dead-lettered instead —
+        settled, so nothing waits for it any longer, but never visible."""
+        if self.on_applied is not None:
+            self.on_applied(namespace, target, sequences)
         view = self._view(namespace, target)
         for sequence in sequences:
+            if sequence < 0:
+                self._settled(namespace, target, -sequence)
+                continue
             if sequence in view.recent:
                 continue
             view.recent.add(sequence)
@@ -116,6 +131,22 @@ class AppliedTracker:
                 self._clear_through(namespace, target, key, sequence)
         while len(view.recent_order) > _RECENT:
             view.recent.discard(view.recent_order.popleft())
+
+    def _settled(self, namespace: str, target: str, sequence: int) -> None:
+        """Dead-lettered: a conditional op on its key need not wait for it; a `sync` waiter wakes and
+        answers visible=false (the sequence is not among the applied ones)."""
+        event = self._targets.get((namespace, target), _TargetView()).waiters.pop(sequence, None)
+        if event is not None:
+            event.set()
+        key = self._key_of.pop((namespace, target, sequence), None)
+        if key is None:
+            return
+        slot = (namespace, target, key)
+        pending = [s for s in self._unapplied.get(slot, []) if s != sequence]
+        if pending:
+            self._unapplied[slot] = pending
+        else:
+            self._unapplied.pop(slot, None)
 
     def _clear_through(self, namespace: str, target: str, key: str, sequence: int) -> None:
         """Entries of a key apply in order: this one and every earlier one are done."""

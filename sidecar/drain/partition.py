@@ -419,6 +419,9 @@ class PartitionWorker:
                     attempts=held.attempts)
         drainer.stats.dead_lettered += 1
         self.consumer.signal([held.reply])
+        # Settled without being applied: a negative sequence in the applied notice, so the ingress stops
+        # waiting for it and drops it from the read-your-writes overlay (drain/applied.py).
+        drainer.applied([-held.seq])
         if not in_lane:
             return
         assert lane is not None

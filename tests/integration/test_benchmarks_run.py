@@ -21,6 +21,7 @@ TINY = {
     "fronts": ["--connections", "4", "--value-mb", "2", "--hold", "1"],
     "drain": ["--entries", "2000", "--keys", "200", "--small", "1000"],
     "drain_memory": ["--backlog-mb", "20", "--down-seconds", "2"],
+    "overlay": ["--seconds", "1", "--rounds", "1", "--latency-seconds", "0.5"],
     "journal": ["--messages", "2000", "--clients", "2", "--rounds", "1", "--http-seconds", "0.5"],
     "replay": ["--entries", "2000", "--writes-per-key", "4"],
     "replication": ["--rate", "100", "--seconds", "2", "--backlog", "1000"],

@@ -162,7 +162,7 @@ def test_bad_units_and_literals(tmp_path: Path) -> None:
         """,
     )
     assert errors == [
-        "namespaces.a.mode: expected one of 'async', 'sync', got 'eventually'",
+        "namespaces.a.mode: expected one of 'async', 'off', 'sync', got 'eventually'",
         "namespaces.a.visibility_budget: expected a duration like '50ms', '2m' or '72h', got 'fast'",
         "namespaces.a.chunk_threshold: expected a size like '256KiB' or '16MiB', got 'lots'",
     ]

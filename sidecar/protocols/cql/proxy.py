@@ -403,11 +403,21 @@ class CqlProxy:
         statement = to_cql_statement(Bound(info.query, info.statement, keyspace, info.table, values, info.types))
         return journal_key(keyspace, info.table, parts), statement
 
+    async def _direct(self, keys: list[str]) -> bool:
+        """`mode = "off"`, and every key clear of this sidecar's un-applied journaled writes (waited for
+        up to the conditional wait: Ingress.direct)."""
+        if not self.wait_targets or not self.ingress.wal_off(self.namespace):
+            return False
+        for target in self.wait_targets:
+            if not await self.ingress.direct(self.namespace, target, keys, self.conditional_wait):
+                return False
+        return True
+
     def _journal_now(self, client: Client, frame: Frame, message: Execute, info: PreparedInfo) -> bool:
         """Journal a lean write straight from the reader, answered when the journal answers;
-        False when it needs the task path (not lean, a `sync` namespace, the journal full)."""
+        False when it needs the task path (not lean, a `sync` or `off` namespace, the journal full)."""
         lean = self._lean_write(message, info)
-        if lean is None:
+        if lean is None or self.ingress.wal_off(self.namespace):
             return False
         params = message.params
         try:
@@ -432,6 +442,9 @@ class CqlProxy:
         params = message.params
         lean = self._lean_write(message, info)
         if lean is not None:
+            if await self._direct([lean[0]]):
+                await self._forward_async(client, frame, info)
+                return
             await self._write_entries(client, frame.stream, [(lean[0], [lean[1]])], -1, params.consistency,
                                       params.serial_consistency or 0, params.timestamp)
             return
@@ -567,6 +580,10 @@ class CqlProxy:
     # --- journal / synchronous ----------------------------------------------------------
 
     async def _apply(self, client: Client, frame: Frame, plan: _Plan, info: PreparedInfo | None) -> None:
+        if await self._direct([key for key, _ in plan.items]):
+            # The WAL is switched off and no key has journaled writes still on their way: Cassandra answers.
+            await self._forward_async(client, frame, info)
+            return
         if plan.sync:
             await self._synchronous(client, frame, [key for key, _ in plan.items], info)
         else:

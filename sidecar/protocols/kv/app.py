@@ -40,7 +40,7 @@ from sidecar.logs import get_logger
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
-from sidecar.reads import NoReadableTarget, Readers
+from sidecar.reads import NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
 
 log = get_logger("kv")
@@ -208,7 +208,7 @@ class KvApp:
         params = parse_qs(query.decode("latin-1"))
         items = [i for value in params.get("items", []) for i in value.split(",") if i] or None
         try:
-            found = await self.readers.get_items(namespace, record, items)
+            found = await read_items(self.ingress, self.readers, namespace, record, items)
         except NoReadableTarget as exc:
             raise HttpError(404, str(exc)) from None
         except ApplyError as exc:
@@ -330,7 +330,7 @@ class KvApp:
             raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
         payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
         targets = request.target or []
-        ns = self._namespace(namespace)
+        ns = self._writable(namespace)
         unknown = [t for t in targets if ns.target(t) is None]
         if unknown:
             raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
@@ -351,6 +351,14 @@ class KvApp:
             return self.ingress.namespace(namespace)
         except UnknownNamespace:
             raise HttpError(404, f"unknown namespace {namespace!r}") from None
+
+    def _writable(self, namespace: str) -> Any:
+        """The namespace of a write: the KV API journals or refuses, it never writes around the journal."""
+        ns = self._namespace(namespace)
+        if ns.mode == "off":
+            raise HttpError(409, f"namespace {namespace!r} has its WAL switched off (mode = \"off\"): "
+                                 "write to its target directly, or switch it back on")
+        return ns
 
     async def _put_entries(
         self, namespace: str, record: str, items: list[models.Item], lifecycle: dict[str, Any], where: str
@@ -395,7 +403,7 @@ class KvApp:
 
     async def _put(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request: models.PutItems = self._decode(body, models.PutItems, msgpack)
-        self._namespace(namespace)
+        self._writable(namespace)
         self._count(len(request.items), "items")
         entries = await self._put_entries(namespace, record, request.items,
                                           self._lifecycle(namespace, request.lifecycle), "")
@@ -403,7 +411,7 @@ class KvApp:
 
     async def _delete(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request = self._decode(body, models.DeleteItems, msgpack) if body.strip() else models.DeleteItems()
-        self._namespace(namespace)
+        self._writable(namespace)
         self._count(len(request.item_keys or ()), "item_keys")
         entries = await self._delete_entries(namespace, record, request.item_keys,
                                              self._lifecycle(namespace, request.lifecycle), "")
@@ -411,7 +419,7 @@ class KvApp:
 
     async def _mutate(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
         request: models.MutateItems = self._decode(body, models.MutateItems, msgpack)
-        self._namespace(namespace)
+        self._writable(namespace)
         if not request.mutations:
             raise HttpError(400, "mutations is empty", "mutations")
         # Every entry counts against max_items (a mutation makes one per item, or one for the record).

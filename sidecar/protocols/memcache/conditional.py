@@ -29,6 +29,7 @@ from .client_codec import ResponseKind, encode_command, encode_meta, encode_stor
 from .codec import quiet_suppresses
 from .commands import (
     Command,
+    Delete,
     IncrDecr,
     MetaArithmetic,
     MetaCommand,
@@ -39,12 +40,13 @@ from .commands import (
     Response,
     Status,
     Store,
+    Touch,
 )
 from .keys import entry_key, new_entry_id, ttl_to_expiry
 from .replies import BUSY_MESSAGE, server_error
 from .stats import FrontStats, LogThrottle
 
-__all__ = ["ConditionalOps", "write_resolved"]
+__all__ = ["ConditionalOps", "direct_request", "relay_answer", "write_resolved"]
 
 log = get_logger("memcached")
 
@@ -93,7 +95,7 @@ class ConditionalOps:
                                   suppressed=self._log.take_suppressed())
                     return b"" if noreply else server_error(f"applied to memcached but not journaled: {problem}")
                 self.stats.conditional_applied += 1
-            return _relay(cmd, result, noreply)
+            return relay_answer(cmd, result, noreply)
 
     @asynccontextmanager
     async def _key_lock(self, key: str, deadline: float) -> AsyncIterator[bool]:
@@ -202,7 +204,7 @@ def _changed(result: Response) -> bool:
     return False
 
 
-def _relay(cmd: Command, result: Response, noreply: bool) -> bytes:
+def relay_answer(cmd: Command, result: Response, noreply: bool) -> bytes:
     """memcached's own answer, unless noreply or quiet mode hides it."""
     if noreply:
         return b""
@@ -210,3 +212,18 @@ def _relay(cmd: Command, result: Response, noreply: bool) -> bytes:
     if quiet and type(result) is MetaResponse and quiet_suppresses(cmd.COMMAND, result.code):  # type: ignore[union-attr]
         return b""
     return result.raw
+
+
+def direct_request(cmd: Command) -> tuple[bytes, bytes, ResponseKind]:
+    """(raw key, request for memcached, its answer kind) of an unconditional write, sent as is
+    (noreply and quiet stripped: the relay decides what the client hears)."""
+    if type(cmd) is Store:
+        return cmd.key, encode_store("set", cmd.key, cmd.value, flags=cmd.flags, exptime=cmd.exptime), \
+            ResponseKind.STORE
+    if type(cmd) is Delete:
+        return cmd.key, b"delete %b\r\n" % cmd.key, ResponseKind.DELETE
+    if type(cmd) is Touch:
+        return cmd.key, b"touch %b %d\r\n" % (cmd.key, cmd.exptime), ResponseKind.TOUCH
+    if type(cmd) is MetaSet or type(cmd) is MetaDelete:
+        return cmd.key, encode_command(strip_quiet(cmd)), ResponseKind.META
+    raise TypeError(f"{type(cmd).__name__} is not an unconditional write")

@@ -28,7 +28,9 @@ from sidecar.config import MemcachedTarget, Namespace
 from sidecar.envelope import Entry, Op
 from sidecar.ingress import BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
+from sidecar.overlay import NamespaceOverlay
 
+from . import overlaid
 from .backend import Backend, BackendError
 from .client_codec import ResponseKind, encode_command, strip_quiet
 from .codec import (
@@ -65,7 +67,7 @@ from .commands import (
     Verbosity,
     Version,
 )
-from .conditional import ConditionalOps, write_resolved
+from .conditional import ConditionalOps, direct_request, relay_answer, write_resolved
 from .keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from .replies import DELETED, STORED, TOUCHED, VERSION_ANSWER, server_error
 from .stats import FrontStats, LogThrottle, stats_report
@@ -222,6 +224,30 @@ class Handlers:
         hold = value is not None and len(value) > self._chunk_threshold
         return JournalJob(entry, answer, noreply, hold)
 
+    # ------------------------------------------------------------------ the WAL switched off
+
+    def wal_off(self) -> bool:
+        return self.backend is not None and self.target is not None and self.ingress.wal_off(self.namespace)
+
+    async def direct(self, cmd: Command) -> bool:
+        """An unconditional write that goes straight to memcached: `mode = "off"`, and its key clear of
+        what this sidecar journaled earlier (waited for, like a conditional op: Ingress.direct)."""
+        assert self.target is not None
+        key = entry_key(cmd.key)  # type: ignore[attr-defined]
+        return await self.ingress.direct(self.namespace, self.target.name, (key,), self.busy_wait)
+
+    async def forward(self, cmd: Command) -> bytes:
+        """memcached's own answer to the write (no journal, no durable claim: the WAL is off)."""
+        try:
+            raw_key, request, kind = direct_request(cmd)
+            backend = self._backend()
+            (response,) = await backend.request(backend.server_for(raw_key), request, (kind,))
+        except BackendError as exc:
+            self.stats.backend_errors += 1
+            return b"" if getattr(cmd, "noreply", False) else server_error(str(exc))
+        self.stats.writes_direct += 1
+        return relay_answer(cmd, response, bool(getattr(cmd, "noreply", False)))
+
     async def journal(self, job: JournalJob) -> bytes:
         """Journal an unconditional write; its answer only with a durable ack."""
         try:
@@ -268,7 +294,46 @@ class Handlers:
         (response,) = await backend.request(backend.server_for(raw_key), payload, (kind,))
         return _raw(response)
 
+    def reads_own_writes(self) -> bool:
+        return self.target is not None and self.ingress.namespace(self.namespace).read_your_writes
+
+    def _overlay(self) -> NamespaceOverlay | None:
+        """The read-your-writes overlay to consult, if any (settings read at use: they change live)."""
+        if self.target is None:
+            return None
+        overlay = self.ingress.overlay(self.namespace)
+        if not overlaid.consulted(overlay) or overlay.primary != self.target.name:  # type: ignore[union-attr]
+            return None
+        return overlay
+
     async def _retrieve(self, cmd: Retrieve) -> bytes:
+        overlay = self._overlay()
+        answered = await overlaid.retrieve(self.ingress, self.namespace, overlay, cmd.keys, cmd.return_cas) \
+            if overlay is not None else None
+        if answered:
+            rest = [key for key in cmd.keys if key not in answered]
+            fetched: dict[bytes, ValueItem] = {}
+            if rest:
+                got = await self._fetch(Retrieve(cmd.command, rest, cmd.exptime))
+                if type(got) is bytes:
+                    return got
+                fetched = {item.key: item for item in got[0]}  # type: ignore[index]
+            items = [item for key in cmd.keys
+                     if (item := answered[key] if key in answered else fetched.get(key)) is not None]
+            answer = encode_values(items, with_cas=cmd.return_cas)
+        else:
+            got = await self._fetch(cmd)
+            if type(got) is bytes:
+                return got
+            items, answer = got  # type: ignore[misc]
+        if cmd.exptime is not None and items:
+            problem = await self._journal_touches([item.key for item in items], cmd.exptime)
+            if problem is not None:
+                return problem
+        return answer
+
+    async def _fetch(self, cmd: Retrieve) -> tuple[list[ValueItem], bytes] | bytes:
+        """memcached's hits and its whole answer, or its error answer (bytes)."""
         backend = self._backend()
         by_server: dict[str, list[bytes]] = {}
         for key in cmd.keys:
@@ -278,19 +343,13 @@ class Handlers:
             (response,) = await backend.request(server, encode_command(cmd), (ResponseKind.VALUES,))
             if type(response) is not Values:
                 return _raw(response)
-            items, answer = response.items, response.raw
-        else:
-            answers = await self._fan_out(cmd, by_server)
-            failed = next((r for r in answers.values() if type(r) is not Values), None)
-            if failed is not None:
-                return _raw(failed)
-            items = _merge(cmd.keys, backend, answers)  # type: ignore[arg-type]
-            answer = encode_values(items, with_cas=cmd.return_cas)
-        if cmd.exptime is not None and items:
-            problem = await self._journal_touches([item.key for item in items], cmd.exptime)
-            if problem is not None:
-                return problem
-        return answer
+            return response.items, response.raw
+        answers = await self._fan_out(cmd, by_server)
+        failed = next((r for r in answers.values() if type(r) is not Values), None)
+        if failed is not None:
+            return _raw(failed)
+        items = _merge(cmd.keys, backend, answers)  # type: ignore[arg-type]
+        return items, encode_values(items, with_cas=cmd.return_cas)
 
     async def _fan_out(self, cmd: Retrieve, by_server: dict[str, list[bytes]]) -> dict[str, Response]:
         """One retrieval per server, concurrently."""
@@ -313,6 +372,11 @@ class Handlers:
         return answers
 
     async def _meta_get(self, cmd: MetaGet) -> bytes:
+        overlay = self._overlay()
+        if overlay is not None:
+            answer = await overlaid.meta_get(self.ingress, self.namespace, overlay, cmd)
+            if answer is not None:
+                return answer
         backend = self._backend()
         forwarded = strip_quiet(cmd)
         (response,) = await backend.request(backend.server_for(cmd.key), encode_command(forwarded),

@@ -136,6 +136,7 @@ class Connection:
         # stores such keys as b64:<base64>.
         self.parser = RequestParser(max_item_size=server.max_item_size, control_chars_in_keys=True)
         self.outstanding = 0
+        self.writes_outstanding = 0  # journal writes in flight (a read behind them may need their ack)
         self.settled = trio.Event()  # set when outstanding drops to 0
         self.last_gate: trio.Event | None = None  # set once the latest journal write is queued
         self.stopping = False
@@ -262,6 +263,10 @@ class Connection:
         handlers = self.handlers
         kind = handlers.classify(event)
         inline = not self.outstanding and self.parser.idle
+        if kind is Kind.JOURNAL and handlers.wal_off():
+            await self._settle()  # what was read before it is answered (and sent) first
+            if await handlers.direct(event):
+                return await self._reply(await handlers.forward(event))
         if kind is Kind.JOURNAL:
             job = handlers.journal_job(event)
             if type(job) is bytes:
@@ -273,6 +278,11 @@ class Connection:
             self._journal(job)  # type: ignore[arg-type]
             return True
         if kind is Kind.READ:
+            if self.writes_outstanding and handlers.reads_own_writes():
+                # Read your own writes on a pipeline too (a noreply set, then a get, in one packet):
+                # the writes before this read are acked, and overlaid, before it runs.
+                await self._settle()
+                inline = self.parser.idle
             if inline:
                 return await self._reply(await handlers.read(event))
             self._spawn(self._read, self.responses.reserve(), event)
@@ -310,6 +320,7 @@ class Connection:
             gate = None
         mine = trio.Event()
         self.last_gate = mine
+        self.writes_outstanding += 1
         self._spawn(self._journal_task, slot, job, gate, mine)
 
     async def _journal_task(self, slot: _Slot, job: JournalJob, gate: trio.Event | None, mine: trio.Event) -> None:
@@ -324,6 +335,7 @@ class Connection:
             data = await self.handlers.journal(job)
         finally:
             mine.set()
+            self.writes_outstanding -= 1
             self.responses.fill(slot, data)
             self._done()
 

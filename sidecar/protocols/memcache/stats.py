@@ -29,12 +29,14 @@ class FrontStats:
         "curr_connections",
         "noreply_failed",
         "total_connections",
+        "writes_direct",
         "writes_failed",
         "writes_stored",
     )
 
     def __init__(self) -> None:
         self.writes_stored = 0  # unconditional writes journaled durably and answered as such
+        self.writes_direct = 0  # unconditional writes sent straight to memcached (mode = "off")
         self.writes_failed = 0  # unconditional writes answered SERVER_ERROR (journal not durable)
         self.noreply_failed = 0  # of those, noreply writes: the client was told nothing
         self.conditional_applied = 0  # conditional ops applied to memcached and journaled
@@ -83,6 +85,7 @@ def walcar_fields(front: FrontStats, journal: JournalStats, memcached_up: bool) 
         ("walcar_journal_inflight_bytes", journal.inflight_bytes),
         ("walcar_journal_ack_latency_us", int(journal.last_ack_latency * 1e6)),
         ("walcar_writes_stored", front.writes_stored),
+        ("walcar_writes_direct", front.writes_direct),
         ("walcar_writes_failed", front.writes_failed),
         ("walcar_noreply_failed", front.noreply_failed),
         ("walcar_conditional_applied", front.conditional_applied),

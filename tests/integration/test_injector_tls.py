@@ -287,4 +287,4 @@ def test_invalid_control_plane_refuses_to_start(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "sidecar.cli", "inject", "serve", "--config", str(process.config)],
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode == 2
-    assert "namespaces.orders.mode: expected one of 'async', 'sync', got 'eventually'" in result.stderr
+    assert "namespaces.orders.mode: expected one of 'async', 'off', 'sync', got 'eventually'" in result.stderr

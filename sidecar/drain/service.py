@@ -288,18 +288,9 @@ class DrainService:
             with trio.move_on_after(self.config.sidecar.drain.ack_wait):
                 for lease in mine:
                     await lease.done.wait()
-        for lease in mine:
-            lease.worker.abort()
-            self.held.pop(lease.key, None)
-            try:
-                await self.leases.release(lease.key, lease.revision)
-            except Exception as exc:  # NATS gone: the lease expires by itself
-                log.warning("lease_release_failed", key=lease.key, error=str(exc))
+        await self._hand_back(mine)
         drainer.scope.cancel()
-        try:
-            await self.leases.leave([group_name(drainer.namespace, drainer.name)])
-        except Exception as exc:
-            log.warning("drain_leave_failed", error=str(exc))
+        await self._leave([drainer])
         await drainer.target.close()
         if delete_consumers:
             conn = self.journal.writer.conn
@@ -395,6 +386,22 @@ class DrainService:
         finally:
             lease.done.set()
 
+    async def _hand_back(self, leases: list[_Lease]) -> None:
+        """Abort whatever of these partitions still runs and release their leases."""
+        for lease in leases:
+            lease.worker.abort()
+            self.held.pop(lease.key, None)
+            try:
+                await self.leases.release(lease.key, lease.revision)
+            except Exception as exc:  # NATS gone: the lease expires by itself
+                log.warning("lease_release_failed", key=lease.key, error=str(exc))
+
+    async def _leave(self, drainers: list[TargetDrainer]) -> None:
+        try:
+            await self.leases.leave([group_name(d.namespace, d.name) for d in drainers])
+        except Exception as exc:  # NATS gone: the heartbeat key expires by itself
+            log.warning("drain_leave_failed", error=str(exc))
+
     async def stop(self, deadline: float) -> None:
         """Finish in-flight rounds, ack them, and hand every partition back at once."""
         self._stopping = True
@@ -403,17 +410,8 @@ class DrainService:
         with trio.move_on_after(deadline):
             for lease in list(self.held.values()):
                 await lease.done.wait()
-        for lease in list(self.held.values()):
-            lease.worker.abort()
-            try:
-                await self.leases.release(lease.key, lease.revision)
-            except Exception as exc:  # NATS gone: the lease expires by itself
-                log.warning("lease_release_failed", key=lease.key, error=str(exc))
-        self.held.clear()
-        try:
-            await self.leases.leave([group_name(d.namespace, d.name) for d in self.drainers])
-        except Exception as exc:  # NATS gone: the heartbeat key expires by itself
-            log.warning("drain_leave_failed", error=str(exc))
+        await self._hand_back(list(self.held.values()))
+        await self._leave(self.drainers)
         for drainer in self.drainers:
             await drainer.target.close()
         log.info("drain_stopped", owner=self.owner)

@@ -17,7 +17,7 @@ from sidecar.drain.consumer import parse_reply
 from sidecar.drain.lease import LeaseView
 from sidecar.drain.partition import backoff
 from sidecar.drain.recent import RecentlyApplied
-from sidecar.drain.targets.memcached import cache_key, collapse
+from sidecar.drain.targets.memcached import cache_key, collapse, effects
 from sidecar.envelope import Entry, Op
 
 NOW = 1_800_000_000.0
@@ -34,6 +34,16 @@ def test_collapse_keeps_the_last_effect() -> None:
     assert collapse([entry(Op.PUT, b"a"), entry(Op.DELETE)], NOW).kind == "delete"
     last = collapse([entry(Op.DELETE), entry(Op.PUT, b"c")], NOW)
     assert (last.kind, last.value) == ("set", b"c")
+
+
+def test_a_records_run_collapses_per_item() -> None:
+    """Lanes are per record; each KV item is a memcached key of its own: a put of item a then a delete
+    of item b in one run is both (collapsing the run as one key lost the put)."""
+    run = [entry(Op.PUT, b"1", key="r", item="a"), entry(Op.DELETE, key="r", item="b"),
+           entry(Op.PUT, b"2", key="r", item="a")]
+    found = {key: (effect.kind, effect.value) for key, effect in effects(run, NOW)}
+    assert found == {cache_key(run[0]): ("set", b"2"), cache_key(run[1]): ("delete", b"")}
+    assert [key for key, _ in effects([entry(Op.PUT, b"x")], NOW)] == [b"k"]
 
 
 def test_collapse_touch_after_set_moves_the_expiry() -> None:

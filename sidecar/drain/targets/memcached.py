@@ -3,7 +3,8 @@
 pymemcache is blocking, so each round runs in worker threads (one job per server,
 at most `pool_size` at a time), never on the trio loop. Memcached ops set whole
 state, so a key's run collapses to its last effect before it is sent (set then
-delete is a delete; set then touch is a set with the new expiry), and each server
+delete is a delete; set then touch is a set with the new expiry; a record's items
+are keys of their own and collapse each on its own), and each server
 gets its sets pipelined in one `set_many` per (flags, expiry).
 
 Key mapping: an entry's key is the memcached key; a KV item (`item` non-empty)
@@ -51,6 +52,17 @@ class _Effect:
     value: bytes = b""
     flags: int = 0
     exptime: int = 0
+
+
+def effects(run: list[Entry], now: float) -> list[tuple[bytes, _Effect]]:
+    """A run is one record's entries (lanes are per record); each KV item of it is a memcached key of
+    its own, so the run collapses per item: a put of item a then a delete of item b is both."""
+    if len(run) == 1:
+        return [(cache_key(run[0]), collapse(run, now))]
+    by_key: dict[bytes, list[Entry]] = {}
+    for entry in run:
+        by_key.setdefault(cache_key(entry), []).append(entry)
+    return [(key, collapse(entries, now)) for key, entries in by_key.items()]
 
 
 def collapse(run: list[Entry], now: float) -> _Effect:
@@ -148,14 +160,13 @@ class MemcachedTarget:
             for index, error in errors.items():
                 outcomes[index] = RunOutcome(0, error)
 
+        work = [(index, key, effect) for index, run in enumerate(runs) for key, effect in effects(run, now)]
         if len(self.servers) == 1:  # no routing, no task per server
-            await apply_on(self.servers[self.addresses[0]],
-                           [(index, cache_key(run[0]), collapse(run, now)) for index, run in enumerate(runs)])
+            await apply_on(self.servers[self.addresses[0]], work)
             return outcomes
         by_server: dict[str, list[tuple[int, bytes, _Effect]]] = defaultdict(list)
-        for index, run in enumerate(runs):
-            key = cache_key(run[0])
-            by_server[self.server_for(key).address].append((index, key, collapse(run, now)))
+        for item in work:
+            by_server[self.server_for(item[1]).address].append(item)
         async with trio.open_nursery() as nursery:
             for address, work in by_server.items():
                 nursery.start_soon(apply_on, self.servers[address], work)

@@ -252,22 +252,18 @@ class JournalWriter:
     async def publish_many(self, messages: list[Message]) -> list[WriteResult]:
         """Independent writes queued together, in order, so they share a group commit and keep their order."""
         writes = [_Write([m], False, len(m.payload)) for m in messages]
-        # An oversized message is refused on its own; the others still go.
-        for write in writes:
-            reason = self.oversized(write.messages[0])
-            if reason:
+        for write in writes:  # an oversized message is refused on its own; the others still go
+            if reason := self.oversized(write.messages[0]):
                 write.result = _fail(reason)
                 self._count_refused(write)
         sending = [w for w in writes if w.result is None]
-        if sending:
-            # Capacity is reserved for all at once.
-            total = _Write([m for w in sending for m in w.messages], False, sum(w.nbytes for w in sending))
-            refusal = await self._admit(total)
-            if refusal is not None:
-                for write in sending:
-                    write.result = refusal
-                sending = []
-        if sending:
+        # Capacity is reserved for all at once.
+        total = _Write([w.messages[0] for w in sending], False, sum(w.nbytes for w in sending))
+        refusal = await self._admit(total) if sending else None
+        if refusal is not None:
+            for write in sending:
+                write.result = refusal
+        elif sending:
             group = _Group(len(sending))
             for write in sending:
                 write.group = group
@@ -339,8 +335,7 @@ class JournalWriter:
         if not self.connected:
             return _fail("journal unavailable: not connected to NATS")
         for message in write.messages:
-            reason = self.oversized(message)
-            if reason:
+            if reason := self.oversized(message):
                 return _fail(reason)
         if self._link is not None and self._link.congested:
             return _fail("journal unavailable: NATS is not keeping up (link full)")

@@ -129,6 +129,7 @@ async def test_a_message_over_the_servers_max_payload_is_refused_and_never_sent(
                 small, over = await many
         assert small.durable is Durable.TRUE and over.durable is Durable.FALSE
         assert all(b"xxxx" not in chunk for chunk in conn.link.sent)  # the big payload never went out
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_write_is_refused_while_the_links_buffer_is_full() -> None:

@@ -53,6 +53,10 @@ class NoTlsOffered(ssl.SSLError):
     pass
 
 
+def _closed_on_us(exc: BaseException | None) -> bool:
+    return isinstance(exc, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError | ssl.SSLZeroReturnError)
+
+
 def _refused_for_good(exc: BaseException | None) -> bool:
     """A TLS verification failure or an authorization refusal: retrying at startup cannot help."""
     if isinstance(exc, ssl.SSLError):
@@ -135,6 +139,15 @@ class NatsConnection:
             except Exception as exc:  # nats-py raises several unrelated types when unreachable
                 cause = self._connect_error if isinstance(exc, TimeoutError) and self._connect_error else exc
                 self.last_error = explain(cause, "sidecar.nats_tls")
+                if self.options.tls is not None and self.options.tls.files[1] is None and _closed_on_us(cause):
+                    # TLS 1.3: a server that wants a client certificate may close the connection right
+                    # after the handshake, before its alert can be read: say what that most likely means.
+                    self.last_error += (": the server closed the TLS connection after the handshake; it most likely "
+                                        "requires a client certificate (set sidecar.nats_tls.cert_file and key_file)")
+                elif self.options.tls is not None and _closed_on_us(cause):
+                    self.last_error += (": the server closed the TLS connection after the handshake; it most likely "
+                                        "refused our client certificate (expired, or signed by a CA it does not "
+                                        "trust: check sidecar.nats_tls.cert_file)")
                 if _refused_for_good(cause):
                     # a wrong CA, certificate or password: waiting will not mend it
                     raise ConnectionError(f"cannot connect to NATS at {self.url}: {self.last_error}") from None

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import trio
 
-from sidecar.config import stream_name
 from sidecar.log.link import NatsLink
 from sidecar.log.service import open_journal
 from sidecar.log.wire import encode_publish
@@ -156,5 +155,7 @@ async def test_both_connections_of_a_sidecar_leave_a_lame_duck_node(cluster: lis
 
         await until(moved, 8, "nats-py and the link to move off the lame-duck node")
         assert lame.running
-        info = await conn.js_api(f"STREAM.INFO.{stream_name(unique)}")  # and nats-py works where it landed
-        assert info["config"]["name"] == stream_name(unique)
+        # and nats-py works where it landed: JetStream answers it (an account-level call: the test's R1
+        # stream may live on the lame-duck node and be offline until that node is gone)
+        info = await conn.js_api("INFO")
+        assert "streams" in info, info

@@ -13,8 +13,8 @@ from typing import Final
 import msgspec
 import trio
 
-from sidecar.admin.metrics import WriteCounters
 from sidecar.config import CassandraTarget, Config, MemcachedTarget, Namespace
+from sidecar.counters import WriteCounters
 from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import (
     MAX_ID_BYTES,
@@ -30,8 +30,8 @@ from sidecar.envelope import (
 )
 from sidecar.log.journal import Journal, UnknownNamespace
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.memcache_keys import item_size, key_problem, target_key
 from sidecar.overlay import NamespaceOverlay, Overlays
-from sidecar.protocols.memcache.keys import item_size, key_problem, target_key
 from sidecar.tcp import ConnectionGate
 
 

@@ -28,9 +28,8 @@ from pymemcache.exceptions import MemcacheServerError
 
 from sidecar.config import Config, stream_name, validate
 from sidecar.envelope import Entry, Op
+from sidecar.memcache_keys import EXPIRED, absolute_expiry, entry_key, memcached_key, server_for_key
 from sidecar.protocols.memcache import handlers
-from sidecar.protocols.memcache.keys import EXPIRED, absolute_expiry, entry_key, memcached_key
-from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.protocols.memcache.server import serve_memcached
 from tests.support.listener import ListenerThread
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port

@@ -28,6 +28,7 @@ from sidecar.config import MemcachedTarget, Namespace
 from sidecar.envelope import Entry, Op
 from sidecar.ingress import BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
+from sidecar.memcache_keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from sidecar.overlay import NamespaceOverlay
 
 from . import overlaid
@@ -68,7 +69,6 @@ from .commands import (
     Version,
 )
 from .conditional import ConditionalOps, direct_request, relay_answer, write_resolved
-from .keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from .replies import DELETED, STORED, TOUCHED, VERSION_ANSWER, server_error
 from .stats import FrontStats, LogThrottle, stats_report
 

@@ -28,8 +28,9 @@ from sidecar.envelope import (
     resolve_write_time,
     valid_id,
 )
-from sidecar.log.journal import Journal, UnknownNamespace
+from sidecar.log.journal import Journal, UnknownNamespace  # UnknownNamespace: fronts catch it from here
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.log.writer import JournalStats as JournalStats  # re-exported: fronts see the journal only through here
 from sidecar.memcache_keys import item_size, key_problem, target_key
 from sidecar.overlay import NamespaceOverlay, Overlays
 from sidecar.tcp import ConnectionGate

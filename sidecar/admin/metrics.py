@@ -15,10 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 if TYPE_CHECKING:
     from sidecar.admin.status import StatusPoller
-    from sidecar.app import Sidecar
+    from sidecar.admin.view import SidecarView
 
 class SidecarCollector:
-    def __init__(self, sidecar: Sidecar, poller: StatusPoller | None) -> None:
+    def __init__(self, sidecar: SidecarView, poller: StatusPoller | None) -> None:
         self.sidecar = sidecar
         self.poller = poller
 
@@ -162,7 +162,7 @@ class SidecarCollector:
         yield from (applied, retries, dead, latency, limit, breaker, owned)
 
 
-def render(sidecar: Sidecar, poller: StatusPoller | None) -> bytes:
+def render(sidecar: SidecarView, poller: StatusPoller | None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(sidecar, poller))  # type: ignore[arg-type]
+    registry.register(SidecarCollector(sidecar, poller))
     return generate_latest(registry)

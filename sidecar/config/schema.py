@@ -163,6 +163,7 @@ def _walk_tagged(value: object, structs: list[msgspec.inspect.StructType], path:
         yield f"{where}: expected object, got {_raw_name(value)}"
         return
     tag_field = structs[0].tag_field
+    assert tag_field is not None  # _walk_union sends only tagged unions here
     tags = {s.tag: s for s in structs}
     tag = value.get(tag_field)
     if tag not in tags:

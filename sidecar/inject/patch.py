@@ -135,8 +135,8 @@ def _clashes(spec: dict[str, Any], walcar: dict[str, Any], volumes: list[dict[st
                 if isinstance(number, int) and number in ours:
                     clashes.append(f"container {app.get('name')!r} declares port {number}, which walcar uses "
                                    f"({ours[number]}): drop that protocol from {ann.PROTOCOLS_KEY} or move the app")
-    taken = {v.get("name") for v in _list_of_dicts(spec.get("volumes"), "spec.volumes")
-             if isinstance(v.get("name"), str)}
+    volumes_now = _list_of_dicts(spec.get("volumes"), "spec.volumes")
+    taken = {name for v in volumes_now if isinstance(name := v.get("name"), str)}
     for name in sorted(taken & {v["name"] for v in volumes}):
         clashes.append(f"the pod already has a volume named {name!r}, which walcar needs")
     return clashes
@@ -321,8 +321,10 @@ def pod_identity(review: object) -> dict[str, str]:
     if not isinstance(review, dict) or not isinstance(review.get("request"), dict):
         return {}
     request = review["request"]
-    pod = request.get("object") if isinstance(request.get("object"), dict) else {}
-    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    pod = request.get("object")
+    pod = pod if isinstance(pod, dict) else {}
+    metadata = pod.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
     generated = metadata.get("generateName")
     name = metadata.get("name") or request.get("name") or (f"{generated}*" if generated else "")
     identity = {"namespace": request.get("namespace") or metadata.get("namespace"), "pod": name}

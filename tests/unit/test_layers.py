@@ -31,6 +31,7 @@ LAYER_OF = {
     "sidecar.ingress": "ingress",
     "sidecar.overlay": "ingress",
     "sidecar.reads": "ingress",
+    "sidecar.reused_token": "ingress",
     "sidecar.protocols": "fronts",
     "sidecar.control": "control",
     "sidecar.replay": "replay",

@@ -85,7 +85,7 @@ class Ingress:
         self.journal = journal
         self.region = config.sidecar.region
         # Fed by the drain's applied notices (wired by the sidecar at start).
-        self.applied = applied or AppliedTracker()
+        self.applied = applied or AppliedTracker(int(config.sidecar.unapplied_budget))
         # Read your own writes: what this sidecar acked and the primary target has not applied.
         self.overlays = Overlays()
         self.applied.on_applied = self.overlays.applied

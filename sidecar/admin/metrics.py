@@ -89,6 +89,11 @@ class SidecarCollector:
             evicted.add_metric([name], overlay.evictions)
             fallback.add_metric([name], overlay.fallback_reads)
         yield from (size, evicted, fallback)
+        yield GaugeMetricFamily("walcar_unapplied_keys_bytes", "Bytes spent remembering keys this sidecar journaled "
+                                "and a target has not applied (sidecar.unapplied_budget)", value=ingress.applied.bytes)
+        yield CounterMetricFamily("walcar_unapplied_keys_forgotten", "Keys forgotten to stay within "
+                                  "sidecar.unapplied_budget (a conditional op on one does not wait for it)",
+                                  value=ingress.applied.forgotten)
 
     def _fronts(self) -> Iterator[Metric]:
         ingress = self.sidecar.ingress

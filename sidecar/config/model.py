@@ -149,6 +149,10 @@ class SidecarSettings(_Base):
     nats_token_file: str | None = None
     # bytes waiting for the socket to NATS; beyond it writes are refused (durable=false) until it drains
     nats_max_pending: ByteSize = ByteSize(32 * 1024 * 1024)
+    # Bytes spent remembering which keys this sidecar journaled that a target has not applied yet
+    # (~370 B + the key's length a key, however often it is rewritten): conditional ops and reads past
+    # an evicted overlay slot wait for them. Past it the oldest keys are forgotten (not waited for).
+    unapplied_budget: ByteSize = ByteSize(16 * 1024 * 1024)
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
     # Bearer token for admin mutations and for reads that reveal values or config. Required when

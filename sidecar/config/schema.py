@@ -41,22 +41,15 @@ _JSON_NAMES = {
 }
 
 
+# What a parsed TOML/YAML value is called in messages; bool before int (a bool is an int in Python).
+_RAW_NAMES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"), (bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "array"),
+    (dict, "object"),
+)
+
+
 def _raw_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return next((name for kind, name in _RAW_NAMES if isinstance(value, kind)), type(value).__name__)
 
 
 def _type_name(info: msgspec.inspect.Type) -> str:

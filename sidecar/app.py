@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -240,6 +240,8 @@ class Sidecar:
     async def _serve_listener(self, listener: Listener, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         name = _listener_name(listener)
         assert self.ingress is not None
+        server: Callable[..., Awaitable[None]]  # each front's serve(*args, task_status=...)
+        args: tuple[Any, ...]
         if listener.protocol == "kv":
             app = KvApp(self.ingress, self._readers, region_token=self._region_token,
                         token=_read_secret(listener.token_file), max_body=int(listener.max_body),

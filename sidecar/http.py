@@ -69,7 +69,7 @@ async def serve_http(
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown` is set; in-flight requests get `graceful_timeout` to finish."""
-    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
 
 
 def serve_tls(config: HypercornConfig, cert_file: str, key_file: str, reload_interval: float,

@@ -13,8 +13,8 @@ from typing import Final
 import msgspec
 import trio
 
-from sidecar.admin.metrics import WriteCounters
 from sidecar.config import CassandraTarget, Config, MemcachedTarget, Namespace
+from sidecar.counters import WriteCounters
 from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import (
     MAX_ID_BYTES,
@@ -28,10 +28,12 @@ from sidecar.envelope import (
     resolve_write_time,
     valid_id,
 )
-from sidecar.log.journal import Journal, UnknownNamespace
+from sidecar.log.journal import Journal, UnknownNamespace  # UnknownNamespace: fronts catch it from here
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.log.writer import JournalStats as JournalStats  # re-exported: fronts see the journal only through here
+from sidecar.memcache_keys import item_size, key_problem, target_key
 from sidecar.overlay import NamespaceOverlay, Overlays
-from sidecar.protocols.memcache.keys import item_size, key_problem, target_key
+from sidecar.reused_token import check_multi_duplicate
 from sidecar.tcp import ConnectionGate
 
 
@@ -83,7 +85,7 @@ class Ingress:
         self.journal = journal
         self.region = config.sidecar.region
         # Fed by the drain's applied notices (wired by the sidecar at start).
-        self.applied = applied or AppliedTracker()
+        self.applied = applied or AppliedTracker(int(config.sidecar.unapplied_budget))
         # Read your own writes: what this sidecar acked and the primary target has not applied.
         self.overlays = Overlays()
         self.applied.on_applied = self.overlays.applied
@@ -223,6 +225,8 @@ class Ingress:
         """Several entries as one all-or-nothing mutation."""
         began = trio.current_time()
         result = await self.journal.append_atomic(entries, mutation_id)
+        if mutation_id is not None:
+            result = await check_multi_duplicate(self.journal, entries, mutation_id, result)
         op = entries[0].op.value if len({e.op for e in entries}) == 1 else "mutate"
         self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
         return await self._answer(entries, result)

@@ -14,6 +14,7 @@ import trio
 
 from sidecar.config import CassandraTarget, Config
 from sidecar.drain.targets import build_target
+from sidecar.drain.targets.base import ApplyError as ApplyError  # what a failed read raises, for the fronts
 
 if TYPE_CHECKING:
     from sidecar.ingress import Ingress

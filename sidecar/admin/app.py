@@ -39,7 +39,7 @@ from sidecar.http import Receive, Scope, Send, respond, serve_lifespan
 from sidecar.secrets import bearer_matches, browser_refusal
 
 if TYPE_CHECKING:
-    from sidecar.app import Sidecar
+    from sidecar.admin.view import SidecarView
 
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
@@ -54,7 +54,7 @@ class AdminError(Exception):
 
 
 class AdminApp:
-    def __init__(self, sidecar: Sidecar, token: str | None = None, metrics_only: bool = False) -> None:
+    def __init__(self, sidecar: SidecarView, token: str | None = None, metrics_only: bool = False) -> None:
         self.sidecar = sidecar
         self.token = token
         self.metrics_only = metrics_only
@@ -196,9 +196,9 @@ class AdminApp:
         if letters is None:
             raise AdminError(503, "the journal is not open yet")
         if not rest and method == "GET":
-            flt = DlqFilter(target=(query.get("target") or [None])[0], seq_from=int((query.get("after") or [0])[0]) + 1,
-                            key=(query.get("key") or [None])[0])
-            limit = min(1000, int((query.get("limit") or [100])[0]))
+            flt = DlqFilter(target=_query_value(query, "target"), seq_from=int(_query_value(query, "after") or 0) + 1,
+                            key=_query_value(query, "key"))
+            limit = min(1000, int(_query_value(query, "limit") or 100))
             page = await letters.list(namespace, flt, limit=limit)
             next_after = page[-1].seq if len(page) == limit else None
             return self._json(200, {"dead_letters": page, "next_after": next_after})
@@ -220,3 +220,8 @@ class AdminApp:
             return self._json(200, await letters.purge(namespace, flt))
         raise AdminError(404, f"no route for {method} /v1/dlq/{namespace}/{'/'.join(rest)}")
 
+
+def _query_value(query: dict[str, list[str]], name: str) -> str | None:
+    """The first value of a query parameter, or None when the request has none."""
+    values = query.get(name)
+    return values[0] if values else None

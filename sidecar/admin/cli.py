@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -183,7 +184,7 @@ def _selection(client: AdminClient, namespace: str, flt: dict[str, Any]) -> list
         if flt.get("target"):
             query += f"&target={flt['target']}"
         if flt.get("key"):
-            query += f"&key={urllib.request.quote(flt['key'])}"
+            query += f"&key={urllib.parse.quote(flt['key'])}"
         page = client.call("GET", f"/v1/dlq/{namespace}?{query}")
         for letter in page["dead_letters"]:
             if flt.get("seq_to") and letter["seq"] > flt["seq_to"]:
@@ -261,7 +262,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="the admin bearer token (mutations, DLQ and config reads)")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="drain status per namespace/target")
     _common(status)
     status.add_argument("--json", action="store_true")

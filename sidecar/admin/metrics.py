@@ -7,8 +7,6 @@ collector. Nothing on a write's path takes a lock for metrics.
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,47 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 if TYPE_CHECKING:
     from sidecar.admin.status import StatusPoller
-    from sidecar.app import Sidecar
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class Histogram:
-    """A fixed-bucket histogram cheap enough for every write (a bisect and two adds)."""
-
-    __slots__ = ("buckets", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return out
-
-
-class WriteCounters:
-    """Writes by (namespace, protocol, op, durable result), and journal ack latency per namespace."""
-
-    def __init__(self) -> None:
-        self.writes: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
-        self.ack_latency: defaultdict[str, Histogram] = defaultdict(Histogram)
-
-    def record(self, namespace: str, protocol: str, op: str, durable: str, seconds: float) -> None:
-        self.writes[(namespace, protocol, op, durable)] += 1
-        self.ack_latency[namespace].observe(seconds)
-
+    from sidecar.admin.view import SidecarView
 
 class SidecarCollector:
-    def __init__(self, sidecar: Sidecar, poller: StatusPoller | None) -> None:
+    def __init__(self, sidecar: SidecarView, poller: StatusPoller | None) -> None:
         self.sidecar = sidecar
         self.poller = poller
 
@@ -128,6 +89,11 @@ class SidecarCollector:
             evicted.add_metric([name], overlay.evictions)
             fallback.add_metric([name], overlay.fallback_reads)
         yield from (size, evicted, fallback)
+        yield GaugeMetricFamily("walcar_unapplied_keys_bytes", "Bytes spent remembering keys this sidecar journaled "
+                                "and a target has not applied (sidecar.unapplied_budget)", value=ingress.applied.bytes)
+        yield CounterMetricFamily("walcar_unapplied_keys_forgotten", "Keys forgotten to stay within "
+                                  "sidecar.unapplied_budget (a conditional op on one does not wait for it)",
+                                  value=ingress.applied.forgotten)
 
     def _fronts(self) -> Iterator[Metric]:
         ingress = self.sidecar.ingress
@@ -201,7 +167,7 @@ class SidecarCollector:
         yield from (applied, retries, dead, latency, limit, breaker, owned)
 
 
-def render(sidecar: Sidecar, poller: StatusPoller | None) -> bytes:
+def render(sidecar: SidecarView, poller: StatusPoller | None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(sidecar, poller))  # type: ignore[arg-type]
+    registry.register(SidecarCollector(sidecar, poller))
     return generate_latest(registry)

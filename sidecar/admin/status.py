@@ -113,9 +113,9 @@ class StatusPoller:
             out.state = "unknown"  # never polled: no backlog known yet
         else:
             out.state = "draining" if row.backlog else "idle"
-        if drainer is not None:
+        if drainer is not None and self.drain is not None:
             out.last_error = drainer.stats.last_error or drainer.breaker.last_error
-            out.owned_here = sum(1 for lease in self.drain.held.values() if lease.drainer is drainer)  # type: ignore[union-attr]
+            out.owned_here = sum(lease.drainer is drainer for lease in self.drain.held.values())
         return out
 
     async def run(self) -> None:

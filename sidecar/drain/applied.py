@@ -18,10 +18,16 @@ import trio
 
 APPLIED_SUBJECT = "walapplied.{namespace}.{target}"
 _RECENT = 65_536  # applied sequences remembered per target, for notices that beat the waiter
-# Keys tracked as unapplied at most. With no drain reporting back (none configured, or all down
-# for long), the oldest are forgotten rather than growing without bound; a conditional op on a
-# forgotten key then does not wait for it (the same as a key written by another sidecar).
-MAX_TRACKED_KEYS = 200_000
+# Bytes the unapplied keys may take (sidecar.unapplied_budget). A key costs about SLOT_BYTES plus
+# its length however often it is rewritten: only its latest sequence is kept (a key's entries apply
+# in order, so the latest applied means every earlier one is done). With no drain reporting back
+# (none configured, or all down for long) the oldest keys are forgotten past the budget rather than
+# growing without bound; a conditional op on a forgotten key then does not wait for it (the same as
+# a key written by another sidecar).
+DEFAULT_UNAPPLIED_BUDGET = 16 * 1024 * 1024
+# Measured with tracemalloc (CPython 3.11, 64-bit; 379 B a key of 12 characters): the slot tuple,
+# its OrderedDict entry, the sequence, the sequence -> key entry and the key string's header.
+SLOT_BYTES = 368
 
 
 def applied_subject(namespace: str, target: str) -> str:
@@ -38,11 +44,15 @@ class _TargetView:
 
 
 class AppliedTracker:
-    def __init__(self) -> None:
+    def __init__(self, budget: int = DEFAULT_UNAPPLIED_BUDGET) -> None:
         self._targets: dict[tuple[str, str], _TargetView] = {}
-        # (namespace, target, key) -> sequences this sidecar journaled and `target` has not applied, oldest first
-        self._unapplied: OrderedDict[tuple[str, str, str], list[int]] = OrderedDict()
-        self._key_of: dict[tuple[str, str, int], str] = {}
+        # (namespace, target, key) -> the latest sequence this sidecar journaled for the key and
+        # `target` has not applied; the oldest keys first
+        self._unapplied: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._key_of: dict[tuple[str, str, int], str] = {}  # only the latest sequence of each key
+        self.budget = budget
+        self.bytes = 0  # SLOT_BYTES + len(key) per unapplied key
+        self.forgotten = 0  # keys dropped to stay within the budget
         # Told every notice too: the read-your-writes overlay trims itself with them (Ingress wires it).
         self.on_applied: Callable[[str, str, list[int]], None] | None = None
 
@@ -62,18 +72,30 @@ class AppliedTracker:
             if sequence in self._view(namespace, target).recent:
                 continue  # the notice beat the ack
             slot = (namespace, target, key)
-            pending = self._unapplied.get(slot)
-            if pending is None:
-                pending = self._unapplied[slot] = []
-                if len(self._unapplied) > MAX_TRACKED_KEYS:
+            latest = self._unapplied.get(slot)
+            if latest is None:
+                self._unapplied[slot] = sequence
+                self.bytes += SLOT_BYTES + len(key)
+                while self.bytes > self.budget and len(self._unapplied) > 1:
                     self._forget_oldest()
-            pending.append(sequence)
+            elif sequence > latest:  # acks of one key's writes can come out of order
+                self._unapplied[slot] = sequence
+                del self._key_of[(namespace, target, latest)]
+            else:
+                continue
             self._key_of[(namespace, target, sequence)] = key
 
     def _forget_oldest(self) -> None:
-        (namespace, target, _), sequences = self._unapplied.popitem(last=False)
-        for sequence in sequences:
+        (namespace, target, key), sequence = self._unapplied.popitem(last=False)
+        self._key_of.pop((namespace, target, sequence), None)
+        self.bytes -= SLOT_BYTES + len(key)
+        self.forgotten += 1
+
+    def _drop(self, namespace: str, target: str, key: str) -> None:
+        sequence = self._unapplied.pop((namespace, target, key), None)
+        if sequence is not None:
             self._key_of.pop((namespace, target, sequence), None)
+            self.bytes -= SLOT_BYTES + len(key)
 
     def is_applied(self, namespace: str, target: str, sequence: int) -> bool:
         """Whether a notice for `sequence` already came (it can beat the write's own ack)."""
@@ -81,17 +103,17 @@ class AppliedTracker:
         return view is not None and sequence in view.recent
 
     def has_unapplied(self, namespace: str, target: str, key: str) -> bool:
-        return bool(self._unapplied.get((namespace, target, key)))
+        return (namespace, target, key) in self._unapplied
 
     async def wait_key_applied(self, namespace: str, target: str, key: str, timeout: float) -> bool:
         """True once every entry this sidecar journaled for `key` is applied by `target`."""
         with trio.move_on_after(timeout):
             while True:
-                pending = self._unapplied.get((namespace, target, key))
-                if not pending:
+                latest = self._unapplied.get((namespace, target, key))
+                if latest is None:
                     return True
-                await self.wait_applied(namespace, target, pending[-1], timeout)
-        return not self._unapplied.get((namespace, target, key))
+                await self.wait_applied(namespace, target, latest, timeout)
+        return (namespace, target, key) not in self._unapplied
 
     async def wait_applied(self, namespace: str, target: str, sequence: int, timeout: float) -> bool:
         """True when `target` applied `sequence` within `timeout` seconds."""
@@ -126,7 +148,7 @@ class AppliedTracker:
             event = view.waiters.pop(sequence, None)
             if event is not None:
                 event.set()
-            key = self._key_of.pop((namespace, target, sequence), None)
+            key = self._key_of.get((namespace, target, sequence))
             if key is not None:
                 self._clear_through(namespace, target, key, sequence)
         while len(view.recent_order) > _RECENT:
@@ -138,25 +160,12 @@ class AppliedTracker:
         event = self._targets.get((namespace, target), _TargetView()).waiters.pop(sequence, None)
         if event is not None:
             event.set()
-        key = self._key_of.pop((namespace, target, sequence), None)
-        if key is None:
-            return
-        slot = (namespace, target, key)
-        pending = [s for s in self._unapplied.get(slot, []) if s != sequence]
-        if pending:
-            self._unapplied[slot] = pending
-        else:
-            self._unapplied.pop(slot, None)
+        key = self._key_of.get((namespace, target, sequence))
+        if key is not None:  # the key's latest entry: the earlier ones were settled before it, in order
+            self._drop(namespace, target, key)
 
     def _clear_through(self, namespace: str, target: str, key: str, sequence: int) -> None:
         """Entries of a key apply in order: this one and every earlier one are done."""
-        slot = (namespace, target, key)
-        pending = self._unapplied.get(slot, [])
-        remaining = [s for s in pending if s > sequence]
-        for done in pending:
-            if done <= sequence:
-                self._key_of.pop((namespace, target, done), None)
-        if remaining:
-            self._unapplied[slot] = remaining
-        else:
-            self._unapplied.pop(slot, None)
+        latest = self._unapplied.get((namespace, target, key))
+        if latest is not None and latest <= sequence:
+            self._drop(namespace, target, key)

@@ -135,8 +135,8 @@ def _clashes(spec: dict[str, Any], walcar: dict[str, Any], volumes: list[dict[st
                 if isinstance(number, int) and number in ours:
                     clashes.append(f"container {app.get('name')!r} declares port {number}, which walcar uses "
                                    f"({ours[number]}): drop that protocol from {ann.PROTOCOLS_KEY} or move the app")
-    taken = {v.get("name") for v in _list_of_dicts(spec.get("volumes"), "spec.volumes")
-             if isinstance(v.get("name"), str)}
+    volumes_now = _list_of_dicts(spec.get("volumes"), "spec.volumes")
+    taken = {name for v in volumes_now if isinstance(name := v.get("name"), str)}
     for name in sorted(taken & {v["name"] for v in volumes}):
         clashes.append(f"the pod already has a volume named {name!r}, which walcar needs")
     return clashes
@@ -200,22 +200,9 @@ class Injector:
             return Decision(True, "malformed", warnings=[f"walcar: not injected, malformed review: {exc}"])
 
     def _decide(self, review: object) -> Decision:
-        if not isinstance(review, dict):
-            raise Malformed("expected an AdmissionReview object")
-        request = review.get("request")
-        if not isinstance(request, dict):
-            raise Malformed("no `request`")
-        if not isinstance(request.get("uid"), str):
-            raise Malformed("`request.uid` is missing")
-        kind = request.get("kind")
-        kind_name = kind.get("kind") if isinstance(kind, dict) else None
-        if kind_name != "Pod":
-            return Decision(True, "not-a-pod", warnings=[f"walcar injects into pods only, not {kind_name!r}"])
-        if request.get("operation", "CREATE") != "CREATE":
-            return Decision(True, "not-create")
-        pod = request.get("object")
-        if not isinstance(pod, dict):
-            raise Malformed("`request.object` is not a pod")
+        pod = _pod_under_review(review)
+        if isinstance(pod, Decision):
+            return pod
         metadata = pod.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise Malformed("`metadata` must be an object")
@@ -249,19 +236,10 @@ class Injector:
             document, parsed = render.pod_config(self.control_plane, self.settings, options)
         except (ann.AnnotationError, render.RenderError) as exc:
             return self._deny(exc.errors)
-        refusals = _refusals(spec, options.native)
+        config_text = render.dump(document)
+        refusals = _refusals(spec, options.native) or _size_refusals(annotations, config_text)
         if refusals:
             return self._deny(refusals)
-        config_text = render.dump(document)
-        if len(config_text.encode()) > MAX_CONFIG_BYTES:
-            return self._deny([f"the walcar config for this pod is {len(config_text)} bytes, over the "
-                               f"{MAX_CONFIG_BYTES}-byte annotation budget: set {ann.NAMESPACE} to narrow it"])
-        total = _annotations_bytes({**annotations, ann.STATUS: "injected", ann.CONFIG: config_text})
-        if total > MAX_ANNOTATIONS_BYTES:
-            return self._deny([f"with walcar's config ({len(config_text.encode())} bytes) the pod's annotations "
-                               f"would be {total} bytes, over Kubernetes' {MAX_ANNOTATIONS_BYTES}-byte limit: "
-                               "move the pod's large annotations elsewhere (a ConfigMap) or narrow "
-                               f"the config with {ann.NAMESPACE}"])
 
         walcar = container.sidecar_container(self.settings, options)
         volumes = container.volumes(self.settings)
@@ -276,12 +254,7 @@ class Injector:
                      {ann.STATUS: "injected", ann.CONFIG: config_text})
         _add_entries(ops, metadata.get("labels"), "/metadata/labels", {ann.INJECTED_LABEL: "true"})
         _append(ops, spec.get("volumes"), "/spec/volumes", volumes)
-        env = container.app_env(self.settings, options)
-        for index, app in enumerate(containers):  # before walcar is inserted: indexes are the app's own
-            have = [e.get("name") for e in _list_of_dicts(app.get("env"), "env")]
-            missing = [e for e in env if e["name"] not in have]  # what the pod sets itself wins
-            if missing:
-                _append(ops, app.get("env"), f"/spec/containers/{index}/env", missing)
+        _add_app_env(ops, containers, container.app_env(self.settings, options))
         if options.native:
             _append(ops, spec.get("initContainers"), "/spec/initContainers", [walcar], first=True)
         else:
@@ -299,13 +272,59 @@ class Injector:
         return Decision(False, "denied", message="walcar: " + "; ".join(errors), code=400)
 
 
+def _pod_under_review(review: object) -> dict[str, Any] | Decision:
+    """The pod of a CREATE review, or the decision for a review that is not about creating a pod."""
+    if not isinstance(review, dict):
+        raise Malformed("expected an AdmissionReview object")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise Malformed("no `request`")
+    if not isinstance(request.get("uid"), str):
+        raise Malformed("`request.uid` is missing")
+    kind = request.get("kind")
+    kind_name = kind.get("kind") if isinstance(kind, dict) else None
+    if kind_name != "Pod":
+        return Decision(True, "not-a-pod", warnings=[f"walcar injects into pods only, not {kind_name!r}"])
+    if request.get("operation", "CREATE") != "CREATE":
+        return Decision(True, "not-create")
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        raise Malformed("`request.object` is not a pod")
+    return pod
+
+
+def _size_refusals(annotations: dict[str, str], config_text: str) -> list[str]:
+    """Why the config annotation would not fit (walcar's own budget, then Kubernetes' limit)."""
+    if len(config_text.encode()) > MAX_CONFIG_BYTES:
+        return [f"the walcar config for this pod is {len(config_text)} bytes, over the "
+                f"{MAX_CONFIG_BYTES}-byte annotation budget: set {ann.NAMESPACE} to narrow it"]
+    total = _annotations_bytes({**annotations, ann.STATUS: "injected", ann.CONFIG: config_text})
+    if total > MAX_ANNOTATIONS_BYTES:
+        return [f"with walcar's config ({len(config_text.encode())} bytes) the pod's annotations "
+                f"would be {total} bytes, over Kubernetes' {MAX_ANNOTATIONS_BYTES}-byte limit: "
+                "move the pod's large annotations elsewhere (a ConfigMap) or narrow "
+                f"the config with {ann.NAMESPACE}"]
+    return []
+
+
+def _add_app_env(ops: list[dict[str, Any]], containers: list[dict[str, Any]], env: list[dict[str, str]]) -> None:
+    """walcar's variables for each app container, except those the pod sets itself (its own win)."""
+    for index, app in enumerate(containers):  # before walcar is inserted: indexes are the app's own
+        have = [e.get("name") for e in _list_of_dicts(app.get("env"), "env")]
+        missing = [e for e in env if e["name"] not in have]
+        if missing:
+            _append(ops, app.get("env"), f"/spec/containers/{index}/env", missing)
+
+
 def pod_identity(review: object) -> dict[str, str]:
     """Namespace and name (or generateName) of the pod under review, for logs; empty when unreadable."""
     if not isinstance(review, dict) or not isinstance(review.get("request"), dict):
         return {}
     request = review["request"]
-    pod = request.get("object") if isinstance(request.get("object"), dict) else {}
-    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    pod = request.get("object")
+    pod = pod if isinstance(pod, dict) else {}
+    metadata = pod.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
     generated = metadata.get("generateName")
     name = metadata.get("name") or request.get("name") or (f"{generated}*" if generated else "")
     identity = {"namespace": request.get("namespace") or metadata.get("namespace"), "pod": name}

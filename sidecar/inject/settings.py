@@ -14,6 +14,7 @@ from typing import Literal
 import msgspec
 import yaml
 
+from sidecar import __version__
 from sidecar.units import Duration, parse_hostport
 
 Protocol = Literal["memcached", "cql", "kv"]
@@ -60,7 +61,7 @@ class InjectorSettings(_Base):
     cert_reload_interval: Duration = Duration(60.0)
     # what to inject
     control_plane: str = "/etc/walcar/walcar.yaml"
-    image: str = "ghcr.io/walcar/walcar:0.1.0"
+    image: str = f"ghcr.io/walcar/walcar:{__version__}"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     nats_url: str | None = None  # overrides the control plane's sidecar.nats_url when set
     nats_creds_secret: str | None = None  # Secret (in the pod's namespace) holding the NATS credentials file

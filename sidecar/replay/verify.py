@@ -232,9 +232,9 @@ class VerifyJob:
                         state.entry = msgspec.structs.replace(entry, item=other)
                         state.seq = seq
         else:  # a touch: a new expiry for the value before it
-            state = expected.get(item)
-            if state is not None and state.present:
-                state.entry = msgspec.structs.replace(state.entry, expires_at=entry.expires_at)
+            current = expected.get(item)
+            if current is not None and current.present:
+                current.entry = msgspec.structs.replace(current.entry, expires_at=entry.expires_at)
 
     def _advance(self, position: int) -> None:
         self.progress.position = position
@@ -298,7 +298,7 @@ class VerifyJob:
 
     @staticmethod
     def _difference(key: str, item: str, state: Expected, value: bytes | None) -> Difference | None:
-        common = {"key": key, "item": item, "seq": state.seq,
+        common: dict[str, Any] = {"key": key, "item": item, "seq": state.seq,
                   "write_time": format_time(state.entry.write_time * 1000)}
         if state.present:
             want = state.entry.value or b""

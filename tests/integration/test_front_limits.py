@@ -26,9 +26,9 @@ import trio
 from pymemcache.client.base import Client
 
 from sidecar.config import stream_name
+from sidecar.memcache_keys import ITEM_OVERHEAD
 from sidecar.protocols.cql.frames import FLAG_COMPRESSION, Frame, FrameDecoder, Opcode, encode_frame
 from sidecar.protocols.cql.messages import AuthResponse, ErrorCode, Startup, encode_request
-from sidecar.protocols.memcache.keys import ITEM_OVERHEAD
 from tests.integration.test_drain import cassandra_target
 from tests.support.procs import free_port
 from tests.support.services import Services

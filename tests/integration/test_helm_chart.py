@@ -29,6 +29,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from sidecar import __version__
 from sidecar.inject import render
 from sidecar.inject.patch import Injector
 from sidecar.inject.settings import parse as parse_settings
@@ -223,7 +224,7 @@ def test_ports_and_probes_line_up(helm: str) -> None:
     assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
     assert service["spec"]["selector"] == deployment(docs, "injector")["spec"]["selector"]["matchLabels"]
     assert container["securityContext"]["runAsNonRoot"] is True
-    assert settings["image"] == container["image"] == "ghcr.io/walcar/walcar:0.1.0"
+    assert settings["image"] == container["image"] == f"ghcr.io/walcar/walcar:{__version__}"
 
 
 def test_config_change_rolls_the_injector(helm: str) -> None:
@@ -519,7 +520,7 @@ def test_chart_defaults_inject_a_working_pod_spec(helm: str) -> None:
     _, answer, decision = injector.handle(json.dumps(admission_review(pod)).encode())
     assert decision.outcome == "injected", decision.message
     walcar = walcar_of(apply(pod, answer))
-    assert walcar["image"] == "ghcr.io/walcar/walcar:0.1.0"
+    assert walcar["image"] == f"ghcr.io/walcar/walcar:{__version__}"
     assert walcar["restartPolicy"] == "Always"
     assert yaml.safe_load(data["walcar.yaml"])["sidecar"]["admin"] == "127.0.0.1:9901"
 

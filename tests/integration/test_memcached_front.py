@@ -26,11 +26,11 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheServerError
 
+from sidecar import __version__
 from sidecar.config import Config, stream_name, validate
 from sidecar.envelope import Entry, Op
+from sidecar.memcache_keys import EXPIRED, absolute_expiry, entry_key, memcached_key, server_for_key
 from sidecar.protocols.memcache import handlers
-from sidecar.protocols.memcache.keys import EXPIRED, absolute_expiry, entry_key, memcached_key
-from sidecar.protocols.memcache.routing import server_for_key
 from sidecar.protocols.memcache.server import serve_memcached
 from tests.support.listener import ListenerThread
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
@@ -202,7 +202,7 @@ def test_large_binary_values_and_key_lengths(front: Front, services: Services, d
         assert exchange(sock, b"set %b 0 0 1\r\nx\r\n" % key251.encode(), b"\r\nERROR\r\n") == (
             b"CLIENT_ERROR bad command line format\r\nERROR\r\n")
         assert exchange(sock, b"get %b\r\n" % key251.encode(), b"\r\n").startswith(b"CLIENT_ERROR")
-        assert exchange(sock, b"version\r\n", b"\r\n") == b"VERSION walcar-0.1.0\r\n"
+        assert exchange(sock, b"version\r\n", b"\r\n") == b"VERSION walcar-%b\r\n" % __version__.encode()
 
 
 # --------------------------------------------------------------------------- reads and conditional ops
@@ -449,7 +449,7 @@ def test_stats_version_verbosity_flush_all(front: Front, services: Services, dir
     assert b"pid" in stats and b"curr_items" in stats  # memcached's own fields, relayed
     assert stats[b"walcar_journal_acked"] >= 1 and stats[b"walcar_writes_stored"] == 1
     assert stats[b"walcar_memcached_up"] == 1 and stats[b"walcar_journal_inflight"] == 0
-    assert client.version() == b"walcar-0.1.0"
+    assert client.version() == b"walcar-" + __version__.encode()
     with front.socket() as sock:
         assert exchange(sock, b"verbosity 1\r\n", b"\r\n") == b"OK\r\n"
         assert exchange(sock, b"stats slabs\r\n", b"END\r\n").endswith(b"END\r\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 
 from sidecar.log.link import NatsLink
 from sidecar.log.service import open_journal
@@ -102,7 +103,7 @@ async def test_writes_are_refused_not_queued_without_bound_when_the_server_stops
                 if not link.send(chunk):
                     refused = True
                     break
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             assert refused and link.congested
             assert link._out_bytes < link.max_pending + len(chunk)
         finally:

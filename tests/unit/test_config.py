@@ -11,6 +11,7 @@ import pytest
 
 from sidecar import config
 from sidecar.config import CassandraTarget, ConfigError, MemcachedTarget, WalTarget
+from sidecar.config import files as config_files
 from sidecar.units import ByteSize, Duration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,5 +267,5 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
     data = config.to_builtins(cfg)
     assert data["namespaces"]["a"]["mode"] == "async"
     node = {"password": "hunter2", "nested": [{"token": "abc"}]}
-    config._redact(node)
+    config_files._redact(node)
     assert node == {"password": "<redacted>", "nested": [{"token": "<redacted>"}]}

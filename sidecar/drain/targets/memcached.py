@@ -33,8 +33,7 @@ from pymemcache.exceptions import (
 from sidecar.config import MemcachedTarget as MemcachedSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
-from sidecar.protocols.memcache.keys import target_key
-from sidecar.protocols.memcache.routing import server_for_key
+from sidecar.memcache_keys import server_for_key, target_key
 from sidecar.units import parse_hostport
 
 _APPLIED_OPS = frozenset({Op.PUT, Op.DELETE, Op.TOUCH})

@@ -30,17 +30,14 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 import trio
 
-from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry, Op, WriteTimeError, new_id, now_us, partition_of, valid_id
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
-from sidecar.ingress import Ack, Ingress, Refused, TooLarge
-from sidecar.log.journal import UnknownNamespace
-from sidecar.log.writer import Durable
+from sidecar.ingress import Ack, Durable, Ingress, Refused, TooLarge, UnknownNamespace
 from sidecar.logs import get_logger
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
-from sidecar.reads import NoReadableTarget, Readers, read_items
+from sidecar.reads import ApplyError, NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
 
 log = get_logger("kv")

@@ -12,7 +12,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from sidecar.envelope import Entry
-from sidecar.log.writer import Durable
+from sidecar.ingress import Durable
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):

@@ -22,11 +22,11 @@ import trio
 
 from sidecar.config import MemcachedTarget
 from sidecar.logs import get_logger
+from sidecar.memcache_keys import server_for_key
 from sidecar.units import parse_hostport
 
 from .client_codec import BackendProtocolError, ResponseKind, ResponseParser
 from .commands import NEED_DATA, Response
-from .routing import server_for_key
 
 __all__ = ["DOWN_RETRY", "Backend", "BackendError"]
 

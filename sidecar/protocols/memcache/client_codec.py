@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 import msgspec
 
@@ -292,7 +292,10 @@ def passthrough(raw: bytes) -> tuple[bytes, ResponseKind | None]:
     return raw, response_kind(event)
 
 
-def strip_quiet(cmd: MetaCommand) -> MetaCommand:
+_Meta = TypeVar("_Meta", bound=MetaCommand)
+
+
+def strip_quiet(cmd: _Meta) -> _Meta:
     """The same meta request without q, so the backend always answers."""
     if "q" not in cmd.flags:
         return cmd

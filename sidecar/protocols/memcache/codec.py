@@ -21,7 +21,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias, get_args
 
 from .commands import (
     NEED_DATA,
@@ -42,9 +42,11 @@ from .commands import (
     ProtocolError,
     Quit,
     Retrieve,
+    RetrieveCommand,
     ServerError,
     Stats,
     Store,
+    StoreCommand,
     Touch,
     ValueItem,
     Verbosity,
@@ -108,10 +110,10 @@ _has_ctrl: Final = re.compile(rb"[\x00-\x1f\x7f]").search
 _has_splitting_ctrl: Final = re.compile(rb"[\x00\t\r\x0b\x0c]").search
 _MULTIGET_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
 
-_NAMES: Final[dict[bytes, str]] = {
-    name.encode(): name
-    for name in ("get", "gets", "gat", "gats", "set", "add", "replace", "append", "prepend", "cas", "incr", "decr")
-}
+# The command word -> its name, one table per event kind so each name keeps its Literal type.
+_RETRIEVE_NAMES: Final[dict[bytes, RetrieveCommand]] = {name.encode(): name for name in get_args(RetrieveCommand)}
+_STORE_NAMES: Final[dict[bytes, StoreCommand]] = {name.encode(): name for name in get_args(StoreCommand)}
+_ARITH_NAMES: Final[dict[bytes, Literal["incr", "decr"]]] = {b"incr": "incr", b"decr": "decr"}
 
 
 # --------------------------------------------------------------------------- numbers
@@ -441,7 +443,7 @@ class RequestParser:
         for key in keys:
             if len(key) > limit:
                 return ClientError(BAD_FORMAT)
-        return Retrieve(_NAMES[parts[0]], keys)
+        return Retrieve(_RETRIEVE_NAMES[parts[0]], keys)
 
     def _gat(self, parts: list[bytes]) -> Event:
         if len(parts) < 2:
@@ -454,10 +456,10 @@ class RequestParser:
         for key in keys:
             if len(key) > limit:
                 return ClientError(BAD_FORMAT)
-        return Retrieve(_NAMES[parts[0]], keys, exptime)
+        return Retrieve(_RETRIEVE_NAMES[parts[0]], keys, exptime)
 
     def _store(self, parts: list[bytes]) -> Event | NeedData:
-        command = _NAMES[parts[0]]
+        command = _STORE_NAMES[parts[0]]
         is_cas = command == "cas"
         count = len(parts)
         if count != 5 + is_cas and count != 6 + is_cas:
@@ -491,7 +493,7 @@ class RequestParser:
         delta = parse_uint(parts[2], U64_MAX)
         if delta is None:
             return ClientError("invalid numeric delta argument", noreply=noreply)
-        return IncrDecr(_NAMES[parts[0]], parts[1], delta, noreply)
+        return IncrDecr(_ARITH_NAMES[parts[0]], parts[1], delta, noreply)
 
     def _touch(self, parts: list[bytes]) -> Event:
         if len(parts) not in (3, 4):

@@ -23,6 +23,7 @@ import trio
 from sidecar.envelope import Entry, Op
 from sidecar.ingress import Ingress, Refused
 from sidecar.logs import get_logger
+from sidecar.memcache_keys import entry_key, new_entry_id, ttl_to_expiry
 
 from .backend import Backend
 from .client_codec import ResponseKind, encode_command, encode_meta, encode_store, strip_quiet
@@ -42,7 +43,6 @@ from .commands import (
     Store,
     Touch,
 )
-from .keys import entry_key, new_entry_id, ttl_to_expiry
 from .replies import BUSY_MESSAGE, server_error
 from .stats import FrontStats, LogThrottle
 

@@ -28,6 +28,7 @@ from sidecar.config import MemcachedTarget, Namespace
 from sidecar.envelope import Entry, Op
 from sidecar.ingress import BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
+from sidecar.memcache_keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from sidecar.overlay import NamespaceOverlay
 
 from . import overlaid
@@ -68,7 +69,6 @@ from .commands import (
     Version,
 )
 from .conditional import ConditionalOps, direct_request, relay_answer, write_resolved
-from .keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from .replies import DELETED, STORED, TOUCHED, VERSION_ANSWER, server_error
 from .stats import FrontStats, LogThrottle, stats_report
 
@@ -233,7 +233,7 @@ class Handlers:
         """An unconditional write that goes straight to memcached: `mode = "off"`, and its key clear of
         what this sidecar journaled earlier (waited for, like a conditional op: Ingress.direct)."""
         assert self.target is not None
-        key = entry_key(cmd.key)  # type: ignore[attr-defined]
+        key = entry_key(cmd.key)  # type: ignore[union-attr]  # classify() sends only keyed writes here
         return await self.ingress.direct(self.namespace, self.target.name, (key,), self.busy_wait)
 
     async def forward(self, cmd: Command) -> bytes:
@@ -315,17 +315,17 @@ class Handlers:
             fetched: dict[bytes, ValueItem] = {}
             if rest:
                 got = await self._fetch(Retrieve(cmd.command, rest, cmd.exptime))
-                if type(got) is bytes:
+                if isinstance(got, bytes):
                     return got
-                fetched = {item.key: item for item in got[0]}  # type: ignore[index]
+                fetched = {item.key: item for item in got[0]}
             items = [item for key in cmd.keys
                      if (item := answered[key] if key in answered else fetched.get(key)) is not None]
             answer = encode_values(items, with_cas=cmd.return_cas)
         else:
             got = await self._fetch(cmd)
-            if type(got) is bytes:
+            if isinstance(got, bytes):
                 return got
-            items, answer = got  # type: ignore[misc]
+            items, answer = got
         if cmd.exptime is not None and items:
             problem = await self._journal_touches([item.key for item in items], cmd.exptime)
             if problem is not None:

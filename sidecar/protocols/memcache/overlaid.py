@@ -26,11 +26,11 @@ from typing import Final
 import trio
 
 from sidecar.ingress import Ingress
+from sidecar.memcache_keys import entry_key
 from sidecar.overlay import NamespaceOverlay
 
 from .codec import encode_meta_response
 from .commands import MetaGet, ValueItem
-from .keys import entry_key
 
 # mg flags the overlay can answer truthfully by itself (c is answered after a bounded wait).
 _MG_SELF: Final = frozenset("vftskOqb")

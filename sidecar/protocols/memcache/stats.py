@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 
 from sidecar import __version__
-from sidecar.log.writer import JournalStats
+from sidecar.ingress import JournalStats
 
 from .codec import encode_stats
 

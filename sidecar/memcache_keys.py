@@ -1,4 +1,7 @@
-"""Memcached keys and expiry times as the journal stores them.
+"""Memcached keys as the journal stores them, and which server of a target holds one.
+
+Shared by the memcached front (protocols/memcache) and the memcached target (drain/targets):
+both must encode a key and pick its server the same way, and neither may import the other.
 
 Entry keys are msgpack strings, so a memcached key becomes text:
 
@@ -18,7 +21,11 @@ import itertools
 import re
 import secrets
 import time
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import Final
+
+from pymemcache.client.rendezvous import RendezvousHash
 
 BINARY_KEY_PREFIX: Final = "b64:"
 THIRTY_DAYS: Final = 30 * 24 * 3600
@@ -42,10 +49,12 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "absolute_expiry",
     "entry_key",
+    "hash_text",
     "item_size",
     "key_problem",
     "memcached_key",
     "new_entry_id",
+    "server_for_key",
     "target_key",
     "ttl_to_expiry",
 ]
@@ -133,3 +142,32 @@ class _Ids:
 
 
 new_entry_id = _Ids()
+
+
+# Server routing. The front (reads) and the drain (writes) must pick the same server
+# for a key, or a read would look where the drain never wrote. The choice is pymemcache's
+# `RendezvousHash` over the target's "host:port" strings, hashing the key as text (UTF-8
+# when it decodes, else latin-1), which is also what a pymemcache `HashClient` app
+# talking to the same servers directly would pick for its str keys.
+
+
+@lru_cache(maxsize=64)
+def _ring(servers: tuple[str, ...]) -> RendezvousHash:
+    return RendezvousHash(list(servers))
+
+
+def hash_text(key: bytes) -> str:
+    """The text the ring hashes for a raw memcached key."""
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return key.decode("latin-1")
+
+
+def server_for_key(servers: Sequence[str], key: bytes) -> str:
+    """The "host:port" of `servers` that owns the raw memcached `key` (as sent on the wire, decoded if base64)."""
+    if len(servers) == 1:
+        return servers[0]
+    if not servers:
+        raise ValueError("a memcached target needs at least one server")
+    return _ring(tuple(servers)).get_node(hash_text(key))

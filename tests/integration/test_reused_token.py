@@ -1,0 +1,45 @@
+"""An idempotency token reused on a mutation too large for an atomic batch (one MULTI object in the
+chunk store, one marker on the stream): a retry stays a duplicate, a different mutation is a 409."""
+
+from __future__ import annotations
+
+import httpx
+
+from sidecar.config import stream_name
+from sidecar.envelope import Op
+from tests.support.services import Services
+from tests.support.sidecar import base_url, build_config, kv_listener, running_sidecar, sidecar_document
+from tests.support.streams import read_stream
+
+BIG = 300 * 1024  # over the default 256 KiB chunk threshold: the mutation goes to the chunk store whole
+
+
+def items(*texts: str) -> list[dict[str, str]]:
+    return [{"key": f"i{n}", "text": text} for n, text in enumerate(texts)]
+
+
+async def test_a_reused_token_on_a_chunked_mutation_is_a_retry_or_a_conflict(services: Services, unique: str) -> None:
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    mutation = {"items": items("a" * BIG, "b" * BIG), "idempotency_token": "T"}
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+        first = await client.put(f"/v1/kv/{unique}/r1", json=mutation)
+        assert first.status_code == 200, first.json()
+        assert first.json()["durable"] == "true" and not first.json()["duplicate"], first.json()
+
+        retried = await client.put(f"/v1/kv/{unique}/r1", json=mutation)  # a new write time, same mutation
+        assert retried.status_code == 200, retried.json()
+        assert retried.json()["durable"] == "true" and retried.json()["duplicate"], retried.json()
+
+        for different in (items("a" * BIG, "b" * BIG, "c"),  # one entry more
+                          items("a" * BIG, "B" * BIG)):  # as many entries, another value
+            reused = await client.put(f"/v1/kv/{unique}/r1", json={"items": different, "idempotency_token": "T"})
+            assert reused.status_code == 409, reused.json()
+            assert reused.json()["durable"] == "false" and not reused.json()["duplicate"], reused.json()
+            assert "new token" in reused.json()["message"], reused.json()
+
+        other = await client.put(f"/v1/kv/{unique}/r1", json={"items": items("a" * BIG, "B" * BIG),
+                                                                "idempotency_token": "U"})
+        assert other.status_code == 200 and other.json()["durable"] == "true", other.json()
+
+    markers = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert [(m.op, m.id) for m in markers] == [(Op.MULTI, "T"), (Op.MULTI, "U")]  # nothing of the 409s

@@ -33,7 +33,7 @@ from sidecar.log.writer import Durable, WriteResult
 from sidecar.log.writer import JournalStats as JournalStats  # re-exported: fronts see the journal only through here
 from sidecar.memcache_keys import item_size, key_problem, target_key
 from sidecar.overlay import NamespaceOverlay, Overlays
-from sidecar.reused_token import check_multi_duplicate
+from sidecar.reused_token import check_duplicate
 from sidecar.tcp import ConnectionGate
 
 
@@ -201,7 +201,7 @@ class Ingress:
 
     async def write(self, entry: Entry, protocol: str = "kv") -> Ack:
         began = trio.current_time()
-        result = await self.journal.append(entry)
+        result = await check_duplicate(self.journal, [entry], entry.id, await self.journal.append(entry))
         self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, trio.current_time() - began)
         return await self._answer([entry], result)
 
@@ -225,8 +225,9 @@ class Ingress:
         """Several entries as one all-or-nothing mutation."""
         began = trio.current_time()
         result = await self.journal.append_atomic(entries, mutation_id)
-        if mutation_id is not None:
-            result = await check_multi_duplicate(self.journal, entries, mutation_id, result)
+        stored_id = entries[0].id if len(entries) == 1 else mutation_id
+        if stored_id is not None:
+            result = await check_duplicate(self.journal, entries, stored_id, result)
         op = entries[0].op.value if len({e.op for e in entries}) == 1 else "mutate"
         self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
         return await self._answer(entries, result)

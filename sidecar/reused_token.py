@@ -1,11 +1,17 @@
-"""A mutation journaled as one MULTI object whose token was used before: a retry, or another mutation?
+"""A write JetStream found stored already (its id was used before): a retry, or another write?
 
-An atomic batch tells the two apart by its entry ids (every id stored: a retry; some: a
-different mutation, HTTP 409). A mutation over the batch limits is one marker on the stream
-whose id is the token alone, so JetStream answers `duplicate` whatever the entries are. Acking
-that as durable would tell the client a mutation is stored that never was; so the stored
-marker's entries are read back and compared with this request's, all but the times each request
-assigns afresh (write time, expiry, delivery time). Only on this rare path: a duplicate MULTI.
+Entry ids derive from the client's idempotency token, so JetStream answers `duplicate` for a
+retried request and for a different request under a reused token alike. Acking the second as
+durable would tell the client a write is stored that never was; so on this rare path (a
+duplicate with a known sequence: one entry, or a mutation stored as one MULTI object) the
+stored entries are read back and compared with the request's, all but the times each request
+assigns afresh (write time, expiry, delivery time). An atomic batch tells the two apart by its
+entry ids instead (sidecar.log.journal: every id stored is a retry, some is a 409).
+
+What was stored can be gone by the time of the retry (a chunk deleted once every target
+applied it, a message past the stream's limits): then there is nothing to compare and the
+duplicate stands, as JetStream answered it. A read that fails for another reason answers
+durable `unknown`: the client retries with the same token.
 """
 
 from __future__ import annotations
@@ -18,39 +24,66 @@ from sidecar.config import stream_name
 from sidecar.envelope import Entry, Op, decode
 from sidecar.log.connection import JetStreamApiError
 from sidecar.log.journal import Journal
-from sidecar.log.payloads import PayloadError, expand_multi
+from sidecar.log.payloads import PayloadError, expand_multi, with_payload
 from sidecar.log.writer import Durable, WriteResult
 from sidecar.logs import get_logger
 
 log = get_logger("sidecar.ingress")
 
+NO_MESSAGE_FOUND = 10037  # JetStream's err_code for a sequence no longer in the stream
 
-async def check_multi_duplicate(journal: Journal, entries: list[Entry], mutation_id: str,
-                                result: WriteResult) -> WriteResult:
-    """`result` as it is, unless it is a duplicate MULTI marker stored for different entries (then a
-    409 conflict) or one that cannot be read back to tell (then durable unknown: retry the token)."""
-    if not (result.ok and result.duplicate and result.sequence and len(entries) > 1):
+
+class _Gone(Exception):
+    """What was stored under the id is no longer there to compare."""
+
+
+async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str, result: WriteResult) -> WriteResult:
+    """`result` as it is, unless it is a duplicate stored for a different write (then a 409
+    conflict) or one that cannot be read back to tell (then durable unknown: retry the token).
+    `stored_id` is the id the duplicate was found under: the entry's, or the MULTI marker's."""
+    if not (result.ok and result.duplicate and result.sequence):
         return result
     namespace = entries[0].ns
     try:
-        reply = await journal.writer.conn.js_api(f"STREAM.MSG.GET.{stream_name(namespace)}", {"seq": result.sequence})
-        marker = decode(base64.b64decode(reply["message"].get("data") or ""))
-        if marker.op is not Op.MULTI or marker.id != mutation_id:
-            return result  # an atomic batch's duplicate (ids compared already), not a MULTI marker
-        stored = await expand_multi(journal.chunks, marker)
+        stored = await _stored_entries(journal, namespace, result.sequence, stored_id)
+    except _Gone as exc:
+        log.info("duplicate_not_compared", namespace=namespace, sequence=result.sequence, reason=str(exc))
+        return result
     except (JetStreamApiError, PayloadError, msgspec.DecodeError, KeyError, OSError, TimeoutError) as exc:
-        log.warning("multi_duplicate_unverified", namespace=namespace, sequence=result.sequence,
+        log.warning("duplicate_unverified", namespace=namespace, sequence=result.sequence,
                     error=f"{type(exc).__name__}: {exc}")
-        return WriteResult(Durable.UNKNOWN, message="the token names a stored mutation that could not be read back "
+        return WriteResult(Durable.UNKNOWN, message="the token names a stored write that could not be read back "
                                                     "to compare: retry with the same token")
-    if _comparable(stored) == _comparable(entries):
+    if stored is None or _comparable(stored) == _comparable(entries):
         return result
     return WriteResult(Durable.FALSE, conflict=True, message=(
-        f"idempotency token reused for a different mutation: the mutation stored under it (sequence "
+        f"idempotency token reused for a different write: the write stored under it (sequence "
         f"{result.sequence}, {len(stored)} entries) differs from this one ({len(entries)} entries); "
         "nothing of this one is stored: send it under a new token"))
 
 
+async def _stored_entries(journal: Journal, namespace: str, sequence: int, stored_id: str) -> list[Entry] | None:
+    """The entries stored at `sequence` under `stored_id`, values included; None when that message
+    is not the write's own (an atomic batch's sequence: its ids were compared already)."""
+    try:
+        reply = await journal.writer.conn.js_api(f"STREAM.MSG.GET.{stream_name(namespace)}", {"seq": sequence})
+    except JetStreamApiError as exc:
+        if exc.err_code == NO_MESSAGE_FOUND:
+            raise _Gone(f"sequence {sequence} is no longer in the stream") from None
+        raise
+    stored = decode(base64.b64decode(reply["message"].get("data") or ""))
+    if stored.id != stored_id:
+        return None
+    try:
+        if stored.op is Op.MULTI:
+            return await expand_multi(journal.chunks, stored)
+        return [await with_payload(journal.chunks, stored)]
+    except PayloadError as exc:
+        if exc.permanent:
+            raise _Gone(exc.message) from None
+        raise
+
+
 def _comparable(entries: list[Entry]) -> list[Entry]:
     """The entries without what each request assigns anew, so a retry of the same request compares equal."""
-    return [msgspec.structs.replace(e, write_time=0, expires_at=0, deliver_at=0, seq=0) for e in entries]
+    return [msgspec.structs.replace(e, write_time=0, expires_at=0, deliver_at=0, seq=0, chunk=None) for e in entries]

@@ -43,3 +43,29 @@ async def test_a_reused_token_on_a_chunked_mutation_is_a_retry_or_a_conflict(ser
 
     markers = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
     assert [(m.op, m.id) for m in markers] == [(Op.MULTI, "T"), (Op.MULTI, "U")]  # nothing of the 409s
+
+
+async def test_a_reused_token_on_a_single_write_is_a_retry_or_a_conflict(services: Services, unique: str) -> None:
+    """One entry under a token (inline, and large enough for the chunk store): a retry of the same
+    write answers duplicate; another value under the same token answers 409 and is not stored."""
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+        for token, value in (("S", "small"), ("L", "l" * BIG)):
+            first = await client.put(f"/v1/kv/{unique}/{token}", json={"items": items(value), "idempotency_token": token})
+            assert first.status_code == 200 and first.json()["durable"] == "true", first.json()
+            assert not first.json()["duplicate"], first.json()
+
+            retried = await client.put(f"/v1/kv/{unique}/{token}",
+                                       json={"items": items(value), "idempotency_token": token})
+            assert retried.status_code == 200, retried.json()
+            assert retried.json()["durable"] == "true" and retried.json()["duplicate"], retried.json()
+            assert retried.json()["sequence"] == first.json()["sequence"], retried.json()
+
+            reused = await client.put(f"/v1/kv/{unique}/{token}",
+                                      json={"items": items(value + "!"), "idempotency_token": token})
+            assert reused.status_code == 409, reused.json()
+            assert reused.json()["durable"] == "false" and not reused.json()["duplicate"], reused.json()
+            assert "new token" in reused.json()["message"], reused.json()
+
+    stored = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert sorted(e.key for e in stored) == ["L", "S"]  # one entry each: nothing of the 409s

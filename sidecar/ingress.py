@@ -227,6 +227,27 @@ class Ingress:
         self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
         return await self._answer(entries, result)
 
+    async def write_many(self, entries: list[Entry], protocol: str = "kv") -> list[Ack]:
+        """Independent entries of one namespace in one group commit, each answered on its own (not
+        atomic: an entry the journal refuses does not stop the others). In a `sync` namespace they
+        share one visibility budget."""
+        began = trio.current_time()
+        results = await self.journal.append_many(entries)
+        elapsed = trio.current_time() - began
+        acks = []
+        for entry, result in zip(entries, results, strict=True):
+            self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, elapsed)
+            acks.append(self._ack([entry], result))
+        ns = self.namespace(entries[0].ns)
+        primary = ns.primary_target()
+        if ns.mode == "sync" and primary is not None:
+            deadline = trio.current_time() + ns.visibility_budget
+            for entry, ack in zip(entries, acks, strict=True):
+                if ack.ok and ack.sequence and not entry.deliver_at:
+                    ack.visible = await self._visible(entry.ns, primary.name, [ack.sequence],
+                                                      deadline - trio.current_time())
+        return acks
+
     async def write_replicated(self, entries: list[Entry]) -> list[WriteResult]:
         """Entries from another region, journaled as they are, in one group commit."""
         if not entries:

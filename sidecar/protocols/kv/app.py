@@ -1,7 +1,7 @@
 """The key-value API as an ASGI application (served by hypercorn on trio).
 
 Routes:
-    POST   /v1/log/{namespace}            WriteToLog
+    POST   /v1/log/{namespace}            WriteToLog (one entry, or a list of them: one answer each)
     POST   /v1/log/{namespace}/batch      entries replicated from another region (the region token; off without one)
     GET    /healthz                       the API answers (what a remote region's drain probes)
     PUT    /v1/kv/{namespace}/{id}        PutItems
@@ -325,26 +325,67 @@ class KvApp:
                                  f"{self.max_items}", field)
 
     async def _write_to_log(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
-        request: models.WriteToLog = self._decode(body, models.WriteToLog, msgpack)
+        request = self._decode(body, models.WriteToLog | list[models.WriteToLog], msgpack)
+        if isinstance(request, list):
+            return await self._write_log_batch(namespace, request)
+        return self._answer(await self.ingress.write(self._log_entry(namespace, request)))
+
+    def _log_entry(self, namespace: str, request: models.WriteToLog, where: str = "") -> Entry:
+        """The entry of one WriteToLog; `where` prefixes the fields an HttpError names."""
         if (request.payload is None) == (request.text is None):
-            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
+            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", f"{where}payload")
         payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
         targets = request.target or []
         ns = self._writable(namespace)
         unknown = [t for t in targets if ns.target(t) is None]
         if unknown:
-            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
+            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", f"{where}target")
         if not _CONTENT_TYPE_RE.fullmatch(request.content_type):
-            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
-        entry = self._entry(
-            namespace, Op.PUT, request.key, "payload",
+            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", f"{where}content_type")
+        try:
+            lifecycle = self._lifecycle(namespace, request.lifecycle)
+        except HttpError as exc:
+            raise HttpError(exc.status, exc.error, f"{where}{exc.field}") from None
+        return self._entry(
+            namespace, Op.PUT, request.key, f"{where}payload",
+            key_field=f"{where}key",
             value=payload,
-            entry_id=self._token(request.idempotency_token),
+            entry_id=self._token(request.idempotency_token, f"{where}idempotency_token"),
             targets=targets,
             content_type=request.content_type,
-            **self._lifecycle(namespace, request.lifecycle),
+            **lifecycle,
         )
-        return self._answer(await self.ingress.write(entry))
+
+    async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:
+        """Independent writes in one request and one group commit (not atomic: /mutate is). Each entry
+        is checked as a single write is and answered on its own; a refused one is not journaled and
+        does not stop the others."""
+        self._writable(namespace)
+        if not requests:
+            raise HttpError(400, "a batch needs at least one entry")
+        self._count(len(requests), "")
+        results: list[models.LogResult | None] = [None] * len(requests)
+        entries: list[Entry] = []
+        places: list[int] = []
+        for index, request in enumerate(requests):
+            if index and not index % _SLICE:
+                await trio.sleep(0)
+            try:
+                entries.append(self._log_entry(namespace, request, f"[{index}]."))
+            except HttpError as exc:
+                results[index] = models.LogResult(durable=Durable.FALSE, status=exc.status, message=exc.error,
+                                                  field=exc.field)
+                continue
+            places.append(index)
+        acks = await self.ingress.write_many(entries) if entries else []
+        for index, ack in zip(places, acks, strict=True):
+            status, answer = self._answer(ack)
+            results[index] = models.LogResult(status=status, **msgspec.structs.asdict(answer))
+        answers = [r for r in results if r is not None]
+        # Worth a retry (journal trouble) outranks a refusal: the client must look at every result anyway.
+        statuses = [r.status for r in answers if r.status != 200]
+        status = 503 if 503 in statuses else statuses[0] if statuses else 200
+        return status, models.LogBatchResponse(results=answers)
 
     def _namespace(self, namespace: str) -> Any:
         try:

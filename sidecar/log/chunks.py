@@ -10,7 +10,10 @@ an object once every target that needed it has applied the marker's entry.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
 
 from sidecar.envelope import ChunkRef
 from sidecar.log.connection import NatsConnection
@@ -21,6 +24,31 @@ CHUNK_SIZE = 128 * 1024
 
 class ChunkError(RuntimeError):
     pass
+
+
+# Above this, a digest (or a decompression) is computed in a worker thread: hashlib releases the GIL on large buffers,
+# so the trio loop goes on serving (SHA-256 of 15 MiB is tens of ms). The data is not copied;
+# two threads at a time bound the CPU it takes from the loop's own work.
+HASH_OFF_LOOP_BYTES = 1024 * 1024
+T = TypeVar("T")
+_hashing: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("walcar_hashing")
+
+
+async def off_loop(work: Callable[[], T]) -> T:
+    """`work()` in a worker thread (two at a time): for C code that releases the GIL on large
+    buffers (hashlib, zlib), so the trio loop is not held while it runs."""
+    try:
+        limiter = _hashing.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(2)
+        _hashing.set(limiter)
+    return await trio.to_thread.run_sync(work, limiter=limiter)
+
+
+async def sha256_hex(data: bytes) -> str:
+    if len(data) < HASH_OFF_LOOP_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await off_loop(lambda: hashlib.sha256(data).hexdigest())
 
 
 class ChunkStore:
@@ -42,7 +70,7 @@ class ChunkStore:
         """Store `data` under `name` and its digest: a write that reuses an idempotency token with
         other content must not overwrite the object a stored marker points at (it would read back
         as corrupt); the same content under the same token lands on the same object."""
-        digest = hashlib.sha256(data).hexdigest()
+        digest = await sha256_hex(data)
         name = f"{name}.{digest[:16]}"
 
         async def put() -> int:
@@ -69,7 +97,7 @@ class ChunkStore:
             data = await self.conn.bridge.run(get, timeout=self.timeout)
         except Exception as exc:
             raise ChunkError(f"chunk store read of {ref.object} failed: {type(exc).__name__}: {exc}") from None
-        actual = f"sha256={hashlib.sha256(data).hexdigest()}"
+        actual = f"sha256={await sha256_hex(data)}"
         if len(data) != ref.size or actual != ref.digest:
             raise ChunkError(
                 f"chunk object {ref.object} is corrupt: expected {ref.size} bytes {ref.digest}, "

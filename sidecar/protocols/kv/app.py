@@ -34,6 +34,7 @@ from sidecar.drain.targets.base import ApplyError
 from sidecar.envelope import Entry, Op, WriteTimeError, new_id, now_us, partition_of, valid_id
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
 from sidecar.ingress import Ack, Ingress, Refused, TooLarge
+from sidecar.log.chunks import HASH_OFF_LOOP_BYTES, off_loop
 from sidecar.log.journal import UnknownNamespace
 from sidecar.log.writer import Durable
 from sidecar.logs import get_logger
@@ -85,6 +86,11 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
     return value if value is not None else text.encode()  # type: ignore[union-attr]
 
 
+def _status(ack: Ack) -> int:
+    """A write's HTTP status: 200 durable, 409 an idempotency token reused, 503 otherwise."""
+    return 200 if ack.ok else 409 if ack.conflict else 503
+
+
 class KvApp:
     def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = MAX_BODY,
                  region_token: str | None = None, token: str | None = None, max_items: int = MAX_ITEMS) -> None:
@@ -125,26 +131,34 @@ class KvApp:
             payload, content_type = msgspec.json.encode(body), JSON
         await respond(send, status, payload, content_type, [(b"retry-after", b"1")] if status == 503 else None)
 
-    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
+    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes | bytearray:
+        # Grown a received piece at a time: joining 15 MiB of pieces at the end would be one long
+        # step of the loop. The decoders read a bytearray as it is.
+        body: bytes | bytearray = b""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "client disconnected before the body was complete")
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
+            if len(body) + len(chunk) > self.max_body:
                 raise HttpError(413, f"request body over {self.max_body} bytes")
-            chunks.append(chunk)
+            if not body:
+                body = chunk  # the usual case: the whole body in one piece, not copied
+            else:
+                if isinstance(body, bytes):
+                    body = bytearray(body)
+                body += chunk
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
         encoding = (headers or {}).get(b"content-encoding", b"identity").strip().lower()
         if encoding == b"gzip":
             inflater = zlib.decompressobj(wbits=31)
+            compressed = body
             try:
-                body = inflater.decompress(body, self.max_body + 1)
+                if len(compressed) < HASH_OFF_LOOP_BYTES:
+                    body = inflater.decompress(compressed, self.max_body + 1)
+                else:  # zlib lets go of the GIL: in a thread, the loop serves others meanwhile
+                    body = await off_loop(lambda: inflater.decompress(compressed, self.max_body + 1))
             except zlib.error as exc:
                 raise HttpError(400, f"bad gzip body: {exc}") from None
             if len(body) > self.max_body or inflater.unconsumed_tail:
@@ -153,7 +167,7 @@ class KvApp:
             raise HttpError(415, f"unsupported content-encoding {encoding.decode(errors='replace')}")
         return body
 
-    def _decode(self, body: bytes, kind: type[Any], msgpack: bool) -> Any:
+    def _decode(self, body: bytes | bytearray, kind: type[Any], msgpack: bool) -> Any:
         try:
             if msgpack:
                 return msgspec.msgpack.decode(body, type=kind)
@@ -305,7 +319,7 @@ class KvApp:
             sequence=ack.sequence,
             duplicate=ack.duplicate,
         )
-        return (200 if ack.ok else 409 if ack.conflict else 503), response
+        return _status(ack), response
 
     def _lifecycle(self, namespace: str, lifecycle: models.Lifecycle | None) -> dict[str, Any]:
         if lifecycle is None:
@@ -378,9 +392,11 @@ class KvApp:
                 continue
             places.append(index)
         acks = await self.ingress.write_many(entries) if entries else []
-        for index, ack in zip(places, acks, strict=True):
-            status, answer = self._answer(ack)
-            results[index] = models.LogResult(status=status, **msgspec.structs.asdict(answer))
+        for n, (index, ack) in enumerate(zip(places, acks, strict=True)):
+            if n and not n % (4 * _SLICE):
+                await trio.sleep(0)
+            results[index] = models.LogResult(durable=ack.durable, visible=ack.visible, message=ack.message,
+                                              sequence=ack.sequence, duplicate=ack.duplicate, status=_status(ack))
         answers = [r for r in results if r is not None]
         # Worth a retry (journal trouble) outranks a refusal: the client must look at every result anyway.
         statuses = [r.status for r in answers if r.status != 200]

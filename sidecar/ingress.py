@@ -241,9 +241,13 @@ class Ingress:
             began = trio.current_time()
             results = await self.journal.append_many(group)
             elapsed = trio.current_time() - began
+            stored: list[tuple[Entry, int]] = []
             for entry, result in zip(group, results, strict=True):
                 self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, elapsed)
-                acks.append(self._ack([entry], result))
+                acks.append(self._ack([entry], result, note=False))
+                if _stored(result):
+                    stored.append((entry, result.sequence))
+            self._note([e for e, _ in stored], [sequence for _, sequence in stored])
         ns = self.namespace(entries[0].ns)
         primary = ns.primary_target()
         if ns.mode == "sync" and primary is not None:

@@ -30,7 +30,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import delete_streams, free_port, machine, median, report, start_walcar, stop, table, wait_port
+from bench.common import (
+    cpu_seconds,
+    delete_streams,
+    free_port,
+    machine,
+    median,
+    report,
+    start_walcar,
+    stop,
+    table,
+    wait_port,
+)
 from tests.support.services import ensure_up
 from tests.support.sidecar import sidecar_document
 
@@ -47,8 +58,10 @@ def wrk_script(body: bytes, directory: Path) -> Path:
     return path
 
 
-def wrk(url: str, script: Path, conns: int, seconds: float) -> tuple[float, float, float, int]:
-    """(requests/s, p50 ms, p99 ms, non-2xx answers) of one wrk run."""
+def wrk(url: str, script: Path, conns: int, seconds: float, server: int) -> tuple[float, float, float, int, float]:
+    """(requests/s, p50 ms, p99 ms, non-2xx answers, the server's CPU µs per request) of one wrk run;
+    `server` is the server's pid."""
+    cpu = cpu_seconds([server])
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -58,7 +71,9 @@ def wrk(url: str, script: Path, conns: int, seconds: float) -> tuple[float, floa
         return float(value) * UNITS[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rate, quantile("50%"), quantile("99%"), int(errors.group(1)) if errors else 0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu_us = (cpu_seconds([server]) - cpu) / max(1, requests) * 1e6
+    return rate, quantile("50%"), quantile("99%"), int(errors.group(1)) if errors else 0, cpu_us
 
 
 def main() -> None:
@@ -84,8 +99,8 @@ def main() -> None:
     scripts = {"single": wrk_script(single, scratch), "batch": wrk_script(batch, scratch)}
     load = os.getloadavg()[0]
 
-    # (server, body, conns) -> list of (req/s, p50, p99)
-    samples: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    # (server, body, conns) -> list of (req/s, p50, p99, CPU µs per request)
+    samples: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     kv_port = free_port()
     document = sidecar_document(services.nats_url, {namespace: {"partitions": 4}},
                                 [{"protocol": "kv", "bind": f"127.0.0.1:{kv_port}"}], log_level="warning")
@@ -97,45 +112,45 @@ def main() -> None:
                 try:
                     wait_port(port, proc)
                     for n in conns:
-                        rate, p50, p99, bad = wrk(f"http://127.0.0.1:{port}/v1/log/{namespace}", scripts["single"],
-                                                  n, args.seconds)
+                        rate, p50, p99, bad, cpu = wrk(f"http://127.0.0.1:{port}/v1/log/{namespace}",
+                                                       scripts["single"], n, args.seconds, proc.pid)
                         assert not bad, f"{bad} non-2xx answers from {server}"
-                        samples.setdefault((server, "single", n), []).append((rate, p50, p99))
+                        samples.setdefault((server, "single", n), []).append((rate, p50, p99, cpu))
                 finally:
                     stop(proc)
             walcar = start_walcar(scratch / "walcar", document)
             try:
                 for body in ("single", "batch"):
                     for n in conns:
-                        rate, p50, p99, bad = wrk(f"http://127.0.0.1:{kv_port}/v1/log/{namespace}", scripts[body],
-                                                  n, args.seconds)
+                        rate, p50, p99, bad, cpu = wrk(f"http://127.0.0.1:{kv_port}/v1/log/{namespace}",
+                                                       scripts[body], n, args.seconds, walcar.pid)
                         assert not bad, f"{bad} non-2xx answers from walcar ({body}, {n} conns)"
-                        samples.setdefault(("walcar", body, n), []).append((rate, p50, p99))
+                        samples.setdefault(("walcar", body, n), []).append((rate, p50, p99, cpu))
             finally:
                 walcar.stop()
     finally:
         delete_streams(services.nats_url, namespace)
         shutil.rmtree(scratch, ignore_errors=True)
 
-    def point(server: str, body: str, n: int) -> tuple[float, float, float]:
+    def point(server: str, body: str, n: int) -> tuple[float, ...]:
         runs = samples[(server, body, n)]
-        return median([r[0] for r in runs]), median([r[1] for r in runs]), median([r[2] for r in runs])
+        return tuple(median([r[i] for r in runs]) for i in range(4))
 
     rows = []
     for n in conns:
-        floor_rate, floor_p50, _ = point("hypercorn-trio", "single", n)
+        floor_rate, floor_p50, _, _ = point("hypercorn-trio", "single", n)
         single_rate = point("walcar", "single", n)[0]
         for server, body in [*((f, "single") for f in floors), ("walcar", "single"), ("walcar", "batch")]:
-            rate, p50, p99 = point(server, body, n)
+            rate, p50, p99, cpu = point(server, body, n)
             per = args.batch if body == "batch" else 1
             label = f"{server} (floor)" if server != "walcar" else f"walcar {body}" + (
                 f" of {args.batch}" if body == "batch" else "")
             vs_floor = f"{rate / floor_rate:.2f}x" if body == "single" else "—"
             vs_single = f"{rate * per / single_rate:.1f}x" if server == "walcar" else "—"
             rows.append([str(n), label, f"{rate:,.0f}", f"{rate * per:,.0f}", vs_floor, vs_single,
-                         f"{p50:.2f} ms", f"{p50 - floor_p50:+.2f} ms", f"{p99:.2f} ms"])
+                         f"{p50:.2f} ms", f"{p50 - floor_p50:+.2f} ms", f"{p99:.2f} ms", f"{cpu:,.0f} µs"])
     headers = ["conns", "server", "req/s", "entries/s", "req/s vs floor", "entries/s vs single", "p50",
-               "p50 − floor", "p99"]
+               "p50 − floor", "p99", "server CPU/req"]
     command = (f"python bench/kv/run.py --seconds {args.seconds:g} --conns {args.conns} --batch {args.batch} "
                f"--repeat {args.repeat}" + (f" --servers {','.join(floors)}" if len(floors) > 1 else ""))
     report("KV API cost per durable write (floor, single, batch)",
@@ -143,7 +158,9 @@ def main() -> None:
            f"thread, keep-alive; bodies of one 100-byte entry, or {args.batch} of them; the median of "
            f"{args.repeat} interleaved runs of {args.seconds:g} s per point. walcar: `walcar run --role ingress`, "
            f"one namespace without targets (4 partitions) on a real nats-server; the floor answers the same "
-           f"JSON without writing.\n\n{table(headers, rows)}\n", args.record)
+           f"JSON without writing. Server CPU/req: the server process's CPU time (user + system, all threads) "
+           f"over the requests wrk counted — nats-server's not included; steadier than rates on a loaded box."
+           f"\n\n{table(headers, rows)}\n", args.record)
 
 
 if __name__ == "__main__":

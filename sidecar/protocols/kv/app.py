@@ -345,29 +345,33 @@ class KvApp:
         return self._answer(await self.ingress.write(self._log_entry(namespace, request)))
 
     def _log_entry(self, namespace: str, request: models.WriteToLog, where: str = "") -> Entry:
-        """The entry of one WriteToLog; `where` prefixes the fields an HttpError names."""
+        """The entry of one WriteToLog; `where` prefixes the field an HttpError names (built only then:
+        a batch makes thousands of entries)."""
+        try:
+            return self._checked_log_entry(namespace, request)
+        except HttpError as exc:
+            if where:
+                exc.field = f"{where}{exc.field}"
+            raise
+
+    def _checked_log_entry(self, namespace: str, request: models.WriteToLog) -> Entry:
         if (request.payload is None) == (request.text is None):
-            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", f"{where}payload")
+            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
         payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
         targets = request.target or []
         ns = self._writable(namespace)
         unknown = [t for t in targets if ns.target(t) is None]
         if unknown:
-            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", f"{where}target")
+            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
         if not _CONTENT_TYPE_RE.fullmatch(request.content_type):
-            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", f"{where}content_type")
-        try:
-            lifecycle = self._lifecycle(namespace, request.lifecycle)
-        except HttpError as exc:
-            raise HttpError(exc.status, exc.error, f"{where}{exc.field}") from None
+            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
         return self._entry(
-            namespace, Op.PUT, request.key, f"{where}payload",
-            key_field=f"{where}key",
+            namespace, Op.PUT, request.key, "payload",
             value=payload,
-            entry_id=self._token(request.idempotency_token, f"{where}idempotency_token"),
+            entry_id=self._token(request.idempotency_token),
             targets=targets,
             content_type=request.content_type,
-            **lifecycle,
+            **self._lifecycle(namespace, request.lifecycle),
         )
 
     async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:

@@ -34,6 +34,7 @@ from sidecar.log.service import open_journal
 from sidecar.log.streams import provision_namespace
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
+from sidecar.protocols.kv.server import serve_kv
 from sidecar.reads import Readers
 from sidecar.secrets import read_token_file
 
@@ -251,7 +252,7 @@ class Sidecar:
                 assert self._services is not None
                 serve_tls(http, listener.tls.cert_file, listener.tls.key_file, float(listener.tls.reload_interval),
                           self._services, f"{_listener_name(listener)}.tls")
-            server, args = serve_http, (app, http, self._stop_listeners)
+            server, args = serve_kv, (app, http, listener, self.config, self.ingress, self._stop_listeners)
         elif listener.protocol == "memcached":
             from sidecar.protocols.memcache.server import serve_memcached
 

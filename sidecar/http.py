@@ -54,6 +54,7 @@ def hypercorn_config(bind: str, graceful_timeout: float, certfile: str | None = 
     # local clients hold theirs for hours, and reconnecting costs more than the request.
     config.keep_alive_max_requests = 10_000_000
     config.h11_max_incomplete_size = 64 * 1024
+    config.include_server_header = False  # no software banner to whoever connects
     config.backlog = 1024
     if certfile and keyfile:
         config.certfile = certfile

@@ -77,6 +77,8 @@ _READABLE: Final = (MemcachedTarget, CassandraTarget)
 # empty text partition key is refused ("Key may not be empty").
 CASSANDRA_MAX_KEY: Final = 65535
 INT32_MAX: Final = 2**31 - 1  # memcached parses an expiry as a signed 32-bit unix time
+# Independent entries journaled together (write_many) go this many at a time: a few ms of loop time.
+WRITE_GROUP: Final = 256
 
 
 class Ingress:
@@ -232,6 +234,35 @@ class Ingress:
         self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
         return await self._answer(entries, result)
 
+    async def write_many(self, entries: list[Entry], protocol: str = "kv") -> list[Ack]:
+        """Independent entries of one namespace in one group commit, each answered on its own (not
+        atomic: an entry the journal refuses does not stop the others). In a `sync` namespace they
+        share one visibility budget."""
+        acks: list[Ack] = []
+        for start in range(0, len(entries), WRITE_GROUP):
+            # A group at a time, each after the one before (per-key order): one long list would hold
+            # the loop for tens of ms building, sending and answering its messages in one step.
+            group = entries[start:start + WRITE_GROUP]
+            began = trio.current_time()
+            results = await self.journal.append_many(group)
+            elapsed = trio.current_time() - began
+            stored: list[tuple[Entry, int]] = []
+            for entry, result in zip(group, results, strict=True):
+                self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, elapsed)
+                acks.append(self._ack([entry], result, note=False))
+                if _stored(result):
+                    stored.append((entry, result.sequence))
+            self._note([e for e, _ in stored], [sequence for _, sequence in stored])
+        ns = self.namespace(entries[0].ns)
+        primary = ns.primary_target()
+        if ns.mode == "sync" and primary is not None:
+            deadline = trio.current_time() + ns.visibility_budget
+            for entry, ack in zip(entries, acks, strict=True):
+                if ack.ok and ack.sequence and not entry.deliver_at:
+                    ack.visible = await self._visible(entry.ns, primary.name, [ack.sequence],
+                                                      deadline - trio.current_time())
+        return acks
+
     async def write_replicated(self, entries: list[Entry]) -> list[WriteResult]:
         """Entries from another region, journaled as they are, in one group commit."""
         if not entries:
@@ -244,7 +275,14 @@ class Ingress:
         return results
 
     async def _answer(self, entries: list[Entry], result: WriteResult) -> Ack:
-        ack = self._ack(entries, result)
+        if len(entries) <= WRITE_GROUP or not _stored(result):
+            ack = self._ack(entries, result)
+        else:  # a long mutation is noted a slice at a time (a checkpoint between), as it was built
+            ack = self._ack([], result, note=False)
+            sequences = _sequences(entries, result)
+            for start in range(0, len(entries), WRITE_GROUP):
+                await trio.lowlevel.checkpoint()
+                self._note(entries[start:start + WRITE_GROUP], sequences[start:start + WRITE_GROUP])
         if not result.ok or not result.sequence:
             return ack
         namespace = entries[0].ns
@@ -255,20 +293,25 @@ class Ingress:
                                               ns.visibility_budget)
         return ack
 
-    def _ack(self, entries: list[Entry], result: WriteResult) -> Ack:
+    def _ack(self, entries: list[Entry], result: WriteResult, note: bool = True) -> Ack:
         """The answer before any wait for visibility; a stored write is noted for `sync` reads."""
         ack = Ack(durable=result.durable, sequence=result.sequence, duplicate=result.duplicate,
                   message=result.message, conflict=result.conflict)
-        if result.ok and result.sequence and not result.duplicate:
-            namespace = entries[0].ns
-            ns = self.namespace(namespace)
-            all_targets = [t.name for t in ns.targets]
-            sequences = _sequences(entries, result)
-            for entry, sequence in zip(entries, sequences, strict=True):
-                self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
-            if ns.read_your_writes:
-                self._overlay(namespace, ns, entries, sequences)
+        if note and _stored(result):
+            self._note(entries, _sequences(entries, result))
         return ack
+
+    def _note(self, entries: list[Entry], sequences: list[int]) -> None:
+        """Stored entries, tracked until applied and put in the read-your-writes overlay."""
+        if not entries:
+            return
+        namespace = entries[0].ns
+        ns = self.namespace(namespace)
+        all_targets = [t.name for t in ns.targets]
+        for entry, sequence in zip(entries, sequences, strict=True):
+            self.applied.journaled(namespace, entry.key, sequence, entry.targets or all_targets)
+        if ns.read_your_writes:
+            self._overlay(namespace, ns, entries, sequences)
 
     def overlay(self, namespace: str) -> NamespaceOverlay | None:
         """The namespace's read-your-writes overlay, or None when it has none (switched off, or a
@@ -339,6 +382,11 @@ def _check_cassandra(entry: Entry, target: CassandraTarget) -> None:
         raise BadKey(f"key of {len(key)} bytes is over Cassandra's {CASSANDRA_MAX_KEY}", "key")
     if len(entry.item.encode()) > CASSANDRA_MAX_KEY:
         raise BadKey(f"item key is over Cassandra's {CASSANDRA_MAX_KEY} bytes", "item")
+
+
+def _stored(result: WriteResult) -> bool:
+    """Stored by this write (not a duplicate of an earlier one): its entries are new to track."""
+    return result.ok and bool(result.sequence) and not result.duplicate
 
 
 def _sequences(entries: list[Entry], result: WriteResult) -> list[int]:

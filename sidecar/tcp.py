@@ -1,4 +1,4 @@
-"""Accepting TCP connections for the protocol servers (memcached, CQL), and what bounds them.
+"""Accepting TCP connections for the protocol servers (memcached, CQL, KV), and what bounds them.
 
 * `ConnectionGate`: a listener's connection cap. At the cap a new connection is accepted and
   closed at once (with the protocol's refusal line, if it has one) instead of left in the
@@ -40,8 +40,8 @@ def fd_share(listeners: int) -> int:
 
 
 def cap_connections(listener: Listener, config: Config) -> int:
-    """A memcached/CQL listener's max_connections, within its share of the process's descriptors."""
-    capped = sum(1 for item in config.listeners if item.protocol in ("memcached", "cql"))
+    """A listener's max_connections, within its share of the process's descriptors."""
+    capped = len(config.listeners)
     cap = min(listener.max_connections, fd_share(capped))
     if cap < listener.max_connections:
         log.warning("connection_cap_clamped", bind=listener.bind, max_connections=listener.max_connections,

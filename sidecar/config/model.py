@@ -88,9 +88,9 @@ class Listener(_Base):
     # (that one takes sidecar.region_token_file). Required when `bind` is beyond loopback.
     token_file: str | None = None
     # Limits (docs/configuration.md, "Limits"): each bounds what one client can make the sidecar hold.
-    # memcached, cql: connections served at once; more are accepted and closed at once (counted).
+    # connections served at once; more are accepted and closed at once (counted).
     max_connections: int = 1024
-    # memcached, cql: a connection that sends nothing for this long is closed; 0: never.
+    # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s).
     idle_timeout: Duration = Duration(0.0)
     # memcached: bytes of partly received values all connections of the listener hold at once.
     partial_budget: ByteSize = ByteSize(32 * 1024 * 1024)

@@ -15,12 +15,19 @@ from typing import Any
 from sidecar.envelope import ChunkRef
 from sidecar.log.connection import NatsConnection
 from sidecar.log.streams import chunk_bucket
+from sidecar.offload import OFF_LOOP_BYTES, off_loop
 
 CHUNK_SIZE = 128 * 1024
 
 
 class ChunkError(RuntimeError):
     pass
+
+
+async def sha256_hex(data: bytes) -> str:
+    if len(data) < OFF_LOOP_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await off_loop(lambda: hashlib.sha256(data).hexdigest())
 
 
 class ChunkStore:
@@ -42,7 +49,7 @@ class ChunkStore:
         """Store `data` under `name` and its digest: a write that reuses an idempotency token with
         other content must not overwrite the object a stored marker points at (it would read back
         as corrupt); the same content under the same token lands on the same object."""
-        digest = hashlib.sha256(data).hexdigest()
+        digest = await sha256_hex(data)
         name = f"{name}.{digest[:16]}"
 
         async def put() -> int:
@@ -69,7 +76,7 @@ class ChunkStore:
             data = await self.conn.bridge.run(get, timeout=self.timeout)
         except Exception as exc:
             raise ChunkError(f"chunk store read of {ref.object} failed: {type(exc).__name__}: {exc}") from None
-        actual = f"sha256={hashlib.sha256(data).hexdigest()}"
+        actual = f"sha256={await sha256_hex(data)}"
         if len(data) != ref.size or actual != ref.digest:
             raise ChunkError(
                 f"chunk object {ref.object} is corrupt: expected {ref.size} bytes {ref.digest}, "

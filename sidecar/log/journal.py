@@ -142,7 +142,8 @@ class Journal:
             return await self.append(entries[0])
         namespace = entries[0].ns
         ns = self.namespace(namespace)
-        small = all(_fits_inline(e, ns) for e in entries)
+        # Over the count, messages are not built at all (10,000 encodes would hold the loop for nothing).
+        small = len(entries) <= MAX_ATOMIC_MESSAGES and all(_fits_inline(e, ns) for e in entries)
         messages = [self.message_for(e) for e in entries] if small else []
         limit = self.entry_limit
         if small and len(messages) <= MAX_ATOMIC_MESSAGES and all(len(m.payload) <= limit for m in messages) \

@@ -368,7 +368,7 @@ class JournalWriter:
             await self._wake.wait()
             self._wake = trio.Event()
             # One scheduling round lets every runnable writer queue its write: group commit.
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             self._send_queued()
 
     def _send_queued(self) -> None:

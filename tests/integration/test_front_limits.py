@@ -80,6 +80,17 @@ def metrics(sidecar: SidecarProcess) -> str:
         return response.read().decode()
 
 
+def assert_full(sidecar: SidecarProcess, port: int, protocol: str, cap: int = 128) -> str:
+    """The listener serves `cap` connections (its cap, clamped by ulimit -n) and the probes still answer;
+    the metrics' text."""
+    assert readyz(sidecar) == 200
+    text = metrics(sidecar)
+    for name in ("walcar_front_connection_limit", "walcar_front_connections"):
+        assert f'{name}{{bind="127.0.0.1:{port}",protocol="{protocol}"}} {cap}.0' in text, name
+    assert "connection_cap_clamped" in sidecar.log()
+    return text
+
+
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Any]:
     started: list[SidecarProcess] = []
@@ -253,11 +264,7 @@ def test_connections_over_the_cap_are_closed_and_probes_still_answer(start: Any,
             assert data in (b"ERROR Too many open connections\r\n", b""), data
             refused += 1
         assert refused == 300 - 128
-        assert readyz(sidecar) == 200
-        text = metrics(sidecar)
-        assert f'walcar_front_connection_limit{{bind="127.0.0.1:{port}",protocol="memcached"}} 128.0' in text
-        assert f'walcar_front_connections{{bind="127.0.0.1:{port}",protocol="memcached"}} 128.0' in text
-        assert "connection_cap_clamped" in sidecar.log()
+        assert_full(sidecar, port, "memcached")
         assert exchange(socks[0], b"version\r\n").startswith(b"VERSION")  # the served ones still work
     finally:
         for sock in socks:

@@ -51,7 +51,8 @@ async def test_a_reused_token_on_a_single_write_is_a_retry_or_a_conflict(service
     config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
     async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
         for token, value in (("S", "small"), ("L", "l" * BIG)):
-            first = await client.put(f"/v1/kv/{unique}/{token}", json={"items": items(value), "idempotency_token": token})
+            first = await client.put(f"/v1/kv/{unique}/{token}",
+                                     json={"items": items(value), "idempotency_token": token})
             assert first.status_code == 200 and first.json()["durable"] == "true", first.json()
             assert not first.json()["duplicate"], first.json()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import msgspec
 import pytest
 from hypothesis import given
@@ -62,3 +65,23 @@ def test_schedule_subject_is_one_token_per_entry() -> None:
     first = envelope.schedule_subject("ns", "id-1")
     assert first == envelope.schedule_subject("ns", "id-1") != envelope.schedule_subject("ns", "id-2")
     assert first.startswith("wal.ns.sched.") and first.count(".") == 3
+
+
+def test_new_ids_are_128_random_bits_unique_across_threads_and_a_fork() -> None:
+    new_id = envelope.new_id
+    ids = [new_id() for _ in range(2000)]  # several refills of the pool
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == len(ids)
+    seen: list[str] = []
+    threads = [threading.Thread(target=lambda: seen.extend(new_id() for _ in range(300))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen + ids)) == len(seen) + len(ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's next id must not be the parent's next one (a pool copied by fork)
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64).decode() != new_id()

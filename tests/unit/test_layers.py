@@ -20,6 +20,7 @@ LAYER_OF = {
     "sidecar.http": "shared",
     "sidecar.logs": "shared",
     "sidecar.memcache_keys": "shared",
+    "sidecar.offload": "shared",
     "sidecar.progress": "shared",
     "sidecar.secrets": "shared",
     "sidecar.tcp": "shared",

@@ -1,7 +1,7 @@
 """The key-value API as an ASGI application (served by hypercorn on trio).
 
 Routes:
-    POST   /v1/log/{namespace}            WriteToLog
+    POST   /v1/log/{namespace}            WriteToLog (one entry, or a list of them: one answer each)
     POST   /v1/log/{namespace}/batch      entries replicated from another region (the region token; off without one)
     GET    /healthz                       the API answers (what a remote region's drain probes)
     PUT    /v1/kv/{namespace}/{id}        PutItems
@@ -34,6 +34,7 @@ from sidecar.envelope import Entry, Op, WriteTimeError, new_id, now_us, partitio
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
 from sidecar.ingress import Ack, Durable, Ingress, Refused, TooLarge, UnknownNamespace
 from sidecar.logs import get_logger
+from sidecar.offload import OFF_LOOP_BYTES, off_loop
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
 from sidecar.protocols.kv.openapi import openapi_document
@@ -82,6 +83,11 @@ def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
     return value if value is not None else text.encode()  # type: ignore[union-attr]
 
 
+def _status(ack: Ack) -> int:
+    """A write's HTTP status: 200 durable, 409 an idempotency token reused, 503 otherwise."""
+    return 200 if ack.ok else 409 if ack.conflict else 503
+
+
 class KvApp:
     def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = MAX_BODY,
                  region_token: str | None = None, token: str | None = None, max_items: int = MAX_ITEMS) -> None:
@@ -122,26 +128,34 @@ class KvApp:
             payload, content_type = msgspec.json.encode(body), JSON
         await respond(send, status, payload, content_type, [(b"retry-after", b"1")] if status == 503 else None)
 
-    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
+    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes | bytearray:
+        # Grown a received piece at a time: joining 15 MiB of pieces at the end would be one long
+        # step of the loop. The decoders read a bytearray as it is.
+        body: bytes | bytearray = b""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "client disconnected before the body was complete")
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
+            if len(body) + len(chunk) > self.max_body:
                 raise HttpError(413, f"request body over {self.max_body} bytes")
-            chunks.append(chunk)
+            if not body:
+                body = chunk  # the usual case: the whole body in one piece, not copied
+            else:
+                if isinstance(body, bytes):
+                    body = bytearray(body)
+                body += chunk
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
         encoding = (headers or {}).get(b"content-encoding", b"identity").strip().lower()
         if encoding == b"gzip":
             inflater = zlib.decompressobj(wbits=31)
+            compressed = body
             try:
-                body = inflater.decompress(body, self.max_body + 1)
+                if len(compressed) < OFF_LOOP_BYTES:
+                    body = inflater.decompress(compressed, self.max_body + 1)
+                else:  # zlib lets go of the GIL: in a thread, the loop serves others meanwhile
+                    body = await off_loop(lambda: inflater.decompress(compressed, self.max_body + 1))
             except zlib.error as exc:
                 raise HttpError(400, f"bad gzip body: {exc}") from None
             if len(body) > self.max_body or inflater.unconsumed_tail:
@@ -150,7 +164,7 @@ class KvApp:
             raise HttpError(415, f"unsupported content-encoding {encoding.decode(errors='replace')}")
         return body
 
-    def _decode(self, body: bytes, kind: type[Any], msgpack: bool) -> Any:
+    def _decode(self, body: bytes | bytearray, kind: type[Any], msgpack: bool) -> Any:
         try:
             if msgpack:
                 return msgspec.msgpack.decode(body, type=kind)
@@ -221,7 +235,7 @@ class KvApp:
         if not bearer_matches(headers.get(b"authorization"), self.region_token):
             raise HttpError(401, "cross-region batches need a valid bearer token (sidecar.region_token_file)")
 
-    async def _replicated(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+    async def _replicated(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
         """Each entry is checked as the front door would; a refused one is answered `refused` (the
         sender dead-letters it), the others are journaled as they are in one group commit."""
         batch: models.ReplicationBatch = self._decode(body, models.ReplicationBatch, msgpack)
@@ -302,7 +316,7 @@ class KvApp:
             sequence=ack.sequence,
             duplicate=ack.duplicate,
         )
-        return (200 if ack.ok else 409 if ack.conflict else 503), response
+        return _status(ack), response
 
     def _lifecycle(self, namespace: str, lifecycle: models.Lifecycle | None) -> dict[str, Any]:
         if lifecycle is None:
@@ -321,8 +335,23 @@ class KvApp:
             raise HttpError(413, f"{count} entries in one request, over the listener's max_items of "
                                  f"{self.max_items}", field)
 
-    async def _write_to_log(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
-        request: models.WriteToLog = self._decode(body, models.WriteToLog, msgpack)
+    async def _write_to_log(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
+        request = self._decode(body, models.WriteToLog | list[models.WriteToLog], msgpack)  # type: ignore[arg-type]
+        if isinstance(request, list):
+            return await self._write_log_batch(namespace, request)
+        return self._answer(await self.ingress.write(self._log_entry(namespace, request)))
+
+    def _log_entry(self, namespace: str, request: models.WriteToLog, where: str = "") -> Entry:
+        """The entry of one WriteToLog; `where` prefixes the field an HttpError names (built only then:
+        a batch makes thousands of entries)."""
+        try:
+            return self._checked_log_entry(namespace, request)
+        except HttpError as exc:
+            if where:
+                exc.field = f"{where}{exc.field}"
+            raise
+
+    def _checked_log_entry(self, namespace: str, request: models.WriteToLog) -> Entry:
         if (request.payload is None) == (request.text is None):
             raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
         payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
@@ -333,7 +362,7 @@ class KvApp:
             raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
         if not _CONTENT_TYPE_RE.fullmatch(request.content_type):
             raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
-        entry = self._entry(
+        return self._entry(
             namespace, Op.PUT, request.key, "payload",
             value=payload,
             entry_id=self._token(request.idempotency_token),
@@ -341,7 +370,39 @@ class KvApp:
             content_type=request.content_type,
             **self._lifecycle(namespace, request.lifecycle),
         )
-        return self._answer(await self.ingress.write(entry))
+
+    async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:
+        """Independent writes in one request and one group commit (not atomic: /mutate is). Each entry
+        is checked as a single write is and answered on its own; a refused one is not journaled and
+        does not stop the others."""
+        self._writable(namespace)
+        if not requests:
+            raise HttpError(400, "a batch needs at least one entry")
+        self._count(len(requests), "")
+        results: list[models.LogResult | None] = [None] * len(requests)
+        entries: list[Entry] = []
+        places: list[int] = []
+        for index, request in enumerate(requests):
+            if index and not index % _SLICE:
+                await trio.lowlevel.checkpoint()
+            try:
+                entries.append(self._log_entry(namespace, request, f"[{index}]."))
+            except HttpError as exc:
+                results[index] = models.LogResult(durable=Durable.FALSE, status=exc.status, message=exc.error,
+                                                  field=exc.field)
+                continue
+            places.append(index)
+        acks = await self.ingress.write_many(entries) if entries else []
+        for n, (index, ack) in enumerate(zip(places, acks, strict=True)):
+            if n and not n % (4 * _SLICE):
+                await trio.lowlevel.checkpoint()
+            results[index] = models.LogResult(durable=ack.durable, visible=ack.visible, message=ack.message,
+                                              sequence=ack.sequence, duplicate=ack.duplicate, status=_status(ack))
+        answers = [r for r in results if r is not None]
+        # Worth a retry (journal trouble) outranks a refusal: the client must look at every result anyway.
+        statuses = [r.status for r in answers if r.status != 200]
+        status = 503 if 503 in statuses else statuses[0] if statuses else 200
+        return status, models.LogBatchResponse(results=answers)
 
     def _namespace(self, namespace: str) -> Any:
         try:
@@ -365,7 +426,7 @@ class KvApp:
         entries = []
         for index, item in enumerate(items):
             if index and not index % _SLICE:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             path = f"{where}items[{index}]"
             value = _value_of(item.value, item.text, path)
             # The expiry counts from the write time (the client's, or now): passed in, so the
@@ -386,7 +447,7 @@ class KvApp:
         entries = []
         for index, key in enumerate(item_keys):
             if index and not index % _SLICE:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             entries.append(self._entry(namespace, Op.DELETE, record, key_field=f"{where}id",
                                        item_field=f"{where}item_keys[{index}]", item=key, **lifecycle))
         return entries
@@ -398,7 +459,7 @@ class KvApp:
             entry.id = f"{base_id}:{index}"
         return self._answer(await self.ingress.write_mutation(entries, base_id))
 
-    async def _put(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+    async def _put(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
         request: models.PutItems = self._decode(body, models.PutItems, msgpack)
         self._writable(namespace)
         self._count(len(request.items), "items")
@@ -406,7 +467,7 @@ class KvApp:
                                           self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
-    async def _delete(self, namespace: str, record: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+    async def _delete(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
         request = self._decode(body, models.DeleteItems, msgpack) if body.strip() else models.DeleteItems()
         self._writable(namespace)
         self._count(len(request.item_keys or ()), "item_keys")
@@ -414,7 +475,7 @@ class KvApp:
                                              self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
-    async def _mutate(self, namespace: str, body: bytes, msgpack: bool) -> tuple[int, object]:
+    async def _mutate(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
         request: models.MutateItems = self._decode(body, models.MutateItems, msgpack)
         self._writable(namespace)
         if not request.mutations:

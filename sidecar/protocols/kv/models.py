@@ -81,6 +81,18 @@ class WriteResponse(msgspec.Struct, kw_only=True):
     duplicate: bool = False
 
 
+class LogResult(WriteResponse, kw_only=True):
+    """One entry of a WriteToLog batch: the status a single write would have got (200 durable;
+    400/404/409/413 refused, with `field`; 503 not durable), and the single write's answer."""
+
+    status: int = 200
+    field: str = ""
+
+
+class LogBatchResponse(msgspec.Struct, kw_only=True):
+    results: list[LogResult]  # in the order of the request's entries
+
+
 class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str
     field: str = ""

@@ -11,20 +11,23 @@ from sidecar.protocols.kv import models
 _REF = "#/components/schemas/{name}"
 
 
-def _body(name: str) -> dict[str, Any]:
-    schema = {"$ref": _REF.format(name=name)}
+def _body(name: str, batch: bool = False) -> dict[str, Any]:
+    """A request body of struct `name`; with `batch`, a list of them is accepted too."""
+    schema: dict[str, Any] = {"$ref": _REF.format(name=name)}
+    if batch:
+        schema = {"oneOf": [schema, {"type": "array", "minItems": 1, "items": schema}]}
     return {
         "required": True,
         "content": {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}},
     }
 
 
-def _responses(ok: str) -> dict[str, Any]:
+def _responses(ok: str, answer: str = "WriteResponse") -> dict[str, Any]:
     def ref(name: str) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}
 
     return {
-        "200": {"description": ok, "content": ref("WriteResponse")},
+        "200": {"description": ok, "content": ref(answer)},
         "400": {"description": "invalid input; `field` names the offending field", "content": ref("ErrorResponse")},
         "404": {"description": "unknown namespace", "content": ref("ErrorResponse")},
         "413": {"description": "body or value too large", "content": ref("ErrorResponse")},
@@ -32,9 +35,20 @@ def _responses(ok: str) -> dict[str, Any]:
             "description": "not durable: the journal refused, failed or timed out (durable false/unknown); "
             "retry after Retry-After seconds",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-            "content": ref("WriteResponse"),
+            "content": ref(answer),
         },
     }
+
+
+def _log_answers() -> dict[str, Any]:
+    """WriteToLog answers one entry with a WriteResponse, a list of them with a LogBatchResponse."""
+    responses = _responses("journaled", "WriteResponse")
+    for status in ("200", "503"):
+        responses[status]["content"]["application/json"]["schema"] = {"oneOf": [
+            {"$ref": _REF.format(name="WriteResponse")}, {"$ref": _REF.format(name="LogBatchResponse")}]}
+    responses["200"]["description"] = "journaled (a batch: every entry; each result has its own status)"
+    responses["400"]["description"] += " (a batch: the first refused entry's status, unless one is 503)"
+    return responses
 
 
 _NS = {
@@ -47,7 +61,7 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 def openapi_document() -> dict[str, Any]:
     structs = (
         models.WriteToLog, models.PutItems, models.DeleteItems, models.MutateItems,
-        models.WriteResponse, models.ErrorResponse, models.GetItemsResponse,
+        models.WriteResponse, models.LogBatchResponse, models.ErrorResponse, models.GetItemsResponse,
     )
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
     return {
@@ -63,8 +77,9 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "operationId": "writeToLog",
                     "parameters": [_NS],
-                    "requestBody": _body("WriteToLog"),
-                    "responses": _responses("journaled"),
+                    "requestBody": {**_body("WriteToLog", batch=True), "description": "one entry, or a list of entries "
+                                    "(at most the listener's max_items), each journaled and answered on its own"},
+                    "responses": _log_answers(),
                 }
             },
             "/v1/kv/{namespace}/{id}": {

@@ -37,6 +37,7 @@ from sidecar.protocols.kv.app import KvApp
 from sidecar.protocols.kv.server import serve_kv
 from sidecar.reads import Readers
 from sidecar.secrets import read_token_file
+from sidecar.tcp import ByteBudget
 
 log = get_logger("sidecar")
 
@@ -246,7 +247,8 @@ class Sidecar:
         if listener.protocol == "kv":
             app = KvApp(self.ingress, self._readers, region_token=self._region_token,
                         token=_read_secret(listener.token_file), max_body=int(listener.max_body),
-                        max_items=listener.max_items)
+                        max_items=listener.max_items, body_budget=ByteBudget(int(listener.partial_budget)),
+                        body_wait=float(listener.partial_wait))
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             if listener.tls is not None:
                 assert self._services is not None

@@ -92,9 +92,9 @@ class Listener(_Base):
     max_connections: int = 1024
     # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s).
     idle_timeout: Duration = Duration(0.0)
-    # memcached: bytes of partly received values all connections of the listener hold at once.
+    # memcached, cql, kv: bytes of large requests (values, frames, bodies of 64 KiB or more) the listener holds at once.
     partial_budget: ByteSize = ByteSize(32 * 1024 * 1024)
-    # memcached: how long a large value waits for room in partial_budget before it is refused.
+    # memcached, cql, kv: how long a large request waits for room in partial_budget before it is refused.
     partial_wait: Duration = Duration(2.0)
     # cql: the largest frame (Cassandra's native_transport_max_frame_size), after decompression too.
     max_frame_size: ByteSize = ByteSize(16 * 1024 * 1024)

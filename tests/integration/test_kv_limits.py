@@ -11,10 +11,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from typing import Any
 
 from tests.integration import test_front_limits
-from tests.integration.test_front_limits import assert_full, metrics, port_of
+from tests.integration.test_front_limits import assert_full, metrics, port_of, readyz
 from tests.support.services import Services
 from tests.support.sidecar import kv_listener, sidecar_document, wait_until
 
@@ -75,3 +76,55 @@ def test_idle_kv_connections_are_closed_after_idle_timeout(start: Any, services:
     assert conn.sock.recv(4096) == b""  # idle after its answer: closed too
     wait_until(lambda: f'walcar_front_idle_closed_total{{bind="127.0.0.1:{port}",protocol="kv"}} 2.0'
                in metrics(sidecar), 10, "both idle closes counted")
+
+
+def test_half_sent_large_kv_bodies_share_the_partial_budget(start: Any, services: Services, unique: str) -> None:
+    """40 connections each inside a 14 MB PUT body: two fit the 32 MiB budget, the others are
+    answered 503 (Retry-After) unread, and memory stays within the budget."""
+    kv = {**kv_listener(), "partial_budget": "32MiB", "partial_wait": "1s"}
+    sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]))
+    port = port_of(kv)
+    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    assert write(warm, unique, "warm")["durable"] == "true"
+    baseline = sidecar.rss_mib()
+    size = 14 * 1000 * 1000
+    socks = []
+    try:
+        for n in range(40):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setblocking(False)
+            socks.append(sock)
+            head = (f"PUT /v1/kv/{unique}/r{n} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                    f"content-length: {size}\r\n\r\n").encode()
+            pending = memoryview(head + b'{"items":[{"key":"a","text":"' + b"v" * (size // 2))
+            deadline = time.monotonic() + 0.3
+            while pending and time.monotonic() < deadline:  # as much as the sidecar takes, half at most
+                try:
+                    pending = pending[sock.send(pending):]
+                except BlockingIOError:
+                    time.sleep(0.01)
+        peak, refused = baseline, 0
+        deadline = time.monotonic() + 4  # past partial_wait: the starved ones are answered
+        while time.monotonic() < deadline:
+            peak = max(peak, sidecar.rss_mib())
+            for sock in socks:
+                try:
+                    answer = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if answer.startswith(b"HTTP/1.1 503 "):
+                    assert b"retry-after" in answer.lower() and b"partial_budget" in answer, answer
+                    refused += 1
+            time.sleep(0.1)
+        assert refused >= 30, refused  # 32 MiB holds two 14 MB bodies; the others were turned away
+        assert peak < baseline + 32 + 40, (baseline, peak)  # the budget + hypercorn's buffers per connection
+        assert readyz(sidecar) == 200
+        assert f'walcar_front_partial_refused_total{{bind="127.0.0.1:{port}",protocol="kv"}}' in metrics(sidecar)
+    finally:
+        for sock in socks:
+            sock.close()
+    big = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # room again once they left
+    big.request("PUT", f"/v1/kv/{unique}/after", body=json.dumps({"items": [{"key": "a", "text": "w" * 2_000_000}]}),
+                headers={"content-type": "application/json"})
+    response = big.getresponse()
+    assert response.status == 200, response.read()

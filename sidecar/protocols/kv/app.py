@@ -23,7 +23,6 @@ downstream (content types) are checked here: printable, bounded, no CR/LF.
 from __future__ import annotations
 
 import re
-import zlib
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -34,12 +33,13 @@ from sidecar.envelope import Entry, Op, WriteTimeError, new_id, now_us, partitio
 from sidecar.http import JSON, Receive, Scope, Send, respond, serve_lifespan
 from sidecar.ingress import Ack, Durable, Ingress, Refused, TooLarge, UnknownNamespace
 from sidecar.logs import get_logger
-from sidecar.offload import OFF_LOOP_BYTES, off_loop
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
+from sidecar.protocols.kv.body import BodyRoom, HttpError, read_body
 from sidecar.protocols.kv.openapi import openapi_document
 from sidecar.reads import ApplyError, NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
+from sidecar.tcp import ByteBudget
 
 log = get_logger("kv")
 
@@ -56,14 +56,6 @@ MAX_ITEMS = 10_000  # the listener's `max_items` default: entries one request ma
 # A request builds its entries in slices of this many, with a checkpoint between them, so a
 # large legal request never holds the event loop for more than a few milliseconds at a time.
 _SLICE = 64
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, error: str, field: str = "") -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.field = field
 
 
 def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
@@ -90,11 +82,14 @@ def _status(ack: Ack) -> int:
 
 class KvApp:
     def __init__(self, ingress: Ingress, readers: Readers | None = None, max_body: int = MAX_BODY,
-                 region_token: str | None = None, token: str | None = None, max_items: int = MAX_ITEMS) -> None:
+                 region_token: str | None = None, token: str | None = None, max_items: int = MAX_ITEMS,
+                 body_budget: ByteBudget | None = None, body_wait: float = 2.0) -> None:
         self.ingress = ingress
         self.readers = readers or Readers(ingress.config)
         self.max_body = max_body
         self.max_items = max_items
+        self.body_budget = body_budget  # the listener's partial_budget: large bodies held at once
+        self.body_wait = body_wait
         self.region_token = region_token
         self.token = token
         self._openapi = msgspec.json.encode(openapi_document())
@@ -106,18 +101,22 @@ class KvApp:
         if scope["type"] != "http":
             return
         wants_msgpack = False
+        room = BodyRoom(self.body_budget, self.body_wait)  # held until the answer is sent
         try:
-            headers = dict(scope.get("headers") or [])
-            content_type = headers.get(b"content-type", JSON).split(b";")[0].strip().lower()
-            accept = headers.get(b"accept", b"")
-            wants_msgpack = content_type in _MSGPACK_TYPES or any(t in accept for t in _MSGPACK_TYPES)
-            status, body = await self._route(scope, receive, content_type in _MSGPACK_TYPES, headers)
-        except HttpError as exc:
-            status, body = exc.status, models.ErrorResponse(error=exc.error, field=exc.field)
-        except Exception as exc:  # a bug: answer 500 and say so in the log, never drop the connection
-            log.error("kv_handler_failed", exc_info=True, path=scope.get("path"), error=str(exc))
-            status, body = 500, models.ErrorResponse(error=f"internal error: {type(exc).__name__}")
-        await self._respond(send, status, body, wants_msgpack)
+            try:
+                headers = dict(scope.get("headers") or [])
+                content_type = headers.get(b"content-type", JSON).split(b";")[0].strip().lower()
+                accept = headers.get(b"accept", b"")
+                wants_msgpack = content_type in _MSGPACK_TYPES or any(t in accept for t in _MSGPACK_TYPES)
+                status, body = await self._route(scope, receive, content_type in _MSGPACK_TYPES, headers, room)
+            except HttpError as exc:
+                status, body = exc.status, models.ErrorResponse(error=exc.error, field=exc.field)
+            except Exception as exc:  # a bug: answer 500 and say so in the log, never drop the connection
+                log.error("kv_handler_failed", exc_info=True, path=scope.get("path"), error=str(exc))
+                status, body = 500, models.ErrorResponse(error=f"internal error: {type(exc).__name__}")
+            await self._respond(send, status, body, wants_msgpack)
+        finally:
+            room.release()
 
     async def _respond(self, send: Send, status: int, body: object, as_msgpack: bool) -> None:
         if isinstance(body, bytes):
@@ -127,42 +126,6 @@ class KvApp:
         else:
             payload, content_type = msgspec.json.encode(body), JSON
         await respond(send, status, payload, content_type, [(b"retry-after", b"1")] if status == 503 else None)
-
-    async def _body(self, receive: Receive, headers: dict[bytes, bytes] | None = None) -> bytes | bytearray:
-        # Grown a received piece at a time: joining 15 MiB of pieces at the end would be one long
-        # step of the loop. The decoders read a bytearray as it is.
-        body: bytes | bytearray = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise HttpError(400, "client disconnected before the body was complete")
-            chunk = message.get("body", b"")
-            if len(body) + len(chunk) > self.max_body:
-                raise HttpError(413, f"request body over {self.max_body} bytes")
-            if not body:
-                body = chunk  # the usual case: the whole body in one piece, not copied
-            else:
-                if isinstance(body, bytes):
-                    body = bytearray(body)
-                body += chunk
-            if not message.get("more_body", False):
-                break
-        encoding = (headers or {}).get(b"content-encoding", b"identity").strip().lower()
-        if encoding == b"gzip":
-            inflater = zlib.decompressobj(wbits=31)
-            compressed = body
-            try:
-                if len(compressed) < OFF_LOOP_BYTES:
-                    body = inflater.decompress(compressed, self.max_body + 1)
-                else:  # zlib lets go of the GIL: in a thread, the loop serves others meanwhile
-                    body = await off_loop(lambda: inflater.decompress(compressed, self.max_body + 1))
-            except zlib.error as exc:
-                raise HttpError(400, f"bad gzip body: {exc}") from None
-            if len(body) > self.max_body or inflater.unconsumed_tail:
-                raise HttpError(413, f"request body over {self.max_body} bytes once decompressed")
-        elif encoding not in (b"identity", b""):
-            raise HttpError(415, f"unsupported content-encoding {encoding.decode(errors='replace')}")
-        return body
 
     def _decode(self, body: bytes | bytearray, kind: type[Any], msgpack: bool) -> Any:
         try:
@@ -176,7 +139,7 @@ class KvApp:
             raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
 
     async def _route(self, scope: Scope, receive: Receive, msgpack: bool,
-                     headers: dict[bytes, bytes]) -> tuple[int, object]:
+                     headers: dict[bytes, bytes], room: BodyRoom) -> tuple[int, object]:
         method = scope["method"]
         raw = scope.get("raw_path") or scope["path"].encode()
         parts = [unquote(p.decode("latin-1")) for p in raw.split(b"?")[0].split(b"/")[1:]]
@@ -195,20 +158,21 @@ class KvApp:
         if batch:
             self._allow(method, "POST")
             self._authorize_region(headers)
-            return await self._replicated(parts[2], await self._body(receive, headers), msgpack)
+            body = await read_body(receive, headers, self.max_body, room, inflate=True)
+            return await self._replicated(parts[2], body, msgpack)
         if self.token is not None and not bearer_matches(headers.get(b"authorization"), self.token):
             raise HttpError(401, "this listener needs Authorization: Bearer <token> (its token_file)")
         if len(parts) == 3 and parts[:2] == ["v1", "log"]:
             self._allow(method, "POST")
-            return await self._write_to_log(parts[2], await self._body(receive), msgpack)
+            return await self._write_to_log(parts[2], await read_body(receive, headers, self.max_body, room), msgpack)
         if len(parts) == 4 and parts[:2] == ["v1", "kv"]:
             namespace, record = parts[2], parts[3]
             if record == "mutate" and method == "POST":
-                return await self._mutate(namespace, await self._body(receive), msgpack)
+                return await self._mutate(namespace, await read_body(receive, headers, self.max_body, room), msgpack)
             self._allow(method, "GET", "PUT", "DELETE")
             if method == "GET":
                 return await self._get(namespace, record, scope.get("query_string", b""))
-            body = await self._body(receive)
+            body = await read_body(receive, headers, self.max_body, room)
             if method == "PUT":
                 return await self._put(namespace, record, body, msgpack)
             return await self._delete(namespace, record, body, msgpack)

@@ -137,7 +137,8 @@ async def serve_kv(app: Callable[..., Awaitable[None]], http: HypercornConfig, l
                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `app` on `http`'s bind (TLS when it has a certificate) until `shutdown` is set; in-flight
     requests then get `graceful_timeout` to finish."""
-    gate = ConnectionGate("kv", listener.bind, cap_connections(listener, config), TOO_MANY)
+    gate = ConnectionGate("kv", listener.bind, cap_connections(listener, config), TOO_MANY,
+                          getattr(app, "body_budget", None))
     ingress.connection_gates[listener.bind] = gate
     idle_seconds = float(listener.idle_timeout)
     http.keep_alive_timeout = idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT

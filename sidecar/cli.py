@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar import config as config_mod
+from sidecar import memory_budget
 from sidecar.admin.cli import CliError
 from sidecar.admin.cli import add_parsers as add_admin_parsers
 from sidecar.control.cli import add_parser as add_ns_parser
@@ -36,6 +37,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     fmt = args.format or config_mod.format_of(Path(args.file))
     sys.stdout.write(config_mod.dumps(cfg, fmt))
+    print(f"memory, what each budget can hold at once:\n{memory_budget.table(cfg, args.role)}", file=sys.stderr)
+    problem = memory_budget.refusal(cfg, args.role)
+    if problem is not None:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -54,6 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = memory_budget.refusal(cfg, args.role)
+    if problem is not None:
+        print(f"{args.config}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(args.log_level or cfg.sidecar.log_level)
     # OSError: a listener could not bind; SecretFileError: a token file is missing or empty
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config; print the effective config or every error")
     check.add_argument("file")
     check.add_argument("--format", choices=["toml", "yaml", "json"])
+    check.add_argument("--role", choices=["ingress", "drain", "all"], default="all",
+                       help="the role whose worst-case memory is checked (as for walcar run)")
     check.set_defaults(func=cmd_config_check)
 
     add_admin_parsers(sub)

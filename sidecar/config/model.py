@@ -48,7 +48,7 @@ class Namespace(_Base):
     read_your_writes: bool = True
     # Bytes the read-your-writes overlay may hold (key + value + ~320 B a slot); past it the oldest
     # slots are evicted and their reads wait up to visibility_budget for the drain instead.
-    overlay_budget: ByteSize = ByteSize(32 * 1024 * 1024)
+    overlay_budget: ByteSize = ByteSize(16 * 1024 * 1024)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     targets: list[Target] = msgspec.field(default_factory=list)
 
@@ -89,11 +89,11 @@ class Listener(_Base):
     token_file: str | None = None
     # Limits (docs/configuration.md, "Limits"): each bounds what one client can make the sidecar hold.
     # connections served at once; more are accepted and closed at once (counted).
-    max_connections: int = 1024
+    max_connections: int = 256
     # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s).
     idle_timeout: Duration = Duration(0.0)
     # memcached, cql, kv: bytes of large requests (values, frames, bodies of 64 KiB or more) the listener holds at once.
-    partial_budget: ByteSize = ByteSize(32 * 1024 * 1024)
+    partial_budget: ByteSize = ByteSize(16 * 1024 * 1024)
     # memcached, cql, kv: how long a large request waits for room in partial_budget before it is refused.
     partial_wait: Duration = Duration(2.0)
     # cql: the largest frame (Cassandra's native_transport_max_frame_size), after decompression too.
@@ -111,7 +111,7 @@ class Listener(_Base):
 
 class JournalSettings(_Base):
     publish_timeout: Duration = Duration(2.0)
-    max_inflight_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+    max_inflight_bytes: ByteSize = ByteSize(32 * 1024 * 1024)
     max_inflight_entries: int = 20_000
     max_batch_entries: int = 512
     # Ingress sheds writes (503 / SERVER_ERROR / Overloaded) while acks are this slow.
@@ -124,7 +124,7 @@ class DrainSettings(_Base):
     max_inflight: int = 1000  # entries held per partition (bounds memory, whatever the backlog)
     # Bytes of held entries, all partitions of all targets together (split evenly): what bounds
     # the drain's memory for large values; sized so the Helm chart's 256Mi pod limit holds.
-    max_held_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+    max_held_bytes: ByteSize = ByteSize(48 * 1024 * 1024)
     fetch_batch: int = 256
     max_run: int = 64  # entries of one key applied in one round
 
@@ -148,11 +148,14 @@ class SidecarSettings(_Base):
     nats_password_file: str | None = None
     nats_token_file: str | None = None
     # bytes waiting for the socket to NATS; beyond it writes are refused (durable=false) until it drains
-    nats_max_pending: ByteSize = ByteSize(32 * 1024 * 1024)
+    nats_max_pending: ByteSize = ByteSize(16 * 1024 * 1024)
     # Bytes spent remembering which keys this sidecar journaled that a target has not applied yet
     # (~370 B + the key's length a key, however often it is rewritten): conditional ops and reads past
     # an evicted overlay slot wait for them. Past it the oldest keys are forgotten (not waited for).
     unapplied_budget: ByteSize = ByteSize(16 * 1024 * 1024)
+    # The memory the sidecar must fit in: `walcar run` refuses a config whose budgets could hold
+    # more (sidecar/memory_budget.py). Default: the container's cgroup limit; "0": no check.
+    memory_limit: ByteSize | None = None
     admin: str = "127.0.0.1:9901"
     metrics: str | None = None  # a separate scrape address; /metrics stays on admin too
     # Bearer token for admin mutations and for reads that reveal values or config. Required when

@@ -331,15 +331,19 @@ async def test_a_cql_batch_over_max_payload_is_stored_and_applied(services: Serv
 
 
 async def test_a_reused_token_never_overwrites_a_stored_chunked_value(services: Services, unique: str) -> None:
-    """A chunked value stored under token T; T again with another value answers duplicate and leaves
-    the stored marker's object intact (it used to be overwritten, and the drain then found it corrupt)."""
+    """A chunked value stored under token T; T again with another value answers 409 (not stored) and
+    leaves the stored marker's object intact (it used to be overwritten, and the drain then found it
+    corrupt); T again with the first value is a duplicate."""
     config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
     first, second = "x" * (300 * 1024), "y" * (300 * 1024)
     async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config)) as client:
-        for text, duplicate in ((first, False), (second, True)):
-            body = (await client.post(f"/v1/log/{unique}", json={"key": "k", "text": text,
-                                                                  "idempotency_token": "T"})).json()
-            assert body["durable"] == "true" and body["duplicate"] is duplicate, body
+        for text, status, durable, duplicate in ((first, 200, "true", False), (second, 409, "false", False),
+                                                 (first, 200, "true", True)):
+            response = await client.post(f"/v1/log/{unique}", json={"key": "k", "text": text,
+                                                                     "idempotency_token": "T"})
+            body = response.json()
+            assert response.status_code == status and body["durable"] == durable, body
+            assert body["duplicate"] is duplicate, body
         [marker] = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
         assert marker.chunk is not None
         assert await sidecar.ingress.journal.chunks.get(unique, marker.chunk) == first.encode()  # digest checked

@@ -40,6 +40,7 @@ LAYER_OF = {
     "sidecar.inject": "inject",
     "sidecar.app": "app",
     "sidecar.cli": "app",
+    "sidecar.memory_budget": "app",
 }
 
 # What each layer may import besides itself.

@@ -1,0 +1,92 @@
+"""The sidecar's worst-case memory, summed from its configuration, checked against its container's limit.
+
+Every buffer, queue and cache has a byte budget; what they can hold at once, plus an idle
+sidecar, is what the pod must have room for. `walcar run` refuses to start when that sum is over
+the memory limit it runs under (the cgroup's `memory.max`, or `sidecar.memory_limit`), naming the
+budgets to lower: better than an OOM kill under the first burst, with acked writes in flight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sidecar.config import Config
+from sidecar.config.targets import KafkaTarget
+
+MiB = 1024 * 1024
+# An idle sidecar's RSS (interpreter, trio, nats-py, the Cassandra and Kafka clients): ~75 MiB measured.
+IDLE_BYTES = 80 * MiB
+# What a connection holds of a request below the partial_budget threshold (LARGE_VALUE / LARGE_FRAME /
+# LARGE_BODY: 64 KiB), plus its answer in progress.
+CONNECTION_BYTES = 64 * 1024
+# nats-py's own outgoing buffer (the chunk store's and the control plane's connection).
+NATS_CLIENT_PENDING = 8 * MiB
+CGROUP_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+UNLIMITED = 1 << 60  # cgroup v1 writes a huge number for "no limit"
+
+
+def worst_case(config: Config, role: str) -> list[tuple[str, int]]:
+    """What each budget can hold at once, as (the settings it comes from, bytes)."""
+    rows = [("an idle sidecar", IDLE_BYTES), ("the NATS client's outgoing buffer", NATS_CLIENT_PENDING)]
+    if role in ("ingress", "all"):
+        for index, listener in enumerate(config.listeners):
+            rows.append((f"listeners[{index}] ({listener.protocol}): partial_budget + max_connections x 64 KiB",
+                         int(listener.partial_budget) + listener.max_connections * CONNECTION_BYTES))
+        rows.append(("sidecar.journal.max_inflight_bytes", int(config.sidecar.journal.max_inflight_bytes)))
+        rows.append(("sidecar.nats_max_pending", int(config.sidecar.nats_max_pending)))
+        rows.append(("sidecar.unapplied_budget", int(config.sidecar.unapplied_budget)))
+        for name, ns in config.namespaces.items():
+            if ns.read_your_writes and ns.mode != "off":
+                rows.append((f"namespaces.{name}.overlay_budget", int(ns.overlay_budget)))
+    if role in ("drain", "all"):
+        rows.append(("sidecar.drain.max_held_bytes", int(config.sidecar.drain.max_held_bytes)))
+        for name, ns in config.namespaces.items():
+            for target in ns.targets:
+                if isinstance(target, KafkaTarget):
+                    rows.append((f"namespaces.{name}.targets.{target.name}.max_buffer", int(target.max_buffer)))
+    return rows
+
+
+def container_limit() -> int | None:
+    """The memory limit of the cgroup this process runs in; None when there is none."""
+    for path in CGROUP_FILES:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < UNLIMITED:
+            return int(text)
+        return None
+    return None
+
+
+def limit_of(config: Config) -> tuple[int | None, str]:
+    """The limit to check against and where it comes from (`sidecar.memory_limit`: 0 = no check)."""
+    configured = config.sidecar.memory_limit
+    if configured is not None:
+        return (int(configured) or None), "sidecar.memory_limit"
+    return container_limit(), "the container's memory limit (cgroup memory.max)"
+
+
+def refusal(config: Config, role: str) -> str | None:
+    """Why this configuration may not start here, or None when its worst case fits."""
+    limit, source = limit_of(config)
+    if limit is None:
+        return None
+    rows = worst_case(config, role)
+    total = sum(size for _, size in rows)
+    if total <= limit:
+        return None
+    largest = sorted(rows[2:], key=lambda row: -row[1])[:4]
+    return (f"worst-case memory {total / MiB:.0f} MiB is over {source} of {limit / MiB:.0f} MiB: lower "
+            + "; ".join(f"{what} ({size / MiB:.0f} MiB)" for what, size in largest)
+            + ", or raise the limit (walcar config check lists every budget; docs/configuration.md, Memory)")
+
+
+def table(config: Config, role: str) -> str:
+    rows = worst_case(config, role)
+    lines = [f"  {size / MiB:8.1f} MiB  {what}" for what, size in rows]
+    limit, source = limit_of(config)
+    lines.append(f"  {sum(s for _, s in rows) / MiB:8.1f} MiB  worst case (role {role})"
+                 + (f"; limit {limit / MiB:.0f} MiB from {source}" if limit else "; no memory limit here"))
+    return "\n".join(lines)

@@ -75,8 +75,10 @@ def start_twemproxy(workdir: Path, memcached: str) -> tuple[subprocess.Popen, in
     return proc, port
 
 
-def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str) -> tuple[SidecarProcess, int]:
-    """`walcar run --role ingress` with one memcached listener journaling to `namespace`."""
+def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str,
+                           io: str = "") -> tuple[SidecarProcess, int]:
+    """`walcar run --role ingress` with one memcached listener journaling to `namespace`; `io="mux"` runs
+    its front with one task per listener (WALCAR_MEMCACHED_IO, sidecar/protocols/memcache/mux.py)."""
     port = free_port()
     document = sidecar_document(
         nats_url,
@@ -88,7 +90,15 @@ def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespa
         [{"protocol": "memcached", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
         log_level="warning",
     )
-    return start_walcar(workdir, document), port
+    saved = os.environ.get("WALCAR_MEMCACHED_IO")
+    os.environ["WALCAR_MEMCACHED_IO"] = io
+    try:
+        return start_walcar(workdir, document), port
+    finally:
+        if saved is None:
+            del os.environ["WALCAR_MEMCACHED_IO"]
+        else:
+            os.environ["WALCAR_MEMCACHED_IO"] = saved
 
 
 # --------------------------------------------------------------------------- memaslap
@@ -260,12 +270,64 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
+def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_port: int) -> None:
+    """A/B of the front's I/O in one invocation: sets through twemproxy, walcar's default front (one task
+    per connection) and walcar with the listener multiplexer, alternating per round; then set latency."""
+    namespace = "bench" + uuid.uuid4().hex[:8]
+    load = [os.getloadavg()[0]]
+    tps: dict[str, list[float]] = {"b": [], "c": [], "d": []}
+    cpu: dict[str, list[float]] = {"b": [], "c": [], "d": []}
+    with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:
+        workdir = Path(tmp)
+        twemproxy, tw_port = start_twemproxy(workdir, memcached)
+        tasks, tasks_port = start_memcached_walcar(workdir / "tasks", nats_url, memcached, namespace)
+        mux, mux_port = start_memcached_walcar(workdir / "mux", nats_url, memcached, namespace + "m", io="mux")
+        nats_pids = pids_listening(int(nats_url.rsplit(":", 1)[1]))
+        memcached_pids = pids_listening(memcached_port)
+        ports = {"b": tw_port, "c": tasks_port, "d": mux_port}
+        accounted = {"b": [twemproxy.pid, *memcached_pids], "c": [tasks.proc.pid, *nats_pids],
+                     "d": [mux.proc.pid, *nats_pids]}
+        names = {"a": "memcached", "b": "twemproxy", "c": "walcar tasks", "d": "walcar mux"}
+        try:
+            for round_ in range(args.ab_mux):
+                order = ("b", "c", "d") if round_ % 2 == 0 else ("b", "d", "c")
+                for server in order:
+                    before = cpu_seconds(accounted[server])
+                    rate, ops = memaslap(ports[server], 1.0, args.seconds, args.connections, workdir)
+                    tps[server].append(rate)
+                    cpu[server].append((cpu_seconds(accounted[server]) - before) / max(ops, 1) * 1e6)
+                    print(f"round {round_ + 1} set {names[server]:13} {rate:>9,.0f} ops/s  "
+                          f"{cpu[server][-1]:6.1f} µs CPU/op", flush=True)
+            lat = {}
+            for server, port in (("a", memcached_port), ("c", tasks_port), ("d", mux_port)):
+                lat[server] = latency(port, "set", args.latency_seconds)
+                print(f"latency set {names[server]:13} p50 {lat[server][0]:.3f} ms  p99 {lat[server][1]:.3f} ms",
+                      flush=True)
+        finally:
+            tasks.stop()
+            mux.stop()
+            stop(twemproxy)
+            delete_streams(nats_url, namespace)
+            delete_streams(nats_url, namespace + "m")
+            load.append(os.getloadavg()[0])
+    med = {k: sorted(v)[len(v) // 2] for k, v in tps.items()}
+    med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+    print(f"median sets/s: twemproxy {med['b']:,.0f}, tasks {med['c']:,.0f} ({med['c'] / med['b']:.2f}x), "
+          f"mux {med['d']:,.0f} ({med['d'] / med['b']:.2f}x); mux/tasks {med['d'] / med['c']:.2f}x")
+    print(f"median CPU µs/set: twemproxy+memcached {med_cpu['b']:.1f}, tasks+nats {med_cpu['c']:.1f}, "
+          f"mux+nats {med_cpu['d']:.1f}")
+    print(f"added set p99: tasks {lat['c'][1] - lat['a'][1]:+.3f} ms, mux {lat['d'][1] - lat['a'][1]:+.3f} ms; "
+          f"load average before/after {load[0]:.1f} / {load[1]:.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=15, help="memaslap run length per workload and server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
+    parser.add_argument("--ab-mux", type=int, default=0, metavar="ROUNDS",
+                        help="instead: A/B sets of the default front vs the listener multiplexer (mux.py)")
     args = parser.parse_args()
     command = "python bench/memcached/run.py " + " ".join(sys.argv[1:])
     for tool in (MEMASLAP, NUTCRACKER):
@@ -274,6 +336,9 @@ def main() -> int:
             return 2
     services = ensure_up()
     memcached = f"{services.memcached[0]}:{services.memcached[1]}"
+    if args.ab_mux:
+        ab_mux(args, memcached, services.nats_url, services.memcached[1])
+        return 0
     namespace = "bench" + uuid.uuid4().hex[:8]
     results = Results(load=[os.getloadavg()[0]])
     with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:

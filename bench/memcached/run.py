@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from bench.common import (
     delete_streams,
     free_port,
     percentile,
+    pids_listening,
     report,
     sidecar_document,
     start_walcar,
@@ -77,8 +79,8 @@ def start_twemproxy(workdir: Path, memcached: str) -> tuple[subprocess.Popen, in
 
 def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str,
                            io: str = "") -> tuple[SidecarProcess, int]:
-    """`walcar run --role ingress` with one memcached listener journaling to `namespace`; `io="mux"` runs
-    its front with one task per listener (WALCAR_MEMCACHED_IO, sidecar/protocols/memcache/mux.py)."""
+    """`walcar run --role ingress` with one memcached listener journaling to `namespace`; `io="tasks"` runs
+    its front with one task per connection, not the listener multiplexer (WALCAR_MEMCACHED_IO, mux.py)."""
     port = free_port()
     document = sidecar_document(
         nats_url,
@@ -102,31 +104,6 @@ def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespa
 
 
 # --------------------------------------------------------------------------- memaslap
-
-
-def pids_listening(port: int) -> list[int]:
-    """Processes with a listening TCP socket on `port` (to account for the shared memcached's CPU)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
-        except OSError:
-            continue
-        if any(f"socket:[{inode}]" in links for inode in inodes):
-            pids.append(int(proc.name))
-    return pids
 
 
 def memaslap(port: int, set_share: float, seconds: int, connections: int, workdir: Path) -> tuple[float, int]:
@@ -280,8 +257,8 @@ def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_po
     with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:
         workdir = Path(tmp)
         twemproxy, tw_port = start_twemproxy(workdir, memcached)
-        tasks, tasks_port = start_memcached_walcar(workdir / "tasks", nats_url, memcached, namespace)
-        mux, mux_port = start_memcached_walcar(workdir / "mux", nats_url, memcached, namespace + "m", io="mux")
+        tasks, tasks_port = start_memcached_walcar(workdir / "tasks", nats_url, memcached, namespace, io="tasks")
+        mux, mux_port = start_memcached_walcar(workdir / "mux", nats_url, memcached, namespace + "m")
         nats_pids = pids_listening(int(nats_url.rsplit(":", 1)[1]))
         memcached_pids = pids_listening(memcached_port)
         ports = {"b": tw_port, "c": tasks_port, "d": mux_port}
@@ -310,8 +287,8 @@ def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_po
             delete_streams(nats_url, namespace)
             delete_streams(nats_url, namespace + "m")
             load.append(os.getloadavg()[0])
-    med = {k: sorted(v)[len(v) // 2] for k, v in tps.items()}
-    med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"median sets/s: twemproxy {med['b']:,.0f}, tasks {med['c']:,.0f} ({med['c'] / med['b']:.2f}x), "
           f"mux {med['d']:,.0f} ({med['d'] / med['b']:.2f}x); mux/tasks {med['d'] / med['c']:.2f}x")
     print(f"median CPU µs/set: twemproxy+memcached {med_cpu['b']:.1f}, tasks+nats {med_cpu['c']:.1f}, "
@@ -327,7 +304,7 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     parser.add_argument("--ab-mux", type=int, default=0, metavar="ROUNDS",
-                        help="instead: A/B sets of the default front vs the listener multiplexer (mux.py)")
+                        help="instead: A/B sets of one task per connection vs the listener multiplexer (mux.py)")
     args = parser.parse_args()
     command = "python bench/memcached/run.py " + " ".join(sys.argv[1:])
     for tool in (MEMASLAP, NUTCRACKER):

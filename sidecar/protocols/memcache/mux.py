@@ -1,5 +1,8 @@
-"""One task per memcached listener reading every client socket that has data (an experiment, A/B'd in
-bench/memcached/run.py; off unless WALCAR_MEMCACHED_IO=mux).
+"""One task per memcached listener reading every client socket that has data.
+
+A/B'd against one task per connection in `bench/memcached/run.py --ab-mux` (docs/benchmarks.md):
+~16-22% less CPU per set. `WALCAR_MEMCACHED_IO=tasks` switches it off (the A/B's baseline).
+A listener with an `idle_timeout` keeps one task per connection (the idle watch is per task).
 
 The default front gives each connection its own reader task: per request a trio wake-up, a recv that
 finds nothing, a re-registration with trio's epoll, a recv and a send. Here the listener keeps its
@@ -12,8 +15,8 @@ per batch of PubAcks, not per write).
 Only the common case is served here: unconditional writes (set/delete/touch, meta set/delete) that
 can be journaled without a task, and local commands. Anything else — a read, a conditional or sync
 command, a protocol error, a value large enough for the partial budget, a write the journal cannot
-take without waiting, a full answer queue, a send that would block, end of input, the listener
-stopping — hands the connection over to its own task for good (`Connection.serve`, resuming with
+take without waiting, a full answer queue or a bulk pipeline, a send that would block, end of input,
+the listener stopping — hands the connection over to its own task for good (`Connection.serve`, resuming with
 the parser's buffered input and the command that needed it), so every ordering and bounding rule of
 that path applies unchanged; writes journaled here before the hand-over count as the connection's
 outstanding writes, so a read after them still waits for their acks.
@@ -41,10 +44,13 @@ log = get_logger("memcached")
 RECEIVE: Final = 256 * 1024
 LARGE_VALUE: Final = 64 * 1024  # as server.LARGE_VALUE: such a value needs the partial budget (own task)
 POLL_EVENTS: Final = 256  # sockets taken per step; the rest stay readable for the next
+# A client with this many writes in flight is a bulk pipeline (a noreply flood): its own task reads it,
+# at the pace its writes are admitted, instead of this loop pulling its whole stream into the journal.
+PIPELINE_WRITES: Final = 64
 
 
 def enabled() -> bool:
-    return os.environ.get("WALCAR_MEMCACHED_IO", "") == "mux"
+    return os.environ.get("WALCAR_MEMCACHED_IO", "") != "tasks"
 
 
 class Multiplexer:
@@ -135,7 +141,7 @@ class Multiplexer:
             if not self._serve(connection, event):  # type: ignore[arg-type]
                 self.hand_over(connection, event)  # type: ignore[arg-type]
                 return
-            if connection.responses.full:
+            if connection.responses.full or connection.writes_outstanding >= PIPELINE_WRITES:
                 self.hand_over(connection, None)
                 return
 

@@ -13,6 +13,11 @@ works), but they need not run one at a time:
 
 A noreply write still holds its place in the answer order: nothing after it is
 answered before it is journaled (or failed).
+
+A new connection starts on the listener's multiplexer (mux.py), which serves the common
+case — unconditional writes and local commands — for all connections from one task; the
+first command it does not serve hands the connection to its own task (`Connection.serve`,
+below) for the rest of its life.
 """
 
 from __future__ import annotations

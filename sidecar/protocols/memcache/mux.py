@@ -35,14 +35,13 @@ from sidecar.logs import get_logger
 
 from .commands import NEED_DATA, Command, ProtocolError
 from .handlers import Kind
+from .responses import LARGE_VALUE, RECEIVE
 
 if TYPE_CHECKING:
     from .server import Connection
 
 log = get_logger("memcached")
 
-RECEIVE: Final = 256 * 1024
-LARGE_VALUE: Final = 64 * 1024  # as server.LARGE_VALUE: such a value needs the partial budget (own task)
 POLL_EVENTS: Final = 256  # sockets taken per step; the rest stay readable for the next
 # A client with this many writes in flight is a bulk pipeline (a noreply flood): its own task reads it,
 # at the pace its writes are admitted, instead of this loop pulling its whole stream into the journal.
@@ -66,12 +65,12 @@ class Multiplexer:
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._flush_loop)
         finally:
-            for connection in list(self._connections.values()):
-                self.hand_over(connection, None)
+            self.hand_over_all()
             self._epoll.close()
 
-    async def adopt(self, connection: Connection) -> Command | ProtocolError | None:
-        """Serve `connection` here until it needs its own task; returns the command it stopped at."""
+    async def adopt(self, connection: Connection) -> None:
+        """Serve `connection` here until it needs its own task (then `connection.resume_with` is the
+        command it stopped at, if any)."""
         fd = connection.stream.socket.fileno()
         connection.handed_over = trio.Event()
         connection.responses.notify = lambda: self._mark(connection)
@@ -81,7 +80,6 @@ class Multiplexer:
             await connection.handed_over.wait()
         finally:  # cancelled (the listener's shutdown deadline): forget the socket before it closes
             self.hand_over(connection, connection.resume_with)
-        return connection.resume_with
 
     def hand_over(self, connection: Connection, event: Command | ProtocolError | None) -> None:
         """From now on the connection's own task reads, answers and closes it."""

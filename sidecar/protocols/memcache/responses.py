@@ -1,4 +1,5 @@
-"""The answers of one memcached connection, in command order (filled in any order, sent in order)."""
+"""The answers of one memcached connection, in command order (filled in any order, sent in order),
+and the per-connection bounds both ways of serving a connection (server.py, mux.py) keep."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import trio
 
 MAX_PENDING: Final = 4096  # answers a connection may owe before it stops reading
 MAX_OUT_BYTES: Final = 8 * 1024 * 1024  # unsent answer bytes before it stops reading
+RECEIVE: Final = 256 * 1024  # bytes taken from a client socket per read
+# A data block at least this long is received only with room in the listener's partial_budget;
+# smaller ones arrive within a read or two, and the connection cap bounds them.
+LARGE_VALUE: Final = 64 * 1024
 
 
 class Slot:

@@ -39,18 +39,14 @@ from .commands import NEED_DATA, Command, ProtocolError, ServerError
 from .handlers import Handlers, JournalJob, Kind, memcached_target
 from .mux import Multiplexer
 from .mux import enabled as mux_enabled
-from .responses import Responses, Slot
+from .responses import LARGE_VALUE, RECEIVE, Responses, Slot
 from .stats import FrontStats
 
 __all__ = ["MemcacheServer", "serve_memcached"]
 
 log = get_logger("memcached")
 
-_RECEIVE: Final = 256 * 1024
 LINGER: Final = 1.0  # seconds to wait for the client to close after we half-closed
-# A data block at least this long is received only with room in the listener's partial_budget;
-# smaller ones arrive within a read or two, and the connection cap bounds them.
-LARGE_VALUE: Final = 64 * 1024
 TOO_MANY: Final = b"ERROR Too many open connections\r\n"  # memcached's words at its -c limit
 
 
@@ -124,7 +120,7 @@ class Connection:
         with trio.move_on_after(LINGER):
             try:
                 await self.stream.send_eof()
-                while await self.stream.receive_some(_RECEIVE):
+                while await self.stream.receive_some(RECEIVE):
                     pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
@@ -143,7 +139,7 @@ class Connection:
                     return
             else:
                 try:
-                    data = await receive_some(_RECEIVE)
+                    data = await receive_some(RECEIVE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     data = b""
                 if not data:

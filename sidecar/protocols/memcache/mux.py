@@ -73,9 +73,13 @@ class Multiplexer:
         command it stopped at, if any)."""
         fd = connection.stream.socket.fileno()
         connection.handed_over = trio.Event()
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except (OSError, ValueError):  # the multiplexer has stopped: the connection's own task serves it
+            connection.handed_over.set()
+            return
         connection.responses.notify = lambda: self._mark(connection)
         self._connections[fd] = connection
-        self._epoll.register(fd, select.EPOLLIN)
         try:
             await connection.handed_over.wait()
         finally:  # cancelled (the listener's shutdown deadline): forget the socket before it closes

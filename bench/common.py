@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CASSANDRA_PASSWORD_FILE", "DOCS", "ROOT", "SidecarProcess", "cassandra_cluster", "cpu_seconds",
-    "delete_streams", "drop_keyspace", "free_port", "machine", "median", "percentile", "record", "report",
+    "delete_streams", "drop_keyspace", "free_port", "machine", "median", "percentile", "pids_listening", "record",
+    "report",
     "sidecar_document", "start_walcar", "stop", "table", "wait_port",
 ]
 
@@ -94,6 +95,31 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def pids_listening(port: int) -> list[int]:
+    """Processes with a listening TCP socket on `port` (to account for the shared memcached's CPU)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+        except OSError:
+            continue
+        if any(f"socket:[{inode}]" in links for inode in inodes):
+            pids.append(int(proc.name))
+    return pids
 
 
 def idle_seconds() -> float:

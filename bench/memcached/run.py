@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from bench.common import (
     delete_streams,
     free_port,
     percentile,
+    pids_listening,
     report,
     sidecar_document,
     start_walcar,
@@ -75,8 +77,10 @@ def start_twemproxy(workdir: Path, memcached: str) -> tuple[subprocess.Popen, in
     return proc, port
 
 
-def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str) -> tuple[SidecarProcess, int]:
-    """`walcar run --role ingress` with one memcached listener journaling to `namespace`."""
+def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str,
+                           io: str = "") -> tuple[SidecarProcess, int]:
+    """`walcar run --role ingress` with one memcached listener journaling to `namespace`; `io="tasks"` runs
+    its front with one task per connection, not the listener multiplexer (WALCAR_MEMCACHED_IO, mux.py)."""
     port = free_port()
     document = sidecar_document(
         nats_url,
@@ -88,35 +92,18 @@ def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespa
         [{"protocol": "memcached", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
         log_level="warning",
     )
-    return start_walcar(workdir, document), port
+    saved = os.environ.get("WALCAR_MEMCACHED_IO")
+    os.environ["WALCAR_MEMCACHED_IO"] = io
+    try:
+        return start_walcar(workdir, document), port
+    finally:
+        if saved is None:
+            del os.environ["WALCAR_MEMCACHED_IO"]
+        else:
+            os.environ["WALCAR_MEMCACHED_IO"] = saved
 
 
 # --------------------------------------------------------------------------- memaslap
-
-
-def pids_listening(port: int) -> list[int]:
-    """Processes with a listening TCP socket on `port` (to account for the shared memcached's CPU)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
-        except OSError:
-            continue
-        if any(f"socket:[{inode}]" in links for inode in inodes):
-            pids.append(int(proc.name))
-    return pids
 
 
 def memaslap(port: int, set_share: float, seconds: int, connections: int, workdir: Path) -> tuple[float, int]:
@@ -242,22 +229,75 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
         lines.append(f"| {command_name} | {a50:.3f} / {a99:.3f} | {c50:.3f} / {c99:.3f} | {c99 - a99:+.3f} |")
     set_ratio = t[("c", "set")] / t[("b", "set")] if t.get(("b", "set")) else 0.0
     added_p99 = results.lat[("c", "set")][1] - results.lat[("a", "set")][1]
+    cpu_ratio = cpu[("c", "set")] / cpu[("b", "set")] if cpu.get(("b", "set")) else 0.0
     lines += [
         "",
         f"Targets: (c) >= 0.5x (b) for sets — this run {set_ratio:.2f}x, "
         f"{'met' if set_ratio >= 0.5 else 'NOT met'}; added p99 <= 1 ms for sets — this run {added_p99:+.2f} ms, "
-        f"{'met' if added_p99 <= 1.0 else 'NOT met'}.",
+        f"{'met' if added_p99 <= 1.0 else 'NOT met'}; CPU per set (c) <= 3x (b) — this run {cpu_ratio:.1f}x, "
+        f"{'met' if cpu_ratio <= 3.0 else 'NOT met'}.",
         "",
-        "Where walcar's CPU goes (py-spy, set-only memaslap, 2026-11-26, after the journal writer moved to its "
-        "own trio connection): ~45% the client sockets' syscalls (memaslap keeps one request in flight per "
-        "connection, so every set is a recv that finds nothing, a wait, a recv and a send of its own), ~20% the "
-        "journal (envelope, writer, the publish link's parse of PubAcks), ~15% the memcached front itself "
-        "(parse, handlers, ordering), the rest trio scheduling. A bare trio loop that parses sets and answers "
-        "STORED without journaling costs ~26 µs CPU/op on this box. Gets pay a second hop "
-        "(client -> walcar -> memcached), two socket sends in Python per request.",
+        "walcar's front reads every client socket of the listener from one task (the multiplexer, "
+        "sidecar/protocols/memcache/mux.py, since 2026-12-07; `--ab-mux` A/Bs it against one task per "
+        "connection). Where walcar's CPU goes with it (cProfile in walcar, 8 s of set-only memaslap, "
+        "2026-12-07): the send of each answer (the kernel waking memaslap) ~18 µs per set and the largest "
+        "single item; the recv ~2 µs; the rest spread thin over parsing, building the entry, the journal "
+        "writer and the link's PubAck parsing, the ingress's ack bookkeeping and trio's scheduling, none "
+        "above ~10% alone. Gets pay a second hop (client -> walcar -> memcached), two socket sends in "
+        "Python per request.",
         "",
     ]
     return "\n".join(lines)
+
+
+def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_port: int) -> None:
+    """A/B of the front's I/O in one invocation: sets through twemproxy, walcar's default front (one task
+    per connection) and walcar with the listener multiplexer, alternating per round; then set latency."""
+    namespace = "bench" + uuid.uuid4().hex[:8]
+    load = [os.getloadavg()[0]]
+    tps: dict[str, list[float]] = {"b": [], "c": [], "d": []}
+    cpu: dict[str, list[float]] = {"b": [], "c": [], "d": []}
+    with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:
+        workdir = Path(tmp)
+        twemproxy, tw_port = start_twemproxy(workdir, memcached)
+        tasks, tasks_port = start_memcached_walcar(workdir / "tasks", nats_url, memcached, namespace, io="tasks")
+        mux, mux_port = start_memcached_walcar(workdir / "mux", nats_url, memcached, namespace + "m")
+        nats_pids = pids_listening(int(nats_url.rsplit(":", 1)[1]))
+        memcached_pids = pids_listening(memcached_port)
+        ports = {"b": tw_port, "c": tasks_port, "d": mux_port}
+        accounted = {"b": [twemproxy.pid, *memcached_pids], "c": [tasks.proc.pid, *nats_pids],
+                     "d": [mux.proc.pid, *nats_pids]}
+        names = {"a": "memcached", "b": "twemproxy", "c": "walcar tasks", "d": "walcar mux"}
+        try:
+            for round_ in range(args.ab_mux):
+                order = ("b", "c", "d") if round_ % 2 == 0 else ("b", "d", "c")
+                for server in order:
+                    before = cpu_seconds(accounted[server])
+                    rate, ops = memaslap(ports[server], 1.0, args.seconds, args.connections, workdir)
+                    tps[server].append(rate)
+                    cpu[server].append((cpu_seconds(accounted[server]) - before) / max(ops, 1) * 1e6)
+                    print(f"round {round_ + 1} set {names[server]:13} {rate:>9,.0f} ops/s  "
+                          f"{cpu[server][-1]:6.1f} µs CPU/op", flush=True)
+            lat = {}
+            for server, port in (("a", memcached_port), ("c", tasks_port), ("d", mux_port)):
+                lat[server] = latency(port, "set", args.latency_seconds)
+                print(f"latency set {names[server]:13} p50 {lat[server][0]:.3f} ms  p99 {lat[server][1]:.3f} ms",
+                      flush=True)
+        finally:
+            tasks.stop()
+            mux.stop()
+            stop(twemproxy)
+            delete_streams(nats_url, namespace)
+            delete_streams(nats_url, namespace + "m")
+            load.append(os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"median sets/s: twemproxy {med['b']:,.0f}, tasks {med['c']:,.0f} ({med['c'] / med['b']:.2f}x), "
+          f"mux {med['d']:,.0f} ({med['d'] / med['b']:.2f}x); mux/tasks {med['d'] / med['c']:.2f}x")
+    print(f"median CPU µs/set: twemproxy+memcached {med_cpu['b']:.1f}, tasks+nats {med_cpu['c']:.1f}, "
+          f"mux+nats {med_cpu['d']:.1f}")
+    print(f"added set p99: tasks {lat['c'][1] - lat['a'][1]:+.3f} ms, mux {lat['d'][1] - lat['a'][1]:+.3f} ms; "
+          f"load average before/after {load[0]:.1f} / {load[1]:.1f}")
 
 
 def main() -> int:
@@ -266,6 +306,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
+    parser.add_argument("--ab-mux", type=int, default=0, metavar="ROUNDS",
+                        help="instead: A/B sets of one task per connection vs the listener multiplexer (mux.py)")
     args = parser.parse_args()
     command = "python bench/memcached/run.py " + " ".join(sys.argv[1:])
     for tool in (MEMASLAP, NUTCRACKER):
@@ -274,6 +316,9 @@ def main() -> int:
             return 2
     services = ensure_up()
     memcached = f"{services.memcached[0]}:{services.memcached[1]}"
+    if args.ab_mux:
+        ab_mux(args, memcached, services.nats_url, services.memcached[1])
+        return 0
     namespace = "bench" + uuid.uuid4().hex[:8]
     results = Results(load=[os.getloadavg()[0]])
     with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:

@@ -20,18 +20,18 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from enum import StrEnum
-from typing import Any
 
-import msgspec
 import outcome
 import trio
 
 from sidecar.config import JournalSettings
+from sidecar.log.acks import Durable, JournalStats, Message, WriteResult, refused, result_from_ack
 from sidecar.log.connection import NatsConnection
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD, NatsLink, new_inbox
 from sidecar.log.wire import encode_headers, encode_publish, status_of, unsafe_header
 from sidecar.logs import get_logger
+
+__all__ = ["Durable", "JournalStats", "JournalWriter", "Message", "WriteResult"]
 
 log = get_logger("journal")
 
@@ -43,49 +43,6 @@ MAX_ATOMIC_MESSAGES = 1000
 DUPLICATE_MESSAGE_IN_BATCH = 10201
 # Room for what the writer adds to a message's headers (an atomic batch's id, sequence and commit).
 HEADER_HEADROOM = 256
-
-
-class Durable(StrEnum):
-    TRUE = "true"
-    FALSE = "false"
-    UNKNOWN = "unknown"
-
-
-class WriteResult(msgspec.Struct, omit_defaults=True):
-    durable: Durable
-    sequence: int = 0  # stream sequence of the (last) message
-    count: int = 1  # messages stored: an atomic batch stores all of them, sequences count..sequence
-    duplicate: bool = False
-    message: str = ""
-    stream: str = ""
-    code: int = 0  # JetStream's err_code when the server refused the write
-    conflict: bool = False  # the write's ids were used before by a different write (HTTP 409)
-
-    @property
-    def ok(self) -> bool:
-        return self.durable is Durable.TRUE
-
-    @property
-    def first_sequence(self) -> int:
-        return self.sequence - self.count + 1 if self.sequence else 0
-
-
-class Message(msgspec.Struct, frozen=True, array_like=True):
-    subject: str
-    payload: bytes
-    headers: dict[str, str] | None = None
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    batch: str = ""
-    count: int = 0
-    error: dict[str, Any] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
 class _Write:
@@ -120,45 +77,6 @@ class _Batch:
         self.writes = writes
         self.remaining = len(writes)
         self.submitted = submitted  # trio time: ack latency (shedding, stats) and the publish deadline
-
-
-class JournalStats:
-    """Counters the memcached `stats` command, the admin endpoint and metrics read."""
-
-    __slots__ = ("acked", "duplicates", "failed", "inflight_bytes", "inflight_entries", "last_ack_latency", "shed",
-                 "unknown")
-
-    def __init__(self) -> None:
-        self.acked = 0
-        self.duplicates = 0
-        self.failed = 0
-        self.unknown = 0
-        self.shed = 0
-        self.inflight_entries = 0
-        self.inflight_bytes = 0
-        self.last_ack_latency = 0.0
-
-
-def _fail(message: str) -> WriteResult:
-    return WriteResult(Durable.FALSE, message=message)
-
-
-def _result_from_ack(data: bytes, status: bytes) -> WriteResult:
-    if status == b"503":
-        return _fail("journal stream unavailable: no responders (is the stream provisioned?)")
-    try:
-        ack = _ack_decoder.decode(data)
-    except msgspec.DecodeError:
-        return WriteResult(Durable.UNKNOWN, message=f"unreadable PubAck: {data[:80]!r}")
-    if ack.error is not None:
-        description = str(ack.error.get("description", "error"))
-        # 10201 (an atomic batch with an id already stored) says *some* id is: the journal asks
-        # which (Journal.append_atomic), as a batch with one new entry is no retry of a stored one.
-        return WriteResult(Durable.FALSE, message=f"journal rejected the write: {description}",
-                           code=int(ack.error.get("err_code") or 0))
-    return WriteResult(
-        Durable.TRUE, sequence=ack.seq, count=max(ack.count, 1), duplicate=ack.duplicate, stream=ack.stream
-    )
 
 
 class JournalWriter:
@@ -254,7 +172,7 @@ class JournalWriter:
         writes = [_Write([m], False, len(m.payload)) for m in messages]
         for write in writes:  # an oversized message is refused on its own; the others still go
             if reason := self.oversized(write.messages[0]):
-                write.result = _fail(reason)
+                write.result = refused(reason)
                 self._count_refused(write)
         sending = [w for w in writes if w.result is None]
         # Capacity is reserved for all at once.
@@ -280,7 +198,7 @@ class JournalWriter:
         refusal = self._refusal(write)
         if refusal is None:
             if (self._waiting or self._over_capacity(write)) and not await self._wait_for_capacity(write):
-                refusal = _fail("journal overloaded: in-flight limit reached; retry later")
+                refusal = refused("journal overloaded: in-flight limit reached; retry later")
             else:
                 self._reserve(write)
                 return None
@@ -329,20 +247,20 @@ class JournalWriter:
     def _refusal(self, write: _Write) -> WriteResult | None:
         for message in write.messages:
             if message.headers and unsafe_header(message.headers) is not None:
-                return _fail("refused: a header would contain CR/LF or an invalid name")
+                return refused("refused: a header would contain CR/LF or an invalid name")
         if self._closed:
-            return _fail("journal closed: the sidecar is shutting down")
+            return refused("journal closed: the sidecar is shutting down")
         if not self.connected:
-            return _fail("journal unavailable: not connected to NATS")
+            return refused("journal unavailable: not connected to NATS")
         for message in write.messages:
             if reason := self.oversized(message):
-                return _fail(reason)
+                return refused(reason)
         if self._link is not None and self._link.congested:
-            return _fail("journal unavailable: NATS is not keeping up (link full)")
+            return refused("journal unavailable: NATS is not keeping up (link full)")
         if self._inflight_batches:
             age = trio.current_time() - self._inflight_batches[0].submitted
             if age > self.settings.shed_ack_latency:
-                return _fail(f"journal overloaded: acks are {age:.2f}s behind; retry later")
+                return refused(f"journal overloaded: acks are {age:.2f}s behind; retry later")
         return None
 
     async def _wait_for_capacity(self, write: _Write) -> bool:
@@ -383,7 +301,7 @@ class JournalWriter:
         if not self._link.connected or self._link.congested:
             reason = "not connected to NATS" if not self._link.connected else "NATS is not keeping up (link full)"
             for write in writes:
-                self._settle(write, batch, _fail(f"journal unavailable: {reason}"))
+                self._settle(write, batch, refused(f"journal unavailable: {reason}"))
             return
         commands = []
         for write in writes:
@@ -431,7 +349,7 @@ class JournalWriter:
         status = status_of(headers)
         if not is_commit and not data and not status:
             return  # the atomic batch has started
-        result = _result_from_ack(data, status)
+        result = result_from_ack(data, status)
         if not is_commit:
             if result.ok:
                 return

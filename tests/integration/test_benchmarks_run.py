@@ -44,3 +44,20 @@ def test_benchmark_runs_and_prints_its_table(bench: str, services: Services, tmp
     assert "Traceback" not in output, output[-3000:]
     assert "|---" in result.stdout  # the results table
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs  # without --record nothing is written
+
+
+# Comparisons that print lines rather than a table (A/B runs, measurements behind a decision).
+TINY_AB = {
+    "journal/batch_acks.py": ["--messages", "2000", "--rounds", "1"],
+    "memcached/run.py": ["--ab-mux", "1", "--seconds", "1", "--latency-seconds", "0.5"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(TINY_AB))
+def test_comparison_runs_and_prints_its_medians(script: str, services: Services, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *TINY_AB[script]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "median" in result.stdout, output[-3000:]

@@ -370,6 +370,31 @@ def test_pipelined_requests_are_answered_and_journaled_in_order(front: Front, se
     assert [e.value for e in entries if e.key == f"{unique}-q"] == [b"0", b"0", b"0", b"0", b"0"]
 
 
+def test_many_connections_one_request_at_a_time_each_get_their_own_answers(front: Front, services: Services,
+                                                                          direct: Client, unique: str) -> None:
+    """The listener's multiplexer serves such clients from one task (mux.py): every answer reaches the
+    socket that asked, in order, and a connection moved to its own task mid-way (by a get) goes on."""
+    socks = [front.socket() for _ in range(20)]
+    direct.set(f"{unique}-seed", b"seeded")
+    try:
+        for round_ in range(25):
+            for index, sock in enumerate(socks):
+                value = b"%d.%d" % (index, round_)
+                sock.sendall(b"set %b-%d 0 0 %d\r\n%b\r\n" % (unique.encode(), index, len(value), value))
+            for sock in socks:
+                assert exchange(sock, b"", b"\r\n") == b"STORED\r\n"
+            if round_ == 10:  # every other connection leaves the multiplexer for its own task
+                for sock in socks[::2]:
+                    assert exchange(sock, f"get {unique}-seed\r\n".encode(), b"END\r\n") == (
+                        b"VALUE %b-seed 0 6\r\nseeded\r\nEND\r\n" % unique.encode())
+    finally:
+        for sock in socks:
+            sock.close()
+    entries = by_key(journal(services.nats_url, unique))
+    for index in range(20):
+        assert [e.value for e in entries[f"{unique}-{index}"]] == [b"%d.%d" % (index, r) for r in range(25)]
+
+
 def test_a_long_noreply_stream_keeps_flowing(front: Front, services: Services, unique: str) -> None:
     """More noreply writes in one burst than a connection may owe answers for: nothing stalls."""
     request = b"".join(b"set %b-%d 0 0 1 noreply\r\nx\r\n" % (unique.encode(), i) for i in range(10_000))

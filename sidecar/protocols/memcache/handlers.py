@@ -26,7 +26,7 @@ import trio
 
 from sidecar.config import MemcachedTarget, Namespace
 from sidecar.envelope import Entry, Op
-from sidecar.ingress import BadKey, Ingress, TooLarge
+from sidecar.ingress import Ack, BadKey, Ingress, TooLarge
 from sidecar.logs import get_logger
 from sidecar.memcache_keys import EXPIRED, absolute_expiry, entry_key, new_entry_id
 from sidecar.overlay import NamespaceOverlay
@@ -254,9 +254,14 @@ class Handlers:
             ack = await self.ingress.write(job.entry, "memcached")
         except Exception as exc:  # a bug must not leave the client without an answer
             log.error("journal_write_bug", key=job.entry.key, exc_info=True)
-            ack_ok, reason = False, f"journal write failed: {type(exc).__name__}: {exc}"
-        else:
-            ack_ok, reason = ack.ok, f"not journaled (durable={ack.durable}): {ack.message or 'no reason given'}"
+            return self.journal_answer(job, None, f"journal write failed: {type(exc).__name__}: {exc}")
+        return self.journal_answer(job, ack)
+
+    def journal_answer(self, job: JournalJob, ack: Ack | None, reason: str = "") -> bytes:
+        """The client's answer to a journaled write: the job's own only with a durable ack."""
+        ack_ok = ack is not None and ack.ok
+        if ack is not None and not ack_ok:
+            reason = f"not journaled (durable={ack.durable}): {ack.message or 'no reason given'}"
         if ack_ok:
             self.stats.writes_stored += 1
             return job.answer

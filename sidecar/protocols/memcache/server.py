@@ -13,12 +13,16 @@ works), but they need not run one at a time:
 
 A noreply write still holds its place in the answer order: nothing after it is
 answered before it is journaled (or failed).
+
+A new connection starts on the listener's multiplexer (mux.py), which serves the common
+case — unconditional writes and local commands — for all connections from one task; the
+first command it does not serve hands the connection to its own task (`Connection.serve`,
+below) for the rest of its life.
 """
 
 from __future__ import annotations
 
 import socket
-from collections import deque
 from typing import Any, Final
 
 import trio
@@ -33,97 +37,17 @@ from .backend import Backend
 from .codec import OUT_OF_MEMORY, RequestParser
 from .commands import NEED_DATA, Command, ProtocolError, ServerError
 from .handlers import Handlers, JournalJob, Kind, memcached_target
+from .mux import Multiplexer
+from .mux import enabled as mux_enabled
+from .responses import LARGE_VALUE, RECEIVE, Responses, Slot
 from .stats import FrontStats
 
 __all__ = ["MemcacheServer", "serve_memcached"]
 
 log = get_logger("memcached")
 
-_RECEIVE: Final = 256 * 1024
-MAX_PENDING: Final = 4096  # answers a connection may owe before it stops reading
-MAX_OUT_BYTES: Final = 8 * 1024 * 1024  # unsent answer bytes before it stops reading
 LINGER: Final = 1.0  # seconds to wait for the client to close after we half-closed
-# A data block at least this long is received only with room in the listener's partial_budget;
-# smaller ones arrive within a read or two, and the connection cap bounds them.
-LARGE_VALUE: Final = 64 * 1024
 TOO_MANY: Final = b"ERROR Too many open connections\r\n"  # memcached's words at its -c limit
-
-
-class _Slot:
-    __slots__ = ("data", "ready")
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ready = False
-
-
-class Responses:
-    """Answers of one connection in command order; filled in any order, sent in order."""
-
-    def __init__(self) -> None:
-        self.slots: deque[_Slot] = deque()
-        self.out: list[bytes] = []
-        self.out_bytes = 0
-        self.wake = trio.Event()
-        self.space = trio.Event()
-        self.closing = False  # everything up to the close point is queued: send it, then close
-        self.sending = False  # a send_all is in progress (sender task or the reader's direct reply)
-        self._close_slot: _Slot | None = None
-
-    @property
-    def full(self) -> bool:
-        return len(self.slots) >= MAX_PENDING or self.out_bytes >= MAX_OUT_BYTES
-
-    def reserve(self) -> _Slot:
-        slot = _Slot()
-        self.slots.append(slot)
-        return slot
-
-    def fill(self, slot: _Slot, data: bytes) -> None:
-        slot.data = data
-        slot.ready = True
-        if self.slots and self.slots[0] is slot:
-            self._advance()
-
-    def answer(self, data: bytes) -> None:
-        """An answer known now; still sent after everything owed before it."""
-        if not self.slots:
-            if data:
-                self.out.append(data)
-                self.out_bytes += len(data)
-                self.wake.set()
-            return
-        self.fill(self.reserve(), data)
-
-    def close(self) -> None:
-        """Close the connection once every answer owed so far is sent."""
-        if self._close_slot is None:
-            self._close_slot = self.reserve()
-            self.fill(self._close_slot, b"")
-
-    def _advance(self) -> None:
-        slots = self.slots
-        while slots and slots[0].ready:
-            slot = slots.popleft()
-            if slot.data:
-                self.out.append(slot.data)
-                self.out_bytes += len(slot.data)
-            if slot is self._close_slot:
-                self.closing = True
-                slots.clear()
-        self.wake.set()
-        if not self.full:  # noreply answers are empty: room can come back without a send
-            self.space.set()
-
-    def take(self) -> bytes:
-        data = b"".join(self.out)
-        self.out.clear()
-        self.out_bytes = 0
-        return data
-
-    def freed(self) -> None:
-        if not self.full:
-            self.space.set()
 
 
 class Connection:
@@ -144,6 +68,10 @@ class Connection:
         self.reserved = 0  # bytes of the listener's partial budget this connection holds
         self.idle = IdleWatch(server.idle_timeout, self._idle)
         self._nursery: trio.Nursery | None = None
+        # While the listener's multiplexer serves the connection (mux.py): set when it hands over.
+        self.handed_over: trio.Event | None = None
+        self.resume_with: Command | ProtocolError | None = None  # the command it handed over at
+        self.flush_queued = False
 
     async def _watch_idle(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -165,7 +93,9 @@ class Connection:
         except OSError:
             pass
 
-    async def serve(self) -> None:
+    async def serve(self, resumed: bool = False) -> None:
+        """Read, answer, close; `resumed`: the multiplexer read the first part (the parser holds
+        what it did not take yet, `resume_with` the command it stopped at)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -173,7 +103,7 @@ class Connection:
                 idle_scope = trio.CancelScope()
                 if self.idle.timeout > 0:
                     nursery.start_soon(self._watch_idle, idle_scope)
-                await self._read_loop()
+                await self._read_loop(resumed)
                 idle_scope.cancel()
                 self.responses.close()
             if self.responses.closing and not self.client_gone and not self.stopping:
@@ -190,27 +120,33 @@ class Connection:
         with trio.move_on_after(LINGER):
             try:
                 await self.stream.send_eof()
-                while await self.stream.receive_some(_RECEIVE):
+                while await self.stream.receive_some(RECEIVE):
                     pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
     # ------------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, resumed: bool = False) -> None:
         parser = self.parser
         responses = self.responses
         receive_some = self.stream.receive_some
         while not self.stopping:
-            try:
-                data = await receive_some(_RECEIVE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
-                self.client_gone = not self.stopping
-                return
-            self.idle.touch()
-            parser.feed(data)
+            if resumed:
+                resumed = False
+                pending, self.resume_with = self.resume_with, None
+                if pending is not None and not await self._dispatch(pending):
+                    return
+            else:
+                try:
+                    data = await receive_some(RECEIVE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+                if not data:
+                    self.client_gone = not self.stopping
+                    return
+                self.idle.touch()
+                parser.feed(data)
             while True:
                 event = parser.next_event()
                 if event is NEED_DATA:
@@ -302,7 +238,8 @@ class Connection:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    def _done(self) -> None:
+    def finished(self) -> None:
+        """One outstanding command has its answer."""
         self.outstanding -= 1
         if not self.outstanding:
             self.settled.set()
@@ -323,7 +260,7 @@ class Connection:
         self.writes_outstanding += 1
         self._spawn(self._journal_task, slot, job, gate, mine)
 
-    async def _journal_task(self, slot: _Slot, job: JournalJob, gate: trio.Event | None, mine: trio.Event) -> None:
+    async def _journal_task(self, slot: Slot, job: JournalJob, gate: trio.Event | None, mine: trio.Event) -> None:
         data = b""
         try:
             if gate is not None:
@@ -337,15 +274,15 @@ class Connection:
             mine.set()
             self.writes_outstanding -= 1
             self.responses.fill(slot, data)
-            self._done()
+            self.finished()
 
-    async def _read(self, slot: _Slot, event: Command) -> None:
+    async def _read(self, slot: Slot, event: Command) -> None:
         data = b""
         try:
             data = await self.handlers.read(event)
         finally:
             self.responses.fill(slot, data)
-            self._done()
+            self.finished()
 
     # ------------------------------------------------------------------ writing
 
@@ -408,6 +345,7 @@ class MemcacheServer:
         self.idle_timeout = idle_timeout
         self.gate = gate or ConnectionGate("memcached", "", 1 << 30, TOO_MANY)
         self.connections: set[Connection] = set()
+        self.mux: Multiplexer | None = None  # serves connections until they need their own task
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         await accept_forever(listener, self.handle, nursery, "memcached", self.gate)
@@ -419,7 +357,11 @@ class MemcacheServer:
         stats.total_connections += 1
         self.connections.add(connection)
         try:
-            await connection.serve()
+            if self.mux is not None and self.idle_timeout <= 0:
+                await self.mux.adopt(connection)
+                await connection.serve(resumed=True)
+            else:
+                await connection.serve()
         except Exception:  # a bug in one connection must not take the listener down
             log.error("connection_failed", exc_info=True)
         finally:
@@ -427,6 +369,8 @@ class MemcacheServer:
             stats.curr_connections -= 1
 
     def stop_connections(self) -> None:
+        if self.mux is not None:
+            self.mux.hand_over_all()
         for connection in list(self.connections):
             connection.stop()
 
@@ -459,6 +403,9 @@ async def serve_memcached(
             ingress.connection_gates[listener.bind] = gate
             server = MemcacheServer(handlers, ns.item_limit(), budget, listener.partial_wait, listener.idle_timeout,
                                     gate)
+            if mux_enabled():
+                server.mux = Multiplexer()
+                backend_nursery.start_soon(server.mux.run)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     for sock in sockets:

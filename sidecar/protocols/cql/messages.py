@@ -34,12 +34,9 @@ from .frames import (
     Opcode,
     encode_header,
 )
-from .types import (
-    Consistency,
-    CqlProtocolError,
-    DataType,
+from .types import Consistency, CqlProtocolError, DataType, Value
+from .wire import (
     Reader,
-    Value,
     write_bytes,
     write_bytes_map,
     write_inet,

@@ -21,7 +21,8 @@ from sidecar.envelope import CqlStatement
 
 from .schema import TableSchema
 from .statements import Statement, Term, TermKind
-from .types import UNSET, DataType, Value, encode_value
+from .types import UNSET, DataType, Value
+from .values import encode_value
 
 __all__ = [
     "Bound",

@@ -85,8 +85,9 @@ from .schema import SchemaCache, TableSchema, columns_query, table_schema_from_r
 from .session import AUTH_STATE, READY_STATE, STARTUP_STATE, Client, upstream_error
 from .statements import Statement, StatementKind
 from .system_tables import LocalNode, SystemInfo, answer, host_id_for, rewrite
-from .types import CqlProtocolError, decode_value
+from .types import CqlProtocolError
 from .upstream import Upstream, UpstreamPool, UpstreamRejected, UpstreamUnavailable, plain_username
+from .values import decode_value
 
 __all__ = ["CqlProxy"]
 

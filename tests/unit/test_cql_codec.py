@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from sidecar.protocols.cql import types as T
 from sidecar.protocols.cql import wire as W
+from sidecar.protocols.cql.classifier import classify
 from sidecar.protocols.cql.frames import (
     COMPRESSIONS,
     MAX_FRAME_LENGTH,
@@ -90,7 +91,7 @@ from sidecar.protocols.cql.messages import (
     encode_request,
     encode_response,
 )
-from sidecar.protocols.cql.statements import StatementKind, TermKind, classify
+from sidecar.protocols.cql.statements import StatementKind, TermKind
 from sidecar.protocols.cql.types import UNSET, CqlProtocolError, DataType
 from sidecar.protocols.cql.values import decode_value, encode_value
 from sidecar.protocols.cql.wire import Reader
@@ -843,6 +844,17 @@ def test_fuzz_options_and_lz4(raw: bytes) -> None:
     for action in (lambda: Reader(raw).read_option(), lambda: LZ4.decompress(raw)):
         with contextlib.suppress(CqlProtocolError):
             action()
+
+
+@FUZZ
+@given(st.text(st.characters(max_codepoint=0x7F), max_size=40) | st.sampled_from(
+    ["map<text, frozen<list<int>>>", "tuple<int, text>", "'org.x.Y'", 'frozen<"Addr">', "list<int>>"]))
+def test_fuzz_type_names(text: str) -> None:
+    """The CQL type-name parser (system_schema's spelling) fails only with ValueError, and never too deep."""
+    with contextlib.suppress(ValueError):
+        DataType.from_cql_name(text)
+    with contextlib.suppress(ValueError):
+        DataType.from_cql_name("list<" * 200 + "int" + ">" * 200)
 
 
 @pytest.mark.parametrize("message", _requests() + _responses(), ids=lambda m: type(m).__name__)

@@ -24,6 +24,7 @@ from sidecar.config import Config, validate
 from sidecar.envelope import CqlStatement, Entry, now_us
 from sidecar.ingress import Ingress
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.protocols.cql.classifier import classify
 from sidecar.protocols.cql.frames import FrameDecoder
 from sidecar.protocols.cql.messages import (
     Batch,
@@ -57,7 +58,6 @@ from sidecar.protocols.cql.proxy import NO_KEYSPACE, CqlProxy
 from sidecar.protocols.cql.routing import ClassifyCache, Route, route_of
 from sidecar.protocols.cql.schema import SchemaCache, TableSchema, columns_query, table_schema_from_rows
 from sidecar.protocols.cql.session import READY_STATE, Client
-from sidecar.protocols.cql.statements import classify
 from sidecar.protocols.cql.system_tables import (
     LocalNode,
     SystemInfo,

@@ -9,6 +9,8 @@ tests drive :class:`CqlProxy` with encoded frames and a journal that only record
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import ipaddress
 import struct
 import uuid
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from cassandra import cqltypes as ct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,6 +182,24 @@ def test_key_spelling_and_table_fallback() -> None:
     # Prepared metadata with a null in the key: fall back to the schema, then to the table.
     bound = Bound("q", classify("INSERT INTO kv (k1, k2) VALUES (?, ?)"), KS, "kv", [None, b"a"], [], [0, 1])
     assert partition_key(bound, KV) == partition_key(bound, None) == "shop.kv"
+
+
+def test_literal_keys_are_serialized_as_the_driver_binds_them() -> None:
+    """A literal partition key keys the journal like the same value bound by a driver (per-key order holds)."""
+    typed = table_schema_from_rows(KS, "typed", [("k", "partition_key", 0, "decimal"),
+                                                 ("i", "partition_key", 1, "inet"),
+                                                 ("d", "partition_key", 2, "date"),
+                                                 ("u", "partition_key", 3, "uuid")])
+    SCHEMAS[(KS, "typed")] = typed
+    try:
+        u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+        literal = simple_key(f"INSERT INTO typed (k, i, d, u) VALUES (1.10, '10.0.0.1', '2024-02-29', {u})", [])
+        bound = [ct.DecimalType.serialize(decimal.Decimal("1.10"), 4), ct.InetAddressType.serialize("10.0.0.1", 4),
+                 ct.SimpleDateType.serialize(dt.date(2024, 2, 29), 4), ct.UUIDType.serialize(u, 4)]
+        assert literal == journal_key(KS, "typed", bound)
+        assert simple_key("INSERT INTO typed (k, i, d, u) VALUES (?, ?, ?, ?)", bound) == literal
+    finally:
+        del SCHEMAS[(KS, "typed")]
 
 
 # --------------------------------------------------------------------------- bind values

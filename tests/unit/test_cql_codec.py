@@ -92,6 +92,7 @@ from sidecar.protocols.cql.messages import (
     encode_response,
 )
 from sidecar.protocols.cql.statements import StatementKind, TermKind
+from sidecar.protocols.cql.system_tables import parse_projection
 from sidecar.protocols.cql.types import UNSET, CqlProtocolError, DataType
 from sidecar.protocols.cql.values import decode_value, encode_value
 from sidecar.protocols.cql.wire import Reader
@@ -855,6 +856,13 @@ def test_fuzz_type_names(text: str) -> None:
         DataType.from_cql_name(text)
     with contextlib.suppress(ValueError):
         DataType.from_cql_name("list<" * 200 + "int" + ">" * 200)
+
+
+@FUZZ
+@given(st.text(max_size=60).map(lambda s: "SELECT " + s + " FROM system.local") | st.text(max_size=60))
+def test_fuzz_system_table_projections(query: str) -> None:
+    projection = parse_projection(query)
+    assert projection is None or all(isinstance(c, str) and isinstance(a, str) for c, a in projection)
 
 
 @pytest.mark.parametrize("message", _requests() + _responses(), ids=lambda m: type(m).__name__)

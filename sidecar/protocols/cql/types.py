@@ -2,9 +2,10 @@
 
 :class:`DataType` is what an [option] says (rows and prepared metadata); its CQL
 spelling (``map<text, frozen<list<int>>>``, as ``system_schema`` stores it) is
-parsed here too: the driver has no public parser for it that keeps quoted names
-and resolves user types.  The wire primitives are in :mod:`.wire`; values are (de)serialized with
-the driver's codecs in :mod:`.values`.
+parsed here too: the driver's ``cqltype_to_python`` rewrites it into a Python
+literal for ``ast.literal_eval`` (no custom types, no arity checks, no user types
+resolved).  The wire primitives are in :mod:`.wire`; values are (de)serialized
+with the driver's codecs in :mod:`.values`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ tests drive :class:`CqlProxy` with encoded frames and a journal that only record
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import ipaddress
 import struct
 import uuid
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from cassandra import cqltypes as ct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +27,7 @@ from sidecar.config import Config, validate
 from sidecar.envelope import CqlStatement, Entry, now_us
 from sidecar.ingress import Ingress
 from sidecar.log.writer import Durable, WriteResult
+from sidecar.protocols.cql.classifier import classify
 from sidecar.protocols.cql.frames import FrameDecoder
 from sidecar.protocols.cql.messages import (
     Batch,
@@ -57,7 +61,6 @@ from sidecar.protocols.cql.proxy import NO_KEYSPACE, CqlProxy
 from sidecar.protocols.cql.routing import ClassifyCache, Route, route_of
 from sidecar.protocols.cql.schema import SchemaCache, TableSchema, columns_query, table_schema_from_rows
 from sidecar.protocols.cql.session import READY_STATE, Client
-from sidecar.protocols.cql.statements import classify
 from sidecar.protocols.cql.system_tables import (
     LocalNode,
     SystemInfo,
@@ -66,7 +69,8 @@ from sidecar.protocols.cql.system_tables import (
     parse_projection,
     rewrite,
 )
-from sidecar.protocols.cql.types import UNSET, Consistency, DataType, decode_value, encode_value
+from sidecar.protocols.cql.types import UNSET, Consistency, DataType
+from sidecar.protocols.cql.values import decode_value, encode_value
 
 KS = "shop"
 # PRIMARY KEY ((k1, k2), c): a composite partition key, declared k1 then k2.
@@ -178,6 +182,24 @@ def test_key_spelling_and_table_fallback() -> None:
     # Prepared metadata with a null in the key: fall back to the schema, then to the table.
     bound = Bound("q", classify("INSERT INTO kv (k1, k2) VALUES (?, ?)"), KS, "kv", [None, b"a"], [], [0, 1])
     assert partition_key(bound, KV) == partition_key(bound, None) == "shop.kv"
+
+
+def test_literal_keys_are_serialized_as_the_driver_binds_them() -> None:
+    """A literal partition key keys the journal like the same value bound by a driver (per-key order holds)."""
+    typed = table_schema_from_rows(KS, "typed", [("k", "partition_key", 0, "decimal"),
+                                                 ("i", "partition_key", 1, "inet"),
+                                                 ("d", "partition_key", 2, "date"),
+                                                 ("u", "partition_key", 3, "uuid")])
+    SCHEMAS[(KS, "typed")] = typed
+    try:
+        u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+        literal = simple_key(f"INSERT INTO typed (k, i, d, u) VALUES (1.10, '10.0.0.1', '2024-02-29', {u})", [])
+        bound = [ct.DecimalType.serialize(decimal.Decimal("1.10"), 4), ct.InetAddressType.serialize("10.0.0.1", 4),
+                 ct.SimpleDateType.serialize(dt.date(2024, 2, 29), 4), ct.UUIDType.serialize(u, 4)]
+        assert literal == journal_key(KS, "typed", bound)
+        assert simple_key("INSERT INTO typed (k, i, d, u) VALUES (?, ?, ?, ?)", bound) == literal
+    finally:
+        del SCHEMAS[(KS, "typed")]
 
 
 # --------------------------------------------------------------------------- bind values
@@ -498,7 +520,7 @@ def rows_of(result: Any) -> list[dict[str, Any]]:
 
 def test_system_local_describes_the_sidecar_owning_the_whole_ring() -> None:
     (row,) = rows_of(answer("SELECT * FROM system.local WHERE key='local'", "local", system_info(), NODE))
-    here = ipaddress.ip_address("127.0.0.1")
+    here = "127.0.0.1"  # inet values decode to the driver's text form
     assert (row["data_center"], row["rack"]) == (DC, RACK)
     assert row["rpc_address"] == row["broadcast_address"] == row["listen_address"] == here
     assert row["rpc_port"] == row["broadcast_port"] == row["listen_port"] == 9142
@@ -518,7 +540,7 @@ def test_byte_ordered_rings_get_a_token_in_their_own_spelling() -> None:
 def test_ipv6_listeners_and_host_ids() -> None:
     node = LocalNode("::1", 9042, DC, RACK, host_id_for("[::1]:9042"))
     (row,) = rows_of(answer("SELECT rpc_address, host_id FROM system.local", "local", system_info(), node))
-    assert row == {"rpc_address": ipaddress.ip_address("::1"), "host_id": host_id_for("[::1]:9042")}
+    assert row == {"rpc_address": "::1", "host_id": host_id_for("[::1]:9042")}
     assert host_id_for("127.0.0.1:9042") == host_id_for("127.0.0.1:9042") != host_id_for("127.0.0.1:9043")
 
 

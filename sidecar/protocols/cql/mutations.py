@@ -15,13 +15,16 @@ could not be read) the key falls back to ``keyspace.table``.
 
 from __future__ import annotations
 
+import decimal
+
 import msgspec
 
 from sidecar.envelope import CqlStatement
 
 from .schema import TableSchema
 from .statements import Statement, Term, TermKind
-from .types import UNSET, DataType, Value, encode_value
+from .types import UNSET, DataType, Value
+from .values import encode_value
 
 __all__ = [
     "Bound",
@@ -148,9 +151,12 @@ def _literal_bytes(term: Term, cql_type: str) -> bytes | None:
     """The serialized form of a literal partition-key value, as a driver would bind it; None if unsure."""
     if not term.is_literal or term.kind == TermKind.NULL:
         return None
+    value = term.value
+    if term.kind == TermKind.FLOAT and cql_type == "decimal":
+        value = decimal.Decimal(term.text)  # exact, as Cassandra reads the literal (a float would not be)
     try:
-        data = encode_value(DataType.from_cql_name(cql_type), term.value)
-    except (ValueError, TypeError, OverflowError):
+        data = encode_value(DataType.from_cql_name(cql_type), value)
+    except (ValueError, TypeError, OverflowError, decimal.InvalidOperation):
         return None
     return data
 

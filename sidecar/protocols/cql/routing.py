@@ -14,7 +14,8 @@ from collections import OrderedDict
 from enum import StrEnum
 from typing import Final
 
-from .statements import Statement, StatementKind, classify, is_system_keyspace
+from .classifier import classify
+from .statements import Statement, StatementKind, is_system_keyspace
 
 __all__ = [
     "SYSTEM_TABLES",

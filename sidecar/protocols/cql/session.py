@@ -25,10 +25,10 @@ from .frames import (
     Frame,
     FrameDecoder,
 )
-from .messages import Error, ErrorCode, ResponseMessage, UnavailableInfo, encode_response
+from .messages import Error, ErrorCode, Request, ResponseMessage, UnavailableInfo, decode_request, encode_response
 from .mutations import MutationError
 from .system_tables import LocalNode
-from .types import Consistency
+from .types import Consistency, CqlProtocolError
 from .upstream import UpstreamPool, UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["AUTH_STATE", "COMPRESS_MIN", "READY_STATE", "STARTUP_STATE", "Client", "upstream_error"]
@@ -74,6 +74,18 @@ class Client:
         """The handshake is done (authenticated, or READY without auth): full-size frames from now on."""
         self.state = READY_STATE
         self.decoder.authenticated()
+
+    def decode(self, frame: Frame) -> Request | None:
+        """The request in ``frame``; None when it is malformed, after answering its ProtocolError.
+
+        Every request is decoded in full before it goes anywhere: a malformed frame forwarded raw
+        could make Cassandra close an upstream connection other apps share.
+        """
+        try:
+            return decode_request(frame)
+        except CqlProtocolError as exc:
+            self.respond(frame.stream, Error(exc.code, exc.message))
+            return None
 
     # --- output ----------------------------------------------------------------
 

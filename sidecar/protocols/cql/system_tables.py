@@ -26,7 +26,7 @@ from typing import Any, Final
 import msgspec
 
 from .messages import ColumnSpec, Error, ErrorCode, RowsMetadata, RowsResult
-from .types import decode_value, encode_value
+from .values import decode_value, encode_value
 
 __all__ = [
     "LocalNode",
@@ -84,7 +84,7 @@ def _token_for(partitioner: str) -> str:
 
 
 def local_overrides(node: LocalNode, partitioner: str) -> dict[str, Any]:
-    address = ipaddress.ip_address(node.address)
+    address = str(ipaddress.ip_address(node.address))  # the driver's inet codec takes the text form
     return {
         "key": "local",
         "broadcast_address": address,

@@ -83,7 +83,7 @@ class Catalog:
         specs = result.metadata.columns
         rows = [tuple(decode_value(spec.type, cell) for spec, cell in zip(specs, row, strict=True))
                 for row in result.rows]
-        schema = table_schema_from_rows(keyspace, table, rows)  # type: ignore[arg-type]
+        schema = table_schema_from_rows(keyspace, table, rows)
         if schema is None:
             raise MutationError(f"unconfigured table {table}")
         self.schemas.put(keyspace, table, schema)
@@ -127,7 +127,7 @@ class Catalog:
                     peers = await self.upstream.query(client.token, "SELECT schema_version FROM system.peers")
                 except (UpstreamUnavailable, UpstreamRejected):
                     return
-                versions = set()
+                versions: set[object] = set()
                 for result in (local, peers):
                     if isinstance(result, RowsResult):
                         versions.update(row[0] for row in result.rows if row and row[0] is not None)

@@ -102,8 +102,8 @@ class Writes:
                 and len(values) == len(info.columns) and info.table is not None and info.columns):
             return None
         keyspace = info.columns[0].keyspace
-        parts = [values[i] for i in info.pk_indexes]
-        if not all(type(p) is bytes for p in parts):
+        parts = [p for p in (values[i] for i in info.pk_indexes) if type(p) is bytes]
+        if len(parts) != len(info.pk_indexes):  # a key part unset or null: no partition to name
             return None
         statement = to_cql_statement(Bound(info.query, info.statement, keyspace, info.table, values, info.types))
         return journal_key(keyspace, info.table, parts), statement

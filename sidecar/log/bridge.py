@@ -67,7 +67,7 @@ class AsyncioBridge:
         self.call_soon(self._spawn, factory)
 
     def _spawn(self, factory: Callable[[], Awaitable[Any]]) -> None:
-        task = self.loop.create_task(factory())  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = self.loop.create_task(factory())  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

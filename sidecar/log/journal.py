@@ -83,7 +83,7 @@ class Journal:
         """Move a payload above the chunk threshold into the chunk store."""
         if _fits_inline(entry, ns):
             return entry
-        ref = await self.chunks.put(entry.ns, entry.id, entry.value)
+        ref = await self.chunks.put(entry.ns, entry.id, entry.value or b"")
         return msgspec.structs.replace(entry, value=None, chunk=ref)
 
     async def append(self, entry: Entry) -> WriteResult:

@@ -81,7 +81,7 @@ def creds_signer(path: str) -> Callable[[str], dict[str, str]]:
         raise ValueError(f"{path}: not a NATS credentials file (expected a user JWT and an nkey seed)")
     jwt, seed = blocks[0].strip(), blocks[1].strip()
     try:
-        import nkeys  # type: ignore[import-not-found]
+        import nkeys
     except ImportError:
         raise ValueError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
     keys = nkeys.from_seed(seed.encode())

@@ -32,7 +32,7 @@ def read_secret_file(setting: str, path: str) -> str:
 def require_nkeys() -> None:
     """Signing with a creds file's seed needs `nkeys` (the `walcar[nkeys]` extra), in both clients."""
     try:
-        import nkeys  # type: ignore[import-not-found]  # noqa: F401
+        import nkeys  # noqa: F401
     except ImportError:
         raise CredentialsError("sidecar.nats_creds needs the `nkeys` package: pip install 'walcar[nkeys]'") from None
 

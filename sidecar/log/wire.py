@@ -145,9 +145,9 @@ class ClientParser:
         self._buffer = b""  # bytes, not bytearray: each slice taken out is then one copy, not two
         self._pos = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos < len(self._buffer):
-            self._buffer = self._buffer[self._pos :] + data
+            self._buffer = self._buffer[self._pos :] + bytes(data)
         else:
             self._buffer = bytes(data)
         self._pos = 0

@@ -25,7 +25,7 @@ import msgspec
 from .types import PROTOCOL_ERROR_CODE, CqlProtocolError
 
 try:  # snappy is optional (native lib); lz4 is the preferred compression anyway
-    import snappy as _snappy  # type: ignore[import-not-found]
+    import snappy as _snappy
 except ImportError:  # pragma: no cover - depends on the environment
     _snappy = None
 

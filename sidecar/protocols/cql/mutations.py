@@ -97,10 +97,10 @@ def marker_types(st: Statement, schemas: dict[tuple[str, str], TableSchema | Non
                         types[item.bind_index] = col_type
                 if term.bind_index is not None and term.bind_index < len(types) and col_type:
                     types[term.bind_index] = f"list<{col_type}>"
-        for term, type_ in ((child.timestamp, "bigint"), (child.ttl, "int")):
-            if term is not None and term.kind == TermKind.BIND and term.bind_index is not None \
-                    and term.bind_index < len(types):
-                types[term.bind_index] = type_
+        for limit, type_ in ((child.timestamp, "bigint"), (child.ttl, "int")):
+            if limit is not None and limit.kind == TermKind.BIND and limit.bind_index is not None \
+                    and limit.bind_index < len(types):
+                types[limit.bind_index] = type_
     return types
 
 
@@ -135,7 +135,7 @@ def to_cql_statement(bound: Bound) -> CqlStatement:
         return CqlStatement(query=bound.query, values=bound.values, types=bound.types,  # type: ignore[arg-type]
                             keyspace=bound.keyspace)
     unset = [i for i, v in enumerate(bound.values) if v is UNSET]
-    values: list[bytes | None] = [None if v is UNSET else v for v in bound.values]  # type: ignore[misc]
+    values: list[bytes | None] = [None if v is UNSET else v for v in bound.values]
     return CqlStatement(query=bound.query, values=values, types=bound.types, keyspace=bound.keyspace, unset=unset)
 
 

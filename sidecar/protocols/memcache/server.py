@@ -152,7 +152,7 @@ class Connection:
                 if event is NEED_DATA:
                     if not self.reserved and (parser.pending_length >= LARGE_VALUE
                                               or parser.partial_line_length >= LARGE_VALUE):
-                        event = await self._reserve()
+                        event = await self._reserve()  # type: ignore[assignment]  # None or the refusal to answer
                         if event is None:
                             break
                     else:

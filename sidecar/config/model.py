@@ -124,7 +124,7 @@ class DrainSettings(_Base):
     max_inflight: int = 1000  # entries held per partition (bounds memory, whatever the backlog)
     # Bytes of held entries, all partitions of all targets together (split evenly): what bounds
     # the drain's memory for large values; sized so the Helm chart's 256Mi pod limit holds.
-    max_held_bytes: ByteSize = ByteSize(48 * 1024 * 1024)
+    max_held_bytes: ByteSize = ByteSize(32 * 1024 * 1024)
     fetch_batch: int = 256
     max_run: int = 64  # entries of one key applied in one round
 

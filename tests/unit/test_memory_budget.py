@@ -37,7 +37,8 @@ def test_the_defaults_of_an_injected_pod_fit_the_charts_memory_limit() -> None:
 def test_a_config_that_could_outgrow_its_limit_is_refused_naming_what_to_lower() -> None:
     config = config_mod.validate(document(memory_limit="256MiB", drain={"max_held_bytes": "128MiB"}))
     problem = refusal(config, "all")
-    assert problem is not None and "sidecar.drain.max_held_bytes, and half again for the apply path's copies (192 MiB)" in problem, problem
+    assert problem is not None, problem
+    assert "sidecar.drain.max_held_bytes, and half again for the apply path's copies (192 MiB)" in problem, problem
     assert refusal(config, "ingress") is None  # an ingress-only sidecar holds no drain entries
     assert refusal(config_mod.validate(document(memory_limit="0", drain={"max_held_bytes": "1GiB"})), "all") is None
 

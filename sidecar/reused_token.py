@@ -3,10 +3,10 @@
 Entry ids derive from the client's idempotency token, so JetStream answers `duplicate` for a
 retried request and for a different request under a reused token alike. Acking the second as
 durable would tell the client a write is stored that never was; so on this rare path (a
-duplicate with a known sequence: one entry, or a mutation stored as one MULTI object) the
-stored entries are read back and compared with the request's, all but the times each request
-assigns afresh (write time, expiry, delivery time). An atomic batch tells the two apart by its
-entry ids instead (sidecar.log.journal: every id stored is a retry, some is a 409).
+duplicate) the stored entries are read back and compared with the request's, all but the
+times each request assigns afresh (write time, expiry, delivery time): one entry, a mutation
+stored as one MULTI object, or an atomic batch whose every id is stored (one whose ids are only
+partly stored is a 409 already: sidecar.log.journal).
 
 What was stored can be gone by the time of the retry (a chunk deleted once every target
 applied it, a message past the stream's limits): then there is nothing to compare and the
@@ -41,11 +41,17 @@ async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str
     """`result` as it is, unless it is a duplicate stored for a different write (then a 409
     conflict) or one that cannot be read back to tell (then durable unknown: retry the token).
     `stored_id` is the id the duplicate was found under: the entry's, or the MULTI marker's."""
-    if not (result.ok and result.duplicate and result.sequence):
+    if not (result.ok and result.duplicate and (result.sequence or result.stored_at)):
         return result
     namespace = entries[0].ns
     try:
-        stored = await _stored_entries(journal, namespace, result.sequence, stored_id)
+        if result.stored_at:  # an atomic batch: entry by entry, each under its own id
+            stored: list[Entry] | None = []
+            for entry, sequence in zip(entries, result.stored_at, strict=True):
+                one = await _stored_entries(journal, namespace, sequence, entry.id)
+                stored = None if one is None or stored is None else stored + one
+        else:
+            stored = await _stored_entries(journal, namespace, result.sequence, stored_id)
     except _Gone as exc:
         log.info("duplicate_not_compared", namespace=namespace, sequence=result.sequence, reason=str(exc))
         return result
@@ -56,15 +62,16 @@ async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str
                                                     "to compare: retry with the same token")
     if stored is None or _comparable(stored) == _comparable(entries):
         return result
+    where = f"sequences {result.stored_at[0]}..." if result.stored_at else f"sequence {result.sequence}"
     return WriteResult(Durable.FALSE, conflict=True, message=(
-        f"idempotency token reused for a different write: the write stored under it (sequence "
-        f"{result.sequence}, {len(stored)} entries) differs from this one ({len(entries)} entries); "
+        f"idempotency token reused for a different write: the write stored under it ({where}, "
+        f"{len(stored)} entries) differs from this one ({len(entries)} entries); "
         "nothing of this one is stored: send it under a new token"))
 
 
 async def _stored_entries(journal: Journal, namespace: str, sequence: int, stored_id: str) -> list[Entry] | None:
     """The entries stored at `sequence` under `stored_id`, values included; None when that message
-    is not the write's own (an atomic batch's sequence: its ids were compared already)."""
+    is not stored under that id (then there is nothing of this write's to compare with)."""
     try:
         reply = await journal.writer.conn.js_api(f"STREAM.MSG.GET.{stream_name(namespace)}", {"seq": sequence})
     except JetStreamApiError as exc:

@@ -27,6 +27,8 @@ class WriteResult(msgspec.Struct, omit_defaults=True):
     stream: str = ""
     code: int = 0  # JetStream's err_code when the server refused the write
     conflict: bool = False  # the write's ids were used before by a different write (HTTP 409)
+    # An atomic batch found stored already: where each of its entries is, to compare with the retry.
+    stored_at: list[int] | None = None
 
     @property
     def ok(self) -> bool:

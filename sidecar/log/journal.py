@@ -164,7 +164,7 @@ class Journal:
         stored = [i for i, a in zip(ids, answers, strict=True) if a.ok and a.duplicate]
         missing = [i for i, a in zip(ids, answers, strict=True) if a.code == WRONG_LAST_MSG_ID]
         if len(stored) == len(ids):
-            return WriteResult(Durable.TRUE, duplicate=True, count=len(ids),
+            return WriteResult(Durable.TRUE, duplicate=True, count=len(ids), stored_at=[a.sequence for a in answers],
                                message="a retry: every entry of this mutation is stored already")
         if stored and len(stored) + len(missing) == len(ids):
             return WriteResult(Durable.FALSE, conflict=True, message=(

@@ -70,3 +70,19 @@ async def test_a_reused_token_on_a_single_write_is_a_retry_or_a_conflict(service
 
     stored = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
     assert sorted(e.key for e in stored) == ["L", "S"]  # one entry each: nothing of the 409s
+
+
+async def test_a_reused_token_on_an_atomic_batch_compares_the_values(services: Services, unique: str) -> None:
+    """Small items, journaled as one atomic batch under the token's ids: the same values answer
+    duplicate; as many items with another value answer 409, and nothing of it is stored."""
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+        mutation = {"items": items("a", "b"), "idempotency_token": "B"}
+        first = await client.put(f"/v1/kv/{unique}/r", json=mutation)
+        assert first.status_code == 200 and not first.json()["duplicate"], first.json()
+        retried = await client.put(f"/v1/kv/{unique}/r", json=mutation)
+        assert retried.status_code == 200 and retried.json()["duplicate"], retried.json()
+        reused = await client.put(f"/v1/kv/{unique}/r", json={"items": items("a", "B"), "idempotency_token": "B"})
+        assert reused.status_code == 409 and reused.json()["durable"] == "false", reused.json()
+    stored = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert [e.value for e in stored] == [b"a", b"b"]

@@ -50,6 +50,8 @@ class PodOptions:
     log_level: str
     native: bool
     warnings: tuple[str, ...] = field(default=())
+    # the default limit raised to what the sidecar's budgets can hold (render.sized_memory)
+    memory_limit: str | None = None
 
 
 def _boolean(value: str, key: str, errors: list[str]) -> bool | None:
@@ -86,6 +88,22 @@ def _quantity(value: str, key: str, errors: list[str], memory: bool) -> str | No
         errors.append(f"{key}: {value!r} means milli-bytes; did you mean {match.group('number') + 'Mi'!r}?")
         return None
     return value.strip()
+
+
+_SUFFIX_BYTES = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60,
+                 "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1}
+
+
+def quantity_bytes(value: str) -> int | None:
+    """A memory quantity ("256Mi", "1G", "268435456") in bytes; None when it is not one."""
+    match = _QUANTITY_RE.match(value.strip())
+    if match is None:
+        return None
+    suffix = match.group("suffix") or ""
+    number = Decimal(match.group("number"))
+    if suffix[:1] in ("e", "E"):
+        return int(number * Decimal(10) ** int(suffix[1:]))
+    return int(number * _SUFFIX_BYTES[suffix]) if suffix in _SUFFIX_BYTES else None
 
 
 def _protocols(value: str, errors: list[str]) -> tuple[str, ...]:

@@ -88,6 +88,8 @@ def _resources(settings: InjectorSettings, options: PodOptions) -> dict[str, Any
     if options.memory is not None:
         requests["memory"] = options.memory
         limits["memory"] = options.memory
+    elif options.memory_limit is not None:
+        limits["memory"] = options.memory_limit
     resources: dict[str, Any] = {}
     if requests:
         resources["requests"] = requests

@@ -234,6 +234,7 @@ class Injector:
         try:
             options = ann.parse_options(annotations, self.settings)
             document, parsed = render.pod_config(self.control_plane, self.settings, options)
+            options = render.sized_memory(parsed, self.settings, options)
         except (ann.AnnotationError, render.RenderError) as exc:
             return self._deny(exc.errors)
         config_text = render.dump(document)

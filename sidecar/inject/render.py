@@ -22,21 +22,26 @@ annotations cannot work is refused at admission instead of crash-looping later.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
 from sidecar import config as config_mod
-from sidecar.inject.annotations import NAMESPACE, PROTOCOLS_KEY, PodOptions
+from sidecar.inject.annotations import MEMORY, NAMESPACE, PROTOCOLS_KEY, PodOptions, quantity_bytes
 from sidecar.inject.settings import InjectorSettings
+from sidecar.memory_budget import refusal, worst_case
+from sidecar.units import ByteSize
 
 NATS_CREDS_DIR = "/var/run/secrets/walcar/nats"
 NATS_CREDS_FILE = "nats.creds"
 NATS_TLS_DIR = "/var/run/secrets/walcar/nats-tls"
 RUN_DIR = "/var/run/walcar"  # a memory emptyDir of the walcar container alone
 ADMIN_TOKEN_FILE = f"{RUN_DIR}/admin.token"
+MIB = 1024 * 1024
 GRACE_MARGIN_SECONDS = 5  # process start-up of `walcar drain`, the kubelet's own slack
 
 
@@ -125,6 +130,25 @@ def pod_config(control_plane: dict[str, Any], settings: InjectorSettings,
     except config_mod.ConfigError as exc:
         raise RenderError(_explain(exc.errors, listeners)) from None
     return document, parsed
+
+
+def sized_memory(parsed: config_mod.Config, settings: InjectorSettings, options: PodOptions) -> PodOptions:
+    """The pod's options with a memory limit its sidecar's budgets fit in: a default limit is raised
+    to the worst case (rounded up to MiB); a `walcar.io/memory` below it is refused (RenderError)
+    at admission, rather than the sidecar refusing to start in a crash loop."""
+    limit = quantity_bytes(options.memory or settings.resources.limits.get("memory", ""))
+    if limit is None:
+        return options
+    if options.memory is not None:
+        problem = refusal(msgspec.structs.replace(parsed, sidecar=msgspec.structs.replace(
+            parsed.sidecar, memory_limit=ByteSize(limit))), settings.role)
+        if problem is not None:
+            raise RenderError([f"{MEMORY}: {problem}"])
+        return options
+    needed = sum(size for _, size in worst_case(parsed, settings.role))
+    if needed <= limit:
+        return options
+    return dataclasses.replace(options, memory_limit=f"{-(-needed // MIB)}Mi")
 
 
 def dump(document: dict[str, Any]) -> str:

@@ -341,9 +341,26 @@ def test_resources_from_annotations_override_the_defaults() -> None:
     pod = deployment_pod({"walcar.io/inject": "true", "walcar.io/cpu": "500m", "walcar.io/memory": "1Gi"})
     walcar = walcar_of(apply(pod, answer_for(pod)))
     assert walcar["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
-    default = walcar_of(apply(deployment_pod({"walcar.io/inject": "true"}),
-                              answer_for(deployment_pod({"walcar.io/inject": "true"}))))
+    plain = deployment_pod({"walcar.io/inject": "true", "walcar.io/namespace": "playback"})
+    default = walcar_of(apply(plain, answer_for(plain)))
     assert default["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+
+
+def test_the_default_memory_limit_grows_to_what_the_sidecars_budgets_can_hold() -> None:
+    """One listener and one namespace fit the chart's 256Mi; another listener's budgets raise the
+    default limit (so do namespaces: a kv listener without one serves, and overlays, them all)."""
+    one = deployment_pod({"walcar.io/inject": "true", "walcar.io/namespace": "playback"})
+    assert walcar_of(apply(one, answer_for(one)))["resources"]["limits"] == {"memory": "256Mi"}
+    two = deployment_pod({"walcar.io/inject": "true", "walcar.io/namespace": "playback",
+                          "walcar.io/protocols": "cql,kv"})
+    limits = walcar_of(apply(two, answer_for(two)))["resources"]["limits"]
+    assert int(limits["memory"].removesuffix("Mi")) > 256, limits
+
+
+def test_a_memory_annotation_below_the_sidecars_worst_case_is_refused() -> None:
+    pod = deployment_pod({"walcar.io/inject": "true", "walcar.io/memory": "128Mi"})
+    message = denial(answer_for(pod))
+    assert "walcar.io/memory" in message and "worst-case memory" in message, message
 
 
 def test_cpu_annotation_moves_a_configured_cpu_limit_too() -> None:

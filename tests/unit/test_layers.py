@@ -40,7 +40,7 @@ LAYER_OF = {
     "sidecar.inject": "inject",
     "sidecar.app": "app",
     "sidecar.cli": "app",
-    "sidecar.memory_budget": "app",
+    "sidecar.memory_budget": "shared",
 }
 
 # What each layer may import besides itself.

@@ -153,7 +153,7 @@ class JournalReader:
             return RetentionError(
                 f"namespace {self.namespace!r}: --from {asked} is older than anything its journal still holds: "
                 f"every entry up to seq {state.last_seq} (the last written {format_time(state.last_ns)}) has aged "
-                f"out of the replay window ({window}); nothing from that time can be replayed"
+                f"out: the replay window is {window}; nothing from that time can be replayed"
             )
         return RetentionError(
             f"namespace {self.namespace!r}: --from {asked} is before the oldest entry its journal still holds "

@@ -480,7 +480,7 @@ class PartitionWorker:
                 self.rescue = False  # what is held is older than anything unfetched: it goes first
                 continue
             consumer = self.consumer
-            stored = await expiry.first_stored_time(drainer.service.journal.writer.conn, consumer.stream,
+            stored = await expiry.first_stored_time(drainer.service.nats, consumer.stream,
                                                     consumer.subject, self.next_seq)
             self.rescue = bool(stored) and time.time() - stored >= limit
             if self.rescue:

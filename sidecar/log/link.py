@@ -40,6 +40,8 @@ from sidecar.log.wire import (
     ServerMessage,
     WireError,
     encode_connect,
+    encode_publish,
+    encode_same_to_each,
     encode_sub,
     encode_unsub,
 )
@@ -173,6 +175,14 @@ class NatsLink:
         if not self._wake.is_set():
             self._wake.set()
         return True
+
+    def publish(self, subject: str, payload: bytes, reply: str = "") -> bool:
+        """A core NATS publish, fire and forget (False: disconnected or congested, nothing sent)."""
+        return self.send(encode_publish(subject, reply.encode(), None, payload))
+
+    def publish_to_each(self, subjects: list[bytes], payload: bytes) -> bool:
+        """`payload` to each subject in one write: many acks ("+ACK" to their reply subjects) at once."""
+        return not subjects or self.send(encode_same_to_each(subjects, payload))
 
     def after_read(self, fn: Callable[[], None]) -> None:
         """Run `fn` once, when every message of the current read has been handled: a handler can

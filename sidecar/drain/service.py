@@ -26,9 +26,10 @@ from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreak
 from sidecar.drain.chunkgc import ChunkCollector
 from sidecar.drain.consumer import PartitionConsumer
 from sidecar.drain.dlq import key_token
+from sidecar.drain.held import ENTRY_OVERHEAD
 from sidecar.drain.lease import Leases, group_name, lease_key
 from sidecar.drain.nats import DrainNats
-from sidecar.drain.partition import ENTRY_OVERHEAD, PartitionWorker
+from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.pump import ApplyPump
 from sidecar.drain.targets import build_target
@@ -75,6 +76,8 @@ class TargetDrainer:
         self.strict = ns.strict
         self.dlq_enabled = ns.dlq
         self.limiter = AdaptiveLimit(**getattr(self.target, "limits", {}))  # a target may bound it its own way
+        # Rounds one partition may have in flight at once; a target opts in to more than one (targets/base.py).
+        self.overlapping_rounds = max(1, int(getattr(self.target, "overlapping_rounds", 1)))
         self.breaker = CircuitBreaker()
         self.stats = DrainStats()
         self.writer = service.journal.writer

@@ -13,9 +13,9 @@ from typing import Final
 import msgspec
 import trio
 
+from sidecar.applied import AppliedTracker
 from sidecar.config import CassandraTarget, Config, MemcachedTarget, Namespace
 from sidecar.counters import WriteCounters
-from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import (
     MAX_ID_BYTES,
     REGION_RE,

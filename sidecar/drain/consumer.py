@@ -24,9 +24,9 @@ from typing import Any
 
 import msgspec
 
-from sidecar.log.connection import JetStreamApiError, NatsConnection
-from sidecar.log.link import NatsLink, Timer, new_inbox
-from sidecar.log.wire import encode_publish, encode_same_to_each, status_of
+from sidecar.drain.nats import DrainLink, DrainNats
+from sidecar.log.connection import JetStreamApiError
+from sidecar.log.link import Timer, new_inbox, reply_status
 
 CONSUMER_NOT_FOUND = 10014
 ACK = b"+ACK"
@@ -61,9 +61,9 @@ MAX_BYTES_EXCEEDED = b"Message Size Exceeds MaxBytes"
 
 
 class PartitionConsumer:
-    def __init__(self, conn: NatsConnection, stream: str, target: str, subject: str, partition: int,
+    def __init__(self, nats: DrainNats, stream: str, target: str, subject: str, partition: int,
                  ack_wait: float, max_ack_pending: int, first_start: float | None = None) -> None:
-        self.conn = conn
+        self.nats = nats
         self.stream = stream
         self.name = consumer_name(target, partition)
         self.subject = subject
@@ -96,7 +96,7 @@ class PartitionConsumer:
 
     async def info(self) -> dict[str, Any] | None:
         try:
-            return await self.conn.js_api(f"CONSUMER.INFO.{self.stream}.{self.name}")
+            return await self.nats.js_api(f"CONSUMER.INFO.{self.stream}.{self.name}")
         except JetStreamApiError as exc:
             if exc.err_code == CONSUMER_NOT_FOUND:
                 return None
@@ -110,14 +110,14 @@ class PartitionConsumer:
         start = 1
         if info is not None:
             start = int(info["ack_floor"]["stream_seq"]) + 1
-            await self.conn.js_api(f"CONSUMER.DELETE.{self.stream}.{self.name}")
-        await self.conn.js_api(
+            await self.nats.js_api(f"CONSUMER.DELETE.{self.stream}.{self.name}")
+        await self.nats.js_api(
             f"CONSUMER.CREATE.{self.stream}.{self.name}",
             {"stream_name": self.stream, "config": self._config(start), "action": "create"},
         )
         self.sink = sink
-        assert self.conn.link is not None, "the drain needs the connection's link (open_journal opens it)"
-        self._pull = _Pull(self.conn.link, self, allowance)
+        assert self.nats.link is not None, "the drain needs the connection's link (open_journal opens it)"
+        self._pull = _Pull(self.nats.link, self, allowance)
         return start
 
     def poke(self) -> None:
@@ -128,9 +128,9 @@ class PartitionConsumer:
     def signal(self, replies: list[bytes], body: bytes = ACK) -> None:
         """Ack (or +WPI) many deliveries at once; fire and forget, like JetStream acks (a lost
         one is redelivered after AckWait, and the worker skips what it already applied)."""
-        link = self.conn.link
-        if replies and link is not None:
-            link.send(encode_same_to_each(replies, body))
+        link = self.nats.link
+        if link is not None:
+            link.publish_to_each(replies, body)
 
     async def unbind(self) -> None:
         self.sink = None
@@ -143,7 +143,7 @@ class _Pull:
     """Keeps at most one pull request outstanding, each as big as the worker's allowance; deliveries
     go to the sink."""
 
-    def __init__(self, link: NatsLink, consumer: PartitionConsumer, allowance: Allowance) -> None:
+    def __init__(self, link: DrainLink, consumer: PartitionConsumer, allowance: Allowance) -> None:
         self.link = link
         self.consumer = consumer
         self.allowance = allowance
@@ -168,7 +168,7 @@ class _Pull:
         self.requested, self.delivered = size, 0
         self.request_id += 1
         body = json.dumps({"batch": size, "max_bytes": max_bytes, "expires": int(PULL_EXPIRES * 1e9)}).encode()
-        self.link.send(encode_publish(self.subject, self.inbox.encode(), None, body))
+        self.link.publish(self.subject, body, reply=self.inbox)
         # A request can vanish unanswered: if it neither delivers nor ends, ask again.
         request_id = self.request_id
         self._later(PULL_EXPIRES + 2.0, lambda: self._check(request_id, size))
@@ -198,7 +198,7 @@ class _Pull:
         if self.closed:
             return
         if not reply and headers:
-            status = status_of(headers)
+            status = reply_status(headers)
             if status == b"409":
                 # Max bytes reached: the request is simply over (at once, if it brought anything).
                 # Another server limit (e.g. max ack pending): ask again a little later.

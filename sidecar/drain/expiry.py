@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sidecar.log.connection import JetStreamApiError, NatsConnection
+from sidecar.drain.nats import JetStreamApi
+from sidecar.log.connection import JetStreamApiError
 
 EXPIRE_FRACTION = 0.8  # of the replay window: dead-letter un-applied entries older than this
 AT_RISK_FRACTION = 0.5  # of the replay window: the status shows `at-risk`
@@ -30,10 +31,10 @@ def parse_time(text: str) -> float:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
 
 
-async def first_stored_time(conn: NatsConnection, stream: str, subject: str, from_seq: int) -> float:
+async def first_stored_time(api: JetStreamApi, stream: str, subject: str, from_seq: int) -> float:
     """When the first entry on `subject` at or after `from_seq` was stored (unix seconds), 0.0 for none."""
     try:
-        reply = await conn.js_api(f"STREAM.MSG.GET.{stream}", {"seq": max(1, from_seq), "next_by_subj": subject})
+        reply = await api.js_api(f"STREAM.MSG.GET.{stream}", {"seq": max(1, from_seq), "next_by_subj": subject})
     except JetStreamApiError:
         return 0.0
     return parse_time(reply["message"]["time"])

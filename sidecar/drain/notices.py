@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import trio
 
-from sidecar.drain.applied import AppliedTracker
+from sidecar.applied import AppliedTracker
 from sidecar.log.connection import NatsConnection
 
 

@@ -2,9 +2,11 @@
 
 Entries wait in per-key lanes. Each round takes, for every key that is ready, the
 run of entries at the head of its lane and hands all those runs to the target in
-one call; a key never has two entries in flight. What a run applied is acked (one
-crossing for the round) and announced as applied; where it stopped, the error's
-class decides:
+one call; for a target that allows it (`overlapping_rounds`), rounds overlap (a new
+one starts for the keys that became ready while earlier ones wait on the target), but
+a key is in one round at a time. What a run
+applied is acked (one crossing for the round) and announced as applied; where it
+stopped, the error's class decides:
 
 - transient:   the key is parked for a backoff (exponential, jittered); other keys
                keep flowing; after `max_attempts` the entry is dead-lettered
@@ -32,6 +34,7 @@ import trio
 from sidecar.drain import expiry
 from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
+from sidecar.drain.held import ENTRY_OVERHEAD, Held, chunk_bytes, held_cost, is_special
 from sidecar.drain.recent import RecentlyApplied
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
 from sidecar.envelope import Entry, Op, decode
@@ -42,36 +45,6 @@ if TYPE_CHECKING:
     from sidecar.drain.service import TargetDrainer
 
 log = get_logger("drain")
-
-
-class Held(msgspec.Struct, gc=False):
-    """A delivered entry the worker holds until it is applied or dead-lettered (no cycles: untracked)."""
-
-    seq: int
-    reply: bytes
-    data: bytes
-    entry: Entry
-    cost: int = 0  # bytes counted against the worker's budget (see `held_cost`)
-    stored_at: float = 0.0  # unix seconds the stream stored it; it expires replay_window later
-    attempts: int = 0
-    first_failure: float = 0.0
-    last_failure: float = 0.0
-    last_error: str = ""
-
-
-# Python objects around one held entry (Held, Entry, lane slot, dict entries), counted per entry.
-ENTRY_OVERHEAD = 1024
-
-
-def _chunk_bytes(entry: Entry) -> int:
-    """The payload an entry's apply reads from the chunk store (a chunked value, a MULTI object)."""
-    return entry.chunk.size if entry.chunk is not None else 0
-
-
-def held_cost(data: bytes, entry: Entry) -> int:
-    """What holding an entry costs: its message and its decoded copy (values, CQL rows), plus what
-    the apply will read from the chunk store for it."""
-    return 2 * len(data) + _chunk_bytes(entry) + ENTRY_OVERHEAD
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -98,8 +71,12 @@ class PartitionWorker:
         self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
         self.held: dict[int, Held] = {}
         self.held_bytes = 0
+        # Held entries that are chunked or MULTI markers: while there are none (the usual case), a round
+        # takes each lane's head as one slice and hands the entries over as they are, with no per-entry checks.
+        self.special = 0
         self.byte_budget = drainer.byte_budget  # this worker's share of sidecar.drain.max_held_bytes
-        self.inflight: set[str] = set()  # keys of the round being applied
+        self.inflight: set[str] = set()  # keys of the rounds being applied
+        self.rounds = 0  # rounds in flight
         self.next_seq = 1  # the first stream sequence not delivered yet
         self.rescue = False  # fetch though paused / breaker open: unfetched entries near expiry
         self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
@@ -165,6 +142,8 @@ class PartitionWorker:
     def _release(self, held: Held) -> None:
         del self.held[held.seq]
         self.held_bytes -= held.cost
+        if is_special(held.entry):
+            self.special -= 1
 
     def _take(self, delivered: list[Delivered]) -> None:
         """Deliveries pushed by the consumer (on the trio thread, once per burst)."""
@@ -189,13 +168,15 @@ class PartitionWorker:
             held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry), item.stored_ns / 1e9)
             self.held[item.seq] = held
             self.held_bytes += held.cost
+            if is_special(entry):
+                self.special += 1
             lane = self.lanes.get(entry.key)
             if lane is None:
                 self.lanes[entry.key] = [held]
             else:
                 lane.append(held)
-            if entry.key not in self.parked and entry.key not in self.blocked:
-                self.ready.add(entry.key)
+            if entry.key not in self.parked and entry.key not in self.blocked and entry.key not in self.inflight:
+                self.ready.add(entry.key)  # an in-flight key is made ready again when its round ends
         self.consumer.signal(skip)
         if skip:
             self._refill()
@@ -205,35 +186,61 @@ class PartitionWorker:
     # --- applying -------------------------------------------------------------------
 
     async def _apply_loop(self) -> None:
-        while True:
-            self._unpark_due()
-            if not self.ready:
-                if self._stopping:
-                    return
-                self._work = trio.Event()
-                wake = min(self.parked.values(), default=trio.current_time() + 1.0)
-                with trio.move_on_at(wake):
-                    await self._work.wait()
-                continue
-            await self.drainer.wait_not_paused()
-            await self.drainer.breaker.wait_until_usable()
-            granted = await self.drainer.limiter.acquire(len(self.ready))
-            # The expiry check may have dead-lettered keys while this waited.
-            keys, runs = self._runs_for(list(self.ready)[:granted])
-            began = trio.current_time()
-            failed = True
-            self.inflight.update(keys)  # until the round's outcomes are all handled
-            try:
-                if keys:
-                    failed = await self._round(keys, runs)
-            finally:
-                self.inflight.difference_update(keys)
-                self.drainer.limiter.release(granted, trio.current_time() - began, failed and bool(keys))
+        """Start a round as soon as keys are ready, without waiting for the rounds in flight (up to the
+        target's `overlapping_rounds`, 1 unless it says; its limit bounds the keys in flight): a target whose
+        call waits on its own batching (a producer's linger and acks) keeps the other keys moving meanwhile.
+        A round's keys are out of `ready` until its outcomes are handled: a key is in one round at a time.
+        While anything chunked is held, one round at a time: each reads up to the byte budget."""
+        async with trio.open_nursery() as rounds:
+            while True:
+                self._unpark_due()
+                busy = self.rounds >= (1 if self.special else self.drainer.overlapping_rounds)
+                if not self.ready or busy:
+                    if self._stopping and not self.ready:
+                        return  # the nursery waits for the rounds in flight, which ack what they applied
+                    self._work = trio.Event()
+                    wake = min(self.parked.values(), default=trio.current_time() + 1.0)
+                    with trio.move_on_at(wake):
+                        await self._work.wait()
+                    continue
+                await self.drainer.wait_not_paused()
+                await self.drainer.breaker.wait_until_usable()
+                granted = await self.drainer.limiter.acquire(len(self.ready))
+                # The expiry check may have dead-lettered keys while this waited.
+                keys, runs = self._runs_for(list(self.ready)[:granted])
+                if not keys:
+                    self.drainer.limiter.release(granted, 0.0, False)
+                    continue
+                self.ready.difference_update(keys)
+                self.inflight.update(keys)  # until the round's outcomes are all handled
+                self.rounds += 1
+                rounds.start_soon(self._limited_round, keys, runs, granted)
+
+    async def _limited_round(self, keys: list[str], runs: list[list[Held]], granted: int) -> None:
+        began = trio.current_time()
+        failed = True
+        try:
+            failed = await self._round(keys, runs)
+        finally:
+            self._settle(keys)
+            self.rounds -= 1
+            self.drainer.limiter.release(granted, trio.current_time() - began, failed)
+            self._work.set()
+
+    def _settle(self, keys: list[str]) -> None:
+        """These keys are out of flight: those with entries left (some may have arrived meanwhile, and were
+        not made ready then) are ready again, unless parked or blocked. The one place an in-flight key
+        becomes ready, so a key is never in two rounds."""
+        self.inflight.difference_update(keys)
+        self.ready.update(key for key in keys if self.lanes.get(key) and key not in self.parked
+                          and key not in self.blocked)
+        if self.ready:
+            self._work.set()
 
     def _unpark_due(self) -> None:
         now = trio.current_time()
         for key, when in list(self.parked.items()):
-            if when <= now:
+            if when <= now and key not in self.inflight:  # parked by a round still in flight: it ends first
                 del self.parked[key]
                 if self.lanes.get(key) and key not in self.blocked:
                     self.ready.add(key)
@@ -248,7 +255,7 @@ class PartitionWorker:
         for held in lane:
             if held.entry.op is Op.MULTI or len(run) >= self.max_run:
                 break
-            room -= _chunk_bytes(held.entry)
+            room -= chunk_bytes(held.entry)
             if run and room < 0:
                 break
             run.append(held)
@@ -257,6 +264,9 @@ class PartitionWorker:
     def _runs_for(self, keys: list[str]) -> tuple[list[str], list[list[Held]]]:
         """Runs for as many of `keys` as the byte budget allows chunked payloads for (at least one);
         the other keys stay ready for the next round."""
+        if not self.special:  # nothing chunked, no MULTI: every run is its lane's head, whole
+            lanes, max_run = self.lanes, self.max_run
+            return keys, [lanes[key][:max_run] for key in keys]
         taken: list[str] = []
         runs: list[list[Held]] = []
         room = self.byte_budget
@@ -264,7 +274,7 @@ class PartitionWorker:
             if taken and room <= 0:
                 break
             run = self._run_for(key, room)
-            room -= sum(_chunk_bytes(held.entry) for held in run)
+            room -= sum(chunk_bytes(held.entry) for held in run)
             taken.append(key)
             runs.append(run)
         return taken, runs
@@ -272,8 +282,6 @@ class PartitionWorker:
     async def _round(self, keys: list[str], runs: list[list[Held]]) -> bool:
         """Apply one run per key; returns whether the round failed entirely."""
         drainer = self.drainer
-        for key in keys:
-            self.ready.discard(key)
         outcomes = await self._apply_runs(runs)
         acks: list[bytes] = []
         applied: list[int] = []
@@ -281,24 +289,30 @@ class PartitionWorker:
         any_success = False
         unavailable = False
         last_error = ""
+        now = trio.current_time()
+        held_by_seq = self.held
+        special = self.special
         for key, run, outcome in zip(keys, runs, outcomes, strict=True):
             lane = self.lanes[key]
-            del lane[: outcome.applied]
-            for held in run[: outcome.applied]:
-                self._release(held)
-                acks.append(held.reply)
-                applied.append(held.seq)
-                if held.entry.chunk is not None:
-                    chunked.append(held)
-            if outcome.applied:
+            done = outcome.applied
+            del lane[:done]
+            if done:
+                landed = run if done == len(run) else run[:done]
+                for held in landed:
+                    del held_by_seq[held.seq]
+                    self.held_bytes -= held.cost
+                    acks.append(held.reply)
+                    applied.append(held.seq)
+                    if special and is_special(held.entry):
+                        self.special -= 1
+                        if held.entry.chunk is not None:
+                            chunked.append(held)
                 any_success = True
-                self.recent.remember(key, run[outcome.applied - 1].seq, trio.current_time())
+                self.recent.remember(key, landed[-1].seq, now)
             if outcome.error is not None:
                 last_error = outcome.error.message
                 unavailable = unavailable or outcome.error.error_class is ErrorClass.UNAVAILABLE
                 await self._failed(key, run[outcome.applied], outcome.error)
-            elif lane and key not in self.parked and key not in self.blocked:
-                self.ready.add(key)
             if not lane:
                 self.lanes.pop(key, None)
         self.consumer.signal(acks)
@@ -318,6 +332,9 @@ class PartitionWorker:
         """Resolve chunked payloads and MULTI markers, then one target call for the rest."""
         outcomes: list[RunOutcome | None] = [None] * len(runs)
         plain: list[tuple[int, list[Entry]]] = []
+        if not self.special:  # every entry inline, no MULTI marker: the runs go as they are
+            plain.extend((index, [held.entry for held in run]) for index, run in enumerate(runs))
+            runs = []
         for index, run in enumerate(runs):
             if run[0].entry.op is Op.MULTI:
                 outcomes[index] = await self._apply_multi(run[0].entry)
@@ -420,7 +437,7 @@ class PartitionWorker:
         drainer.stats.dead_lettered += 1
         self.consumer.signal([held.reply])
         # Settled without being applied: a negative sequence in the applied notice, so the ingress stops
-        # waiting for it and drops it from the read-your-writes overlay (drain/applied.py).
+        # waiting for it and drops it from the read-your-writes overlay (sidecar/applied.py).
         drainer.applied([-held.seq])
         if not in_lane:
             return
@@ -429,7 +446,7 @@ class PartitionWorker:
         self._release(held)
         if drainer.strict and drainer.dlq_enabled:
             self.blocked.add(key)
-        elif lane:
+        elif lane and key not in self.inflight:  # else once its round (or expiry check) is done: `_settle`
             self.ready.add(key)
         if not lane:
             self.lanes.pop(key, None)
@@ -440,6 +457,8 @@ class PartitionWorker:
         while True:
             await trio.sleep(2.0)
             for key in list(self.blocked):
+                if key in self.inflight:  # blocked by a round still in flight: look again next time
+                    continue
                 if not await self.drainer.has_dead_letters(key):
                     self.blocked.discard(key)
                     if self.lanes.get(key):
@@ -473,14 +492,14 @@ class PartitionWorker:
                         await self._dead_letter(key, held, ApplyError(ErrorClass.PERMANENT, message),
                                                 expiry.ERROR_CLASS)
                     finally:
-                        self.inflight.discard(key)
+                        self._settle([key])
                     if self.lanes.get(key) is lane and lane and lane[0] is held:
                         break  # the DLQ write failed: the key is parked, try on the next check
             if drainer.fetching() or (self.held and not self.rescue):
                 self.rescue = False  # what is held is older than anything unfetched: it goes first
                 continue
             consumer = self.consumer
-            stored = await expiry.first_stored_time(drainer.service.journal.writer.conn, consumer.stream,
+            stored = await expiry.first_stored_time(drainer.service.nats, consumer.stream,
                                                     consumer.subject, self.next_seq)
             self.rescue = bool(stored) and time.time() - stored >= limit
             if self.rescue:

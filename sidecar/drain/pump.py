@@ -52,7 +52,8 @@ class ApplyPump:
                 self._work = trio.Event()
                 while self._queue:
                     await self._calls.acquire()
-                    batch, size = [], 0
+                    batch: list[_Request] = []
+                    size = 0
                     while self._queue and (not batch or size + len(self._queue[0].runs) <= self.max_runs):
                         request = self._queue.pop(0)
                         batch.append(request)

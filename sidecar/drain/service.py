@@ -20,14 +20,16 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
+from sidecar.applied import applied_subject
 from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, parse_start, stream_name
-from sidecar.drain.applied import applied_subject
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.chunkgc import ChunkCollector
 from sidecar.drain.consumer import PartitionConsumer
 from sidecar.drain.dlq import key_token
+from sidecar.drain.held import ENTRY_OVERHEAD
 from sidecar.drain.lease import Leases, group_name, lease_key
-from sidecar.drain.partition import ENTRY_OVERHEAD, PartitionWorker
+from sidecar.drain.nats import DrainNats
+from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.pump import ApplyPump
 from sidecar.drain.targets import build_target
@@ -36,7 +38,6 @@ from sidecar.envelope import Entry
 from sidecar.log.journal import Journal
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD
 from sidecar.log.streams import dlq_stream_name
-from sidecar.log.wire import encode_publish
 from sidecar.logs import get_logger
 
 log = get_logger("drain")
@@ -75,6 +76,8 @@ class TargetDrainer:
         self.strict = ns.strict
         self.dlq_enabled = ns.dlq
         self.limiter = AdaptiveLimit(**getattr(self.target, "limits", {}))  # a target may bound it its own way
+        # Rounds one partition may have in flight at once; a target opts in to more than one (targets/base.py).
+        self.overlapping_rounds = max(1, int(getattr(self.target, "overlapping_rounds", 1)))
         self.breaker = CircuitBreaker()
         self.stats = DrainStats()
         self.writer = service.journal.writer
@@ -103,7 +106,7 @@ class TargetDrainer:
 
     def largest_message(self) -> int:
         """A bound on one journal message as the server counts it for a pull's max_bytes."""
-        link = self.service.journal.writer.conn.link
+        link = self.service.nats.link
         return (link.max_payload if link is not None else DEFAULT_MAX_PAYLOAD) + MESSAGE_ENVELOPE
 
     @property
@@ -134,7 +137,7 @@ class TargetDrainer:
 
     async def has_dead_letters(self, key: str) -> bool:
         subject = f"waldlq.{self.namespace}.{self.name}.{key_token(key)}"
-        info = await self.service.journal.writer.conn.js_api(
+        info = await self.service.nats.js_api(
             f"STREAM.INFO.{dlq_stream_name(self.namespace)}", {"subjects_filter": subject}
         )
         return bool((info.get("state") or {}).get("subjects"))
@@ -144,7 +147,7 @@ class TargetDrainer:
 
     def consumer(self, partition: int) -> PartitionConsumer:
         return PartitionConsumer(
-            self.service.journal.writer.conn,
+            self.service.nats,
             stream_name(self.namespace),
             self.name,
             f"wal.{self.namespace}.{partition}",
@@ -195,7 +198,10 @@ class DrainService:
         self.journal = journal
         self.owner = owner or uuid.uuid4().hex[:12]
         settings = config.sidecar.drain
+        # The lease, pause and chunk buckets are nats-py KV on the journal's connection; everything else the
+        # drain does on NATS goes through `nats`, the part of that connection it needs (drain/nats.py).
         conn = journal.writer.conn
+        self.nats: DrainNats = conn
         self.leases = Leases(conn, self.owner, settings.lease_ttl)
         self.chunkgc = ChunkCollector(conn, journal.chunks,
                                       max((ns.replay_window for ns in config.namespaces.values()), default=3600.0))
@@ -225,9 +231,9 @@ class DrainService:
     def notify_applied(self, namespace: str, target: str, sequences: list[int]) -> None:
         """Fire and forget over the link: a notice lost while NATS is away only costs a `sync`
         write its `visible: true` (it answers false when the budget runs out)."""
-        link = self.journal.writer.conn.link
+        link = self.nats.link
         if link is not None:
-            link.send(encode_publish(applied_subject(namespace, target), b"", None, msgspec.msgpack.encode(sequences)))
+            link.publish(applied_subject(namespace, target), msgspec.msgpack.encode(sequences))
 
     async def run(self, *, task_status: trio.TaskStatus[DrainService] = trio.TASK_STATUS_IGNORED) -> None:
         await self.leases.open()
@@ -293,11 +299,10 @@ class DrainService:
         await self._leave([drainer])
         await drainer.target.close()
         if delete_consumers:
-            conn = self.journal.writer.conn
             for partition in range(drainer.ns.partitions):
                 consumer = drainer.consumer(partition)
                 try:
-                    await conn.js_api(f"CONSUMER.DELETE.{consumer.stream}.{consumer.name}")
+                    await self.nats.js_api(f"CONSUMER.DELETE.{consumer.stream}.{consumer.name}")
                 except Exception:  # gone already (another sidecar deleted it), or the stream is gone
                     pass
         log.info("target_removed" if delete_consumers else "target_restarting", namespace=drainer.namespace,

@@ -40,8 +40,11 @@ from sidecar.log.wire import (
     ServerMessage,
     WireError,
     encode_connect,
+    encode_publish,
+    encode_same_to_each,
     encode_sub,
     encode_unsub,
+    status_of,
 )
 from sidecar.logs import get_logger
 from sidecar.tls import ClientTls, explain
@@ -95,6 +98,12 @@ def creds_signer(path: str) -> Callable[[str], dict[str, str]]:
 
 def new_inbox() -> str:
     return f"_INBOX.{secrets.token_hex(11)}"
+
+
+def reply_status(headers: bytes | None) -> bytes:
+    """The status a server reply carries in its header block (b"404", b"408", ...), or b"": for
+    users of the link that read pull replies, without the wire codec."""
+    return status_of(headers)
 
 
 class Timer:
@@ -173,6 +182,14 @@ class NatsLink:
         if not self._wake.is_set():
             self._wake.set()
         return True
+
+    def publish(self, subject: str, payload: bytes, reply: str = "") -> bool:
+        """A core NATS publish, fire and forget (False: disconnected or congested, nothing sent)."""
+        return self.send(encode_publish(subject, reply.encode(), None, payload))
+
+    def publish_to_each(self, subjects: list[bytes], payload: bytes) -> bool:
+        """`payload` to each subject in one write: many acks ("+ACK" to their reply subjects) at once."""
+        return not subjects or self.send(encode_same_to_each(subjects, payload))
 
     def after_read(self, fn: Callable[[], None]) -> None:
         """Run `fn` once, when every message of the current read has been handled: a handler can

@@ -516,3 +516,49 @@ async def test_strict_namespace_holds_a_key_behind_its_dead_letter(services: Ser
             assert await items("k") == {"later"}
     finally:
         cassandra_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+
+class RecordingTarget:
+    """The real target, with each run it is handed recorded as the (op, item) of its entries."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.runs: list[list[tuple[Op, str]]] = []
+
+    def __getattr__(self, item: str) -> object:
+        return getattr(self.real, item)
+
+    async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
+        self.runs.extend([(entry.op, entry.item) for entry in run] for run in runs)
+        return await self.real.apply(runs)  # type: ignore[attr-defined]
+
+
+async def test_memcached_run_of_one_record_applies_each_item(services: Services, unique: str) -> None:
+    """A put of item a and a delete of item b of one record, drained in one run: a is set and b deleted
+    (each item is a memcached key of its own, and the run collapses per item, not per record)."""
+    config = build_config(sidecar_document(
+        services.nats_url, {unique: {"partitions": 1, "targets": [memcached_target("cache", services.memcached)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    record = f"{unique}-rec"
+    cache = MemcacheClient(services.memcached)
+    try:
+        cache.set(f"{record}/b", b"old")
+        async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config)) as client:
+            # Paused while writing, so both entries are fetched together and the record's lane holds them as one run.
+            await sidecar.drain.pauses.set(unique, "cache", True)
+            response = await client.post(f"/v1/kv/{unique}/mutate", json={"mutations": [
+                {"op": "put", "id": record, "items": [{"key": "a", "text": "new"}]},
+                {"op": "delete", "id": record, "item_keys": ["b"]}]})
+            assert response.json()["durable"] == "true", response.text
+            drainer = sidecar.drain.drainer(unique, "cache")
+            recording = RecordingTarget(drainer.target)
+            drainer.target = drainer.pump.target = recording  # type: ignore[assignment]
+            await sidecar.drain.pauses.set(unique, "cache", False)
+            await until(lambda: drainer.stats.applied == 2, 30, "both entries applied")
+            assert [(Op.PUT, "a"), (Op.DELETE, "b")] in recording.runs, recording.runs
+            assert cache.get(f"{record}/a") == b"new"
+            assert cache.get(f"{record}/b") is None
+    finally:
+        cache.delete_many([f"{record}/a", f"{record}/b"])
+        cache.close()

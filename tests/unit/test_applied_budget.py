@@ -6,7 +6,7 @@ import tracemalloc
 
 import trio
 
-from sidecar.drain.applied import SLOT_BYTES, AppliedTracker
+from sidecar.applied import SLOT_BYTES, AppliedTracker
 
 MiB = 1024 * 1024
 

@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.drain.applied import AppliedTracker
+from sidecar.applied import AppliedTracker
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.consumer import parse_reply
 from sidecar.drain.lease import LeaseView

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
+from sidecar.applied import AppliedTracker
 from sidecar.config import validate
-from sidecar.drain.applied import AppliedTracker
 from sidecar.envelope import Op
 from sidecar.ingress import Ingress
 from sidecar.log.writer import Durable, WriteResult

@@ -49,6 +49,10 @@ class Target(Protocol):
     # The default suits a database, whose latency rises under load; a target that batches on its own (a
     # queue's producer) and whose latency is its batching window sets a high floor instead.
     # limits: dict[str, int]
+    # Optional: rounds one partition may have in flight at once (default 1: a round starts when the last is
+    # done). More suits a target whose call mostly waits on its own batching (a producer's linger and acks)
+    # and that takes concurrent calls; a key is never in two rounds at once either way.
+    # overlapping_rounds: int
 
     async def start(self) -> None:
         """Connect (and create schema where the target owns it)."""

@@ -26,7 +26,8 @@ import base64
 import email.utils
 import ssl
 import time
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -36,6 +37,7 @@ import trio
 from sidecar.config import HttpTarget as HttpSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
 from sidecar.envelope import Entry, Op
+from sidecar.secrets import read_token_file
 
 # Statuses that say the application is away or shedding load rather than refusing this entry.
 AWAY = frozenset({429, 502, 503, 504})
@@ -130,7 +132,7 @@ class HttpTarget:
         settings = self.settings
         headers = dict(settings.headers)
         if settings.token_file:  # read here, kept in the client only: never in a log line or an error
-            token = Path(settings.token_file).read_text().strip()
+            token = await trio.to_thread.run_sync(read_token_file, settings.token_file)
             if settings.token_header.lower() == "authorization":
                 headers["authorization"] = f"Bearer {token}"
             else:
@@ -157,12 +159,12 @@ class HttpTarget:
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         outcomes = [RunOutcome(0) for _ in runs]
+        work: list[Any]
+        send: Callable[[list[list[Entry]], Any, list[RunOutcome]], Awaitable[None]]
         if self.settings.batch == "none":
-            work = list(range(len(runs)))
-            send = self._send_run
+            work, send = list(range(len(runs))), self._send_run
         else:
-            work = self._batches(runs)
-            send = self._send_batch
+            work, send = self._batches(runs), self._send_batch
         pending = iter(work)
 
         async def worker() -> None:

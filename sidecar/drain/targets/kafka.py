@@ -123,6 +123,9 @@ class KafkaTarget:
     # not a sign of overload (its queue, max_buffer, is the backpressure). The drain's default limit, which
     # shrinks as latency rises, held a round at a time in flight: a third of the rate (docs/benchmarks.md).
     limits: ClassVar[dict[str, int]] = {"initial": 4096, "minimum": 4096, "maximum": 4096}
+    # A round waits on the linger and the broker's acks, not on this process: meanwhile a partition starts
+    # rounds for its other ready keys (docs/benchmarks.md, Targets: 3.6k-14k -> 17k-21k entries/s drained).
+    overlapping_rounds: ClassVar[int] = 4
 
     def __init__(self, settings: KafkaSettings, namespace: str) -> None:
         self.settings = settings

@@ -1,7 +1,8 @@
 """Server side of the memcached text + meta protocol, sans I/O (h11 style).
 
 `RequestParser` turns bytes from a client into `commands` events; the ``encode_*``
-functions turn results into response bytes. Nothing here touches a socket.
+functions (answers.py, re-exported here) turn results into response bytes. Nothing here
+touches a socket.
 
 Behaviour follows memcached 1.6.18 (proto_text.c), including its error strings, which
 errors are suppressed by ``noreply``, and which malformed requests make it swallow the
@@ -18,11 +19,34 @@ data block. Deliberate differences, all stricter:
 
 from __future__ import annotations
 
-import binascii
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Final, Literal, TypeAlias, get_args
 
+from .answers import (  # the answers live in answers.py; importable from here as before
+    DELETED,
+    END,
+    ERROR,
+    EXISTS,
+    MN,
+    NOT_FOUND,
+    NOT_STORED,
+    OK,
+    STORED,
+    TOUCHED,
+    encode_client_error,
+    encode_meta,
+    encode_meta_debug,
+    encode_meta_response,
+    encode_number,
+    encode_server_error,
+    encode_stats,
+    encode_value,
+    encode_values,
+    encode_version,
+    meta_return_flags,
+    quiet_suppresses,
+)
 from .commands import (
     NEED_DATA,
     ClientError,
@@ -32,7 +56,6 @@ from .commands import (
     FlushAll,
     IncrDecr,
     MetaArithmetic,
-    MetaCommand,
     MetaDebug,
     MetaDelete,
     MetaGet,
@@ -48,10 +71,17 @@ from .commands import (
     Store,
     StoreCommand,
     Touch,
-    ValueItem,
     Verbosity,
     Version,
-    b64encode_key,
+)
+from .tokens import (
+    BAD_FORMAT,
+    U32_MAX,
+    U64_MAX,
+    _decode_key,
+    parse_int32,
+    parse_meta_flags,
+    parse_uint,
 )
 
 __all__ = [
@@ -86,12 +116,6 @@ __all__ = [
 
 Event: TypeAlias = Command | ProtocolError
 
-U32_MAX: Final = 0xFFFFFFFF
-U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
-I32_MIN: Final = -(2**31)
-I32_MAX: Final = 2**31 - 1
-
-BAD_FORMAT: Final = "bad command line format"
 CLIENT_ERROR_BAD_FORMAT: Final = b"CLIENT_ERROR bad command line format\r\n"
 _DELETE_USAGE: Final = "bad command line format.  Usage: delete <key> [noreply]"
 _TOO_LARGE: Final = "object too large for cache"
@@ -114,109 +138,6 @@ _MULTIGET_PREFIXES: Final = (b"get ", b"gets ", b"gat ", b"gats ")
 _RETRIEVE_NAMES: Final[dict[bytes, RetrieveCommand]] = {name.encode(): name for name in get_args(RetrieveCommand)}
 _STORE_NAMES: Final[dict[bytes, StoreCommand]] = {name.encode(): name for name in get_args(StoreCommand)}
 _ARITH_NAMES: Final[dict[bytes, Literal["incr", "decr"]]] = {b"incr": "incr", b"decr": "decr"}
-
-
-# --------------------------------------------------------------------------- numbers
-
-
-def parse_uint(token: bytes, limit: int) -> int | None:
-    """Unsigned decimal up to ``limit`` (memcached's safe_strtoul/strtoull), else None.
-
-    isdigit() first so int() never sees signs, spaces or underscores."""
-    if not token.isdigit():
-        return None
-    if len(token) > 20:
-        token = token.lstrip(b"0") or b"0"
-        if len(token) > 20:
-            return None
-    value = int(token)
-    return value if value <= limit else None
-
-
-def parse_int32(token: bytes) -> int | None:
-    """Signed 32-bit decimal (memcached's safe_strtol), else None."""
-    if token[:1] == b"-":
-        magnitude = parse_uint(token[1:], -I32_MIN)
-        return None if magnitude is None else -magnitude
-    return parse_uint(token, I32_MAX)
-
-
-# --------------------------------------------------------------------------- meta flags
-
-# How the parser validates each meta flag's token (memcached's _meta_flag_preparse).
-# Every meta command accepts every known flag; unknown ones are an error.
-_PLAIN, _BASE64, _TTL, _CLIENT_FLAGS, _CAS, _MODE, _INITIAL, _DELTA = range(8)
-_FLAG_KINDS: Final[dict[int, int]] = {
-    **{ord(c): _PLAIN for c in "lOPLkstcfvhuqI"},
-    ord("b"): _BASE64,
-    ord("N"): _TTL,
-    ord("T"): _TTL,
-    ord("R"): _TTL,
-    ord("F"): _CLIENT_FLAGS,
-    ord("C"): _CAS,
-    ord("M"): _MODE,
-    ord("J"): _INITIAL,
-    ord("D"): _DELTA,
-}
-_BAD_TOKEN: Final = "bad token in command line format"
-_CHR: Final = tuple(chr(i) for i in range(256))
-
-
-def _flag_token_error(kind: int, token: bytes) -> str | None:
-    """Validate a numeric/mode token; the message is memcached's for that flag."""
-    if kind == _TTL:
-        return None if parse_int32(token) is not None else _BAD_TOKEN
-    if kind == _CLIENT_FLAGS:
-        return None if parse_uint(token, U32_MAX) is not None else BAD_FORMAT
-    if kind == _CAS:
-        return None if parse_uint(token, U64_MAX) is not None else _BAD_TOKEN
-    if kind == _MODE:
-        return None if len(token) == 1 else "incorrect length for M token"
-    if kind == _INITIAL:
-        return None if parse_uint(token, U64_MAX) is not None else "invalid numeric initial value"
-    return None if parse_uint(token, U64_MAX) is not None else "invalid numeric delta value"
-
-
-def _decode_key(key: bytes) -> bytes | None:
-    try:
-        decoded = binascii.a2b_base64(key, strict_mode=True)
-    except binascii.Error:
-        return None
-    return decoded or None
-
-
-def parse_meta_flags(tokens: list[bytes], key: bytes) -> tuple[dict[str, bytes], bytes, str | None]:
-    """Parse meta flag tokens into {flag: token}; returns (flags, key, error message).
-
-    The key comes back base64-decoded when ``b`` is present. Like memcached, a
-    duplicate or unknown flag stops at once, other errors are reported after the scan
-    (last one wins)."""
-    flags: dict[str, bytes] = {}
-    error: str | None = None
-    for token in tokens:
-        code = token[0]
-        flag = _CHR[code]
-        if code >= 127 or flag in flags:
-            return flags, key, "duplicate flag"
-        kind = _FLAG_KINDS.get(code)
-        if kind is None:
-            return flags, key, "invalid flag"
-        rest = token[1:]
-        flags[flag] = rest
-        if kind == _PLAIN:
-            continue
-        if kind == _BASE64:
-            decoded = _decode_key(key)
-            if decoded is None:
-                error = "error decoding key"
-            else:
-                key = decoded
-            continue
-        problem = _flag_token_error(kind, rest)
-        if problem is not None:
-            # A bad F sets no message of its own in memcached: an earlier one stands.
-            error = (error or problem) if kind == _CLIENT_FLAGS else problem
-    return flags, key, error
 
 
 # --------------------------------------------------------------------------- the parser
@@ -645,218 +566,3 @@ _HANDLERS: Final[dict[bytes, _Handler]] = {
 }
 
 
-# --------------------------------------------------------------------------- text responses
-
-END: Final = b"END\r\n"
-STORED: Final = b"STORED\r\n"
-NOT_STORED: Final = b"NOT_STORED\r\n"
-EXISTS: Final = b"EXISTS\r\n"
-NOT_FOUND: Final = b"NOT_FOUND\r\n"
-DELETED: Final = b"DELETED\r\n"
-TOUCHED: Final = b"TOUCHED\r\n"
-OK: Final = b"OK\r\n"
-ERROR: Final = b"ERROR\r\n"
-MN: Final = b"MN\r\n"
-
-
-def encode_value(key: bytes, flags: int, value: bytes, cas: int | None = None) -> bytes:
-    """One VALUE line plus its data block (no END)."""
-    if cas is None:
-        head = b"VALUE %b %d %d\r\n" % (key, flags, len(value))
-    else:
-        head = b"VALUE %b %d %d %d\r\n" % (key, flags, len(value), cas)
-    return b"".join((head, value, b"\r\n"))
-
-
-def encode_values(items: Iterable[ValueItem], *, with_cas: bool = False) -> bytes:
-    """A whole get/gets/gat/gats answer: the hits, then END."""
-    chunks: list[bytes] = []
-    for item in items:
-        cas = (item.cas or 0) if with_cas else None
-        chunks.append(encode_value(item.key, item.flags, item.value, cas))
-    chunks.append(END)
-    return b"".join(chunks)
-
-
-def encode_number(value: int) -> bytes:
-    """incr/decr answer."""
-    return b"%d\r\n" % value
-
-
-def encode_version(version: str | bytes) -> bytes:
-    return b"VERSION %b\r\n" % (version.encode() if isinstance(version, str) else version)
-
-
-def _as_bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bool):
-        return b"1" if value else b"0"
-    return str(value).encode()
-
-
-def encode_stats(stats: Mapping[str, object] | Iterable[tuple[str | bytes, object]]) -> bytes:
-    """STAT <name> <value> lines, then END."""
-    pairs = stats.items() if isinstance(stats, Mapping) else stats
-    lines = [b"STAT %b %b\r\n" % (_as_bytes(name), _as_bytes(value)) for name, value in pairs]
-    lines.append(END)
-    return b"".join(lines)
-
-
-def encode_client_error(message: str) -> bytes:
-    return b"CLIENT_ERROR %b\r\n" % message.encode()
-
-
-def encode_server_error(message: str) -> bytes:
-    return b"SERVER_ERROR %b\r\n" % message.encode()
-
-
-# --------------------------------------------------------------------------- meta responses
-
-# Return codes that the q flag hides, per command, as memcached 1.6.18 does it:
-# mg hides only the miss (EN); ms and md hide HD; ma hides its success answer, HD or
-# VA, unless the item was just created by N (auto-vivify). Errors are never hidden.
-_QUIET_HIDES: Final[dict[str, frozenset[bytes]]] = {
-    "mg": frozenset({b"EN"}),
-    "ms": frozenset({b"HD"}),
-    "md": frozenset({b"HD"}),
-    "ma": frozenset({b"HD", b"VA"}),
-}
-
-
-def quiet_suppresses(command: str, code: bytes, *, vivified: bool = False) -> bool:
-    """Whether a request with the q flag gets no answer for this return code."""
-    if vivified and command == "ma":
-        return False
-    hidden = _QUIET_HIDES.get(command)
-    return hidden is not None and code in hidden
-
-
-# Which requested flags each command reflects back, by outcome (proto_text.c).
-_MG_HIT_FLAGS: Final = frozenset("stcflhOk")
-_MS_FLAGS: Final = frozenset("Okc")
-_MA_HIT_FLAGS: Final = frozenset("ctOk")
-_MISS_FLAGS: Final = frozenset("Ok")
-
-
-def _reflected(command: str, code: bytes) -> frozenset[str]:
-    hit = code == b"HD" or code == b"VA"
-    if command == "ms":
-        return _MS_FLAGS
-    if hit and command == "mg":
-        return _MG_HIT_FLAGS
-    if hit and command == "ma":
-        return _MA_HIT_FLAGS
-    return _MISS_FLAGS
-
-
-def meta_return_flags(
-    request: MetaCommand,
-    code: bytes,
-    *,
-    cas: int | None = None,
-    client_flags: int | None = None,
-    ttl: int | None = None,
-    size: int | None = None,
-    last_access: int | None = None,
-    fetched: bool | None = None,
-    win_sent: bool = False,
-    stale: bool = False,
-    won: bool = False,
-) -> bytes:
-    """The return flags memcached appends after ``code`` for this request, each with its
-    leading space, in request order (e.g. request ``O123 k`` -> `` O123 kfoo``).
-
-    ``ttl`` is the remaining TTL (-1: never expires). A requested value passed as None
-    is left out. For mg hits, Z/X/W (win_sent/stale/won) are appended last."""
-    reflected = _reflected(request.COMMAND, code)
-    out: list[bytes] = []
-    for flag, token in request.flags.items():
-        if flag not in reflected:
-            continue
-        if flag == "O":
-            out.append(b"O" + token)
-        elif flag == "k":
-            out.append(b"k" + request.wire_key + (b" b" if "b" in request.flags else b""))
-        elif flag == "c":
-            if cas is not None or request.COMMAND == "ms":
-                out.append(b"c%d" % (cas or 0))
-        else:
-            value = _FLAG_VALUES[flag](client_flags, ttl, size, last_access, fetched)
-            if value is not None:
-                out.append(b"%b%d" % (flag.encode(), value))
-    if request.COMMAND == "mg" and (code == b"HD" or code == b"VA"):
-        if win_sent:
-            out.append(b"Z")
-        if stale:
-            out.append(b"X")
-        if won:
-            out.append(b"W")
-    if not out:
-        return b""
-    return b" " + b" ".join(out)
-
-
-_FlagValue: TypeAlias = Callable[[int | None, int | None, int | None, int | None, bool | None], int | None]
-_FLAG_VALUES: Final[dict[str, _FlagValue]] = {
-    "f": lambda flags, ttl, size, la, fetched: flags,
-    "t": lambda flags, ttl, size, la, fetched: ttl,
-    "s": lambda flags, ttl, size, la, fetched: size,
-    "l": lambda flags, ttl, size, la, fetched: la,
-    "h": lambda flags, ttl, size, la, fetched: None if fetched is None else int(fetched),
-}
-
-
-def encode_meta(code: bytes, return_flags: bytes = b"", value: bytes | None = None) -> bytes:
-    """A meta response line (``return_flags`` as built by meta_return_flags); for VA
-    the size comes from ``value`` and the data block follows."""
-    if code == b"VA":
-        if value is None:
-            raise ValueError("a VA response needs a value")
-        return b"".join((b"VA %d" % len(value), return_flags, b"\r\n", value, b"\r\n"))
-    return b"%b%b\r\n" % (code, return_flags)
-
-
-def encode_meta_response(
-    request: MetaCommand,
-    code: bytes,
-    *,
-    value: bytes | None = None,
-    vivified: bool = False,
-    cas: int | None = None,
-    client_flags: int | None = None,
-    ttl: int | None = None,
-    size: int | None = None,
-    last_access: int | None = None,
-    fetched: bool | None = None,
-    win_sent: bool = False,
-    stale: bool = False,
-    won: bool = False,
-) -> bytes:
-    """The full answer to a meta request, or b"" when its q flag hides this code.
-
-    ``code`` is VA (needs ``value``), HD, EN, NF, NS or EX; ``vivified`` marks an ma
-    that created the item via N (memcached answers those even in quiet mode)."""
-    if "q" in request.flags and quiet_suppresses(request.COMMAND, code, vivified=vivified):
-        return b""
-    flags = meta_return_flags(
-        request,
-        code,
-        cas=cas,
-        client_flags=client_flags,
-        ttl=ttl,
-        size=size,
-        last_access=last_access,
-        fetched=fetched,
-        win_sent=win_sent,
-        stale=stale,
-        won=won,
-    )
-    return encode_meta(code, flags, value)
-
-
-def encode_meta_debug(key: bytes, info: Mapping[str, object], *, base64: bool = False) -> bytes:
-    """``ME <key> k=v ...`` (key re-encoded as base64 for binary keys, like memcached)."""
-    wire_key = b64encode_key(key) if base64 else key
-    fields = b" ".join(b"%b=%b" % (name.encode(), _as_bytes(value)) for name, value in info.items())
-    return b"ME %b %b\r\n" % (wire_key, fields)

@@ -248,7 +248,7 @@ class Sidecar:
             app = KvApp(self.ingress, self._readers, region_token=self._region_token,
                         token=_read_secret(listener.token_file), max_body=int(listener.max_body),
                         max_items=listener.max_items, body_budget=ByteBudget(int(listener.partial_budget)),
-                        body_wait=float(listener.partial_wait))
+                        body_wait=float(listener.partial_wait), max_json_body=int(listener.max_json_body))
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
             if listener.tls is not None:
                 assert self._services is not None

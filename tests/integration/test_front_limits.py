@@ -185,7 +185,7 @@ def test_kv_default_limits_refuse_a_huge_put_without_holding_it(start: Any, serv
     sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]))
     api = httpx.Client(base_url=f"http://{kv['bind']}", timeout=60)
     baseline = sidecar.rss_mib()
-    # 1.5 M items, ~40 MiB: over the default max_body (32 MiB), refused while the body arrives.
+    # 1.5 M items, ~40 MiB: over the default max_json_body (2 MiB) and max_body, refused as the body arrives.
     huge = b'{"items":[' + b",".join(b'{"key":"k%d","text":"x"}' % n for n in range(1_500_000)) + b"]}"
     response = api.put(f"/v1/kv/{unique}/r", content=huge, headers={"content-type": "application/json"})
     assert response.status_code == 413

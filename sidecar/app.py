@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import msgspec
 import trio
 
 from sidecar import config as config_mod
+from sidecar import memory_budget
 from sidecar.admin.app import AdminApp
 from sidecar.admin.dlq import DeadLetters
 from sidecar.admin.state import SidecarState
@@ -179,6 +181,10 @@ class Sidecar:
             return
         stream = await self.live.store.stream_info(name) if self.live is not None else None
         problems = unsafe_changes(name, old, ns, stream)
+        over = memory_budget.refusal(msgspec.structs.replace(config, namespaces={**config.namespaces, name: ns}),
+                                     self.role)
+        if over is not None:  # a namespace added live must fit the limit the process was started under
+            problems.append(f"namespace {name} does not fit: {over}")
         if problems:
             raise ControlError("; ".join(problems))
         assert self.state.conn is not None

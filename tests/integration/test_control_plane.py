@@ -21,10 +21,12 @@ import tomli_w
 from pymemcache.client.base import Client as MemcacheClient
 from pymemcache.exceptions import MemcacheServerError
 
+from sidecar import memory_budget
+from sidecar.memory_budget import MiB
 from tests.integration.test_drain import DRAIN, memcached_target, memcached_values
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
 from tests.support.services import Services
-from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
+from tests.support.sidecar import SidecarProcess, build_config, kv_listener, sidecar_document
 from tests.support.waiting import until
 
 
@@ -275,5 +277,31 @@ async def test_nats_away_leaves_the_last_config_and_says_stale(
         private_nats.start()
         await until(lambda: drain_view()["stale_since"] is None, 30, "fresh again")
         await until(lambda: write(process, unique, "k2", "v").status_code == 200, 30, "writes again")
+    finally:
+        process.stop()
+
+
+async def test_a_namespace_that_would_not_fit_the_memory_limit_is_not_applied_live(
+        private_nats: NatsProcess, tmp_path: Path, unique: str) -> None:
+    """A KV listener serves every namespace: each one added live must still fit the pod's memory limit."""
+    document = sidecar_document(private_nats.url, {}, [kv_listener()], drain=DRAIN)
+    room = sum(size for _, size in memory_budget.worst_case(build_config(document), "all")) + 8 * MiB
+    document["sidecar"]["memory_limit"] = str(room)
+    process = SidecarProcess(document, tmp_path / "s").start()
+    try:
+        config = process.config_path
+        big = {"partitions": 1, "overlay_budget": "64MiB"}
+        assert apply(config, tmp_path, {unique: big}).returncode == 0  # the bucket takes it; sidecars judge
+        await until(lambda: "does not fit" in process.log(), 10, "the sidecar to refuse the namespace")
+        assert "namespace_apply_failed" in process.log() and "overlay_budget" in process.log()
+        assert unique not in namespaces_of(process)
+        assert write(process, unique, "k", "v").status_code == 404
+        assert "walcar_config_apply_errors_total 1.0" in httpx.get(f"{process.admin}/metrics").text
+        # the same namespace with a budget that fits (and one with no overlay at all) is applied
+        assert apply(config, tmp_path, {unique: {**big, "overlay_budget": "4MiB"},
+                                        f"{unique}b": {"partitions": 1, "read_your_writes": False}}).returncode == 0
+        await until(lambda: {unique, f"{unique}b"} <= set(namespaces_of(process)), 10, "both namespaces")
+        assert write(process, unique, "k", "v").json()["durable"] == "true"
+        assert write(process, f"{unique}b", "k", "v").json()["durable"] == "true"
     finally:
         process.stop()

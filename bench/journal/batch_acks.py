@@ -43,7 +43,7 @@ def own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def per_message_acks(link: NatsLink, subject: str, count: int, run: str) -> None:
+async def per_message_acks(link: NatsLink, subject: str, count: int, run: str, payload: bytes = PAYLOAD) -> None:
     inbox = new_inbox()
     acked = 0
     room = trio.Event()
@@ -63,7 +63,7 @@ async def per_message_acks(link: NatsLink, subject: str, count: int, run: str) -
         while sent < count and sent - acked < WINDOW and len(burst) < 256:
             sent += 1
             burst.append(encode_publish(subject, b"%s.%d" % (inbox.encode(), sent),
-                                        {"Nats-Msg-Id": f"{run}-{sent}"}, PAYLOAD))
+                                        {"Nats-Msg-Id": f"{run}-{sent}"}, payload))
         if burst:
             link.send(b"".join(burst))
         while sent - acked >= WINDOW or (sent == count and acked < count):

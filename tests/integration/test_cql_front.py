@@ -643,7 +643,7 @@ def test_fuzzed_requests_after_the_handshake_are_answered_and_the_connection_sur
         sock.sendall(struct.pack(">BBhBi", 4, flags, 77, opcode, len(body)) + body)
         sock.sendall(encode_request(Options(), 78))
         answers: dict[int, int] = {}
-        while 78 not in answers:
+        while not {77, 78} <= answers.keys():  # 77 may be forwarded to Cassandra and come back after 78
             for frame in decoder.feed(sock.recv(65536)):
                 answers[frame.stream] = frame.opcode
         assert answers[78] == 0x06  # the connection still works

@@ -33,8 +33,8 @@ from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.pump import ApplyPump
 from sidecar.drain.targets import build_target
-from sidecar.drain.targets.base import ApplyError
-from sidecar.envelope import Entry
+from sidecar.drain.targets.base import ApplyError, addressed_to
+from sidecar.envelope import Entry, Op
 from sidecar.log.journal import Journal
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD
 from sidecar.log.streams import dlq_stream_name
@@ -118,6 +118,8 @@ class TargetDrainer:
         return max(share, 2 * self.largest_message() + MIN_BITE * ENTRY_OVERHEAD)
 
     def wants(self, entry: Entry) -> bool:
+        if entry.op is Op.MULTI:  # expanded in its round, where the target is asked about each entry inside
+            return addressed_to(entry, self.name)
         return self.target.wants(entry)
 
     def applied(self, sequences: list[int]) -> None:

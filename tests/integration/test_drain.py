@@ -562,3 +562,32 @@ async def test_memcached_run_of_one_record_applies_each_item(services: Services,
     finally:
         cache.delete_many([f"{record}/a", f"{record}/b"])
         cache.close()
+
+
+async def test_memcached_applies_every_entry_of_a_mutation_stored_as_one_marker(
+        services: Services, unique: str) -> None:
+    """A mutation over the atomic-batch limits (1,001 entries), and a record put with a value over the chunk
+    threshold, are stored as one MULTI marker each: the memcached target gets every entry inside. It used
+    to be asked about the marker itself, said no, and the drain acked it unapplied: durable writes lost."""
+    config = build_config(sidecar_document(
+        services.nats_url, {unique: {"partitions": 2, "targets": [memcached_target("cache", services.memcached)]}},
+        [kv_listener()], drain=DRAIN,
+    ))
+    keys = [f"{unique}-m{i}/n" for i in range(1001)] + [f"{unique}-big/a", f"{unique}-big/b"]
+    cache = MemcacheClient(services.memcached)
+    try:
+        async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+            mutations = [{"op": "put", "id": f"{unique}-m{i}", "items": [{"key": "n", "text": f"v{i}"}]}
+                         for i in range(1001)]
+            response = await client.post(f"/v1/kv/{unique}/mutate", json={"mutations": mutations})
+            assert response.status_code == 200 and response.json()["durable"] == "true", response.text
+            big = "x" * (300 * 1024)  # over the 256 KiB chunk threshold, under memcached's 1 MiB item
+            response = await client.put(f"/v1/kv/{unique}/{unique}-big", json={"items": [
+                {"key": "a", "text": big}, {"key": "b", "text": "small"}]})
+            assert response.status_code == 200 and response.json()["durable"] == "true", response.text
+            await until(lambda: len(cache.get_many(keys)) == len(keys), 60, "every entry in memcached")
+        values = cache.get_many(keys)
+        assert values[f"{unique}-m1000/n"] == b"v1000" and values[f"{unique}-big/a"] == big.encode()
+    finally:
+        cache.delete_many(keys)
+        cache.close()

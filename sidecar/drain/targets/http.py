@@ -151,8 +151,8 @@ class HttpTarget:
             self.client = None
 
     def wants(self, entry: Entry) -> bool:
-        # MULTI: the drain expands it and asks for each entry inside. CQL statements are Cassandra's.
-        return addressed_to(entry, self.name) and (entry.op in APPLIES or entry.op is Op.MULTI)
+        # CQL statements are Cassandra's. (A MULTI is expanded by the drain, which asks about each entry inside.)
+        return addressed_to(entry, self.name) and entry.op in APPLIES
 
     def url_for(self, key: str) -> str:
         return self.settings.url.replace("{namespace}", escape(self.namespace)).replace("{key}", escape(key))

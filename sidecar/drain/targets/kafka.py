@@ -192,8 +192,8 @@ class KafkaTarget:
         await trio.to_thread.run_sync(lambda: producer.flush(float(self.settings.timeout)))
 
     def wants(self, entry: Entry) -> bool:
-        # MULTI: the drain expands it and asks for each entry inside. CQL statements are Cassandra's.
-        return addressed_to(entry, self.name) and (entry.op in APPLIES or entry.op is Op.MULTI)
+        # CQL statements are Cassandra's. (A MULTI is expanded by the drain, which asks about each entry inside.)
+        return addressed_to(entry, self.name) and entry.op in APPLIES
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         assert self.producer is not None, "start() first"

@@ -24,7 +24,7 @@ import msgspec
 from sidecar.config import Config, Namespace
 from sidecar.config import WalTarget as WalSettings
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome, addressed_to
-from sidecar.envelope import Entry, Op
+from sidecar.envelope import Entry
 from sidecar.secrets import read_token_file
 from sidecar.tls import ClientTls
 
@@ -84,11 +84,7 @@ class WalTarget:
             self.client = None
 
     def wants(self, entry: Entry) -> bool:
-        if not addressed_to(entry, self.name):
-            return False
-        if entry.op is Op.MULTI:
-            return True  # the drain expands it and asks again for each entry inside
-        return entry.origin == self.region or self.relay
+        return addressed_to(entry, self.name) and (entry.origin == self.region or self.relay)
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         flat = [(index, entry) for index, run in enumerate(runs) for entry in run]

@@ -26,7 +26,7 @@ _RECENT = 65_536  # applied sequences remembered per target, for notices that be
 # a key written by another sidecar).
 DEFAULT_UNAPPLIED_BUDGET = 16 * 1024 * 1024
 # Measured with tracemalloc (CPython 3.11, 64-bit; 379 B a key of 12 characters): the slot tuple,
-# its OrderedDict entry, the sequence, the sequence -> key entry and the key string's header.
+# its OrderedDict entry, the sequence, the sequence -> keys entry and the key string's header.
 SLOT_BYTES = 368
 
 
@@ -49,7 +49,10 @@ class AppliedTracker:
         # (namespace, target, key) -> the latest sequence this sidecar journaled for the key and
         # `target` has not applied; the oldest keys first
         self._unapplied: OrderedDict[tuple[str, str, str], int] = OrderedDict()
-        self._key_of: dict[tuple[str, str, int], str] = {}  # only the latest sequence of each key
+        # (namespace, target, sequence) -> the key (or keys) whose latest unapplied entry it is. Several
+        # keys share a sequence when every entry of a MULTI mutation carries its marker's; a set only
+        # then, since a set per key would be most of a key's cost.
+        self._keys_of: dict[tuple[str, str, int], str | set[str]] = {}
         self.budget = budget
         self.bytes = 0  # SLOT_BYTES + len(key) per unapplied key
         self.forgotten = 0  # keys dropped to stay within the budget
@@ -80,21 +83,44 @@ class AppliedTracker:
                     self._forget_oldest()
             elif sequence > latest:  # acks of one key's writes can come out of order
                 self._unapplied[slot] = sequence
-                del self._key_of[(namespace, target, latest)]
+                self._unindex(namespace, target, latest, key)
             else:
                 continue
-            self._key_of[(namespace, target, sequence)] = key
+            index = (namespace, target, sequence)
+            keys = self._keys_of.get(index)
+            if keys is None:
+                self._keys_of[index] = key
+            elif isinstance(keys, set):
+                keys.add(key)
+            elif keys != key:
+                self._keys_of[index] = {keys, key}
+
+    def _keys(self, namespace: str, target: str, sequence: int) -> list[str]:
+        keys = self._keys_of.get((namespace, target, sequence))
+        if keys is None:
+            return []
+        return [keys] if isinstance(keys, str) else list(keys)
+
+    def _unindex(self, namespace: str, target: str, sequence: int, key: str) -> None:
+        index = (namespace, target, sequence)
+        keys = self._keys_of.get(index)
+        if keys == key:
+            del self._keys_of[index]
+        elif isinstance(keys, set):
+            keys.discard(key)
+            if len(keys) == 1:
+                self._keys_of[index] = keys.pop()
 
     def _forget_oldest(self) -> None:
         (namespace, target, key), sequence = self._unapplied.popitem(last=False)
-        self._key_of.pop((namespace, target, sequence), None)
+        self._unindex(namespace, target, sequence, key)
         self.bytes -= SLOT_BYTES + len(key)
         self.forgotten += 1
 
     def _drop(self, namespace: str, target: str, key: str) -> None:
         sequence = self._unapplied.pop((namespace, target, key), None)
         if sequence is not None:
-            self._key_of.pop((namespace, target, sequence), None)
+            self._unindex(namespace, target, sequence, key)
             self.bytes -= SLOT_BYTES + len(key)
 
     def is_applied(self, namespace: str, target: str, sequence: int) -> bool:
@@ -112,7 +138,10 @@ class AppliedTracker:
                 latest = self._unapplied.get((namespace, target, key))
                 if latest is None:
                     return True
-                await self.wait_applied(namespace, target, latest, timeout)
+                if await self.wait_applied(namespace, target, latest, timeout):
+                    # Applied (maybe before this waited: no checkpoint then): this entry and the key's
+                    # earlier ones are done, so the loop moves on whatever the index says.
+                    self._clear_through(namespace, target, key, latest)
         return (namespace, target, key) not in self._unapplied
 
     async def wait_applied(self, namespace: str, target: str, sequence: int, timeout: float) -> bool:
@@ -148,8 +177,7 @@ class AppliedTracker:
             event = view.waiters.pop(sequence, None)
             if event is not None:
                 event.set()
-            key = self._key_of.get((namespace, target, sequence))
-            if key is not None:
+            for key in self._keys(namespace, target, sequence):
                 self._clear_through(namespace, target, key, sequence)
         while len(view.recent_order) > _RECENT:
             view.recent.discard(view.recent_order.popleft())
@@ -160,8 +188,8 @@ class AppliedTracker:
         event = self._targets.get((namespace, target), _TargetView()).waiters.pop(sequence, None)
         if event is not None:
             event.set()
-        key = self._key_of.get((namespace, target, sequence))
-        if key is not None:  # the key's latest entry: the earlier ones were settled before it, in order
+        # The keys whose latest entry it is: their earlier ones were settled before it, in order.
+        for key in self._keys(namespace, target, sequence):
             self._drop(namespace, target, key)
 
     def _clear_through(self, namespace: str, target: str, key: str, sequence: int) -> None:

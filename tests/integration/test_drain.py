@@ -586,6 +586,14 @@ async def test_memcached_applies_every_entry_of_a_mutation_stored_as_one_marker(
                 {"key": "a", "text": big}, {"key": "b", "text": "small"}]})
             assert response.status_code == 200 and response.json()["durable"] == "true", response.text
             await until(lambda: len(cache.get_many(keys)) == len(keys), 60, "every entry in memcached")
+            # The mutation's keys share its marker's sequence: writing and reading one of them again works
+            # (the ingress's applied-keys index once kept one key per sequence: a 500 here, or a hang).
+            response = await client.put(f"/v1/kv/{unique}/{unique}-m5", json={"items": [{"key": "n", "text": "again"}]})
+            assert response.status_code == 200 and response.json()["durable"] == "true", response.text
+            with trio.fail_after(10):
+                response = await client.get(f"/v1/kv/{unique}/{unique}-m7?items=n")
+            assert response.status_code == 200, response.text
+            await until(lambda: cache.get(f"{unique}-m5/n") == b"again", 30, "the later write applied")
         values = cache.get_many(keys)
         assert values[f"{unique}-m1000/n"] == b"v1000" and values[f"{unique}-big/a"] == big.encode()
     finally:

@@ -69,3 +69,35 @@ async def test_a_waiter_wakes_when_the_latest_entry_is_applied() -> None:
 async def _notice_later(tracker: AppliedTracker) -> None:
     await trio.sleep(0.01)
     tracker.applied("ns", "cache", [1, 2])
+
+
+async def test_keys_of_one_mutation_share_a_sequence() -> None:
+    """Every entry of a MULTI mutation carries its marker's sequence: the notice for it clears every key,
+    a later write of one of them is tracked on its own, and a waiter never spins on a cleared key."""
+    tracker = AppliedTracker()
+    for key in ("a", "b", "c"):
+        tracker.journaled("ns", key, 5, ["cache"])
+    tracker.journaled("ns", "a", 6, ["cache"])  # a later write of one key of the mutation
+    tracker.applied("ns", "cache", [5])
+    assert not tracker.has_unapplied("ns", "cache", "b") and not tracker.has_unapplied("ns", "cache", "c")
+    assert tracker.has_unapplied("ns", "cache", "a")  # its latest, 6, is not applied yet
+    with trio.fail_after(5):
+        assert await tracker.wait_key_applied("ns", "cache", "b", timeout=1)
+    tracker.journaled("ns", "b", 7, ["cache"])
+    tracker.journaled("ns", "c", 7, ["cache"])
+    tracker.applied("ns", "cache", [-7])  # dead-lettered: settled for both keys
+    assert not tracker.has_unapplied("ns", "cache", "b") and not tracker.has_unapplied("ns", "cache", "c")
+    tracker.applied("ns", "cache", [6])
+    assert tracker.bytes == 0 and not tracker._keys_of
+
+
+async def test_a_waiter_moves_on_when_its_entry_was_applied_before_it_waited() -> None:
+    """A key still listed at a sequence whose notice already came (the index missed it) is cleared by the
+    waiter, instead of the waiter looping on it without ever yielding."""
+    tracker = AppliedTracker()
+    tracker.journaled("ns", "k", 3, ["cache"])
+    tracker._keys_of.clear()  # as if the notice could not find the key
+    tracker.applied("ns", "cache", [3])
+    assert tracker.has_unapplied("ns", "cache", "k")
+    with trio.fail_after(5):
+        assert await tracker.wait_key_applied("ns", "cache", "k", timeout=1)

@@ -79,7 +79,8 @@ class PartitionWorker:
         self.rounds = 0  # rounds in flight
         self.next_seq = 1  # the first stream sequence not delivered yet
         self.rescue = False  # fetch though paused / breaker open: unfetched entries near expiry
-        self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
+        # Slack for the server's redelivery timer; bounded by the whole drain's budget, not per partition.
+        self.recent = RecentlyApplied(2 * self.ack_wait, drainer.service.recent_budget)
         self._work = trio.Event()
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
@@ -87,6 +88,12 @@ class PartitionWorker:
     # --- lifecycle --------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            self.recent.clear()  # the remembered keys' bytes go back to the drain's budget
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
             start = self.next_seq = await self.consumer.take_over(self._take, self._allowance)

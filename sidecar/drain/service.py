@@ -24,7 +24,7 @@ from sidecar.applied import applied_subject
 from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, parse_start, stream_name
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.chunkgc import ChunkCollector
-from sidecar.drain.consumer import PartitionConsumer
+from sidecar.drain.consumer import ConsumerGone, PartitionConsumer
 from sidecar.drain.dlq import key_token
 from sidecar.drain.lease import Leases, group_name, lease_key
 from sidecar.drain.nats import DrainNats
@@ -79,6 +79,20 @@ class TargetDrainer:
         self.writer = service.journal.writer
         self.chunks = service.journal.chunks
         self.scope = trio.CancelScope()  # its probe and pump tasks: cancelled when the target is removed
+        self.gone = False  # its consumers or stream are gone (logged once, until a partition is back)
+
+    def consumer_gone(self, partition: int, reason: str) -> None:
+        """A partition's consumer or stream is gone: logged once per episode, not per partition and retry."""
+        if not self.gone:
+            self.gone = True
+            log.warning("drain_stream_or_consumer_gone", namespace=self.namespace, target=self.name,
+                        stream=stream_name(self.namespace), partition=partition, reason=reason,
+                        retry="the partition is taken over again every lease tick until the stream is back")
+
+    def consumer_back(self) -> None:
+        if self.gone:
+            self.gone = False
+            log.info("drain_stream_back", namespace=self.namespace, target=self.name)
 
     def follow(self, ns: Namespace) -> None:
         """The namespace changed live (retry, strict, dlq, partitions stay): read it from now on."""
@@ -387,6 +401,8 @@ class DrainService:
     async def _supervise(self, lease: _Lease) -> None:
         try:
             await lease.worker.run()
+        except ConsumerGone as exc:
+            lease.drainer.consumer_gone(lease.partition, str(exc))
         except Exception as exc:  # the partition is released and retried on a later tick
             log.error("partition_worker_failed", exc_info=True, key=lease.key, error=f"{type(exc).__name__}: {exc}")
         finally:

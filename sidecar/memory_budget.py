@@ -21,6 +21,32 @@ IDLE_BYTES = 80 * MiB
 CONNECTION_BYTES = 64 * 1024
 # nats-py's own outgoing buffer (the chunk store's and the control plane's connection).
 NATS_CLIENT_PENDING = 8 * MiB
+# The server's max_payload is not known before connecting: nats-server's default (1 MiB) is assumed. A
+# server configured larger raises each drain partition's floor (docs/configuration.md, Memory).
+ASSUMED_MAX_PAYLOAD = 1024 * 1024
+
+# The drain's accounting (sidecar/drain: held.py, recent.py, service.py), here so the sum uses the same numbers.
+# Python objects around one held entry (Held, Entry, lane slot, dict entries), counted per entry.
+ENTRY_OVERHEAD = 1024
+# Subject, reply subject and headers of a delivered message, over its payload (max_bytes counts them).
+MESSAGE_ENVELOPE = 4096
+# However small a worker's share of the budget, it has room for this many small entries besides.
+MIN_BITE = 64
+# The part of sidecar.drain.max_held_bytes the remembered keys take (drain/recent.py), the rest is held
+# entries': 4 MiB of the default 32 MiB, ~24k keys of 50 characters.
+RECENT_FRACTION = 8
+
+
+def worker_floor(max_payload: int) -> int:
+    """The least one drain partition worker holds room for, whatever its share of `max_held_bytes`: one
+    largest message twice (the message and its decoded copy) and a bite of small ones. A pull request
+    whose max_bytes is under the next message's size would end at once, again and again."""
+    return 2 * (max_payload + MESSAGE_ENVELOPE) + MIN_BITE * ENTRY_OVERHEAD
+
+
+def recent_share(max_held_bytes: int) -> int:
+    """What every drain partition's remembered keys may take together."""
+    return max_held_bytes // RECENT_FRACTION
 CGROUP_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 UNLIMITED = 1 << 60  # cgroup v1 writes a huge number for "no limit"
 
@@ -39,9 +65,18 @@ def worst_case(config: Config, role: str) -> list[tuple[str, int]]:
             if ns.read_your_writes and ns.mode != "off":
                 rows.append((f"namespaces.{name}.overlay_budget", int(ns.overlay_budget)))
     if role in ("drain", "all"):
+        max_held = int(config.sidecar.drain.max_held_bytes)
+        recent = recent_share(max_held)
+        # Each partition worker of each target holds at least `worker_floor`, whatever its share: with
+        # many partitions that, not the setting, bounds the drain (64 partitions: 133 MiB).
+        workers = sum(ns.partitions for ns in config.namespaces.values() for _ in ns.targets)
+        held = max(max_held - recent, workers * worker_floor(ASSUMED_MAX_PAYLOAD))
         # Measured (docs/benchmarks.md, Drain memory): 156 MiB peak draining, 64 MiB held, 48 MiB idle.
-        held = int(config.sidecar.drain.max_held_bytes)
-        rows.append(("sidecar.drain.max_held_bytes, and half again for the apply path's copies", held * 3 // 2))
+        floor = f", at least {worker_floor(ASSUMED_MAX_PAYLOAD) / MiB:.2f} MiB x {workers} partitions of targets"
+        rows.append((f"sidecar.drain.max_held_bytes (7/8 held entries{floor if workers else ''}), and half again "
+                     "for the apply path's copies", held * 3 // 2))
+        rows.append(("sidecar.drain.max_held_bytes (1/8): the keys the drain remembers against redeliveries",
+                     recent))
         for name, ns in config.namespaces.items():
             for target in ns.targets:
                 if isinstance(target, KafkaTarget):

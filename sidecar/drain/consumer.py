@@ -32,6 +32,16 @@ CONSUMER_NOT_FOUND = 10014
 ACK = b"+ACK"
 IN_PROGRESS = b"+WPI"
 PULL_EXPIRES = 5.0  # a pull request's life; re-issued while credit remains
+# A request answered at once with an error (stream or consumer deleted: 503 no responders, 404, 409
+# consumer deleted) is asked again after a growing delay, not at once: at once it spun a CPU.
+PULL_BACKOFF_FIRST = 0.1
+PULL_BACKOFF_MAX = 5.0
+CONSUMER_DELETED = b"Consumer Deleted"
+
+
+class ConsumerGone(RuntimeError):
+    """The partition's consumer (or its stream) is gone: the worker ends, and its partition is taken
+    over again (the consumer recreated) once the stream is back."""
 
 
 class Delivered(msgspec.Struct, gc=False):  # no cycles; untracked keeps the GC off the hot path
@@ -73,6 +83,15 @@ class PartitionConsumer:
         self.first_start = first_start
         self.sink: Sink | None = None
         self._pull: _Pull | None = None
+        self.failures = 0  # pull requests in a row answered at once with an error
+        self.failure = ""  # the last one's status and description
+
+    def failed(self, status: bytes, headers: bytes) -> float:
+        """A pull request ended at once with an error: record why; how long to wait before the next."""
+        self.failures += 1
+        description = headers.split(b"\r\n", 1)[0].decode(errors="replace").removeprefix("NATS/1.0").strip()
+        self.failure = description or status.decode(errors="replace")
+        return min(PULL_BACKOFF_MAX, PULL_BACKOFF_FIRST * 2 ** min(self.failures - 1, 16))
 
     def _config(self, start_seq: int) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -199,14 +218,19 @@ class _Pull:
             return
         if not reply and headers:
             status = reply_status(headers)
-            if status == b"409":
+            if status == b"100":  # heartbeat
+                return
+            if status == b"409" and CONSUMER_DELETED not in headers:
                 # Max bytes reached: the request is simply over (at once, if it brought anything).
                 # Another server limit (e.g. max ack pending): ask again a little later.
                 full = MAX_BYTES_EXCEEDED in headers and self.delivered
                 self._end_request(0.0 if full else 0.5)
-            elif status != b"100":  # 404 no messages, 408 expired: the request is over
+            elif status == b"408" or self.delivered:  # expired, or over after bringing something
                 self._end_request()
+            else:  # over at once, with nothing: the consumer or its stream is gone (or the server refuses)
+                self._end_request(self.consumer.failed(status, headers))
             return
+        self.consumer.failures = 0
         seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
         self.delivered += 1

@@ -1,10 +1,12 @@
-"""What a partition worker holds per delivered entry, and what holding it costs against the byte budget."""
+"""What a partition worker holds per delivered entry, and what holding it costs against the byte budget
+(its constants are in memory_budget.py, which sums the worst case from them)."""
 
 from __future__ import annotations
 
 import msgspec
 
 from sidecar.envelope import Entry, Op
+from sidecar.memory_budget import ENTRY_OVERHEAD
 
 
 class Held(msgspec.Struct, gc=False):
@@ -20,10 +22,6 @@ class Held(msgspec.Struct, gc=False):
     first_failure: float = 0.0
     last_failure: float = 0.0
     last_error: str = ""
-
-
-# Python objects around one held entry (Held, Entry, lane slot, dict entries), counted per entry.
-ENTRY_OVERHEAD = 1024
 
 
 def chunk_bytes(entry: Entry) -> int:

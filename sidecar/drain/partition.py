@@ -32,12 +32,13 @@ import msgspec
 import trio
 
 from sidecar.drain import expiry
-from sidecar.drain.consumer import IN_PROGRESS, Delivered, PartitionConsumer
+from sidecar.drain.consumer import IN_PROGRESS, ConsumerGone, Delivered, PartitionConsumer
 from sidecar.drain.dlq import dead_letter, dlq_headers
 from sidecar.drain.held import ENTRY_OVERHEAD, Held, chunk_bytes, held_cost, is_special
 from sidecar.drain.recent import RecentlyApplied
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
 from sidecar.envelope import Entry, Op, decode
+from sidecar.log.connection import JetStreamApiError
 from sidecar.log.payloads import PayloadError, expand_multi, with_payload
 from sidecar.logs import get_logger
 
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
     from sidecar.drain.service import TargetDrainer
 
 log = get_logger("drain")
+# Pull requests in a row answered at once with an error before the consumer counts as gone (0.7 s of backoff).
+GONE_AFTER = 3
+# JetStream API errors of a take-over that mean the stream (or the consumer) is not there.
+GONE_ERRORS = frozenset({10059, 10014})  # stream not found, consumer not found
 
 
 def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
@@ -79,7 +84,8 @@ class PartitionWorker:
         self.rounds = 0  # rounds in flight
         self.next_seq = 1  # the first stream sequence not delivered yet
         self.rescue = False  # fetch though paused / breaker open: unfetched entries near expiry
-        self.recent = RecentlyApplied(2 * self.ack_wait)  # slack for the server's redelivery timer
+        # Slack for the server's redelivery timer; bounded by the whole drain's budget, not per partition.
+        self.recent = RecentlyApplied(2 * self.ack_wait, drainer.service.recent_budget)
         self._work = trio.Event()
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
@@ -87,11 +93,23 @@ class PartitionWorker:
     # --- lifecycle --------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        except JetStreamApiError as exc:
+            if exc.err_code not in GONE_ERRORS:
+                raise
+            raise ConsumerGone(exc.description) from None
+        finally:
+            await self.consumer.unbind()  # also when it failed: its pull would go on asking
+            self.recent.clear()  # the remembered keys' bytes go back to the drain's budget
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
             self.cancel_scope = scope
             start = self.next_seq = await self.consumer.take_over(self._take, self._allowance)
             log.info("partition_acquired", namespace=self.drainer.namespace, target=self.drainer.name,
                      partition=self.partition, from_seq=start)
+            self.drainer.consumer_back()
             task_status.started()
             self._refill()
             async with trio.open_nursery() as nursery:
@@ -101,7 +119,6 @@ class PartitionWorker:
                 nursery.start_soon(self._blocked_loop)
                 await self._apply_loop()
                 nursery.cancel_scope.cancel()
-        await self.consumer.unbind()
 
     def stop(self) -> None:
         """Graceful: the round in flight finishes and is acked, then the worker exits."""
@@ -466,9 +483,13 @@ class PartitionWorker:
                         self._work.set()
 
     async def _fetch_loop(self) -> None:
-        """Resumes fetching after a pause or an open breaker (nothing else would ask again)."""
+        """Resumes fetching after a pause or an open breaker (nothing else would ask again); ends the
+        worker when its pulls keep failing (the consumer or stream was deleted): the partition is then
+        taken over again, which recreates the consumer once the stream is there."""
         while True:
             await trio.sleep(0.25)
+            if self.consumer.failures >= GONE_AFTER:
+                raise ConsumerGone(self.consumer.failure)
             self._refill()
 
     async def _expiry_loop(self) -> None:

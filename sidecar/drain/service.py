@@ -24,14 +24,14 @@ from sidecar.applied import applied_subject
 from sidecar.config import Config, DrainSettings, Namespace, RetryPolicy, Target, parse_start, stream_name
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.chunkgc import ChunkCollector
-from sidecar.drain.consumer import PartitionConsumer
+from sidecar.drain.consumer import ConsumerGone, PartitionConsumer
 from sidecar.drain.dlq import key_token
-from sidecar.drain.held import ENTRY_OVERHEAD
 from sidecar.drain.lease import Leases, group_name, lease_key
 from sidecar.drain.nats import DrainNats
 from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.pauses import Pauses
 from sidecar.drain.pump import ApplyPump
+from sidecar.drain.recent import RecentBudget
 from sidecar.drain.targets import build_target
 from sidecar.drain.targets.base import ApplyError, addressed_to
 from sidecar.envelope import Entry, Op
@@ -39,13 +39,9 @@ from sidecar.log.journal import Journal
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD
 from sidecar.log.streams import dlq_stream_name
 from sidecar.logs import get_logger
+from sidecar.memory_budget import MESSAGE_ENVELOPE, recent_share, worker_floor
 
 log = get_logger("drain")
-
-# Subject, reply subject and headers of a delivered message, over its payload (max_bytes counts them).
-MESSAGE_ENVELOPE = 4096
-# However small a worker's share of the budget, it has room for this many small entries besides.
-MIN_BITE = 64
 
 
 class DrainStats:
@@ -83,6 +79,20 @@ class TargetDrainer:
         self.writer = service.journal.writer
         self.chunks = service.journal.chunks
         self.scope = trio.CancelScope()  # its probe and pump tasks: cancelled when the target is removed
+        self.gone = False  # its consumers or stream are gone (logged once, until a partition is back)
+
+    def consumer_gone(self, partition: int, reason: str) -> None:
+        """A partition's consumer or stream is gone: logged once per episode, not per partition and retry."""
+        if not self.gone:
+            self.gone = True
+            log.warning("drain_stream_or_consumer_gone", namespace=self.namespace, target=self.name,
+                        stream=stream_name(self.namespace), partition=partition, reason=reason,
+                        retry="the partition is taken over again every lease tick until the stream is back")
+
+    def consumer_back(self) -> None:
+        if self.gone:
+            self.gone = False
+            log.info("drain_stream_back", namespace=self.namespace, target=self.name)
 
     def follow(self, ns: Namespace) -> None:
         """The namespace changed live (retry, strict, dlq, partitions stay): read it from now on."""
@@ -111,11 +121,12 @@ class TargetDrainer:
 
     @property
     def byte_budget(self) -> int:
-        """One partition worker's share of `max_held_bytes`: the budget split over every partition of
-        every target, so the sum stays within it; at least room for one largest message (twice:
-        a held entry is its message plus its decoded copy) and a bite of small ones."""
-        share = self.settings.max_held_bytes // max(1, self.service.total_partitions)
-        return max(share, 2 * self.largest_message() + MIN_BITE * ENTRY_OVERHEAD)
+        """One partition worker's share of what `max_held_bytes` leaves for held entries (the rest is the
+        remembered keys'): split over every partition of every target, so the sum stays within it, but
+        never under `worker_floor` (memory_budget.worst_case counts partitions x targets x that floor)."""
+        held = self.settings.max_held_bytes - recent_share(self.settings.max_held_bytes)
+        share = held // max(1, self.service.total_partitions)
+        return max(share, worker_floor(self.largest_message() - MESSAGE_ENVELOPE))
 
     def wants(self, entry: Entry) -> bool:
         if entry.op is Op.MULTI:  # expanded in its round, where the target is asked about each entry inside
@@ -216,6 +227,8 @@ class DrainService:
         ]
         # Every partition of every target: the denominator of each worker's byte budget.
         self.total_partitions = sum(d.ns.partitions for d in self.drainers)
+        # What every partition's remembered keys take together (drain/recent.py): a total, not per partition.
+        self.recent_budget = RecentBudget(recent_share(settings.max_held_bytes))
         self.held: dict[str, _Lease] = {}
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -388,6 +401,8 @@ class DrainService:
     async def _supervise(self, lease: _Lease) -> None:
         try:
             await lease.worker.run()
+        except ConsumerGone as exc:
+            lease.drainer.consumer_gone(lease.partition, str(exc))
         except Exception as exc:  # the partition is released and retried on a later tick
             log.error("partition_worker_failed", exc_info=True, key=lease.key, error=f"{type(exc).__name__}: {exc}")
         finally:

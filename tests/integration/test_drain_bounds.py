@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from sidecar.config import DrainSettings, stream_name
 from sidecar.envelope import Entry, Op, now_us, partition_of
 from sidecar.log.service import open_journal
 from sidecar.log.streams import dlq_stream_name
+from sidecar.memory_budget import worst_case
 from tests.integration.test_drain import DRAIN, FAST_RETRY, cassandra_target, memcached_target, memcached_values
 from tests.support.cassandra import driver_cluster
 from tests.support.procs import MemcachedProcess, NatsProcess, free_port
@@ -30,8 +32,8 @@ from tests.support.sidecar import (
     running_sidecar,
     sidecar_document,
 )
-from tests.support.streams import read_stream
-from tests.support.waiting import converge
+from tests.support.streams import js_api, read_stream
+from tests.support.waiting import converge, until
 
 MIB = 1024 * 1024
 SMALL_MAX_PAYLOAD = 192 * 1024
@@ -148,6 +150,57 @@ async def test_drainer_memory_is_bounded_with_chunked_values(services: Services,
         print(f"chunked: baseline {baseline:.0f} MiB, peak draining {peak:.0f} MiB")
     finally:
         drainer.stop()
+
+
+async def test_many_partitions_stay_within_the_counted_worst_case(services: Services, tmp_path: Path,
+                                                                  unique: str) -> None:
+    """64 partitions, 4 x 700 KB values each, a memcached target that accepts connections and never
+    answers. Each partition holds at least one largest message twice, whatever its share of
+    max_held_bytes (32 MiB: 0.4 MiB each), so the drainer grows by far more than the setting; what
+    `walcar config check` counts for the drain (partitions x the floor) is what it stays within."""
+    silent = socket.socket()  # the kernel completes connections into its backlog; nobody reads them
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(256)
+    partitions = 64
+    target = {**memcached_target("silent", silent.getsockname()), "timeout": "300s", "pool_size": 64}
+    namespaces = {unique: {"partitions": partitions, "chunk_threshold": "1MiB", "targets": [target]}}
+    document = sidecar_document(services.nats_url, namespaces, log_level="warning", drain=DRAIN, memory_limit="0")
+    drain_rows = {what: size for what, size in worst_case(build_config(document), "drain")
+                  if what.startswith("sidecar.drain.")}
+    bound_mib = sum(drain_rows.values()) / MIB
+    keys_of: dict[int, list[str]] = {}
+    for i in range(100_000):  # 4 keys in every partition
+        key = f"{unique}-k{i}"
+        if len(keys_of.setdefault(partition_of(key, partitions), [])) < 4:
+            keys_of[partition_of(key, partitions)].append(key)
+        if sum(map(len, keys_of.values())) == 4 * partitions:
+            break
+    keys = [key for group in keys_of.values() for key in group]
+    drainer = SidecarProcess(document, tmp_path / "drainer", role="drain").start()
+    try:
+        pid = drainer.proc.pid  # type: ignore[union-attr]
+        await until(lambda: drainer.target_status("silent")["owned_here"] == partitions, 60, "every partition owned")
+        baseline = rss_mib(pid)
+        await journal_values(document, unique, keys, len(keys), 700 * 1024)
+
+        async def holding() -> int:
+            """Partitions whose consumer has delivered something the drainer has not acked."""
+            listed = await js_api(services.nats_url, f"CONSUMER.LIST.{stream_name(unique)}")
+            return sum(1 for info in listed["consumers"] if info["num_ack_pending"] > 0)
+
+        deadline = trio.current_time() + 60
+        while (held := await holding()) < partitions:  # every partition fetched what its budget lets it
+            assert trio.current_time() < deadline, f"{held} of {partitions} partitions hold entries"
+            await trio.sleep(0.5)
+        peak = rss_mib(pid, "VmHWM")
+        print(f"64 partitions: baseline {baseline:.0f} MiB, peak {peak:.0f} MiB, counted {bound_mib:.0f} MiB "
+              f"(max_held_bytes {DrainSettings().max_held_bytes / MIB:.0f} MiB)")
+        # Without the floor in the count the drain was budgeted 48 MiB, and it grows by ~95 MiB here.
+        assert peak - baseline < bound_mib, (peak, baseline, drain_rows)
+        assert peak - baseline > DrainSettings().max_held_bytes * 3 / 2 / MIB, "the floor was not reached"
+    finally:
+        drainer.stop()
+        silent.close()
 
 
 @pytest.fixture

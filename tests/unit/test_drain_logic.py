@@ -16,7 +16,7 @@ from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreak
 from sidecar.drain.consumer import parse_reply
 from sidecar.drain.lease import LeaseView
 from sidecar.drain.partition import backoff
-from sidecar.drain.recent import RecentlyApplied
+from sidecar.drain.recent import RecentBudget, RecentlyApplied
 from sidecar.drain.targets.memcached import cache_key, collapse, effects
 from sidecar.envelope import Entry, Op
 
@@ -184,7 +184,8 @@ def test_lease_view_counts_live_drainers_and_forgets_the_silent_ones() -> None:
 
 
 def test_recently_applied_keys_are_remembered_for_a_window_then_forgotten() -> None:
-    recent = RecentlyApplied(window=10.0, cap=1000)
+    budget = RecentBudget(1 << 20)
+    recent = RecentlyApplied(window=10.0, budget=budget)
     recent.remember("a", 5, now=0.0)
     recent.remember("b", 7, now=1.0)
     assert (recent.last("a"), recent.last("b"), recent.last("never")) == (5, 7, 0)
@@ -195,13 +196,22 @@ def test_recently_applied_keys_are_remembered_for_a_window_then_forgotten() -> N
     recent.expire(now=20.5)  # two windows after its apply, "b" can no longer come back
     assert (recent.last("a"), recent.last("b")) == (9, 0)
     recent.expire(now=31.0)  # idle: memory is given back
-    assert len(recent) == 0
+    assert len(recent) == 0 and budget.used == 0
 
 
-def test_recently_applied_memory_stays_bounded_by_its_cap() -> None:
-    recent = RecentlyApplied(window=3600.0, cap=100)
+def test_recently_applied_memory_is_one_budget_for_every_partition() -> None:
+    """64 partitions each applying 10k distinct keys stay within the drain's one budget in bytes
+    (it was 100k keys per partition, ~17 MB each); each forgets its own oldest keys first, and a
+    partition that ends gives its share back."""
+    budget = RecentBudget(256 * 1024)
+    partitions = [RecentlyApplied(window=3600.0, budget=budget) for _ in range(64)]
     for i in range(10_000):
-        recent.remember(f"k{i}", i + 1, now=0.0)
-        assert recent.last(f"k{i}") == i + 1
-    assert len(recent) <= 200
-    assert recent.last("k9999") == 10_000 and recent.last("k0") == 0
+        for p, recent in enumerate(partitions):
+            recent.remember(f"p{p}-k{i}", i + 1, now=0.0)
+            assert recent.last(f"p{p}-k{i}") == i + 1
+        assert budget.used <= budget.total + 64 * 200, budget.used  # at most one key over, per partition
+    assert budget.used == sum(recent.bytes for recent in partitions)
+    assert partitions[0].last("p0-k9999") == 10_000 and partitions[0].last("p0-k0") == 0
+    for recent in partitions:
+        recent.clear()
+    assert budget.used == 0

@@ -36,7 +36,7 @@ from sidecar.ingress import Ack, Durable, Ingress, Refused, TooLarge, UnknownNam
 from sidecar.logs import get_logger
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
-from sidecar.protocols.kv.body import ENTRY_BYTES, BodyRoom, HttpError, read_body
+from sidecar.protocols.kv.body import ENTRY_BYTES, BodyRoom, HttpError, decode, read_body
 from sidecar.protocols.kv.openapi import openapi_document
 from sidecar.reads import ApplyError, NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
@@ -47,8 +47,6 @@ log = get_logger("kv")
 
 MSGPACK = b"application/msgpack"
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
-_FIELD_RE = re.compile(r" - at `\$(.*)`$")
-_UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
 MAX_TOKEN_BYTES = 128  # an idempotency token; entry ids add ":<index>" to it
 MAX_CONTENT_TYPE = 255
 _CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0," + str(MAX_CONTENT_TYPE) + "}")  # printable: no CR, LF, control
@@ -61,17 +59,6 @@ MAX_ITEMS = 10_000  # the listener's `max_items` default: entries one request ma
 # A request builds its entries in slices of this many, with a checkpoint between them, so a
 # large legal request never holds the event loop for more than a few milliseconds at a time.
 _SLICE = 64
-
-
-def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """msgspec's "Expected `str`, got `int` - at `$.items[0].key`" -> ("items[0].key", message)."""
-    text = str(exc)
-    match = _FIELD_RE.search(text)
-    path, message = (match.group(1).lstrip("."), text[: match.start()]) if match else ("", text)
-    unknown = _UNKNOWN_FIELD_RE.search(message)
-    if unknown:  # the path points at the object; name the field itself
-        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
-    return path, message
 
 
 def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
@@ -152,24 +139,13 @@ class KvApp:
                                  f"bytes: send it as application/msgpack (up to max_body, {self.max_body} "
                                  "bytes), or raise max_json_body") from None
 
-    def _decode(self, body: bytes | bytearray, kind: type[Any], msgpack: bool) -> Any:
-        try:
-            if msgpack:
-                return msgspec.msgpack.decode(body, type=kind)
-            return msgspec.json.decode(body, type=kind)
-        except msgspec.ValidationError as exc:
-            field, message = _field_of(exc)
-            raise HttpError(400, message, field) from None
-        except msgspec.DecodeError as exc:
-            raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
-
     async def _decoded(self, body: bytes | bytearray, kind: Any, msgpack: bool, room: BodyRoom,
                        entries: Callable[[Any], int], field: str | None = None) -> Any:
         """The decoded request, with room held for it: its body and ENTRY_BYTES per entry it makes
         (known once decoded), until the answer is sent. Without room now, the decoded objects
         are let go while it waits (thousands per request) and the body decoded again after.
         With `field`, more entries than max_items are refused first (413 naming it)."""
-        request = self._decode(body, kind, msgpack)
+        request = decode(body, kind, msgpack)
         count = entries(request)
         if field is not None:
             self._count(count, field)
@@ -178,7 +154,7 @@ class KvApp:
             return request
         del request
         await room.hold(size)  # 503 when no room comes within partial_wait
-        return self._decode(body, kind, msgpack)
+        return decode(body, kind, msgpack)
 
     async def _route(self, scope: Scope, receive: Receive, msgpack: bool,
                      headers: dict[bytes, bytes], room: BodyRoom) -> tuple[int, object]:

@@ -12,9 +12,11 @@ A gzip body (any route, `Content-Encoding: gzip`) holds its inflated size too, c
 
 from __future__ import annotations
 
+import re
 import zlib
-from typing import Final
+from typing import Any, Final
 
+import msgspec
 import trio
 
 from sidecar.http import Receive
@@ -22,6 +24,9 @@ from sidecar.logs import get_logger
 from sidecar.tcp import ByteBudget
 
 log = get_logger("kv")
+
+_FIELD_RE = re.compile(r" - at `\$(.*)`$")
+_UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
 
 LARGE_BODY: Final = 64 * 1024
 # gzip is inflated this much at a time (~0.3 ms of the loop each).
@@ -79,6 +84,30 @@ class BodyRoom:
         if self.budget is not None:
             self.budget.release(self.held)
         self.held = 0
+
+
+def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's "Expected `str`, got `int` - at `$.items[0].key`" -> ("items[0].key", message)."""
+    text = str(exc)
+    match = _FIELD_RE.search(text)
+    path, message = (match.group(1).lstrip("."), text[: match.start()]) if match else ("", text)
+    unknown = _UNKNOWN_FIELD_RE.search(message)
+    if unknown:  # the path points at the object; name the field itself
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    return path, message
+
+
+def decode(body: bytes | bytearray, kind: Any, msgpack: bool) -> Any:
+    """The request as `kind`; 400 naming the field that does not fit."""
+    try:
+        if msgpack:
+            return msgspec.msgpack.decode(body, type=kind)
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        field, message = _field_of(exc)
+        raise HttpError(400, message, field) from None
+    except msgspec.DecodeError as exc:
+        raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], max_body: int,

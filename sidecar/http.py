@@ -6,9 +6,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypercorn.trio.task_group import TaskGroup, _handle
+from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent
 
 from sidecar.tls import TlsError, reload_certificate
 from sidecar.units import parse_hostport
@@ -39,6 +42,46 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = JS
                     *(headers or [])],
     })
     await send({"type": "http.response.body", "body": body})
+
+
+class AnsweredTaskGroup(TaskGroup):
+    """hypercorn's per-connection task group; once the app has answered, what it left unread is dropped.
+
+    hypercorn queues a request's body pieces (and, after the answer, `http.disconnect`) for the
+    app in a channel of `max_app_queue_size` messages, and waits while it is full. An app that
+    answers without reading the whole body (a 413, or a 503 for want of body room) left that
+    channel full for good: the connection's reader and the app's own clean-up both waited on
+    it, so the connection, its descriptor and its buffers stayed until the sidecar stopped.
+    Here the channel is closed once the app has answered (none of our apps reads after that),
+    which frees both."""
+
+    async def spawn_app(self, app: Any, config: HypercornConfig, scope: Any,
+                        send: Callable[[ASGISendEvent | None], Awaitable[None]]
+                        ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        queue, take = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
+
+        async def send_then_drop(message: ASGISendEvent | None) -> None:
+            # Closed before the answer's last piece goes: hypercorn queues `http.disconnect` while
+            # sending it, from the app's own task. None: the app returned without an answer.
+            if message is None or (message["type"] == "http.response.body" and not message.get("more_body")):
+                take.close()
+            await send(message)
+
+        async def put(message: ASGIReceiveEvent) -> None:
+            try:
+                await queue.send(message)
+            except trio.BrokenResourceError:
+                pass  # the app has answered; it will not read this
+
+        assert self._nursery is not None
+        self._nursery.start_soon(_handle, app, config, scope, take.receive, send_then_drop,
+                                 trio.to_thread.run_sync, trio.from_thread.run)
+        return put
+
+
+# Every hypercorn connection (the KV listener, the admin endpoint, the injector) takes its task
+# group from here: hypercorn's TCPServer.run names the class from its module.
+hypercorn.trio.tcp_server.TaskGroup = AnsweredTaskGroup  # type: ignore[misc]
 
 
 def hypercorn_config(bind: str, graceful_timeout: float, certfile: str | None = None,

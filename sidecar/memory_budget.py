@@ -16,9 +16,11 @@ from sidecar.config.targets import KafkaTarget
 MiB = 1024 * 1024
 # An idle sidecar's RSS (interpreter, trio, nats-py, the Cassandra and Kafka clients): ~75 MiB measured.
 IDLE_BYTES = 80 * MiB
-# What a connection holds of a request below the partial_budget threshold (LARGE_VALUE / LARGE_FRAME /
-# LARGE_BODY: 64 KiB), plus its answer in progress.
-CONNECTION_BYTES = 64 * 1024
+# What a connection holds uncharged: a request below the partial_budget threshold (LARGE_VALUE /
+# LARGE_FRAME / LARGE_BODY: 64 KiB; a KV head up to h11's 64 KiB limit) and the reads on their way
+# in, in the copies trio, hypercorn and h11 make. A KV connection whose body waits for room holds
+# a 16 KiB read in hypercorn's app queue and one more on its way: 81 KiB measured with 200 waiting.
+CONNECTION_BYTES = 96 * 1024
 # nats-py's own outgoing buffer (the chunk store's and the control plane's connection).
 NATS_CLIENT_PENDING = 8 * MiB
 # The server's max_payload is not known before connecting: nats-server's default (1 MiB) is assumed. A
@@ -56,7 +58,7 @@ def worst_case(config: Config, role: str) -> list[tuple[str, int]]:
     rows = [("an idle sidecar", IDLE_BYTES), ("the NATS client's outgoing buffer", NATS_CLIENT_PENDING)]
     if role in ("ingress", "all"):
         for index, listener in enumerate(config.listeners):
-            rows.append((f"listeners[{index}] ({listener.protocol}): partial_budget + max_connections x 64 KiB",
+            rows.append((f"listeners[{index}] ({listener.protocol}): partial_budget + max_connections x 96 KiB",
                          int(listener.partial_budget) + listener.max_connections * CONNECTION_BYTES))
         rows.append(("sidecar.journal.max_inflight_bytes", int(config.sidecar.journal.max_inflight_bytes)))
         rows.append(("sidecar.nats_max_pending", int(config.sidecar.nats_max_pending)))

@@ -85,6 +85,14 @@ class ByteBudget:
         self.refused += 1
         return 0
 
+    def try_acquire(self, size: int) -> bool:
+        """Reserve `size` bytes (at most the whole budget) if there is room now."""
+        size = min(size, self.limit)
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
     def release(self, size: int) -> None:
         if size:
             self.used -= size

@@ -5,7 +5,7 @@ process, so the client takes no GIL from the loop) sends each request, and the l
 steps while it is served are reported with the task that took them. Every request must
 answer 200 (durable). A loop step is time no other request, PubAck or probe is served.
 
-    python bench/kv/stall.py [--value-mib 15] [--items 10000] [--repeat 3] [--record]
+    python bench/kv/stall.py [--value-mib 15] [--items 10000] [--repeat 3] [--only mutate] [--record]
 """
 
 from __future__ import annotations
@@ -78,6 +78,14 @@ def requests(scratch: Path, namespace: str, value_mib: float, items: int) -> dic
             {"items": [{"key": f"i{n}", "text": "x" * 20} for n in range(items)]}).encode(), "application/json"),
         f"batch of {items:,} WriteToLog entries, JSON": ("POST", f"/v1/log/{namespace}", json.dumps(
             [{"key": f"k{n}", "text": "x" * 20} for n in range(items)]).encode(), "application/json"),
+        # A mutation per record: the loop over mutations, not one mutation's items.
+        f"mutate: {items:,} whole-record deletes, msgpack": ("POST", f"/v1/kv/{namespace}/mutate",
+                                                             msgspec.msgpack.encode({"mutations": [
+                                                                 {"op": "delete", "id": f"r{n}"} for n in range(items)
+                                                             ]}), "application/msgpack"),
+        f"mutate: {items:,} one-item puts, JSON": ("POST", f"/v1/kv/{namespace}/mutate", json.dumps(
+            {"mutations": [{"op": "put", "id": f"r{n}", "items": [{"key": "i", "text": "x"}]} for n in range(items)]}
+        ).encode(), "application/json"),
     }
     out = {}
     for n, (name, (method, path, body, content_type)) in enumerate(bodies.items()):
@@ -101,7 +109,7 @@ async def run(args: argparse.Namespace) -> list[list[str]]:
         async with running_sidecar(config, role="ingress"):
             trio.lowlevel.add_instrument(instrument)
             for name, (method, path, file, content_type) in cases.items():
-                if args.no_batch and name.startswith("batch"):
+                if (args.no_batch and name.startswith("batch")) or args.only not in name:
                     continue
                 worst: list[tuple[float, float, str]] = []
                 for _ in range(args.repeat):
@@ -128,13 +136,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-batch", action="store_true", help="leave out the WriteToLog batch (a walcar without it)")
+    parser.add_argument("--only", default="", help="only the requests whose name holds this text")
     parser.add_argument("--label", default="", help="what this run measures (before/after a change)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     rows = trio.run(run, args)
     command = (f"python bench/kv/stall.py --value-mib {args.value_mib:g} --items {args.items} --repeat {args.repeat}"
-               + (" --no-batch" if args.no_batch else ""))
+               + (" --no-batch" if args.no_batch else "") + (f" --only '{args.only}'" if args.only else ""))
     report(f"KV requests and the event loop{': ' + args.label if args.label else ''}",
            f"`{command}` — {machine()}; load average {load:.1f} at the start; the longest trio task step while "
            f"each request is served, wall and the loop thread's CPU (median of {args.repeat}), from a trio "

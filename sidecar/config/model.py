@@ -89,7 +89,7 @@ class Listener(_Base):
     token_file: str | None = None
     # Limits (docs/configuration.md, "Limits"): each bounds what one client can make the sidecar hold.
     # connections served at once; more are accepted and closed at once (counted).
-    max_connections: int = 256
+    max_connections: int = 128
     # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s).
     idle_timeout: Duration = Duration(0.0)
     # memcached, cql, kv: bytes of large requests (values, frames, bodies of 64 KiB or more) the listener holds at once.

@@ -88,6 +88,10 @@ class JournalWriter:
         self._wake = trio.Event()
         self._capacity_freed = trio.Event()
         self._waiting: deque[_Write] = deque()  # writers queued for in-flight room, first come first served
+        # What those writers hold, bounded like the in-flight writes: past it a writer is refused
+        # at once instead of adding its messages to an unbounded queue.
+        self._waiting_entries = 0
+        self._waiting_bytes = 0
         self._inflight_batches: deque[_Batch] = deque()  # in submission order, so deadlines are too
         self._batch_sent = trio.Event()
         # full reply subject -> (write, batch, is_commit); a batch-start reply has is_commit False
@@ -197,11 +201,17 @@ class JournalWriter:
         queue behind them, so writes a client pipelines are journaled in the order sent."""
         refusal = self._refusal(write)
         if refusal is None:
-            if (self._waiting or self._over_capacity(write)) and not await self._wait_for_capacity(write):
-                refusal = refused("journal overloaded: in-flight limit reached; retry later")
-            else:
+            if not self._waiting and not self._over_capacity(write):
                 self._reserve(write)
                 return None
+            if self._waiting_full(write):
+                refusal = refused("journal overloaded: in-flight limit reached and as much waiting for it; "
+                                  "retry later")
+            elif await self._wait_for_capacity(write):
+                self._reserve(write)
+                return None
+            else:
+                refusal = refused("journal overloaded: in-flight limit reached; retry later")
         self._count_refused(write)
         return refusal
 
@@ -263,10 +273,20 @@ class JournalWriter:
                 return refused(f"journal overloaded: acks are {age:.2f}s behind; retry later")
         return None
 
+    def _waiting_full(self, write: _Write) -> bool:
+        """No room to wait: as many entries or bytes wait as may be in flight (the first may always wait)."""
+        settings = self.settings
+        return bool(self._waiting) and (
+            self._waiting_entries + len(write.messages) > settings.max_inflight_entries
+            or self._waiting_bytes + write.nbytes > settings.max_inflight_bytes
+        )
+
     async def _wait_for_capacity(self, write: _Write) -> bool:
         """Queue for room in arrival order; False when the publish timeout passes first."""
         deadline = trio.current_time() + self.settings.publish_timeout
         self._waiting.append(write)
+        self._waiting_entries += len(write.messages)
+        self._waiting_bytes += write.nbytes
         try:
             while self._waiting[0] is not write or self._over_capacity(write):
                 with trio.move_on_at(deadline):
@@ -276,6 +296,8 @@ class JournalWriter:
             return True
         finally:
             self._waiting.remove(write)
+            self._waiting_entries -= len(write.messages)
+            self._waiting_bytes -= write.nbytes
             self._capacity_freed.set()  # the next in line re-checks
             self._capacity_freed = trio.Event()
 

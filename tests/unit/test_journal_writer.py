@@ -144,3 +144,33 @@ async def test_a_write_is_refused_while_the_links_buffer_is_full() -> None:
         assert answers[-1].durable is Durable.FALSE and "link full" in answers[-1].message
         assert conn.link.sent == [] and writer.stats.inflight_entries == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_writers_waiting_for_in_flight_room_are_bounded_and_the_excess_refused_at_once() -> None:
+    """As many entries may wait for room as may be in flight; one more is answered "overloaded" at
+    once instead of joining an unbounded line (each waiter holds its encoded messages)."""
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings(max_inflight_entries=2))  # type: ignore[arg-type]
+    answers: dict[str, WriteResult] = {}
+
+    async def write(name: str) -> None:
+        answers[name] = await writer.publish("wal.t.0", name.encode())
+
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        for name in ("in-flight 1", "in-flight 2", "waiting 1", "waiting 2", "one too many"):
+            nursery.start_soon(write, name)
+            await wait_all_tasks_blocked()
+        assert list(answers) == ["one too many"]
+        assert answers["one too many"].durable is Durable.FALSE
+        assert "overloaded" in answers["one too many"].message and "retry" in answers["one too many"].message
+        for sequence, reply in enumerate(conn.link.reply_subjects(), start=1):
+            writer._on_reply(reply, b"", puback(sequence), None)
+        await wait_all_tasks_blocked()
+        for sequence, reply in enumerate(conn.link.reply_subjects()[2:], start=3):  # the waiters got room
+            writer._on_reply(reply, b"", puback(sequence), None)
+        await wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert {name: a.durable for name, a in answers.items()} == {
+        "in-flight 1": Durable.TRUE, "in-flight 2": Durable.TRUE, "waiting 1": Durable.TRUE,
+        "waiting 2": Durable.TRUE, "one too many": Durable.FALSE}

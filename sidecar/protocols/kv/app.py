@@ -23,6 +23,7 @@ downstream (content types) are checked here: printable, bounded, no CR/LF.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -35,7 +36,7 @@ from sidecar.ingress import Ack, Durable, Ingress, Refused, TooLarge, UnknownNam
 from sidecar.logs import get_logger
 from sidecar.protocols.cql.routing import unreplicable_reason
 from sidecar.protocols.kv import models
-from sidecar.protocols.kv.body import BodyRoom, HttpError, read_body
+from sidecar.protocols.kv.body import ENTRY_BYTES, BodyRoom, HttpError, decode, read_body
 from sidecar.protocols.kv.openapi import openapi_document
 from sidecar.reads import ApplyError, NoReadableTarget, Readers, read_items
 from sidecar.secrets import bearer_matches, browser_refusal
@@ -46,8 +47,6 @@ log = get_logger("kv")
 
 MSGPACK = b"application/msgpack"
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
-_FIELD_RE = re.compile(r" - at `\$(.*)`$")
-_UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
 MAX_TOKEN_BYTES = 128  # an idempotency token; entry ids add ":<index>" to it
 MAX_CONTENT_TYPE = 255
 _CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0," + str(MAX_CONTENT_TYPE) + "}")  # printable: no CR, LF, control
@@ -62,21 +61,15 @@ MAX_ITEMS = 10_000  # the listener's `max_items` default: entries one request ma
 _SLICE = 64
 
 
-def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """msgspec's "Expected `str`, got `int` - at `$.items[0].key`" -> ("items[0].key", message)."""
-    text = str(exc)
-    match = _FIELD_RE.search(text)
-    path, message = (match.group(1).lstrip("."), text[: match.start()]) if match else ("", text)
-    unknown = _UNKNOWN_FIELD_RE.search(message)
-    if unknown:  # the path points at the object; name the field itself
-        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
-    return path, message
-
-
 def _value_of(value: bytes | None, text: str | None, where: str) -> bytes:
     if (value is None) == (text is None):
         raise HttpError(400, "give exactly one of `value` (bytes) and `text` (UTF-8 string)", where)
     return value if value is not None else text.encode()  # type: ignore[union-attr]
+
+
+def _mutation_entries(request: models.MutateItems) -> int:
+    """Entries a mutation request makes: one per item, or one for a whole record."""
+    return sum(max(1, len(m.items or m.item_keys or ())) for m in request.mutations)
 
 
 def _status(ack: Ack) -> int:
@@ -146,16 +139,22 @@ class KvApp:
                                  f"bytes: send it as application/msgpack (up to max_body, {self.max_body} "
                                  "bytes), or raise max_json_body") from None
 
-    def _decode(self, body: bytes | bytearray, kind: type[Any], msgpack: bool) -> Any:
-        try:
-            if msgpack:
-                return msgspec.msgpack.decode(body, type=kind)
-            return msgspec.json.decode(body, type=kind)
-        except msgspec.ValidationError as exc:
-            field, message = _field_of(exc)
-            raise HttpError(400, message, field) from None
-        except msgspec.DecodeError as exc:
-            raise HttpError(400, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
+    async def _decoded(self, body: bytes | bytearray, kind: Any, msgpack: bool, room: BodyRoom,
+                       entries: Callable[[Any], int], field: str | None = None) -> Any:
+        """The decoded request, with room held for it: its body and ENTRY_BYTES per entry it makes
+        (known once decoded), until the answer is sent. Without room now, the decoded objects
+        are let go while it waits (thousands per request) and the body decoded again after.
+        With `field`, more entries than max_items are refused first (413 naming it)."""
+        request = decode(body, kind, msgpack)
+        count = entries(request)
+        if field is not None:
+            self._count(count, field)
+        size = len(body) + count * ENTRY_BYTES
+        if room.try_hold(size):
+            return request
+        del request
+        await room.hold(size)  # 503 when no room comes within partial_wait
+        return decode(body, kind, msgpack)
 
     async def _route(self, scope: Scope, receive: Receive, msgpack: bool,
                      headers: dict[bytes, bytes], room: BodyRoom) -> tuple[int, object]:
@@ -177,24 +176,26 @@ class KvApp:
         if batch:
             self._allow(method, "POST")
             self._authorize_region(headers)
-            body = await read_body(receive, headers, self.max_body, room, inflate=True)
-            return await self._replicated(parts[2], body, msgpack)
+            body = await read_body(receive, headers, self.max_body, room)
+            return await self._replicated(parts[2], body, msgpack, room)
         if self.token is not None and not bearer_matches(headers.get(b"authorization"), self.token):
             raise HttpError(401, "this listener needs Authorization: Bearer <token> (its token_file)")
         if len(parts) == 3 and parts[:2] == ["v1", "log"]:
             self._allow(method, "POST")
-            return await self._write_to_log(parts[2], await self._client_body(receive, headers, room, msgpack), msgpack)
+            return await self._write_to_log(parts[2], await self._client_body(receive, headers, room, msgpack),
+                                            msgpack, room)
         if len(parts) == 4 and parts[:2] == ["v1", "kv"]:
             namespace, record = parts[2], parts[3]
             if record == "mutate" and method == "POST":
-                return await self._mutate(namespace, await self._client_body(receive, headers, room, msgpack), msgpack)
+                return await self._mutate(namespace, await self._client_body(receive, headers, room, msgpack),
+                                          msgpack, room)
             self._allow(method, "GET", "PUT", "DELETE")
             if method == "GET":
                 return await self._get(namespace, record, scope.get("query_string", b""))
             body = await self._client_body(receive, headers, room, msgpack)
             if method == "PUT":
-                return await self._put(namespace, record, body, msgpack)
-            return await self._delete(namespace, record, body, msgpack)
+                return await self._put(namespace, record, body, msgpack, room)
+            return await self._delete(namespace, record, body, msgpack, room)
         raise HttpError(404, f"no route for {method} {scope['path']}")
 
     async def _get(self, namespace: str, record: str, query: bytes) -> tuple[int, object]:
@@ -218,10 +219,12 @@ class KvApp:
         if not bearer_matches(headers.get(b"authorization"), self.region_token):
             raise HttpError(401, "cross-region batches need a valid bearer token (sidecar.region_token_file)")
 
-    async def _replicated(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
+    async def _replicated(self, namespace: str, body: bytes | bytearray, msgpack: bool,
+                          room: BodyRoom) -> tuple[int, object]:
         """Each entry is checked as the front door would; a refused one is answered `refused` (the
         sender dead-letters it), the others are journaled as they are in one group commit."""
-        batch: models.ReplicationBatch = self._decode(body, models.ReplicationBatch, msgpack)
+        batch: models.ReplicationBatch = await self._decoded(body, models.ReplicationBatch, msgpack, room,
+                                                              lambda b: len(b.entries))
         ns = self._namespace(namespace)
         out: list[models.ReplicatedResult | None] = [None] * len(batch.entries)
         admitted: list[tuple[int, Entry]] = []
@@ -318,8 +321,10 @@ class KvApp:
             raise HttpError(413, f"{count} entries in one request, over the listener's max_items of "
                                  f"{self.max_items}", field)
 
-    async def _write_to_log(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
-        request = self._decode(body, models.WriteToLog | list[models.WriteToLog], msgpack)  # type: ignore[arg-type]
+    async def _write_to_log(self, namespace: str, body: bytes | bytearray, msgpack: bool,
+                            room: BodyRoom) -> tuple[int, object]:
+        request = await self._decoded(body, models.WriteToLog | list[models.WriteToLog], msgpack, room,
+                                      lambda r: len(r) if isinstance(r, list) else 1, "")
         if isinstance(request, list):
             return await self._write_log_batch(namespace, request)
         return self._answer(await self.ingress.write(self._log_entry(namespace, request)))
@@ -361,7 +366,6 @@ class KvApp:
         self._writable(namespace)
         if not requests:
             raise HttpError(400, "a batch needs at least one entry")
-        self._count(len(requests), "")
         results: list[models.LogResult | None] = [None] * len(requests)
         entries: list[Entry] = []
         places: list[int] = []
@@ -439,35 +443,43 @@ class KvApp:
         """Ids derive from the idempotency token, so a retried request maps to the same entries."""
         base_id = self._token(token) or new_id()
         for index, entry in enumerate(entries):
+            if index and not index % (4 * _SLICE):
+                await trio.lowlevel.checkpoint()
             entry.id = f"{base_id}:{index}"
         return self._answer(await self.ingress.write_mutation(entries, base_id))
 
-    async def _put(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
-        request: models.PutItems = self._decode(body, models.PutItems, msgpack)
+    async def _put(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool,
+                   room: BodyRoom) -> tuple[int, object]:
+        request: models.PutItems = await self._decoded(body, models.PutItems, msgpack, room, lambda r: len(r.items),
+                                                       "items")
         self._writable(namespace)
-        self._count(len(request.items), "items")
         entries = await self._put_entries(namespace, record, request.items,
                                           self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
-    async def _delete(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
-        request = self._decode(body, models.DeleteItems, msgpack) if body.strip() else models.DeleteItems()
+    async def _delete(self, namespace: str, record: str, body: bytes | bytearray, msgpack: bool,
+                      room: BodyRoom) -> tuple[int, object]:
+        request = await self._decoded(body, models.DeleteItems, msgpack, room, lambda r: len(r.item_keys or ()),
+                                      "item_keys") if body.strip() else models.DeleteItems()
         self._writable(namespace)
-        self._count(len(request.item_keys or ()), "item_keys")
         entries = await self._delete_entries(namespace, record, request.item_keys,
                                              self._lifecycle(namespace, request.lifecycle), "")
         return await self._journal(entries, request.idempotency_token)
 
-    async def _mutate(self, namespace: str, body: bytes | bytearray, msgpack: bool) -> tuple[int, object]:
-        request: models.MutateItems = self._decode(body, models.MutateItems, msgpack)
+    async def _mutate(self, namespace: str, body: bytes | bytearray, msgpack: bool,
+                      room: BodyRoom) -> tuple[int, object]:
+        request: models.MutateItems = await self._decoded(body, models.MutateItems, msgpack, room, _mutation_entries,
+                                                          "mutations")
         self._writable(namespace)
         if not request.mutations:
             raise HttpError(400, "mutations is empty", "mutations")
-        # Every entry counts against max_items (a mutation makes one per item, or one for the record).
-        self._count(sum(max(1, len(m.items or m.item_keys or ())) for m in request.mutations), "mutations")
         lifecycle = self._lifecycle(namespace, request.lifecycle)
         entries: list[Entry] = []
+        sliced = 0  # entries built since the last checkpoint: 10,000 one-entry mutations are one loop too
         for index, mutation in enumerate(request.mutations):
+            if len(entries) - sliced >= _SLICE:
+                sliced = len(entries)
+                await trio.lowlevel.checkpoint()
             where = f"mutations[{index}]."
             if mutation.op == "put":
                 if mutation.item_keys is not None:

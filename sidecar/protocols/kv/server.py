@@ -17,18 +17,27 @@ from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData
+from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import LifespanState
 from hypercorn.utils import wrap_app
 
 from sidecar.config import Config, Listener
+from sidecar.http import AnsweredTaskGroup
 from sidecar.ingress import Ingress
 from sidecar.tcp import ConnectionGate, accept_forever, cap_connections
 
 # hypercorn's keep-alive timeout for a kv listener whose idle_timeout is 0 (the default).
 DEFAULT_IDLE_TIMEOUT: Final = 75.0
+# Body pieces (64 KiB reads) hypercorn queues for the app. While a request waits for room in
+# partial_budget it reads nothing, and hypercorn's default of 10 held ~0.8 MB of its body per
+# connection uncharged; one is the least that works (an answer's `http.disconnect` needs a place).
+APP_QUEUE: Final = 1
+# One read from a client (hypercorn's is 64 KiB). What a connection holds uncharged is a few
+# copies of two reads (memory_budget.CONNECTION_BYTES); large bodies take 4x the reads, each short.
+READ_BYTES: Final = 16 * 1024
 _TOO_MANY_BODY = b'{"error":"too many connections to this listener (its max_connections)"}'
 TOO_MANY: Final = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
@@ -113,8 +122,19 @@ class _Connection(TCPServer):
         await super().protocol_send(event)
 
     async def _read_data(self) -> None:
+        """hypercorn's reader with smaller reads: a connection waiting on its app holds a read in the
+        app's queue and one more on its way there, in several copies each (trio's, hypercorn's, h11's)."""
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = await self.stream.receive_some(READ_BYTES)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
         finally:
             # The client is gone (or the server closed). hypercorn's idle timer would keep this
             # connection, and its descriptor, for the rest of keep_alive_timeout.
@@ -142,6 +162,10 @@ async def serve_kv(app: Callable[..., Awaitable[None]], http: HypercornConfig, l
     ingress.connection_gates[listener.bind] = gate
     idle_seconds = float(listener.idle_timeout)
     http.keep_alive_timeout = idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT
+    http.max_app_queue_size = APP_QUEUE
+    # A queue of one holds a GET's end-of-body message that the app never reads: only the task group
+    # that drops it once the app has answered keeps such a connection from hanging (sidecar.http).
+    assert tcp_server.TaskGroup is AnsweredTaskGroup
     sockets = http.create_sockets()
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
         sock.listen(http.backlog)

@@ -100,7 +100,8 @@ async def run(args: argparse.Namespace) -> list[list[str]]:
     namespace = f"s{uuid.uuid4().hex[:8]}"
     port = free_port()
     config = build_config(sidecar_document(services.nats_url, {namespace: {"partitions": 4, "max_item_size": "16MiB"}},
-                                           [{"protocol": "kv", "bind": f"127.0.0.1:{port}"}], log_level="warning"))
+                                           [{"protocol": "kv", "bind": f"127.0.0.1:{port}", "max_body": "16MiB",
+                                             "partial_budget": "32MiB"}], log_level="warning"))
     scratch = Path(tempfile.mkdtemp(prefix="walcar-bench-stall-"))
     cases = requests(scratch, namespace, args.value_mib, args.items)
     instrument = LongestSteps()

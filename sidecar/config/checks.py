@@ -62,6 +62,10 @@ def _listener_limit_errors(listener: Listener, path: str) -> Iterator[str]:
         yield f"{path}.max_items: must be at least 1, got {listener.max_items}"
     if listener.preauth_frame_size > listener.max_frame_size:
         yield f"{path}.preauth_frame_size: must not exceed max_frame_size ({listener.max_frame_size})"
+    if listener.protocol == "kv" and 2 * int(listener.max_body) > int(listener.partial_budget):
+        # A decoded body holds itself and its values: one request of max_body must fit the budget.
+        yield (f"{path}.max_body: a body of {int(listener.max_body)} bytes holds twice that once decoded, over "
+               f"partial_budget ({int(listener.partial_budget)}): raise partial_budget or lower max_body")
 
 
 def _listener_namespace_errors(config: Config, listener: Listener, path: str) -> Iterator[str]:

@@ -101,7 +101,7 @@ class Listener(_Base):
     # cql: the largest frame before the connection is READY (authenticated, when auth is on).
     preauth_frame_size: ByteSize = ByteSize(64 * 1024)
     # kv: the largest request body (after gzip decompression).
-    max_body: ByteSize = ByteSize(32 * 1024 * 1024)
+    max_body: ByteSize = ByteSize(8 * 1024 * 1024)
     # kv: the largest JSON request body (parsed in one step on the event loop: ~2 ms a MiB).
     max_json_body: ByteSize = ByteSize(2 * 1024 * 1024)
     # kv: entries one request may make (items of a put, keys of a delete, over all mutations).

@@ -124,7 +124,8 @@ async def test_oversized_mutation_goes_to_the_chunk_store_as_one_marker(config, 
 @pytest.mark.parametrize("size_mib", [5, 16])
 async def test_large_payload_goes_to_chunk_store_before_its_marker(services: Services, unique: str,
                                                                    size_mib: int) -> None:
-    document = sidecar_document(services.nats_url, {unique: namespace_config(max_item_size="17MiB")}, [kv_listener()])
+    listener = {**kv_listener(), "max_body": "17MiB", "partial_budget": "34MiB"}  # a 16 MiB value in one body
+    document = sidecar_document(services.nats_url, {unique: namespace_config(max_item_size="17MiB")}, [listener])
     config = build_config(document)
     payload = bytes(range(256)) * (size_mib * 4096)
     async with running_sidecar(config) as sidecar, httpx.AsyncClient(base_url=base_url(config), timeout=60) as client:

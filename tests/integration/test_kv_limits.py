@@ -84,7 +84,7 @@ def test_idle_kv_connections_are_closed_after_idle_timeout(start: Any, services:
 def test_half_sent_large_kv_bodies_share_the_partial_budget(start: Any, services: Services, unique: str) -> None:
     """40 connections each inside a 14 MB PUT body: two fit the 32 MiB budget, the others are
     answered 503 (Retry-After) unread, and memory stays within the budget."""
-    kv = {**kv_listener(), "partial_budget": "32MiB", "partial_wait": "1s"}
+    kv = {**kv_listener(), "partial_budget": "32MiB", "partial_wait": "1s", "max_body": "16MiB"}
     sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]))
     port = port_of(kv)
     warm = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

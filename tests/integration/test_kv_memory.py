@@ -95,12 +95,13 @@ def test_bodies_waiting_for_room_hold_no_more_than_the_listeners_row(start: Any,
     """One request holds the whole partial_budget; 150 more send 2 MB bodies and wait for room.
     hypercorn reads each waiting body only as far as its queue of one: the rise stays within
     the listener's row, and every connection is let go once the clients leave."""
-    kv = {**kv_listener(), "partial_budget": "16MiB", "partial_wait": "60s"}
+    kv = {**kv_listener(), "partial_budget": "16MiB", "partial_wait": "60s", "max_connections": 256}
     sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]), role="ingress")
     port = port_of(kv)
 
-    holder = socket.create_connection(("127.0.0.1", port), timeout=10)
-    holder.sendall(post_head(unique, 16 * MiB) + b"x" * 1000)  # reserves the whole budget from its Content-Length
+    holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    for holder in holders:  # two bodies of max_body (8 MiB) reserve the whole budget from their Content-Length
+        holder.sendall(post_head(unique, 8 * MiB) + b"x" * 1000)
     wait_until(lambda: gauge(sidecar, "walcar_front_partial_bytes", port) == 16 * MiB, 10, "the budget held")
     baseline = sidecar.rss_mib()
     waiting = []
@@ -116,17 +117,16 @@ def test_bodies_waiting_for_room_hold_no_more_than_the_listeners_row(start: Any,
                 except BlockingIOError:
                     time.sleep(0.005)
             waiting.append(sock)
-        wait_until(lambda: gauge(sidecar, "walcar_front_connections", port) == 151, 10, "all connected")
+        wait_until(lambda: gauge(sidecar, "walcar_front_connections", port) == 152, 10, "all connected")
         peak = baseline
         for _ in range(10):  # the reads settle within a moment; take the highest
             peak = max(peak, sidecar.rss_mib())
             time.sleep(0.1)
-        row = (16 * MiB + len(waiting) * CONNECTION_BYTES) / MiB  # 16 MiB are held by the holder's 1000 bytes
+        row = (16 * MiB + len(waiting) * CONNECTION_BYTES) / MiB  # 16 MiB are held by the holders' 2000 bytes
         assert peak - baseline < row, (baseline, peak, row)
     finally:
-        for sock in waiting:
+        for sock in [*waiting, *holders]:
             sock.close()
-        holder.close()
     wait_until(lambda: gauge(sidecar, "walcar_front_connections", port) == 0, 90, "every connection let go")
 
 
@@ -134,13 +134,15 @@ def test_a_request_answered_before_its_body_was_read_lets_its_connection_go(star
                                                                             unique: str) -> None:
     """503 for want of room, while the client has sent more of its body than hypercorn queues: the
     connection is let go once the client leaves (the queue, full of unread body, kept it before)."""
-    kv = {**kv_listener(), "partial_budget": "4MiB", "partial_wait": "1s"}
+    kv = {**kv_listener(), "partial_budget": "8MiB", "partial_wait": "1s", "max_body": "4MiB"}
     sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]), role="ingress")
     port = port_of(kv)
 
     holder = socket.create_connection(("127.0.0.1", port), timeout=10)
-    holder.sendall(post_head(unique, 4 * MiB) + b"x" * 1000)  # the whole budget
-    wait_until(lambda: gauge(sidecar, "walcar_front_partial_bytes", port) == 4 * MiB, 10, "the budget held")
+    holder.sendall(post_head(unique, 4 * MiB) + b"x" * 1000)
+    holder2 = socket.create_connection(("127.0.0.1", port), timeout=10)
+    holder2.sendall(post_head(unique, 4 * MiB) + b"x" * 1000)  # with the first, the whole budget
+    wait_until(lambda: gauge(sidecar, "walcar_front_partial_bytes", port) == 8 * MiB, 10, "the budget held")
     socks = []
     for _ in range(5):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -160,8 +162,9 @@ def test_a_request_answered_before_its_body_was_read_lets_its_connection_go(star
     finally:
         for sock in socks:
             sock.close()
-    wait_until(lambda: gauge(sidecar, "walcar_front_connections", port) == 1, 20, "the refused ones let go")
+    wait_until(lambda: gauge(sidecar, "walcar_front_connections", port) == 2, 20, "the refused ones let go")
     holder.close()
+    holder2.close()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     for _ in range(3):  # a GET leaves its end-of-body message unread: the connection goes on regardless
         conn.request("GET", "/healthz")

@@ -211,7 +211,7 @@ def test_cross_region_batches_need_the_region_token_and_pass_the_front_door(
         process.stop()
 
     token = secret_file(tmp_path / "region.token", "rgn-" + unique)
-    listener = kv_listener()
+    listener = {**kv_listener(), "max_body": "24MiB", "partial_budget": "48MiB"}  # room for the 17 MB entry
     document = sidecar_document(services.nats_url, namespaces, [listener], drain=DRAIN, region="here",
                                 region_token_file=str(token))
     process = SidecarProcess(document, tmp_path / "guarded").start()

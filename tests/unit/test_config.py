@@ -269,3 +269,17 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
     node = {"password": "hunter2", "nested": [{"token": "abc"}]}
     config_files._redact(node)
     assert node == {"password": "<redacted>", "nested": [{"token": "<redacted>"}]}
+
+
+def test_a_kv_body_that_could_not_fit_its_budget_once_decoded_is_a_config_error(tmp_path: Path) -> None:
+    """A decoded body holds itself and its values: max_body over half of partial_budget could never be
+    held within it (a 30 MiB body took 60 MiB), so the worst-case memory would be a fiction."""
+    listener = """
+        [[listeners]]
+        protocol = "kv"
+        bind = "127.0.0.1:8080"
+        """
+    load_toml(tmp_path, listener)  # the defaults: 8 MiB bodies, a 16 MiB budget
+    errors = errors_of(tmp_path, listener + 'max_body = "32MiB"\n')
+    assert any("listeners[0].max_body" in e and "partial_budget" in e for e in errors), errors
+    load_toml(tmp_path, listener + 'max_body = "32MiB"\npartial_budget = "64MiB"\n')

@@ -141,15 +141,16 @@ class KvApp:
 
     async def _decoded(self, body: bytes | bytearray, kind: Any, msgpack: bool, room: BodyRoom,
                        entries: Callable[[Any], int], field: str | None = None) -> Any:
-        """The decoded request, with room held for it: its body and ENTRY_BYTES per entry it makes
-        (known once decoded), until the answer is sent. Without room now, the decoded objects
-        are let go while it waits (thousands per request) and the body decoded again after.
-        With `field`, more entries than max_items are refused first (413 naming it)."""
+        """The decoded request, with room held for it until the answer is sent: its body twice (the body
+        and the values decoded from it) and ENTRY_BYTES per entry it makes (known once decoded).
+        Without room now, the decoded objects are let go while it waits (thousands per request) and
+        the body decoded again after. With `field`, more entries than max_items are refused first
+        (413 naming it)."""
         request = decode(body, kind, msgpack)
         count = entries(request)
         if field is not None:
             self._count(count, field)
-        size = len(body) + count * ENTRY_BYTES
+        size = 2 * len(body) + count * ENTRY_BYTES
         if room.try_hold(size):
             return request
         del request

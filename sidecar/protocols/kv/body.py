@@ -6,7 +6,8 @@ as it bounds partly received values on the memcached and CQL fronts. A body of 6
 reserves its room before it is read (its Content-Length, or piece by piece when it is chunked);
 with no room within `partial_wait` the request is answered 503 with Retry-After, unread.
 Smaller bodies arrive within a read or two, and the connection cap bounds them. Once decoded,
-a request also holds ENTRY_BYTES for each entry it makes (app.py), whatever its body's size.
+a request holds its body twice (the body and the values decoded from it: a 30 MiB body took
+60 MiB) and ENTRY_BYTES for each entry it makes (app.py); so `max_body` is at most half the budget.
 A gzip body (any route, `Content-Encoding: gzip`) holds its inflated size too, charged as it grows.
 """
 

@@ -79,6 +79,15 @@ class _Batch:
         self.submitted = submitted  # trio time: ack latency (shedding, stats) and the publish deadline
 
 
+# What a write waiting for in-flight room holds per entry besides its encoded messages (its models and
+# results): the waiting line counts it against max_inflight_bytes.
+WAITING_ENTRY_BYTES = 1024
+
+
+def _waiting_cost(write: _Write) -> int:
+    return write.nbytes + WAITING_ENTRY_BYTES * len(write.messages)
+
+
 class JournalWriter:
     def __init__(self, conn: NatsConnection, settings: JournalSettings) -> None:
         self.conn = conn
@@ -88,9 +97,9 @@ class JournalWriter:
         self._wake = trio.Event()
         self._capacity_freed = trio.Event()
         self._waiting: deque[_Write] = deque()  # writers queued for in-flight room, first come first served
-        # What those writers hold, bounded like the in-flight writes: past it a writer is refused
-        # at once instead of adding its messages to an unbounded queue.
-        self._waiting_entries = 0
+        # What those writers hold (their messages, and WAITING_ENTRY_BYTES an entry of objects), bounded
+        # by max_inflight_bytes: past it a writer is refused at once instead of joining an unbounded line.
+        # Bytes, not entries: a client pipelining small writes past a small entry limit waits its turn.
         self._waiting_bytes = 0
         self._inflight_batches: deque[_Batch] = deque()  # in submission order, so deadlines are too
         self._batch_sent = trio.Event()
@@ -274,19 +283,14 @@ class JournalWriter:
         return None
 
     def _waiting_full(self, write: _Write) -> bool:
-        """No room to wait: as many entries or bytes wait as may be in flight (the first may always wait)."""
-        settings = self.settings
-        return bool(self._waiting) and (
-            self._waiting_entries + len(write.messages) > settings.max_inflight_entries
-            or self._waiting_bytes + write.nbytes > settings.max_inflight_bytes
-        )
+        """No room to wait: as many bytes wait as may be in flight (the first may always wait)."""
+        return bool(self._waiting) and self._waiting_bytes + _waiting_cost(write) > self.settings.max_inflight_bytes
 
     async def _wait_for_capacity(self, write: _Write) -> bool:
         """Queue for room in arrival order; False when the publish timeout passes first."""
         deadline = trio.current_time() + self.settings.publish_timeout
         self._waiting.append(write)
-        self._waiting_entries += len(write.messages)
-        self._waiting_bytes += write.nbytes
+        self._waiting_bytes += _waiting_cost(write)
         try:
             while self._waiting[0] is not write or self._over_capacity(write):
                 with trio.move_on_at(deadline):
@@ -296,8 +300,7 @@ class JournalWriter:
             return True
         finally:
             self._waiting.remove(write)
-            self._waiting_entries -= len(write.messages)
-            self._waiting_bytes -= write.nbytes
+            self._waiting_bytes -= _waiting_cost(write)
             self._capacity_freed.set()  # the next in line re-checks
             self._capacity_freed = trio.Event()
 

@@ -429,7 +429,7 @@ async def test_16mib_value_chunked_applied_and_chunks_deleted(services: Services
         services.nats_url,
         {unique: {"partitions": 2, "max_item_size": "17MiB",
                   "targets": [cassandra_target("db", services.cassandra[1], keyspace)]}},
-        [kv_listener()], drain=DRAIN,
+        [{**kv_listener(), "max_body": "17MiB", "partial_budget": "34MiB"}], drain=DRAIN,  # one 16 MiB body
     ))
     payload = bytes(random.getrandbits(8) for _ in range(1024)) * (16 * 1024)
     try:

@@ -249,8 +249,8 @@ def test_half_sent_large_values_share_the_partial_budget(start: Any, services: S
 
 def test_connections_over_the_cap_are_closed_and_probes_still_answer(start: Any, services: Services,
                                                                      unique: str) -> None:
-    """ulimit -n 256: the cap is clamped to what the descriptors leave (256 - 128 reserved)."""
-    mc = mc_listener(unique)
+    """ulimit -n 256: a cap of 256 is clamped to what the descriptors leave (256 - 128 reserved)."""
+    mc = {**mc_listener(unique), "max_connections": 256}
     sidecar = start(sidecar_document(services.nats_url, {unique: memcached_ns(services)}, [mc]), nofile=256)
     port = port_of(mc)
     socks = []

@@ -36,8 +36,8 @@ def write(conn: http.client.HTTPConnection, namespace: str, key: str) -> dict[st
 
 def test_kv_connections_over_the_cap_are_refused_and_the_rest_keeps_working(start: Any, services: Services,
                                                                             unique: str) -> None:
-    """ulimit -n 256: the cap is clamped to 256 - 128 reserved descriptors."""
-    kv = kv_listener()
+    """ulimit -n 256: a cap of 256 is clamped to 256 - 128 reserved descriptors."""
+    kv = {**kv_listener(), "max_connections": 256}
     sidecar = start(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv]), nofile=256)
     port = port_of(kv)
     served = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

@@ -15,7 +15,8 @@ from trio.testing import wait_all_tasks_blocked
 
 from sidecar.config import JournalSettings
 from sidecar.log import writer as writer_module
-from sidecar.log.writer import Durable, JournalWriter, Message, WriteResult
+from sidecar.log.writer import WAITING_ENTRY_BYTES, Durable, JournalWriter, Message, WriteResult
+from sidecar.units import ByteSize
 
 
 class StandInLink:
@@ -147,10 +148,11 @@ async def test_a_write_is_refused_while_the_links_buffer_is_full() -> None:
 
 
 async def test_writers_waiting_for_in_flight_room_are_bounded_and_the_excess_refused_at_once() -> None:
-    """As many entries may wait for room as may be in flight; one more is answered "overloaded" at
-    once instead of joining an unbounded line (each waiter holds its encoded messages)."""
+    """As many bytes may wait for room as may be in flight (a waiter's messages and 1 KiB an entry of
+    objects); one more is answered "overloaded" at once instead of joining an unbounded line."""
     conn = StandInConnection()
-    writer = JournalWriter(conn, JournalSettings(max_inflight_entries=2))  # type: ignore[arg-type]
+    settings = JournalSettings(max_inflight_entries=2, max_inflight_bytes=ByteSize(2 * WAITING_ENTRY_BYTES + 40))
+    writer = JournalWriter(conn, settings)  # type: ignore[arg-type]
     answers: dict[str, WriteResult] = {}
 
     async def write(name: str) -> None:

@@ -18,6 +18,7 @@ order are applied a second time, in order, which leaves every key at its last va
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,10 @@ PULL_EXPIRES = 5.0  # a pull request's life; re-issued while credit remains
 # consumer deleted) is asked again after a growing delay, not at once: at once it spun a CPU.
 PULL_BACKOFF_FIRST = 0.1
 PULL_BACKOFF_MAX = 5.0
+# Pulls failing for this long in a row (and at least 3 of them) mean the consumer is gone, not between
+# leaders: a replicated consumer answers 503 (no responders) for a moment while it elects one.
+GONE_AFTER_SECONDS = 10.0
+GONE_AFTER_PULLS = 3
 CONSUMER_DELETED = b"Consumer Deleted"
 
 
@@ -84,10 +89,22 @@ class PartitionConsumer:
         self.sink: Sink | None = None
         self._pull: _Pull | None = None
         self.failures = 0  # pull requests in a row answered at once with an error
+        self.failing_since = 0.0  # monotonic time of the first of them
         self.failure = ""  # the last one's status and description
+
+    def answered(self) -> None:
+        """The consumer answered as it does when it is there (a delivery, an expiry, a limit)."""
+        self.failures = 0
+
+    def gone(self) -> bool:
+        """Its pulls have failed long enough that the consumer (or its stream) is gone."""
+        return (self.failures >= GONE_AFTER_PULLS
+                and time.monotonic() - self.failing_since >= GONE_AFTER_SECONDS)
 
     def failed(self, status: bytes, headers: bytes) -> float:
         """A pull request ended at once with an error: record why; how long to wait before the next."""
+        if not self.failures:
+            self.failing_since = time.monotonic()
         self.failures += 1
         description = headers.split(b"\r\n", 1)[0].decode(errors="replace").removeprefix("NATS/1.0").strip()
         self.failure = description or status.decode(errors="replace")
@@ -174,12 +191,13 @@ class _Pull:
         self.closed = False
         self.timers: list[Timer] = []
         self.read: list[Delivered] = []  # deliveries of the current read, handed over together after it
+        self.not_before = 0.0  # monotonic time before which no request goes out (backing off after failures)
         self.sid = link.subscribe(self.inbox, self._on_message)
         link.on_lost.append(self._on_lost)
         link.on_connected.append(self.request)
 
     def request(self) -> None:
-        if self.closed or self.requested or not self.link.connected:
+        if self.closed or self.requested or not self.link.connected or time.monotonic() < self.not_before:
             return
         size, max_bytes = self.allowance()
         if size <= 0 or max_bytes <= 0:
@@ -223,14 +241,18 @@ class _Pull:
             if status == b"409" and CONSUMER_DELETED not in headers:
                 # Max bytes reached: the request is simply over (at once, if it brought anything).
                 # Another server limit (e.g. max ack pending): ask again a little later.
+                self.consumer.answered()
                 full = MAX_BYTES_EXCEEDED in headers and self.delivered
                 self._end_request(0.0 if full else 0.5)
             elif status == b"408" or self.delivered:  # expired, or over after bringing something
+                self.consumer.answered()
                 self._end_request()
-            else:  # over at once, with nothing: the consumer or its stream is gone (or the server refuses)
-                self._end_request(self.consumer.failed(status, headers))
+            else:  # over at once, with nothing: the consumer or its stream is gone (or between leaders)
+                delay = self.consumer.failed(status, headers)
+                self.not_before = time.monotonic() + delay  # pokes from the worker wait for it too
+                self._end_request(delay)
             return
-        self.consumer.failures = 0
+        self.consumer.answered()
         seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
         self.delivered += 1

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from sidecar.drain.service import TargetDrainer
 
 log = get_logger("drain")
-# Pull requests in a row answered at once with an error before the consumer counts as gone (0.7 s of backoff).
-GONE_AFTER = 3
 # JetStream API errors of a take-over that mean the stream (or the consumer) is not there.
 GONE_ERRORS = frozenset({10059, 10014})  # stream not found, consumer not found
 
@@ -89,6 +87,7 @@ class PartitionWorker:
         self._work = trio.Event()
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
+        self.gone_reason = ""  # why its consumer counts as gone (the worker ends; the partition is taken over)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -100,8 +99,10 @@ class PartitionWorker:
                 raise
             raise ConsumerGone(exc.description) from None
         finally:
-            await self.consumer.unbind()  # also when it failed: its pull would go on asking
             self.recent.clear()  # the remembered keys' bytes go back to the drain's budget
+            await self.consumer.unbind()  # also when it failed: its pull would go on asking
+        if self.gone_reason:  # raised here, not in the nursery (which would wrap it in an ExceptionGroup)
+            raise ConsumerGone(self.gone_reason)
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
@@ -488,8 +489,11 @@ class PartitionWorker:
         taken over again, which recreates the consumer once the stream is there."""
         while True:
             await trio.sleep(0.25)
-            if self.consumer.failures >= GONE_AFTER:
-                raise ConsumerGone(self.consumer.failure)
+            if self.consumer.gone():
+                self.gone_reason = self.consumer.failure or "pulls keep failing"
+                if self.cancel_scope is not None:
+                    self.cancel_scope.cancel()
+                return
             self._refill()
 
     async def _expiry_loop(self) -> None:

@@ -3,11 +3,12 @@
 `max_body` bounds one request; the listener's `partial_budget` bounds the large bodies all its
 connections hold at once (received, and then decoded and journaled until the answer is sent),
 as it bounds partly received values on the memcached and CQL fronts. A body of 64 KiB or more
-reserves its room before it is read (its Content-Length, or piece by piece when it is chunked);
-with no room within `partial_wait` the request is answered 503 with Retry-After, unread.
-Smaller bodies arrive within a read or two, and the connection cap bounds them. Once decoded,
-a request holds its body twice (the body and the values decoded from it: a 30 MiB body took
-60 MiB) and ENTRY_BYTES for each entry it makes (app.py); so `max_body` is at most half the budget.
+reserves twice its size before it is read (the body and the values decoded from it: a 30 MiB
+body took 60 MiB), from its Content-Length or piece by piece when it is chunked; with no room
+within `partial_wait` the request is answered 503 with Retry-After, unread. Smaller bodies arrive
+within a read or two, and the connection cap bounds them. Once decoded, a request also holds
+ENTRY_BYTES for each entry it makes (app.py). So `max_body` is at most half the budget, and only
+a request holding nothing yet waits for room: one that needs more while it holds some is 503 at once.
 A gzip body (any route, `Content-Encoding: gzip`) holds its inflated size too, charged as it grows.
 """
 
@@ -68,12 +69,19 @@ class BodyRoom:
         return True
 
     async def hold(self, size: int) -> None:
-        """Room for `size` bytes of this request in all (one request may take the whole budget)."""
+        """Room for `size` bytes of this request in all (one request may take the whole budget).
+
+        Only a request that holds nothing yet waits for room: two that each held part of the budget
+        and waited for more would keep each other waiting until partial_wait ran out, both refused."""
         want = self._want(size)
         if not want:
             return
         assert self.budget is not None
-        got = await self.budget.acquire(want, self.wait)
+        if self.held:
+            got = want if self.budget.try_acquire(want) else 0
+            self.budget.refused += not got
+        else:
+            got = await self.budget.acquire(want, self.wait)
         if not got:
             log.warning("partial_budget_exhausted", length=size, budget=self.budget.limit,
                         refused=self.budget.refused)
@@ -118,7 +126,7 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], max_body: int
     if declared.isdigit():
         if int(declared) > max_body:
             raise HttpError(413, f"request body over {max_body} bytes")
-        await room.hold(int(declared))
+        await room.hold(2 * int(declared))  # the body, and the values decoded from it
     # Grown a received piece at a time: joining 15 MiB of pieces at the end would be one long
     # step of the loop. The decoders read a bytearray as it is.
     body: bytes | bytearray = b""
@@ -129,7 +137,7 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], max_body: int
         chunk = message.get("body", b"")
         if len(body) + len(chunk) > max_body:
             raise HttpError(413, f"request body over {max_body} bytes")
-        await room.hold(len(body) + len(chunk))
+        await room.hold(2 * (len(body) + len(chunk)))
         if not body:
             body = chunk  # the usual case: the whole body in one piece, not copied
         else:
@@ -153,7 +161,7 @@ async def _gunzip(compressed: bytes | bytearray, max_body: int, room: BodyRoom) 
     body = bytearray()
     pending: bytes | bytearray = compressed
     while True:
-        await room.hold(len(compressed) + len(body) + INFLATE_PIECE)
+        await room.hold(len(compressed) + 2 * (len(body) + INFLATE_PIECE))
         try:
             piece = inflater.decompress(pending, INFLATE_PIECE)
         except zlib.error as exc:

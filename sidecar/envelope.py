@@ -113,6 +113,39 @@ def decode_many(data: bytes) -> list[Entry]:
     return _list_decoder.decode(data)
 
 
+# A journal message holds one entry (a msgpack map) or a pack of them (a msgpack array of maps): the
+# journal writer packs entries of one partition queued in the same group commit (sidecar/log/writer.py),
+# each of a different key, so a key's entries are still one per message and in stream order.
+MAX_PACK_ENTRIES = 64
+MAX_PACK_BYTES = 256 * 1024
+MAX_PACKED_ENTRY_BYTES = 16 * 1024  # larger entries go alone: a pack's members stay close in size
+
+
+def is_pack(data: bytes) -> bool:
+    """Whether a journal message is a pack (an array) rather than one entry (a map)."""
+    return bool(data) and (0x90 <= data[0] <= 0x9F or data[0] in (0xDC, 0xDD))
+
+
+def pack_payload(payloads: list[bytes]) -> bytes:
+    """A pack from already-encoded entries: an array header before them, nothing re-encoded."""
+    count = len(payloads)
+    head = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+    return head + b"".join(payloads)
+
+
+_pieces_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def decode_pieces(pack: bytes) -> list[tuple[bytes, Entry]]:
+    """A pack's entries, each with its own encoded bytes (what it costs to hold, what its dead letter holds)."""
+    return [(bytes(raw), _decoder.decode(raw)) for raw in _pieces_decoder.decode(pack)]
+
+
+def decode_message(data: bytes) -> list[Entry]:
+    """The entries of one journal message, one or a pack, in the order they were written."""
+    return _list_decoder.decode(data) if is_pack(data) else [_decoder.decode(data)]
+
+
 def partition_of(key: str, partitions: int) -> int:
     """Stable across processes and versions (crc32), unlike Python's hash()."""
     return zlib.crc32(key.encode("utf-8", "surrogateescape")) % partitions

@@ -201,13 +201,15 @@ class Ingress:
             raise Refused("deliver_at is beyond the namespace's replay_window")
         self.check_entry(entry, ns)
 
-    async def write(self, entry: Entry, protocol: str = "kv") -> Ack:
+    async def write(self, entry: Entry, protocol: str = "kv", packable: bool = False) -> Ack:
+        """`packable`: the entry's id was made by walcar for this write (see `Journal.message_for`)."""
         began = trio.current_time()
-        result = await check_duplicate(self.journal, [entry], entry.id, await self.journal.append(entry))
+        packable = packable and self._packs(entry.ns)
+        result = await check_duplicate(self.journal, [entry], entry.id, await self.journal.append(entry, packable))
         self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, trio.current_time() - began)
         return await self._answer([entry], result)
 
-    def write_then(self, entry: Entry, protocol: str, done: Callable[[Ack], None]) -> bool:
+    def write_then(self, entry: Entry, protocol: str, done: Callable[[Ack], None], packable: bool = False) -> bool:
         """`write` without a task, for fronts answering pipelined requests: `done(ack)` is called on
         the trio loop once the journal answers. False, with nothing written, when the write needs
         a task (a `sync` namespace waits for visibility, a large value goes to the chunk store,
@@ -221,7 +223,7 @@ class Ingress:
                                  trio.current_time() - began)
             done(self._ack([entry], result))
 
-        return self.journal.append_then(entry, journaled)
+        return self.journal.append_then(entry, journaled, packable)
 
     async def write_mutation(self, entries: list[Entry], mutation_id: str | None = None, protocol: str = "kv") -> Ack:
         """Several entries as one all-or-nothing mutation."""
@@ -234,17 +236,18 @@ class Ingress:
         self.counters.record(entries[0].ns, protocol, op, result.durable.value, trio.current_time() - began)
         return await self._answer(entries, result)
 
-    async def write_many(self, entries: list[Entry], protocol: str = "kv") -> list[Ack]:
+    async def write_many(self, entries: list[Entry], protocol: str = "kv", packable: Sequence[bool] = ()) -> list[Ack]:
         """Independent entries of one namespace in one group commit, each answered on its own (not
         atomic: an entry the journal refuses does not stop the others). In a `sync` namespace they
-        share one visibility budget."""
+        share one visibility budget. `packable[i]`: entry i's id was made by walcar."""
         acks: list[Ack] = []
         for start in range(0, len(entries), WRITE_GROUP):
             # A group at a time, each after the one before (per-key order): one long list would hold
             # the loop for tens of ms building, sending and answering its messages in one step.
             group = entries[start:start + WRITE_GROUP]
             began = trio.current_time()
-            results = await self.journal.append_many(group)
+            results = await self.journal.append_many(
+                group, packable[start:start + WRITE_GROUP] if self._packs(entries[0].ns) else ())
             elapsed = trio.current_time() - began
             stored: list[tuple[Entry, int]] = []
             for entry, result in zip(group, results, strict=True):
@@ -262,6 +265,11 @@ class Ingress:
                     ack.visible = await self._visible(entry.ns, primary.name, [ack.sequence],
                                                       deadline - trio.current_time())
         return acks
+
+    def _packs(self, namespace: str) -> bool:
+        """Whether entries may share messages: not in a `sync` namespace, whose writes wait for their
+        sequence's applied notice, which for a pack waits for every entry in it."""
+        return self.namespace(namespace).mode != "sync"
 
     async def write_replicated(self, entries: list[Entry]) -> list[WriteResult]:
         """Entries from another region, journaled as they are, in one group commit."""

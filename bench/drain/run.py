@@ -59,19 +59,25 @@ def target_settings(kind: str, services: object, keyspace: str) -> dict:
             "username": "cassandra", "password_file": str(CASSANDRA_PASSWORD_FILE), "consistency": "ONE"}
 
 
-async def prefill(config: config_mod.Config, namespace: str, entries: int, keys: int) -> None:
+async def prefill(config: config_mod.Config, namespace: str, entries: int, keys: int, pack: int = 1) -> int:
+    """Journal the backlog; returns the messages it took. `pack` > 1: entries are packable and go in
+    group commits of `pack` x PARTITIONS, so each partition's message holds about `pack` of them, as the
+    writer packs what an ingress queues in one round (sidecar/log/writer.py); 1: one entry a message."""
     async with open_journal(config) as journal:
         writer = journal.writer
-        batch = 2000
+        batch = 2000 if pack <= 1 else pack * PARTITIONS
+        sequences: set[int] = set()
         for start in range(0, entries, batch):
             messages = []
             for i in range(start, min(entries, start + batch)):
                 key = f"{namespace}-{i % keys}"
                 entry = Entry(id=f"{namespace}-{i}", ns=namespace, op=Op.PUT, key=key,
                               partition=partition_of(key, PARTITIONS), value=PAYLOAD, write_time=now_us())
-                messages.append(journal.message_for(entry))
+                messages.append(journal.message_for(entry, packable=pack > 1))
             results = await writer.publish_many(messages)
             assert all(r.ok for r in results), results[0]
+            sequences.update(r.sequence for r in results)
+        return len(sequences)
 
 
 async def backlog(journal: Journal, namespace: str) -> int:
@@ -90,7 +96,7 @@ async def backlog(journal: Journal, namespace: str) -> int:
 
 
 async def watch_drain(config: config_mod.Config, namespace: str, entries: int, pid: int,
-                      alive: Callable[[], bool]) -> tuple[float, float]:
+                      alive: Callable[[], bool], messages: int = 0) -> tuple[float, float]:
     """(entries/s, peak RSS MiB) from the backlog sampled twice a second until it is empty. One connection
     for all samples: opening one per sample cost the box CPU the drainer competes for."""
     async with open_journal(config) as journal:
@@ -105,8 +111,10 @@ async def watch_drain(config: config_mod.Config, namespace: str, entries: int, p
                 break
             if not alive():
                 raise RuntimeError("the drainer exited")
-    started = next(t for t, left in samples if left < entries)  # the drain is under way
-    begin_left = next(left for t, left in samples if t == started)
+    # The backlog is counted in messages: `messages` (when packed) turns it back into entries.
+    total = messages or entries
+    started = next(t for t, left in samples if left < total)  # the drain is under way
+    begin_left = next(left for t, left in samples if t == started) * entries / total
     return begin_left / max(0.001, samples[-1][0] - started), peak
 
 

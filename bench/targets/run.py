@@ -1,10 +1,13 @@
 """Drain to the http and kafka targets, against the same client library writing directly, same run.
 
-    python bench/targets/run.py [--entries 200000] [--http-entries 20000] [--keys 10000] [--record]
+    python bench/targets/run.py [--entries 200000] [--http-entries 20000] [--keys 10000] [--packs 1,4,16]
+                                [--record]
 
 kafka: the journal is prefilled with `--entries` 200-byte writes over `--keys` keys, then a
 drain-only `walcar run --role drain` produces them to a 16-partition topic on the project's
-Kafka (scripts/services); the rate comes from the backlog falling to zero (as bench/drain).
+Kafka (scripts/services); the rate comes from the backlog falling to zero (as bench/drain). Once per
+`--packs` value: the backlog journaled with about that many entries per message (1: one each; more:
+packs, as the writer stores a partition's entries queued in one group commit).
 Direct: confluent-kafka's Producer with the target's settings (idempotent, acks=all, lz4,
 linger 5 ms, murmur2 partitioning), producing the same keys and values from one Python
 loop with a delivery callback per record, once before and once after the drain, averaged.
@@ -54,19 +57,20 @@ def delete_topic(bootstrap: str, topic: str) -> None:
     admin.delete_topics([topic])[topic].result(30)
 
 
-def drain(services: object, target: dict, entries: int, keys: int) -> float:
-    """Entries/s of a drain-only sidecar through a prefilled backlog into `target` (named "t")."""
+def drain(services: object, target: dict, entries: int, keys: int, pack: int = 1) -> float:
+    """Entries/s of a drain-only sidecar through a prefilled backlog into `target` (named "t"); `pack`:
+    about how many entries each journal message holds (bench/drain/run.py's prefill)."""
     namespace = f"b{uuid.uuid4().hex[:8]}"
     document = sidecar_document(services.nats_url,  # type: ignore[attr-defined]
                                 {namespace: {"partitions": PARTITIONS, "targets": [target]}},
                                 log_level="warning", journal={"max_inflight_entries": 50_000})
     config = config_mod.validate(document)
-    trio.run(prefill, config, namespace, entries, keys)
+    messages = trio.run(prefill, config, namespace, entries, keys, pack)
     with tempfile.TemporaryDirectory() as tmp:
         walcar = start_walcar(Path(tmp), document, role="drain", wait_ready=False)
         try:
             rate, _ = trio.run(watch_drain, config, namespace, entries, walcar.proc.pid,
-                               lambda: walcar.proc.poll() is None)
+                               lambda: walcar.proc.poll() is None, messages)
             return rate
         finally:
             walcar.stop()
@@ -109,18 +113,22 @@ def direct_kafka(bootstrap: str, entries: int, keys: int) -> float:
     return rate
 
 
-def kafka_rows(services: object, entries: int, keys: int) -> list[str]:
+def kafka_rows(services: object, entries: int, keys: int, packs: list[int]) -> list[list[str]]:
+    """One row per journal layout (`packs`: entries per message), all between the same two direct runs."""
     bootstrap = services.kafka  # type: ignore[attr-defined]
     before = direct_kafka(bootstrap, entries, keys)
-    topic = create_topic(bootstrap)
-    try:
-        rate = drain(services, kafka_target(bootstrap, topic), entries, keys)
-    finally:
-        delete_topic(bootstrap, topic)
+    rates = []
+    for pack in packs:
+        topic = create_topic(bootstrap)
+        try:
+            rates.append(drain(services, kafka_target(bootstrap, topic), entries, keys, pack))
+        finally:
+            delete_topic(bootstrap, topic)
     after = direct_kafka(bootstrap, entries, keys)
     direct = (before + after) / 2
-    return ["kafka", f"{entries:,}", f"{direct:,.0f}/s (confluent-kafka Producer; {before:,.0f} before, "
-            f"{after:,.0f} after)", f"{rate:,.0f}/s", f"{rate / direct:.2f}x"]
+    return [[f"kafka, {pack} entr{'y' if pack == 1 else 'ies'}/message", f"{entries:,}",
+             f"{direct:,.0f}/s (confluent-kafka Producer; {before:,.0f} before, {after:,.0f} after)",
+             f"{rate:,.0f}/s", f"{rate / direct:.2f}x"] for pack, rate in zip(packs, rates, strict=True)]
 
 
 # --- http ----------------------------------------------------------------------------------------
@@ -175,6 +183,8 @@ def main() -> None:
     parser.add_argument("--http-entries", type=int, default=20_000, help="http backlog")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--targets", default="kafka,http")
+    parser.add_argument("--packs", default="1,4,16",
+                        help="kafka: entries per journal message to drain, one drain each (1: no packs)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     services = ensure_up()
@@ -182,13 +192,13 @@ def main() -> None:
     rows = []
     for kind in args.targets.split(","):
         if kind == "kafka":
-            rows.append(kafka_rows(services, args.entries, args.keys))
+            rows += kafka_rows(services, args.entries, args.keys, [int(p) for p in args.packs.split(",")])
         else:
             rows.append(http_rows(services, args.http_entries, args.keys))
         print(table(headers, rows), flush=True)
     if args.record:
         command = (f"python bench/targets/run.py --entries {args.entries} --http-entries {args.http_entries} "
-                   f"--keys {args.keys}")
+                   f"--keys {args.keys} --packs {args.packs}")
         record("Targets: http and kafka", f"`{command}` — {machine()}; 200-byte values, {PARTITIONS} partitions, "
                f"one drain-only sidecar; direct = the same client library writing straight to the target, once "
                f"before and once after the drain, averaged.\n\n{table(headers, rows)}\n")

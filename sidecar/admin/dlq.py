@@ -17,10 +17,10 @@ from typing import Any
 
 import msgspec
 
-from sidecar.envelope import decode, encode, subject_for
+from sidecar.envelope import decode_message, encode, subject_for
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.log.streams import dlq_stream_name
-from sidecar.log.writer import JournalWriter
+from sidecar.log.writer import JournalWriter, Message
 
 NO_MESSAGE = 10037
 
@@ -90,7 +90,8 @@ class DeadLetters:
         if with_entry:
             data = base64.b64decode(message.get("data") or "")
             try:
-                letter.entry = msgspec.to_builtins(decode(data))
+                entries = decode_message(data)  # a pack only when a sidecar that cannot read packs letters one
+                letter.entry = msgspec.to_builtins(entries[0] if len(entries) == 1 else {"pack": entries})
             except msgspec.DecodeError:
                 letter.entry = {"undecodable": base64.b64encode(data).decode()}
         return letter
@@ -138,17 +139,21 @@ class DeadLetters:
             message = await self._get(namespace, letter.seq, letter.subject)
             if message is None:
                 continue
-            entry = decode(base64.b64decode(message.get("data") or ""))
-            entry.targets = [letter.target]
-            result = await self.writer.publish(
-                subject_for(namespace, entry.partition), encode(entry),
-                {"Nats-Msg-Id": f"{entry.id}.dlq-replay.{letter.seq}"},
-            )
-            if not result.ok:
-                failed.append({"seq": letter.seq, "error": result.message})
+            # A letter holds one entry, or a whole pack when a sidecar that cannot read packs dead-lettered it
+            # as undecodable (operations.md, *Journal messages*): each entry is journaled again, in order.
+            entries = decode_message(base64.b64decode(message.get("data") or ""))
+            messages = []
+            for index, entry in enumerate(entries):
+                entry.targets = [letter.target]
+                suffix = f".{index}" if len(entries) > 1 else ""
+                messages.append(Message(subject_for(namespace, entry.partition), encode(entry),
+                                        {"Nats-Msg-Id": f"{entry.id}.dlq-replay.{letter.seq}{suffix}"}))
+            results = await self.writer.publish_many(messages)
+            if not all(result.ok for result in results):
+                failed.append({"seq": letter.seq, "error": next(r.message for r in results if not r.ok)})
                 continue
             await self.delete(namespace, letter.seq)
-            replayed.append({"seq": letter.seq, "journal_sequence": result.sequence})
+            replayed.append({"seq": letter.seq, "journal_sequence": results[-1].sequence})
         return {"replayed": replayed, "skipped": skipped, "failed": failed}
 
     async def purge(self, namespace: str, flt: DlqFilter, limit: int = 1000) -> dict[str, Any]:

@@ -123,7 +123,9 @@ class SidecarCollector:
 
     def _drain(self) -> Iterator[Metric]:
         labels = ["namespace", "target"]
-        backlog = GaugeMetricFamily("walcar_drain_backlog", "Entries not yet applied (consumer pending)", labels=labels)
+        backlog = GaugeMetricFamily("walcar_drain_backlog",
+                                    "Journal messages (an entry or a pack) not yet applied (consumer pending)",
+                                    labels=labels)
         oldest = GaugeMetricFamily("walcar_drain_oldest_unapplied_seconds", "Age of the oldest unapplied entry",
                                    labels=labels)
         rate = GaugeMetricFamily("walcar_drain_apply_rate", "Entries applied per second (all drainers)", labels=labels)

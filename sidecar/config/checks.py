@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sidecar.config.model import MAX_PARTITIONS, NAMESPACE_RE, Config, Listener, Namespace, SidecarSettings
 from sidecar.config.targets import TARGET_NAME_RE, CassandraTarget, MemcachedTarget, RetryPolicy, Target, WalTarget
+from sidecar.envelope import MAX_PACK_ENTRIES
 from sidecar.secrets import is_loopback
 from sidecar.units import parse_hostport
 
@@ -23,6 +24,9 @@ def semantic_errors(config: Config) -> Iterator[str]:
     for index, listener in enumerate(config.listeners):
         yield from _listener_errors(config, listener, index, binds)
     yield from _nats_auth_errors(config.sidecar)
+    if not 1 <= config.sidecar.journal.pack_entries <= MAX_PACK_ENTRIES:
+        yield f"sidecar.journal.pack_entries: must be between 1 and {MAX_PACK_ENTRIES}, got " \
+              f"{config.sidecar.journal.pack_entries}"
     yield from _admin_errors(config.sidecar, binds)
     for name, ns in config.namespaces.items():
         yield from _namespace_errors(name, ns)

@@ -116,6 +116,9 @@ class JournalSettings(_Base):
     max_inflight_bytes: ByteSize = ByteSize(32 * 1024 * 1024)
     max_inflight_entries: int = 20_000
     max_batch_entries: int = 512
+    # Entries of one partition a message may hold (a pack: sidecar/envelope.py); 1: one entry a message, as
+    # walcar before packs wrote, which is what sidecars of such a version can read (see operations.md).
+    pack_entries: int = 64
     # Ingress sheds writes (503 / SERVER_ERROR / Overloaded) while acks are this slow.
     shed_ack_latency: Duration = Duration(1.0)
 

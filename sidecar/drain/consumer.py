@@ -70,8 +70,10 @@ def consumer_name(target: str, partition: int) -> str:
 
 
 Sink = Callable[[list[Delivered]], None]
-# What the worker can take now: (entries, bytes) for the next pull request; (0, 0) for nothing.
-Allowance = Callable[[], tuple[int, int]]
+# What the worker can take now: (messages, bytes) for the next pull request; (0, 0) for nothing. Its argument
+# says the last request ended at once because the next message is over its max_bytes: then the worker asks
+# for that one message alone, with room for the largest message there can be.
+Allowance = Callable[[bool], tuple[int, int]]
 MAX_BYTES_EXCEEDED = b"Message Size Exceeds MaxBytes"
 
 
@@ -192,6 +194,7 @@ class _Pull:
         self.timers: list[Timer] = []
         self.read: list[Delivered] = []  # deliveries of the current read, handed over together after it
         self.not_before = 0.0  # monotonic time before which no request goes out (backing off after failures)
+        self.one_large = False  # the next message is over the last request's max_bytes: ask for it alone
         self.sid = link.subscribe(self.inbox, self._on_message)
         link.on_lost.append(self._on_lost)
         link.on_connected.append(self.request)
@@ -199,9 +202,10 @@ class _Pull:
     def request(self) -> None:
         if self.closed or self.requested or not self.link.connected or time.monotonic() < self.not_before:
             return
-        size, max_bytes = self.allowance()
+        size, max_bytes = self.allowance(self.one_large)
         if size <= 0 or max_bytes <= 0:
             return
+        self.one_large = False
         self.requested, self.delivered = size, 0
         self.request_id += 1
         body = json.dumps({"batch": size, "max_bytes": max_bytes, "expires": int(PULL_EXPIRES * 1e9)}).encode()
@@ -242,8 +246,10 @@ class _Pull:
                 # Max bytes reached: the request is simply over (at once, if it brought anything).
                 # Another server limit (e.g. max ack pending): ask again a little later.
                 self.consumer.answered()
-                full = MAX_BYTES_EXCEEDED in headers and self.delivered
-                self._end_request(0.0 if full else 0.5)
+                over = MAX_BYTES_EXCEEDED in headers
+                if over and not self.delivered:
+                    self.one_large = True  # the next message alone is over max_bytes
+                self._end_request(0.0 if over else 0.5)
             elif status == b"408" or self.delivered:  # expired, or over after bringing something
                 self.consumer.answered()
                 self._end_request()

@@ -32,9 +32,12 @@ def _time(seconds: float) -> str:
 
 
 def dlq_headers(*, target: str, error: ApplyError, error_class: str, attempts: int, seq: int, subject: str,
-                key: str, first_failure: float, last_failure: float, superseded: bool) -> dict[str, str]:
-    return {
-        "Nats-Msg-Id": f"dlq.{target}.{seq}",  # a drainer that dies after this publish does not duplicate it
+                key: str, first_failure: float, last_failure: float, superseded: bool,
+                index: int = -1) -> dict[str, str]:
+    """`index`: the entry's place in its pack (a message of several entries), -1 for a message of one."""
+    position = f"{seq}.{index}" if index >= 0 else str(seq)
+    headers = {
+        "Nats-Msg-Id": f"dlq.{target}.{position}",  # a drainer that dies after this publish does not duplicate it
         "Walcar-Target": target,
         "Walcar-Error-Class": error_class,
         "Walcar-Error": error.message.replace("\r", " ").replace("\n", " ")[:2000],
@@ -46,6 +49,9 @@ def dlq_headers(*, target: str, error: ApplyError, error_class: str, attempts: i
         "Walcar-Last-Failure": _time(last_failure),
         "Walcar-Superseded": "true" if superseded else "false",
     }
+    if index >= 0:
+        headers["Walcar-Original-Index"] = str(index)
+    return headers
 
 
 async def dead_letter(writer: JournalWriter, namespace: str, key: str, payload: bytes,

@@ -24,20 +24,27 @@ Entries held past a third of AckWait get `+WPI`.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
-from sidecar.drain import expiry
 from sidecar.drain.consumer import IN_PROGRESS, ConsumerGone, Delivered, PartitionConsumer
-from sidecar.drain.dlq import dead_letter, dlq_headers
-from sidecar.drain.held import ENTRY_OVERHEAD, Held, chunk_bytes, held_cost, is_special
+from sidecar.drain.held import (
+    ENTRY_OVERHEAD,
+    PULL_COST_PER_BYTE,
+    Held,
+    Pack,
+    Position,
+    chunk_bytes,
+    held_cost,
+    is_special,
+)
 from sidecar.drain.recent import RecentlyApplied
+from sidecar.drain.settling import Settling
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
-from sidecar.envelope import Entry, Op, decode
+from sidecar.envelope import MAX_PACK_ENTRIES, Entry, Op, decode, decode_pieces, is_pack
 from sidecar.log.connection import JetStreamApiError
 from sidecar.log.payloads import PayloadError, expand_multi, with_payload
 from sidecar.logs import get_logger
@@ -50,13 +57,7 @@ log = get_logger("drain")
 GONE_ERRORS = frozenset({10059, 10014})  # stream not found, consumer not found
 
 
-def backoff(attempts: int, initial: float, maximum: float, multiplier: float) -> float:
-    """Exponential with equal jitter: half fixed, half random, capped."""
-    delay = min(maximum, initial * multiplier ** max(0, attempts - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
-
-
-class PartitionWorker:
+class PartitionWorker(Settling):
     def __init__(self, drainer: TargetDrainer, partition: int, consumer: PartitionConsumer) -> None:
         self.drainer = drainer
         self.partition = partition
@@ -72,7 +73,8 @@ class PartitionWorker:
         self.ready: set[str] = set()
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
         self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
-        self.held: dict[int, Held] = {}
+        self.held: dict[Position, Held] = {}
+        self.packs: dict[int, Pack] = {}  # sequence -> a delivered pack some of whose entries are held
         self.held_bytes = 0
         # Held entries that are chunked or MULTI markers: while there are none (the usual case), a round
         # takes each lane's head as one slice and hands the entries over as they are, with no per-entry checks.
@@ -138,27 +140,31 @@ class PartitionWorker:
         if not self._stopping:
             self.consumer.poke()
 
-    def _allowance(self) -> tuple[int, int]:
-        """(entries, max_bytes) for the next pull request, or (0, 0): in bites, not one entry at a time.
+    def _allowance(self, one_large: bool = False) -> tuple[int, int]:
+        """(messages, max_bytes) for the next pull request, or (0, 0): in bites, not one entry at a time.
 
-        The server counts a message's payload, subject and headers against max_bytes, so what a
-        request brings costs at most 2 x max_bytes + ENTRY_OVERHEAD per entry (see `held_cost`)."""
+        The server counts a message's payload, subject and headers against max_bytes, and a message may be
+        a pack of entries, each at least MIN_ENTRY_BYTES: so what a request brings costs at most
+        PULL_COST_PER_BYTE x max_bytes (its bytes, their decoded copies, ENTRY_OVERHEAD per entry however
+        packed), plus ENTRY_OVERHEAD per message. A message larger than that allows is asked for alone
+        (`one_large`), when there is room for the largest message there can be, held twice."""
         if self._stopping or not (self.drainer.fetching() or self.rescue):
             return 0, 0
-        entries = min(self.fetch_batch, self.max_inflight - len(self.held))
-        if entries <= 0 or (self.held and entries < min(self.fetch_batch, self.max_inflight) // 4):
+        messages = min(self.fetch_batch, self.max_inflight - len(self.held))
+        if messages <= 0 or (self.held and messages < min(self.fetch_batch, self.max_inflight) // 4):
             return 0, 0
-        # Never ask for less than the largest message the server can hold: a request whose
-        # max_bytes is under the next message's size would end at once, again and again.
-        largest = self.drainer.largest_message()
         room = self.byte_budget - self.held_bytes
-        entries = min(entries, (room - 2 * largest) // ENTRY_OVERHEAD)
-        if entries <= 0:
+        if one_large:
+            largest = self.drainer.largest_message()
+            return (1, largest) if room >= 2 * largest + MAX_PACK_ENTRIES * ENTRY_OVERHEAD else (0, 0)
+        messages = min(messages, room // (2 * ENTRY_OVERHEAD))
+        max_bytes = (room - messages * ENTRY_OVERHEAD) // PULL_COST_PER_BYTE
+        if messages <= 0 or max_bytes <= 0:
             return 0, 0
-        return entries, (room - entries * ENTRY_OVERHEAD) // 2
+        return messages, max_bytes
 
     def _release(self, held: Held) -> None:
-        del self.held[held.seq]
+        del self.held[held.pos]
         self.held_bytes -= held.cost
         if is_special(held.entry):
             self.special -= 1
@@ -168,38 +174,86 @@ class PartitionWorker:
         skip: list[bytes] = []
         self.next_seq = max(self.next_seq, delivered[-1].seq + 1)
         for item in delivered:
+            if is_pack(item.data):
+                self._take_pack(item, skip)
+                continue
             if item.seq in self.held:
                 continue  # a redelivery of something this worker still holds
             try:
                 entry = decode(item.data)
             except msgspec.DecodeError as exc:
-                log.error("undecodable_entry", namespace=self.drainer.namespace, seq=item.seq, error=str(exc))
-                entry = Entry(id=f"undecodable-{item.seq}", ns=self.drainer.namespace, op=Op.PUT,
-                              key=f"undecodable-{item.seq}", partition=self.partition, write_time=0)
-                held = Held(item.seq, item.reply, item.data, entry)
-                self._dead_letter_soon(held, ApplyError(ErrorClass.PERMANENT, f"undecodable entry: {exc}"))
+                self._undecodable(item, exc)
                 continue
             entry.seq = item.seq  # for targets that pass the journal sequence on (never re-journaled)
             if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
-            held = Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry), item.stored_ns / 1e9)
-            self.held[item.seq] = held
-            self.held_bytes += held.cost
-            if is_special(entry):
-                self.special += 1
-            lane = self.lanes.get(entry.key)
-            if lane is None:
-                self.lanes[entry.key] = [held]
-            else:
-                lane.append(held)
-            if entry.key not in self.parked and entry.key not in self.blocked and entry.key not in self.inflight:
-                self.ready.add(entry.key)  # an in-flight key is made ready again when its round ends
+            self._hold(Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry),
+                            item.stored_ns / 1e9, pos=item.seq))
         self.consumer.signal(skip)
         if skip:
             self._refill()
         if self.ready:
             self._work.set()
+
+    def _take_pack(self, item: Delivered, skip: list[bytes]) -> None:
+        """A message of several entries (each of another key): each is held and applied on its own, charged
+        and dead-lettered as its own bytes; the message is acked once all are settled (`Pack`)."""
+        seq = item.seq
+        if seq in self.packs:
+            return  # redelivered while partly held: what this worker no longer holds, it settled already
+        try:
+            pieces = decode_pieces(item.data)
+        except msgspec.DecodeError as exc:
+            self._undecodable(item, exc)
+            return
+        pack = Pack(item.reply)
+        stored_at = item.stored_ns / 1e9
+        wants, recent = self.drainer.wants, self.recent
+        for index, (raw, entry) in enumerate(pieces):
+            entry.seq = seq
+            if not wants(entry) or recent.last(entry.key) >= seq:
+                continue
+            pack.remaining += 1
+            self._hold(Held(seq, pack.reply, raw, entry, held_cost(raw, entry), stored_at, pos=(seq, index),
+                            pack=pack))
+        if pack.remaining:
+            self.packs[seq] = pack
+        else:
+            skip.append(item.reply)
+
+    def _hold(self, held: Held) -> None:
+        entry = held.entry
+        self.held[held.pos] = held
+        self.held_bytes += held.cost
+        if is_special(entry):
+            self.special += 1
+        lane = self.lanes.get(entry.key)
+        if lane is None:
+            self.lanes[entry.key] = [held]
+        else:
+            lane.append(held)
+        if entry.key not in self.parked and entry.key not in self.blocked and entry.key not in self.inflight:
+            self.ready.add(entry.key)  # an in-flight key is made ready again when its round ends
+
+    def _undecodable(self, item: Delivered, exc: Exception) -> None:
+        log.error("undecodable_entry", namespace=self.drainer.namespace, seq=item.seq, error=str(exc))
+        entry = Entry(id=f"undecodable-{item.seq}", ns=self.drainer.namespace, op=Op.PUT,
+                      key=f"undecodable-{item.seq}", partition=self.partition, write_time=0)
+        held = Held(item.seq, item.reply, item.data, entry, pos=item.seq)
+        self._dead_letter_soon(held, ApplyError(ErrorClass.PERMANENT, f"undecodable entry: {exc}"))
+
+    def _settled(self, held: Held, dead: bool) -> tuple[bytes, int] | None:
+        """An entry is applied or dead-lettered: (reply to ack, sequence to announce) once its message
+        is settled, None while other entries of its pack are held."""
+        pack = held.pack
+        if pack is None:
+            return held.reply, -held.seq if dead else held.seq
+        announce = pack.settle(held.seq, dead)
+        if not announce:
+            return None
+        del self.packs[held.seq]
+        return pack.reply, announce
 
     # --- applying -------------------------------------------------------------------
 
@@ -302,7 +356,8 @@ class PartitionWorker:
         drainer = self.drainer
         outcomes = await self._apply_runs(runs)
         acks: list[bytes] = []
-        applied: list[int] = []
+        applied: list[int] = []  # sequences whose messages are settled (negative: with a dead letter)
+        count = 0  # entries applied
         chunked: list[Held] = []
         any_success = False
         unavailable = False
@@ -316,11 +371,16 @@ class PartitionWorker:
             del lane[:done]
             if done:
                 landed = run if done == len(run) else run[:done]
+                count += done
                 for held in landed:
-                    del held_by_seq[held.seq]
+                    del held_by_seq[held.pos]
                     self.held_bytes -= held.cost
-                    acks.append(held.reply)
-                    applied.append(held.seq)
+                    if held.pack is None:
+                        acks.append(held.reply)
+                        applied.append(held.seq)
+                    elif (settled := self._settled(held, False)) is not None:
+                        acks.append(settled[0])
+                        applied.append(settled[1])
                     if special and is_special(held.entry):
                         self.special -= 1
                         if held.entry.chunk is not None:
@@ -340,7 +400,7 @@ class PartitionWorker:
         all_failed = not any_success and bool(last_error)
         drainer.breaker.record(succeeded=any_success or not last_error, unavailable=unavailable and not any_success,
                                error=last_error)
-        drainer.stats.applied += len(applied)
+        drainer.stats.applied += count
         if last_error:
             drainer.stats.last_error = last_error
         self._refill()
@@ -402,87 +462,6 @@ class PartitionWorker:
                     return RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "mutation partly applied"))
         return RunOutcome(1)
 
-    # --- failures ---------------------------------------------------------------------
-
-    async def _failed(self, key: str, held: Held, error: ApplyError) -> None:
-        drainer = self.drainer
-        retry = drainer.retry
-        now = time.time()
-        held.first_failure = held.first_failure or now
-        held.last_failure = now
-        held.last_error = error.message
-        if error.error_class is ErrorClass.UNAVAILABLE:
-            self.parked[key] = trio.current_time() + max(retry.initial_delay, error.retry_after)
-            return
-        held.attempts += 1
-        if error.error_class is ErrorClass.TRANSIENT and held.attempts < retry.max_attempts:
-            drainer.stats.retries += 1
-            delay = max(error.retry_after, backoff(held.attempts, retry.initial_delay, retry.max_delay,
-                                                   retry.multiplier))
-            self.parked[key] = trio.current_time() + delay
-            log.debug("apply_retry", target=drainer.name, key=key, seq=held.seq, attempts=held.attempts,
-                      delay=f"{delay:.2f}s", error=error.message)
-            return
-        error_class = "permanent" if error.error_class is ErrorClass.PERMANENT else "exhausted"
-        await self._dead_letter(key, held, error, error_class)
-
-    def _dead_letter_soon(self, held: Held, error: ApplyError) -> None:
-        """An entry that never reached a lane (undecodable): dead-letter it straight away."""
-        self.drainer.spawn(lambda: self._dead_letter(held.entry.key, held, error, "permanent", in_lane=False))
-
-    async def _dead_letter(self, key: str, held: Held, error: ApplyError, error_class: str,
-                           in_lane: bool = True) -> None:
-        drainer = self.drainer
-        lane = self.lanes.get(key)
-        superseded = bool(lane and len(lane) > 1)
-        now = time.time()
-        if drainer.dlq_enabled:
-            headers = dlq_headers(
-                target=drainer.name, error=error, error_class=error_class, attempts=held.attempts, seq=held.seq,
-                subject=f"wal.{drainer.namespace}.{self.partition}", key=key,
-                first_failure=held.first_failure or now, last_failure=held.last_failure or now,
-                superseded=superseded,
-            )
-            result = await dead_letter(drainer.writer, drainer.namespace, key, held.data, headers)
-            if not result.ok:  # keep it in the journal and try again later
-                log.warning("dead_letter_failed", target=drainer.name, seq=held.seq, error=result.message)
-                if in_lane:
-                    self.parked[key] = trio.current_time() + drainer.retry.initial_delay
-                return
-        log.warning("dead_lettered" if drainer.dlq_enabled else "dropped_without_dlq", namespace=drainer.namespace,
-                    target=drainer.name, key=key, seq=held.seq, error_class=error_class, error=error.message,
-                    attempts=held.attempts)
-        drainer.stats.dead_lettered += 1
-        self.consumer.signal([held.reply])
-        # Settled without being applied: a negative sequence in the applied notice, so the ingress stops
-        # waiting for it and drops it from the read-your-writes overlay (sidecar/applied.py).
-        drainer.applied([-held.seq])
-        if not in_lane:
-            return
-        assert lane is not None
-        del lane[0]
-        self._release(held)
-        if drainer.strict and drainer.dlq_enabled:
-            self.blocked.add(key)
-        elif lane and key not in self.inflight:  # else once its round (or expiry check) is done: `_settle`
-            self.ready.add(key)
-        if not lane:
-            self.lanes.pop(key, None)
-        self._refill()
-
-    async def _blocked_loop(self) -> None:
-        """Strict mode: a key resumes once its dead letters were replayed or purged."""
-        while True:
-            await trio.sleep(2.0)
-            for key in list(self.blocked):
-                if key in self.inflight:  # blocked by a round still in flight: look again next time
-                    continue
-                if not await self.drainer.has_dead_letters(key):
-                    self.blocked.discard(key)
-                    if self.lanes.get(key):
-                        self.ready.add(key)
-                        self._work.set()
-
     async def _fetch_loop(self) -> None:
         """Resumes fetching after a pause or an open breaker (nothing else would ask again); ends the
         worker when its pulls keep failing (the consumer or stream was deleted): the partition is then
@@ -496,45 +475,11 @@ class PartitionWorker:
                 return
             self._refill()
 
-    async def _expiry_loop(self) -> None:
-        """Dead-letter held entries nearing the journal's max age (oldest first, a key's in order); while
-        nothing is fetched, look whether the next unfetched entry is near it, and fetch it if so."""
-        drainer = self.drainer
-        window = drainer.ns.replay_window
-        limit = expiry.EXPIRE_FRACTION * window
-        while True:
-            await trio.sleep(expiry.check_interval(window))
-            now = time.time()
-            for key in [k for k, lane in self.lanes.items() if now - lane[0].stored_at >= limit]:
-                while key not in self.inflight and (lane := self.lanes.get(key)) and \
-                        now - lane[0].stored_at >= limit:
-                    held = lane[0]
-                    message = expiry.expiry_message(now - held.stored_at, window, held.last_error)
-                    # Out of the apply loop's reach while its dead letter is written.
-                    self.ready.discard(key)
-                    self.inflight.add(key)
-                    try:
-                        await self._dead_letter(key, held, ApplyError(ErrorClass.PERMANENT, message),
-                                                expiry.ERROR_CLASS)
-                    finally:
-                        self._settle([key])
-                    if self.lanes.get(key) is lane and lane and lane[0] is held:
-                        break  # the DLQ write failed: the key is parked, try on the next check
-            if drainer.fetching() or (self.held and not self.rescue):
-                self.rescue = False  # what is held is older than anything unfetched: it goes first
-                continue
-            consumer = self.consumer
-            stored = await expiry.first_stored_time(drainer.service.nats, consumer.stream,
-                                                    consumer.subject, self.next_seq)
-            self.rescue = bool(stored) and time.time() - stored >= limit
-            if self.rescue:
-                self._refill()
-
     async def _keepalive_loop(self) -> None:
         """+WPI for everything held, so parked keys and an open breaker never cause redeliveries."""
         interval = max(1.0, self.ack_wait / 3)
         while True:
             await trio.sleep(interval)
-            self.consumer.signal([held.reply for held in self.held.values()], IN_PROGRESS)
+            self.consumer.signal(list({held.reply: None for held in self.held.values()}), IN_PROGRESS)
             self.recent.expire(trio.current_time())
 

@@ -43,6 +43,10 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None
+    # The entry's key when the writer may store it in a pack with other entries of its subject queued in
+    # the same group commit (sidecar/envelope.py); "" when it goes alone: an id that must stay its message's
+    # Nats-Msg-Id (a client's idempotency token, a replicated entry), a scheduled or chunked entry.
+    pack_key: str = ""
 
 
 class PubAck(msgspec.Struct):

@@ -8,13 +8,23 @@ a mutation over the atomic-batch limits — and hands it to the group-commit wri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
 
 from sidecar.config import Config, Namespace
-from sidecar.envelope import Entry, Op, encode, encode_many, new_id, now_us, schedule_subject, subject_for
+from sidecar.envelope import (
+    MAX_PACKED_ENTRY_BYTES,
+    Entry,
+    Op,
+    encode,
+    encode_many,
+    new_id,
+    now_us,
+    schedule_subject,
+    subject_for,
+)
 from sidecar.log.chunks import ChunkError, ChunkStore
 from sidecar.log.writer import (
     DUPLICATE_MESSAGE_IN_BATCH,
@@ -67,8 +77,12 @@ class Journal:
         """The largest entry message journaled as it is; larger ones go to the chunk store."""
         return min(MAX_ENTRY_BYTES, self.writer.max_payload - MAX_PAYLOAD_HEADROOM)
 
-    def message_for(self, entry: Entry) -> Message:
-        """The JetStream message of an entry that is already small enough for the stream."""
+    def message_for(self, entry: Entry, packable: bool = False) -> Message:
+        """The JetStream message of an entry that is already small enough for the stream.
+
+        `packable`: the entry's id was made by walcar for this write alone (never a client's idempotency
+        token, nor an id from another region), so no retry relies on it being its message's Nats-Msg-Id;
+        the writer may then store it in one message with others of its partition (a pack)."""
         headers = {"Nats-Msg-Id": entry.id}
         subject = subject_for(entry.ns, entry.partition)
         if entry.deliver_at and entry.deliver_at > now_us():
@@ -77,7 +91,10 @@ class Journal:
             headers["Nats-Schedule"] = f"@at {_rfc3339(entry.deliver_at)}"
             headers["Nats-Schedule-Target"] = subject
             subject = schedule_subject(entry.ns, entry.id)
-        return Message(subject, encode(entry), headers)
+            packable = False
+        payload = encode(entry)
+        pack_key = entry.key if packable and _packs(entry, payload) else ""
+        return Message(subject, payload, headers, pack_key)
 
     async def _externalize(self, entry: Entry, ns: Namespace) -> Entry:
         """Move a payload above the chunk threshold into the chunk store."""
@@ -86,42 +103,43 @@ class Journal:
         ref = await self.chunks.put(entry.ns, entry.id, entry.value or b"")
         return msgspec.structs.replace(entry, value=None, chunk=ref)
 
-    async def append(self, entry: Entry) -> WriteResult:
+    async def append(self, entry: Entry, packable: bool = False) -> WriteResult:
         ns = self.namespace(entry.ns)
         try:
             entry = await self._externalize(entry, ns)
         except ChunkError as exc:
             return WriteResult(Durable.FALSE, message=str(exc))
-        message = self.message_for(entry)
+        message = self.message_for(entry, packable)
         if len(message.payload) > self.entry_limit:
             return await self._append_multi([entry], entry.id)
-        return await self.writer.publish(message.subject, message.payload, message.headers)
+        return await self.writer.publish(message.subject, message.payload, message.headers, message.pack_key)
 
-    def append_then(self, entry: Entry, done: Callable[[WriteResult], None]) -> bool:
+    def append_then(self, entry: Entry, done: Callable[[WriteResult], None], packable: bool = False) -> bool:
         """`append` without a task (see `JournalWriter.publish_then`); False, with nothing queued,
         when the entry needs the chunk store or must wait for room: await `append` then."""
         if not _fits_inline(entry, self.namespace(entry.ns)):
             return False
-        message = self.message_for(entry)
+        message = self.message_for(entry, packable)
         if len(message.payload) > self.entry_limit:
             return False
-        return self.writer.publish_then(message.subject, message.payload, message.headers, done)
+        return self.writer.publish_then(message.subject, message.payload, message.headers, done, message.pack_key)
 
-    async def append_many(self, entries: list[Entry]) -> list[WriteResult]:
+    async def append_many(self, entries: list[Entry], packable: Sequence[bool] = ()) -> list[WriteResult]:
         """Independent entries in one group commit, journaled in the order given (per-key order holds).
 
         Used for batches replicated from another region: each entry keeps its id (so a retried
         batch is deduplicated entry by entry) and is stored or refused on its own. An entry too
-        large for one message goes through the chunk store on its own, in its place in the order."""
+        large for one message goes through the chunk store on its own, in its place in the order.
+        `packable[i]` says entry i may share a message (see `message_for`); none may when it is empty."""
         results: list[WriteResult] = []
         run: list[Message | WriteResult] = []
-        for entry in entries:
+        for index, entry in enumerate(entries):
             try:
                 prepared = await self._externalize(entry, self.namespace(entry.ns))
             except ChunkError as exc:
                 run.append(WriteResult(Durable.FALSE, message=str(exc)))
                 continue
-            message = self.message_for(prepared)
+            message = self.message_for(prepared, bool(packable) and packable[index])
             if len(message.payload) > self.entry_limit:
                 results += await self._publish_run(run)
                 run = []
@@ -197,6 +215,12 @@ class Journal:
         )
         message = self.message_for(marker)
         return await self.writer.publish(message.subject, message.payload, message.headers)
+
+
+def _packs(entry: Entry, payload: bytes) -> bool:
+    """Small, self-contained entries share messages; a chunk reference or a MULTI marker goes alone (the
+    drain reads its payload on its own), and so does a large entry."""
+    return entry.chunk is None and entry.op is not Op.MULTI and len(payload) <= MAX_PACKED_ENTRY_BYTES
 
 
 def _fits_inline(entry: Entry, ns: Namespace) -> bool:

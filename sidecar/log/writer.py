@@ -21,10 +21,12 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
+import msgspec
 import outcome
 import trio
 
 from sidecar.config import JournalSettings
+from sidecar.envelope import MAX_PACK_BYTES, pack_payload
 from sidecar.log.acks import Durable, JournalStats, Message, WriteResult, refused, result_from_ack
 from sidecar.log.connection import NatsConnection
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD, NatsLink, new_inbox
@@ -58,6 +60,19 @@ class _Write:
         self.waiter: trio.lowlevel.Task | None = None
         self.group: _Group | None = None
         self.done: Callable[[WriteResult], None] | None = None
+
+
+class _Pack:
+    """Packable writes of one subject in one burst, stored as one message; its place in the burst is
+    where its first write was (`slot`), and it holds at most one write per key."""
+
+    __slots__ = ("keys", "nbytes", "slot", "writes")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.writes: list[_Write] = []
+        self.keys: set[str] = set()
+        self.nbytes = 0
 
 
 class _Group:
@@ -103,8 +118,9 @@ class JournalWriter:
         self._waiting_bytes = 0
         self._inflight_batches: deque[_Batch] = deque()  # in submission order, so deadlines are too
         self._batch_sent = trio.Event()
-        # full reply subject -> (write, batch, is_commit); a batch-start reply has is_commit False
-        self._pending: dict[bytes, tuple[_Write, _Batch, bool]] = {}
+        # full reply subject -> (write, or a pack's writes; batch; is_commit); a batch-start reply has
+        # is_commit False
+        self._pending: dict[bytes, tuple[_Write | list[_Write], _Batch, bool]] = {}
         self._tokens = itertools.count(1)
         self._link: NatsLink | None = None
         self._inbox = b""
@@ -147,18 +163,19 @@ class JournalWriter:
 
     # --- writers' side ---------------------------------------------------------------
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> WriteResult:
-        return await self._submit(_Write([Message(subject, payload, headers)], False, len(payload)))
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None,
+                      pack_key: str = "") -> WriteResult:
+        return await self._submit(_Write([Message(subject, payload, headers, pack_key)], False, len(payload)))
 
     def publish_then(self, subject: str, payload: bytes, headers: dict[str, str] | None,
-                     done: Callable[[WriteResult], None]) -> bool:
+                     done: Callable[[WriteResult], None], pack_key: str = "") -> bool:
         """`publish` without a task: queue the write now and call `done(result)` on the trio loop
         when it is answered (`done` must not raise or block). False, with nothing queued, when the
         write would have to wait for in-flight room: await `publish` then.
 
         A front answering pipelined requests saves a task, two switches and a scheduling round
         per write this way, which is where its latency goes."""
-        write = _Write([Message(subject, payload, headers)], False, len(payload))
+        write = _Write([Message(subject, payload, headers, pack_key)], False, len(payload))
         refusal = self._refusal(write)
         if refusal is None and (self._waiting or self._over_capacity(write)):
             return False
@@ -328,18 +345,56 @@ class JournalWriter:
             for write in writes:
                 self._settle(write, batch, refused(f"journal unavailable: {reason}"))
             return
-        commands = []
+        commands: list[bytes] = []
+        packs: dict[str, _Pack] = {}  # subject -> its open pack
+        pack_limit = min(MAX_PACK_BYTES, self.max_payload // 2)
+        pack_entries = self.settings.pack_entries
         for write in writes:
             if write.atomic:
+                for subject in {m.subject for m in write.messages} & packs.keys():
+                    self._close_pack(packs.pop(subject), commands, batch)  # its writes came first
                 commands += [encode_publish(m.subject, reply, m.headers, m.payload)
                              for m, reply in self._atomic_commands(write, batch)]
-            else:  # nearly every write: no intermediate list
-                message = write.messages[0]
-                reply = self._reply_for(write, batch, True)
-                commands.append(encode_publish(message.subject, reply, message.headers, message.payload))
+                continue
+            message = write.messages[0]
+            key = message.pack_key
+            pack = packs.get(message.subject)
+            if key:
+                if pack is not None and (key in pack.keys or len(pack.writes) >= pack_entries
+                                         or pack.nbytes + write.nbytes > pack_limit):
+                    self._close_pack(pack, commands, batch)  # a key twice: its second entry in the next message
+                    pack = None
+                if pack is None:
+                    pack = packs[message.subject] = _Pack(len(commands))
+                    commands.append(b"")
+                pack.writes.append(write)
+                pack.keys.add(key)
+                pack.nbytes += write.nbytes
+                continue
+            if pack is not None:  # a write that goes alone follows the pack of its subject, in order
+                self._close_pack(packs.pop(message.subject), commands, batch)
+            reply = self._reply_for(write, batch, True)
+            commands.append(encode_publish(message.subject, reply, message.headers, message.payload))
+        for pack in packs.values():
+            self._close_pack(pack, commands, batch)
         self._inflight_batches.append(batch)
         self._link.send(b"".join(commands))
         self._batch_sent.set()
+
+    def _close_pack(self, pack: _Pack, commands: list[bytes], batch: _Batch) -> None:
+        """The pack's message, in its slot: one PubAck answers all its writes. A pack of one is the write's
+        own message. A pack carries no Nats-Msg-Id: its entries' ids were made by walcar, once each, and
+        nothing publishes them again."""
+        writes = pack.writes
+        first = writes[0].messages[0]
+        if len(writes) == 1:
+            reply = self._reply_for(writes[0], batch, True)
+            commands[pack.slot] = encode_publish(first.subject, reply, first.headers, first.payload)
+            return
+        reply = b"%s.%d" % (self._inbox, next(self._tokens))
+        self._pending[reply] = (writes, batch, True)
+        payload = pack_payload([w.messages[0].payload for w in writes])
+        commands[pack.slot] = encode_publish(first.subject, reply, None, payload)
 
     def _reply_for(self, write: _Write, batch: _Batch, is_commit: bool) -> bytes:
         reply = b"%s.%d" % (self._inbox, next(self._tokens))
@@ -375,6 +430,10 @@ class JournalWriter:
         if not is_commit and not data and not status:
             return  # the atomic batch has started
         result = result_from_ack(data, status)
+        if isinstance(write, list):  # a pack: its PubAck answers each of its writes, at its one sequence
+            for member in write:
+                self._settle(member, batch, msgspec.structs.replace(result))
+            return
         if not is_commit:
             if result.ok:
                 return

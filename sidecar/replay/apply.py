@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from sidecar.config import RetryPolicy
-from sidecar.drain.partition import backoff
+from sidecar.drain.settling import backoff
 from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
 from sidecar.envelope import Entry
 from sidecar.logs import get_logger

@@ -27,7 +27,7 @@ import msgspec
 import trio
 
 from sidecar.config import Config, Namespace, Target
-from sidecar.drain.partition import backoff
+from sidecar.drain.settling import backoff
 from sidecar.drain.targets import build_target
 from sidecar.drain.targets.base import addressed_to
 from sidecar.envelope import Entry, Op

@@ -31,7 +31,7 @@ import trio
 
 from sidecar.config import Namespace, stream_name
 from sidecar.drain.consumer import parse_reply
-from sidecar.envelope import Entry, decode
+from sidecar.envelope import Entry, decode_message
 from sidecar.log import fastpath
 from sidecar.log.connection import JetStreamApiError, NatsConnection
 from sidecar.logs import get_logger
@@ -48,7 +48,8 @@ PULL_TIMEOUT = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Journaled:
-    """One stored message: its sequence, stream time, and the entry (None if undecodable)."""
+    """One stored entry: its message's sequence and stream time, and the entry (None if undecodable).
+    The entries of a pack share their message's sequence."""
 
     seq: int
     time_ns: int
@@ -287,7 +288,7 @@ class JournalReader:
             for reply, data in raw:
                 seq, _, time_ns = parse_reply(reply)
                 if seq <= rng.last:
-                    out.append(_decoded(seq, time_ns, data))
+                    out.extend(_decoded(seq, time_ns, data))
             if out:
                 await send.send(out)
             last = raw[-1][0]
@@ -376,13 +377,15 @@ def pending_of(reply: str) -> int:
     return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
 
-def _decoded(seq: int, time_ns: int, data: bytes) -> Journaled:
+def _decoded(seq: int, time_ns: int, data: bytes) -> list[Journaled]:
+    """A message's entries: one, or a pack's (all at its sequence, each of another key)."""
     try:
-        entry = decode(data)
-        entry.seq = seq
-        return Journaled(seq, time_ns, entry)
+        entries = decode_message(data)
     except msgspec.DecodeError as exc:
-        return Journaled(seq, time_ns, None, f"undecodable entry: {exc}")
+        return [Journaled(seq, time_ns, None, f"undecodable entry: {exc}")]
+    for entry in entries:
+        entry.seq = seq
+    return [Journaled(seq, time_ns, entry) for entry in entries]
 
 
 def _value(bound: SeqBound | TimeBound) -> int:

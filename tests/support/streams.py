@@ -15,14 +15,25 @@ from sidecar import envelope
 
 @dataclass
 class StoredMessage:
+    """One stored entry: a message, or one entry of a pack (then `index` is its place in it, `data`
+    the entry alone, and the pack's other entries are StoredMessages with the same `seq`)."""
+
     seq: int
     subject: str
     headers: dict[str, str]
     data: bytes
     time_ns: int
+    index: int = -1
 
     def entry(self) -> envelope.Entry:
         return envelope.decode(self.data)
+
+
+def _stored(seq: int, subject: str, headers: dict[str, str], data: bytes, time_ns: int) -> list[StoredMessage]:
+    if not envelope.is_pack(data):
+        return [StoredMessage(seq, subject, headers, data, time_ns)]
+    return [StoredMessage(seq, subject, headers, envelope.encode(entry), time_ns, index)
+            for index, entry in enumerate(envelope.decode_message(data))]
 
 
 async def _read_all(nats_url: str, stream: str, subject: str | None) -> list[StoredMessage]:
@@ -38,17 +49,17 @@ async def _read_all(nats_url: str, stream: str, subject: str | None) -> list[Sto
         try:
             # The consumer knows how many messages match at creation: fetch exactly those.
             expected = (await sub.consumer_info()).num_pending
-            while len(out) < expected:
+            fetched = 0
+            while fetched < expected:
                 try:
-                    batch = await sub.fetch(min(1000, expected - len(out)), timeout=5.0)
+                    batch = await sub.fetch(min(1000, expected - fetched), timeout=5.0)
                 except nats.errors.TimeoutError:
                     break
+                fetched += len(batch)
                 for msg in batch:
                     meta = msg.metadata
-                    out.append(StoredMessage(
-                        seq=meta.sequence.stream, subject=msg.subject, headers=dict(msg.headers or {}),
-                        data=msg.data, time_ns=int(meta.timestamp.timestamp() * 1e9),
-                    ))
+                    out += _stored(meta.sequence.stream, msg.subject, dict(msg.headers or {}), msg.data,
+                                   int(meta.timestamp.timestamp() * 1e9))
                     await msg.ack()
         finally:
             await sub.unsubscribe()

@@ -283,3 +283,13 @@ def test_a_kv_body_that_could_not_fit_its_budget_once_decoded_is_a_config_error(
     errors = errors_of(tmp_path, listener + 'max_body = "32MiB"\n')
     assert any("listeners[0].max_body" in e and "partial_budget" in e for e in errors), errors
     load_toml(tmp_path, listener + 'max_body = "32MiB"\npartial_budget = "64MiB"\n')
+
+
+@pytest.mark.parametrize("value", [0, 65])
+def test_pack_entries_is_bounded(tmp_path: Path, value: int) -> None:
+    errors = errors_of(tmp_path, f"""
+        [sidecar.journal]
+        pack_entries = {value}
+        [namespaces.n]
+        """)
+    assert errors == [f"sidecar.journal.pack_entries: must be between 1 and 64, got {value}"]

@@ -289,13 +289,13 @@ class RecordingJournal:
         self.durable = durable
         self.sequence = 0
 
-    async def append(self, entry: Entry) -> WriteResult:
+    async def append(self, entry: Entry, packable: bool = False) -> WriteResult:
         return await self.append_atomic([entry])
 
     async def append_atomic(self, entries: list[Entry], mutation_id: str | None = None) -> WriteResult:
         return self._take(entries)
 
-    def append_then(self, entry: Entry, done: Callable[[WriteResult], None]) -> bool:
+    def append_then(self, entry: Entry, done: Callable[[WriteResult], None], packable: bool = False) -> bool:
         done(self._take([entry]))  # a real journal answers later, from its connection's reader
         return True
 

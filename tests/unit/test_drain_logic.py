@@ -15,8 +15,8 @@ from sidecar.applied import AppliedTracker
 from sidecar.drain.backpressure import AdaptiveLimit, BreakerState, CircuitBreaker
 from sidecar.drain.consumer import parse_reply
 from sidecar.drain.lease import LeaseView
-from sidecar.drain.partition import backoff
 from sidecar.drain.recent import RecentBudget, RecentlyApplied
+from sidecar.drain.settling import backoff
 from sidecar.drain.targets.memcached import cache_key, collapse, effects
 from sidecar.envelope import Entry, Op
 

@@ -85,3 +85,18 @@ def test_new_ids_are_128_random_bits_unique_across_threads_and_a_fork() -> None:
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 64).decode() != new_id()
+
+
+@pytest.mark.parametrize("count", [2, 15, 16, 64])
+def test_a_pack_is_its_entries_encoded_once_behind_an_array_header(count: int) -> None:
+    entries = [Entry(id=f"id{i}", ns="n", op=Op.PUT, key=f"k{i}", partition=0, value=b"v" * i, write_time=i)
+               for i in range(count)]
+    data = envelope.pack_payload([envelope.encode(e) for e in entries])
+    assert envelope.is_pack(data)
+    assert envelope.decode_message(data) == entries
+
+
+def test_a_single_entry_is_not_a_pack() -> None:
+    entry = Entry(id="x", ns="n", op=Op.DELETE, key="k", partition=0, write_time=1)
+    assert not envelope.is_pack(envelope.encode(entry)) and not envelope.is_pack(b"")
+    assert envelope.decode_message(envelope.encode(entry)) == [entry]

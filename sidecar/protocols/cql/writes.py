@@ -138,7 +138,7 @@ class Writes:
             self._answer_write(client, stream, consistency, ack)
 
         client.inflight += 1
-        if self.ingress.write_then(entries[0], "cql", journaled):
+        if self.ingress.write_then(entries[0], "cql", journaled, packable=True):
             return True
         client.inflight -= 1
         return False
@@ -321,7 +321,7 @@ class Writes:
             client.respond(stream, Error.invalid(f"walcar: {exc}"))
             return
         if len(entries) == 1:
-            ack = await self.ingress.write(entries[0], "cql")
+            ack = await self.ingress.write(entries[0], "cql", packable=True)
         else:
             # One BATCH over several partitions: one entry per partition, stored all or none.
             mutation_id = self._entry_id()

@@ -328,7 +328,8 @@ class KvApp:
                                       lambda r: len(r) if isinstance(r, list) else 1, "")
         if isinstance(request, list):
             return await self._write_log_batch(namespace, request)
-        return self._answer(await self.ingress.write(self._log_entry(namespace, request)))
+        return self._answer(await self.ingress.write(self._log_entry(namespace, request),
+                                                     packable=request.idempotency_token is None))
 
     def _log_entry(self, namespace: str, request: models.WriteToLog, where: str = "") -> Entry:
         """The entry of one WriteToLog; `where` prefixes the field an HttpError names (built only then:
@@ -380,7 +381,8 @@ class KvApp:
                                                   field=exc.field)
                 continue
             places.append(index)
-        acks = await self.ingress.write_many(entries) if entries else []
+        packable = [requests[index].idempotency_token is None for index in places]
+        acks = await self.ingress.write_many(entries, packable=packable) if entries else []
         for n, (index, ack) in enumerate(zip(places, acks, strict=True)):
             if n and not n % (4 * _SLICE):
                 await trio.lowlevel.checkpoint()

@@ -159,7 +159,7 @@ class ConditionalOps:
 async def write_resolved(ingress: Ingress, entry: Entry) -> str | None:
     """Journal the state an op left in memcached; the reason it is not durable, or None."""
     try:
-        ack = await ingress.write(entry, "memcached")
+        ack = await ingress.write(entry, "memcached", packable=True)
     except Exception as exc:  # a bug must not leave the client without an answer
         log.error("journal_write_bug", key=entry.key, exc_info=True)
         return f"{type(exc).__name__}: {exc}"

@@ -251,7 +251,7 @@ class Handlers:
     async def journal(self, job: JournalJob) -> bytes:
         """Journal an unconditional write; its answer only with a durable ack."""
         try:
-            ack = await self.ingress.write(job.entry, "memcached")
+            ack = await self.ingress.write(job.entry, "memcached", packable=True)
         except Exception as exc:  # a bug must not leave the client without an answer
             log.error("journal_write_bug", key=job.entry.key, exc_info=True)
             return self.journal_answer(job, None, f"journal write failed: {type(exc).__name__}: {exc}")

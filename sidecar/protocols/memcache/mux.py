@@ -174,7 +174,7 @@ class Multiplexer:
             responses.fill(slot, handlers.journal_answer(job, ack))  # type: ignore[arg-type]
             connection.finished()
 
-        if handlers.ingress.write_then(job.entry, "memcached", journaled):  # type: ignore[union-attr]
+        if handlers.ingress.write_then(job.entry, "memcached", journaled, packable=True):  # type: ignore[union-attr]
             return True
         responses.slots.pop()  # the write was not taken: the connection's task does it again
         connection.outstanding -= 1

@@ -1,0 +1,108 @@
+"""The drain holds each entry of a pack on its own, within its byte budget, and settles the pack once.
+
+The worker is driven with deliveries built here; the consumer and the drainer around it are stand-ins
+(the journal and targets are exercised against real servers in tests/integration/test_journal_packs.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from sidecar.config import DrainSettings
+from sidecar.drain.consumer import Delivered
+from sidecar.drain.held import MIN_ENTRY_BYTES, Pack
+from sidecar.drain.partition import PartitionWorker
+from sidecar.drain.recent import RecentBudget
+from sidecar.envelope import Entry, Op, encode, pack_payload
+from sidecar.memory_budget import worker_floor
+
+MAX_PAYLOAD = 1024 * 1024
+
+
+def test_a_pack_is_announced_once_after_its_last_entry() -> None:
+    pack = Pack(b"reply")
+    pack.remaining = 3
+    assert pack.settle(7, dead=False) == 0
+    assert pack.settle(7, dead=False) == 0
+    assert pack.settle(7, dead=False) == 7
+
+
+def test_a_pack_with_a_dead_letter_is_announced_settled_not_applied() -> None:
+    """An applied notice says every key of the sequence is applied: not true when one was dead-lettered."""
+    pack = Pack(b"reply")
+    pack.remaining = 2
+    assert pack.settle(9, dead=True) == 0
+    assert pack.settle(9, dead=False) == -9
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.acked: list[bytes] = []
+
+    def signal(self, replies: list[bytes], body: bytes = b"+ACK") -> None:
+        self.acked += replies
+
+    def poke(self) -> None:
+        pass
+
+
+def worker(budget: int) -> tuple[PartitionWorker, Consumer]:
+    service = SimpleNamespace(recent_budget=RecentBudget(1 << 20))
+    drainer = SimpleNamespace(settings=DrainSettings(), byte_budget=budget, service=service,
+                              fetching=lambda: True, largest_message=lambda: MAX_PAYLOAD + 4096,
+                              wants=lambda entry: True, namespace="n")
+    consumer = Consumer()
+    return PartitionWorker(drainer, 0, consumer), consumer  # type: ignore[arg-type]
+
+
+def smallest_pack(seq: int, count: int = 64) -> Delivered:
+    """A pack of the smallest entries there are: the most entries (and Python objects) per byte."""
+    entries = [encode(Entry(id=str(i % 10), ns="n", op=Op.PUT, key=f"{seq}.{i}", partition=0, write_time=0))
+               for i in range(count)]
+    return Delivered(seq, b"$JS.ACK.s.c.1.%d.%d.0.0" % (seq, seq), pack_payload(entries))
+
+
+def test_a_pull_of_packs_of_the_smallest_entries_stays_within_the_byte_budget() -> None:
+    budget = worker_floor(MAX_PAYLOAD)  # the least a worker gets
+    drain, _ = worker(budget)
+    messages, max_bytes = drain._allowance()
+    assert messages > 0 and max_bytes > 0
+    delivered, size, seq = [], 0, 1
+    while True:  # as many packs as the server may send for this request
+        pack = smallest_pack(seq)
+        if len(delivered) == messages or size + len(pack.data) + len(pack.reply) > max_bytes:
+            break
+        delivered.append(pack)
+        size += len(pack.data) + len(pack.reply)
+        seq += 1
+    assert len(pack.data) / 64 < 2 * MIN_ENTRY_BYTES  # these are the smallest entries indeed
+    assert delivered
+    drain._take(delivered)
+    assert len(drain.held) == 64 * len(delivered)
+    assert drain.held_bytes <= budget
+
+
+def test_a_message_over_max_bytes_is_asked_for_alone_when_the_largest_fits() -> None:
+    drain, _ = worker(worker_floor(MAX_PAYLOAD))
+    assert drain._allowance(one_large=True) == (1, MAX_PAYLOAD + 4096)
+    drain._take([smallest_pack(1)])
+    drain.held_bytes = drain.byte_budget // 2  # no longer room for the largest message twice
+    assert drain._allowance(one_large=True) == (0, 0)
+
+
+def test_a_redelivered_pack_adds_nothing_while_part_of_it_is_held() -> None:
+    """Entries of it this worker applied are not applied again behind a key's later entries."""
+    drain, consumer = worker(64 * 1024 * 1024)
+    pack = smallest_pack(5, count=3)
+    drain._take([pack])
+    first = drain.lanes["5.0"].pop(0)  # as a round that applied the first entry does
+    drain._release(first)
+    drain.lanes.pop("5.0")
+    assert drain._settled(first, dead=False) is None  # two entries still held: no ack yet
+    drain._take([Delivered(5, b"$JS.ACK.s.c.2.5.9.0.0", pack.data)])  # redelivered (an ack timer ran out)
+    assert "5.0" not in drain.lanes and len(drain.held) == 2
+    for held in [drain.lanes["5.1"][0], drain.lanes["5.2"][0]]:
+        drain._release(held)
+        settled = drain._settled(held, dead=False)
+    assert settled == (pack.reply, 5) and not drain.packs and consumer.acked == []
+

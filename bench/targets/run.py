@@ -9,8 +9,9 @@ Kafka (scripts/services); the rate comes from the backlog falling to zero (as be
 `--packs` value: the backlog journaled with about that many entries per message (1: one each; more:
 packs, as the writer stores a partition's entries queued in one group commit).
 Direct: confluent-kafka's Producer with the target's settings (idempotent, acks=all, lz4,
-linger 5 ms, murmur2 partitioning), producing the same keys and values from one Python
-loop with a delivery callback per record, once before and once after the drain, averaged.
+linger 5 ms, murmur2 partitioning), producing the same records (keys, values and the five walcar-*
+headers the target adds) from one Python loop with a delivery callback per record, once before and
+once after the drain, averaged.
 
 http: the same with `--http-entries` entries into an application in its own process
 (bench/targets/sink.py: hypercorn on trio answering 200), one request per entry, 32 in
@@ -100,8 +101,12 @@ def direct_kafka(bootstrap: str, entries: int, keys: int) -> float:
         key = f"k{i % keys}".encode()
         while True:
             try:
+                # The headers the kafka target puts on each record: an application producing the same
+                # records directly would send them too.
                 producer.produce(topic, PAYLOAD, key, on_delivery=on_delivery,
-                                 headers=[("walcar-id", uuid.uuid4().hex.encode())])
+                                 headers={"walcar-id": uuid.uuid4().hex.encode(),
+                                          "walcar-write-time": b"%d" % time.time_ns(), "walcar-op": b"put",
+                                          "walcar-origin": b"local", "walcar-seq": b"%d" % i})
                 break
             except BufferError:
                 producer.poll(0.005)

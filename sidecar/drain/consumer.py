@@ -187,8 +187,9 @@ class _Pull:
         self.allowance = allowance
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.name}"
         self.inbox = new_inbox()
-        self.requested = 0  # entries of the outstanding request, not yet delivered
-        self.delivered = 0  # entries the outstanding request brought so far
+        self.requested = 0  # messages of the outstanding request, not yet delivered
+        self.delivered = 0  # messages the outstanding request brought so far
+        self.bytes_left = 0  # of its max_bytes, as the server counts them (subject, reply, headers, payload)
         self.request_id = 0
         self.closed = False
         self.timers: list[Timer] = []
@@ -206,7 +207,7 @@ class _Pull:
         if size <= 0 or max_bytes <= 0:
             return
         self.one_large = False
-        self.requested, self.delivered = size, 0
+        self.requested, self.delivered, self.bytes_left = size, 0, max_bytes
         self.request_id += 1
         body = json.dumps({"batch": size, "max_bytes": max_bytes, "expires": int(PULL_EXPIRES * 1e9)}).encode()
         self.link.publish(self.subject, body, reply=self.inbox)
@@ -219,7 +220,9 @@ class _Pull:
         self.timers.append(self.link.call_later(delay, fn))
 
     def _check(self, request_id: int, size: int) -> None:
-        if request_id == self.request_id and self.requested == size:
+        """Past its expiry the server has ended the request, whatever it brought: if no end reached us
+        (a lost status), it is over."""
+        if request_id == self.request_id and self.requested:
             self._end_request()
 
     def _end_request(self, again_after: float = 0.0) -> None:
@@ -235,7 +238,7 @@ class _Pull:
         """The request went with the connection; `request` asks again once the link is back."""
         self.requested = 0
 
-    def _on_message(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+    def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if self.closed:
             return
         if not reply and headers:
@@ -262,6 +265,11 @@ class _Pull:
         seq, _, stored_ns = parse_reply(reply)
         self.requested = max(0, self.requested - 1)
         self.delivered += 1
+        # A request whose max_bytes the deliveries fill exactly ends with no status at all (nats-server
+        # 2.15): count the bytes as the server does, or the worker would wait on a request that is over.
+        self.bytes_left -= len(subject) + len(reply) + len(data) + (len(headers) if headers else 0)
+        if self.bytes_left <= 0:
+            self.requested = 0
         if not self.read:
             self.link.after_read(self._hand_over)
         self.read.append(Delivered(seq, reply, data, stored_ns))

@@ -78,9 +78,10 @@ def start_twemproxy(workdir: Path, memcached: str) -> tuple[subprocess.Popen, in
 
 
 def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespace: str,
-                           io: str = "") -> tuple[SidecarProcess, int]:
+                           io: str = "", journal: dict | None = None) -> tuple[SidecarProcess, int]:
     """`walcar run --role ingress` with one memcached listener journaling to `namespace`; `io="tasks"` runs
-    its front with one task per connection, not the listener multiplexer (WALCAR_MEMCACHED_IO, mux.py)."""
+    its front with one task per connection, not the listener multiplexer (WALCAR_MEMCACHED_IO, mux.py);
+    `journal`: [sidecar.journal] settings (pack_entries)."""
     port = free_port()
     document = sidecar_document(
         nats_url,
@@ -90,7 +91,7 @@ def start_memcached_walcar(workdir: Path, nats_url: str, memcached: str, namespa
         {namespace: {"partitions": 16, "replay_window": "1h", "read_your_writes": False,
                      "targets": [{"name": "cache", "type": "memcached", "servers": [memcached]}]}},
         [{"protocol": "memcached", "bind": f"127.0.0.1:{port}", "namespace": namespace}],
-        log_level="warning",
+        log_level="warning", **({"journal": journal} if journal else {}),
     )
     saved = os.environ.get("WALCAR_MEMCACHED_IO")
     os.environ["WALCAR_MEMCACHED_IO"] = io
@@ -250,9 +251,18 @@ def markdown(results: Results, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
-def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_port: int) -> None:
-    """A/B of the front's I/O in one invocation: sets through twemproxy, walcar's default front (one task
-    per connection) and walcar with the listener multiplexer, alternating per round; then set latency."""
+# Two walcars an A/B compares: (name, WALCAR_MEMCACHED_IO, [sidecar.journal] settings).
+Variant = tuple[str, str, dict]
+AB_MUX: tuple[Variant, Variant] = (("walcar tasks", "tasks", {}), ("walcar mux", "", {}))
+AB_PACKS: tuple[Variant, Variant] = (("walcar unpacked", "", {"pack_entries": 1}), ("walcar packs", "", {}))
+
+
+def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_port: int,
+           variants: tuple[Variant, Variant] = AB_MUX, rounds: int = 0) -> None:
+    """A/B in one invocation: sets through twemproxy and two walcars (by default one task per connection
+    against the listener multiplexer; `AB_PACKS`: one entry a journal message against packs), alternating
+    per round; then set latency."""
+    rounds = rounds or args.ab_mux
     namespace = "bench" + uuid.uuid4().hex[:8]
     load = [os.getloadavg()[0]]
     tps: dict[str, list[float]] = {"b": [], "c": [], "d": []}
@@ -260,28 +270,31 @@ def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_po
     with tempfile.TemporaryDirectory(prefix="walcar-bench-") as tmp:
         workdir = Path(tmp)
         twemproxy, tw_port = start_twemproxy(workdir, memcached)
-        tasks, tasks_port = start_memcached_walcar(workdir / "tasks", nats_url, memcached, namespace, io="tasks")
-        mux, mux_port = start_memcached_walcar(workdir / "mux", nats_url, memcached, namespace + "m")
+        (c_name, c_io, c_journal), (d_name, d_io, d_journal) = variants
+        tasks, tasks_port = start_memcached_walcar(workdir / "c", nats_url, memcached, namespace, io=c_io,
+                                                   journal=c_journal)
+        mux, mux_port = start_memcached_walcar(workdir / "d", nats_url, memcached, namespace + "m", io=d_io,
+                                               journal=d_journal)
         nats_pids = pids_listening(int(nats_url.rsplit(":", 1)[1]))
         memcached_pids = pids_listening(memcached_port)
         ports = {"b": tw_port, "c": tasks_port, "d": mux_port}
         accounted = {"b": [twemproxy.pid, *memcached_pids], "c": [tasks.proc.pid, *nats_pids],
                      "d": [mux.proc.pid, *nats_pids]}
-        names = {"a": "memcached", "b": "twemproxy", "c": "walcar tasks", "d": "walcar mux"}
+        names = {"a": "memcached", "b": "twemproxy", "c": c_name, "d": d_name}
         try:
-            for round_ in range(args.ab_mux):
+            for round_ in range(rounds):
                 order = ("b", "c", "d") if round_ % 2 == 0 else ("b", "d", "c")
                 for server in order:
                     before = cpu_seconds(accounted[server])
                     rate, ops = memaslap(ports[server], 1.0, args.seconds, args.connections, workdir)
                     tps[server].append(rate)
                     cpu[server].append((cpu_seconds(accounted[server]) - before) / max(ops, 1) * 1e6)
-                    print(f"round {round_ + 1} set {names[server]:13} {rate:>9,.0f} ops/s  "
+                    print(f"round {round_ + 1} set {names[server]:16} {rate:>9,.0f} ops/s  "
                           f"{cpu[server][-1]:6.1f} µs CPU/op", flush=True)
             lat = {}
             for server, port in (("a", memcached_port), ("c", tasks_port), ("d", mux_port)):
                 lat[server] = latency(port, "set", args.latency_seconds)
-                print(f"latency set {names[server]:13} p50 {lat[server][0]:.3f} ms  p99 {lat[server][1]:.3f} ms",
+                print(f"latency set {names[server]:16} p50 {lat[server][0]:.3f} ms  p99 {lat[server][1]:.3f} ms",
                       flush=True)
         finally:
             tasks.stop()
@@ -292,11 +305,12 @@ def ab_mux(args: argparse.Namespace, memcached: str, nats_url: str, memcached_po
             load.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in tps.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"median sets/s: twemproxy {med['b']:,.0f}, tasks {med['c']:,.0f} ({med['c'] / med['b']:.2f}x), "
-          f"mux {med['d']:,.0f} ({med['d'] / med['b']:.2f}x); mux/tasks {med['d'] / med['c']:.2f}x")
-    print(f"median CPU µs/set: twemproxy+memcached {med_cpu['b']:.1f}, tasks+nats {med_cpu['c']:.1f}, "
-          f"mux+nats {med_cpu['d']:.1f}")
-    print(f"added set p99: tasks {lat['c'][1] - lat['a'][1]:+.3f} ms, mux {lat['d'][1] - lat['a'][1]:+.3f} ms; "
+    c, d = names["c"], names["d"]
+    print(f"median sets/s: twemproxy {med['b']:,.0f}, {c} {med['c']:,.0f} ({med['c'] / med['b']:.2f}x), "
+          f"{d} {med['d']:,.0f} ({med['d'] / med['b']:.2f}x); {d} / {c} {med['d'] / med['c']:.2f}x")
+    print(f"median CPU µs/set: twemproxy+memcached {med_cpu['b']:.1f}, {c}+nats {med_cpu['c']:.1f}, "
+          f"{d}+nats {med_cpu['d']:.1f}")
+    print(f"added set p99: {c} {lat['c'][1] - lat['a'][1]:+.3f} ms, {d} {lat['d'][1] - lat['a'][1]:+.3f} ms; "
           f"load average before/after {load[0]:.1f} / {load[1]:.1f}")
 
 
@@ -308,6 +322,8 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     parser.add_argument("--ab-mux", type=int, default=0, metavar="ROUNDS",
                         help="instead: A/B sets of one task per connection vs the listener multiplexer (mux.py)")
+    parser.add_argument("--ab-packs", type=int, default=0, metavar="ROUNDS",
+                        help="instead: A/B sets journaled one entry a message vs in packs (pack_entries)")
     args = parser.parse_args()
     command = "python bench/memcached/run.py " + " ".join(sys.argv[1:])
     for tool in (MEMASLAP, NUTCRACKER):
@@ -316,8 +332,9 @@ def main() -> int:
             return 2
     services = ensure_up()
     memcached = f"{services.memcached[0]}:{services.memcached[1]}"
-    if args.ab_mux:
-        ab_mux(args, memcached, services.nats_url, services.memcached[1])
+    if args.ab_mux or args.ab_packs:
+        ab_mux(args, memcached, services.nats_url, services.memcached[1],
+               AB_PACKS if args.ab_packs else AB_MUX, args.ab_packs or args.ab_mux)
         return 0
     namespace = "bench" + uuid.uuid4().hex[:8]
     results = Results(load=[os.getloadavg()[0]])

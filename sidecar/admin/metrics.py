@@ -128,7 +128,8 @@ class SidecarCollector:
                                     labels=labels)
         oldest = GaugeMetricFamily("walcar_drain_oldest_unapplied_seconds", "Age of the oldest unapplied entry",
                                    labels=labels)
-        rate = GaugeMetricFamily("walcar_drain_apply_rate", "Entries applied per second (all drainers)", labels=labels)
+        rate = GaugeMetricFamily("walcar_drain_apply_rate", "Journal messages applied per second (all drainers)",
+                                 labels=labels)
         dlq = GaugeMetricFamily("walcar_dlq_depth", "Dead letters waiting", labels=labels)
         window = GaugeMetricFamily("walcar_drain_replay_window_seconds", "The journal's max age (the namespace's "
                                    "replay_window): un-applied entries are dead-lettered at 0.8 of it", labels=labels)

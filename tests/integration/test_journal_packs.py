@@ -163,3 +163,28 @@ async def test_pack_entries_1_writes_one_entry_a_message(services: Services, uni
     assert len({r.sequence for r in results}) == 10
     stored = await read_stream(services.nats_url, stream_name(unique))
     assert len(stored) == 10 and all(m.index < 0 and m.headers["Nats-Msg-Id"] for m in stored)
+
+
+async def test_dlq_replay_journals_each_entry_of_a_letter_that_holds_a_pack(services: Services, unique: str) -> None:
+    """What a sidecar that cannot read packs leaves (it dead-letters a pack as undecodable): replayed
+    from a sidecar that can, each entry is journaled again, addressed to the target that failed it."""
+    from sidecar.admin.dlq import DeadLetters, DlqFilter
+    from sidecar.drain.dlq import dlq_subject
+    from sidecar.envelope import encode, pack_payload
+
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 1}}))
+    entries = [entry(unique, f"k{i}", f"v{i}") for i in range(3)]
+    async with open_journal(config) as journal:
+        letter = await journal.writer.publish(
+            dlq_subject(unique, "cache", "undecodable-7"), pack_payload([encode(e) for e in entries]),
+            {"Nats-Msg-Id": "dlq.cache.7", "Walcar-Target": "cache", "Walcar-Original-Seq": "7",
+             "Walcar-Key": "undecodable-7"})
+        assert letter.ok
+        letters = DeadLetters(journal.writer.conn, journal.writer)
+        [shown] = await letters.list(unique, DlqFilter(), with_entry=True)
+        assert [e["key"] for e in shown.entry["pack"]] == ["k0", "k1", "k2"]  # type: ignore[index]
+        result = await letters.replay(unique, DlqFilter())
+    assert len(result["replayed"]) == 1 and not result["failed"]
+    stored = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert [(e.key, e.value, e.targets) for e in stored] == [(f"k{i}", f"v{i}".encode(), ["cache"]) for i in range(3)]
+    assert await read_stream(services.nats_url, dlq_stream_name(unique)) == []

@@ -21,6 +21,7 @@ import msgspec
 from sidecar import config as config_mod
 from sidecar.config import Namespace, stream_name
 from sidecar.log.connection import JetStreamApiError, NatsConnection
+from sidecar.log.kvread import kv_history, kv_keys
 
 BUCKET = "walcar_namespaces"
 HISTORY = 64  # the most JetStream keeps per key
@@ -145,27 +146,11 @@ class NamespaceStore:
         return self.decode(name, entry.revision, entry.value, getattr(entry, "operation", None))
 
     async def names(self) -> list[str]:
-        kv = self.kv
-
-        async def keys() -> list[str]:
-            try:
-                return list(await kv.keys())
-            except Exception:  # nats-py raises NoKeysError on an empty bucket
-                return []
-
-        return sorted(await self.conn.bridge.run(keys))
+        # From the bucket's stream: nats-py's listing misses a present key now and then (kvread.py).
+        return await kv_keys(self.conn, BUCKET)
 
     async def history(self, name: str) -> list[Stored]:
-        kv = self.kv
-
-        async def read() -> list[Any]:
-            try:
-                return list(await kv.history(name))
-            except Exception:  # no such key
-                return []
-
-        return [self.decode(name, e.revision, e.value, getattr(e, "operation", None))
-                for e in await self.conn.bridge.run(read)]
+        return [self.decode(name, r.revision, r.value, r.operation) for r in await kv_history(self.conn, BUCKET, name)]
 
     async def put(self, name: str, ns: Namespace, expected: int) -> int:
         """Write with optimistic concurrency: `expected` is the revision read (0: the key must not exist)."""

@@ -115,10 +115,10 @@ async def cmd_apply(store: NamespaceStore, args: argparse.Namespace, out: list[s
 
 async def cmd_ls(store: NamespaceStore, args: argparse.Namespace, out: list[str]) -> None:
     out.append(f"{'NAMESPACE':<24} {'REVISION':>8}  {'APPLIED AT':<20}  {'BY':<24}  TARGETS")
-    for name in await store.names():
-        stored = await store.get(name)
-        if stored is None or stored.doc is None:
+    for stored in await store.latest():
+        if stored.doc is None:
             continue
+        name = stored.name
         targets = ",".join(t.name for t in stored.ns.targets) if stored.ns else f"INVALID: {stored.error}"
         out.append(f"{name:<24} {stored.revision:>8}  {stored.doc.applied_at:<20}  {stored.doc.applied_by:<24}  "
                    f"{targets}")

@@ -68,10 +68,8 @@ class LiveNamespaces:
     # --- start: the bucket as it is, applied before anything drains or listens ---------
 
     async def load(self) -> None:
-        for name in await self.store.names():
-            stored = await self.store.get(name)
-            if stored is not None:
-                self._note(stored)
+        for stored in await self.store.latest():
+            self._note(stored)
         await self._apply_dirty()
 
     def reload_file(self, namespaces: dict[str, Namespace]) -> None:

@@ -21,7 +21,7 @@ import msgspec
 from sidecar import config as config_mod
 from sidecar.config import Namespace, stream_name
 from sidecar.log.connection import JetStreamApiError, NatsConnection
-from sidecar.log.kvread import kv_history, kv_keys
+from sidecar.log.kvread import kv_history, kv_latest
 
 BUCKET = "walcar_namespaces"
 HISTORY = 64  # the most JetStream keeps per key
@@ -145,9 +145,10 @@ class NamespaceStore:
             return None
         return self.decode(name, entry.revision, entry.value, getattr(entry, "operation", None))
 
-    async def names(self) -> list[str]:
-        # From the bucket's stream: nats-py's listing misses a present key now and then (kvread.py).
-        return await kv_keys(self.conn, BUCKET)
+    async def latest(self) -> list[Stored]:
+        """Every namespace document the bucket holds now, by name. From the bucket's stream: nats-py's
+        listing misses a present key now and then (kvread.py)."""
+        return [self.decode(r.key, r.revision, r.value, r.operation) for r in await kv_latest(self.conn, BUCKET)]
 
     async def history(self, name: str) -> list[Stored]:
         return [self.decode(name, r.revision, r.value, r.operation) for r in await kv_history(self.conn, BUCKET, name)]

@@ -11,7 +11,7 @@ import trio
 
 from sidecar.log.connection import NatsConnection
 from sidecar.log.kvfollow import follow
-from sidecar.log.kvread import kv_keys
+from sidecar.log.kvread import kv_latest
 from sidecar.logs import get_logger
 
 log = get_logger("drain.pauses")
@@ -46,7 +46,7 @@ class Pauses:
         for "nothing is paused"."""
         for attempt in range(1, REFRESH_TRIES + 1):
             try:
-                found = await self._paused_keys()
+                found = {record.key for record in await kv_latest(self.conn, BUCKET, "pause.>")}
                 break
             except Exception as exc:
                 if attempt == REFRESH_TRIES:
@@ -54,9 +54,6 @@ class Pauses:
                 log.warning("pauses_read_failed", attempt=attempt, error=f"{type(exc).__name__}: {exc}")
                 await trio.sleep(0.5 * attempt)
         self._replace(found)
-
-    async def _paused_keys(self) -> set[str]:
-        return set(await kv_keys(self.conn, BUCKET, "pause.>"))
 
     def _replace(self, found: set[str]) -> None:
         if found != self.paused:

@@ -36,11 +36,11 @@ def _record(bucket: str, message: dict[str, Any]) -> KvRecord:
                     value=base64.b64decode(message.get("data") or ""), operation=operation)
 
 
-async def kv_keys(conn: NatsConnection, bucket: str, pattern: str = ">") -> list[str]:
-    """The keys matching `pattern` whose last operation is a put, sorted."""
+async def kv_latest(conn: NatsConnection, bucket: str, pattern: str = ">") -> list[KvRecord]:
+    """The current value of every key matching `pattern` (its last operation a put), by key."""
     stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
     info = await conn.js_api(f"STREAM.INFO.{stream}", {"subjects_filter": prefix + pattern})
-    keys = []
+    records = []
     for subject in (info.get("state") or {}).get("subjects") or {}:
         try:
             reply = await conn.js_api(f"STREAM.MSG.GET.{stream}", {"last_by_subj": subject})
@@ -48,9 +48,10 @@ async def kv_keys(conn: NatsConnection, bucket: str, pattern: str = ">") -> list
             if exc.err_code == NO_MESSAGE:  # purged from the stream since the listing
                 continue
             raise
-        if _record(bucket, reply["message"]).operation == "PUT":
-            keys.append(subject.removeprefix(prefix))
-    return sorted(keys)
+        record = _record(bucket, reply["message"])
+        if record.operation == "PUT":
+            records.append(record)
+    return sorted(records, key=lambda record: record.key)
 
 
 async def kv_history(conn: NatsConnection, bucket: str, key: str) -> list[KvRecord]:

@@ -1,7 +1,7 @@
 """The drain core's own rate, A/B: two source trees drain the same kind of backlog in turn, same run.
 
     python bench/drain/core.py --trees BASE_DIR,NEW_DIR [--target null|kafka|memcached] [--entries 40000]
-                               [--keys 10000] [--rounds 3]
+                               [--keys 10000] [--pack 1] [--rounds 3]
 
 For comparing drain-core changes (sidecar/drain): each round prefills `--entries` 200-byte writes
 over `--keys` keys into a fresh 16-partition namespace and runs the drain of one tree in a
@@ -51,11 +51,14 @@ class NullTarget:
     async def health(self) -> None: ...
 
 
-async def drain_rate(config: object, namespace: str, entries: int) -> float:
+async def drain_rate(config: object, namespace: str, entries: int, messages: int = 0) -> float:
+    """Entries/s; `messages`: what the backlog (which counts messages) was when entries were packed."""
     from bench.drain.run import backlog
     from sidecar.drain.service import DrainService
     from sidecar.log.service import open_journal
 
+    per_message = entries / messages if messages else 1.0
+    entries = messages or entries
     async with open_journal(config) as journal, open_journal(config) as watcher:  # type: ignore[arg-type]
         service = DrainService(config, journal)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
@@ -69,13 +72,13 @@ async def drain_rate(config: object, namespace: str, entries: int) -> float:
                     began, first = (time.monotonic(), left) if left else (started, entries)
                 if left == 0:
                     break
-            rate = first / max(0.001, time.monotonic() - began)
+            rate = first * per_message / max(0.001, time.monotonic() - began)
             await service.stop(5)
             nursery.cancel_scope.cancel()
     return rate
 
 
-def child(target: str, entries: int, keys: int) -> None:
+def child(target: str, entries: int, keys: int, pack: int) -> None:
     """One drain of the tree this process imports (its cwd): prints `rate <entries/s>`."""
     sys.path.insert(0, os.getcwd())
     from bench.common import delete_streams, sidecar_document
@@ -102,9 +105,9 @@ def child(target: str, entries: int, keys: int) -> None:
     document = sidecar_document(services.nats_url, {namespace: {"partitions": PARTITIONS, "targets": [settings]}},
                                 log_level="warning", journal={"max_inflight_entries": 50_000})
     config = config_mod.validate(document)
-    trio.run(prefill, config, namespace, entries, keys)
+    messages = trio.run(prefill, config, namespace, entries, keys, pack)
     try:
-        rate = trio.run(drain_rate, config, namespace, entries)
+        rate = trio.run(drain_rate, config, namespace, entries, messages)
     finally:
         delete_streams(services.nats_url, namespace)
         if topic is not None:
@@ -121,19 +124,21 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=40_000)
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pack", type=int, default=1, help="about this many entries per journal message")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.target, args.entries, args.keys)
+        child(args.target, args.entries, args.keys, args.pack)
         return
     trees = [str(Path(tree).resolve()) for tree in args.trees.split(",")]
     rates: dict[str, list[float]] = {tree: [] for tree in trees}
     for round_ in range(1, args.rounds + 1):
         for tree in trees:
             load = Path("/proc/loadavg").read_text().split()[0]
-            out = subprocess.run([sys.executable, str(HERE), "--child", "--target", args.target, "--entries",
-                                  str(args.entries), "--keys", str(args.keys)], cwd=tree, capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONPATH": tree}, check=True).stdout
+            command = [sys.executable, str(HERE), "--child", "--target", args.target, "--entries", str(args.entries),
+                       "--keys", str(args.keys), "--pack", str(args.pack)]
+            out = subprocess.run(command, cwd=tree, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": tree}, check=True).stdout
             rate = float(out.rsplit("rate ", 1)[1])
             rates[tree].append(rate)
             print(f"round {round_} {tree} load {load}: {rate:,.0f} entries/s", flush=True)

@@ -1,7 +1,7 @@
 """Drain to the http and kafka targets, against the same client library writing directly, same run.
 
     python bench/targets/run.py [--entries 200000] [--http-entries 20000] [--keys 10000] [--packs 1,4,16]
-                                [--record]
+                                [--orderings partition,key] [--record]
 
 kafka: the journal is prefilled with `--entries` 200-byte writes over `--keys` keys, then a
 drain-only `walcar run --role drain` produces them to a 16-partition topic on the project's
@@ -81,8 +81,8 @@ def drain(services: object, target: dict, entries: int, keys: int, pack: int = 1
 # --- kafka --------------------------------------------------------------------------------------
 
 
-def kafka_target(bootstrap: str, topic: str) -> dict:
-    return {"name": "t", "type": "kafka", "bootstrap_servers": [bootstrap], "topic": topic}
+def kafka_target(bootstrap: str, topic: str, ordering: str = "partition") -> dict:
+    return {"name": "t", "type": "kafka", "bootstrap_servers": [bootstrap], "topic": topic, "ordering": ordering}
 
 
 def direct_kafka(bootstrap: str, entries: int, keys: int) -> float:
@@ -118,22 +118,25 @@ def direct_kafka(bootstrap: str, entries: int, keys: int) -> float:
     return rate
 
 
-def kafka_rows(services: object, entries: int, keys: int, packs: list[int]) -> list[list[str]]:
-    """One row per journal layout (`packs`: entries per message), all between the same two direct runs."""
+def kafka_rows(services: object, entries: int, keys: int, packs: list[int],
+               orderings: list[str]) -> list[list[str]]:
+    """One row per journal layout (`packs`: entries per message) and target `ordering`, all between the same
+    two direct runs."""
     bootstrap = services.kafka  # type: ignore[attr-defined]
     before = direct_kafka(bootstrap, entries, keys)
+    cases = [(pack, ordering) for pack in packs for ordering in orderings]
     rates = []
-    for pack in packs:
+    for pack, ordering in cases:
         topic = create_topic(bootstrap)
         try:
-            rates.append(drain(services, kafka_target(bootstrap, topic), entries, keys, pack))
+            rates.append(drain(services, kafka_target(bootstrap, topic, ordering), entries, keys, pack))
         finally:
             delete_topic(bootstrap, topic)
     after = direct_kafka(bootstrap, entries, keys)
     direct = (before + after) / 2
-    return [[f"kafka, {pack} entr{'y' if pack == 1 else 'ies'}/message", f"{entries:,}",
+    return [[f"kafka, {pack} entr{'y' if pack == 1 else 'ies'}/message, ordering {ordering}", f"{entries:,}",
              f"{direct:,.0f}/s (confluent-kafka Producer; {before:,.0f} before, {after:,.0f} after)",
-             f"{rate:,.0f}/s", f"{rate / direct:.2f}x"] for pack, rate in zip(packs, rates, strict=True)]
+             f"{rate:,.0f}/s", f"{rate / direct:.2f}x"] for (pack, ordering), rate in zip(cases, rates, strict=True)]
 
 
 # --- http ----------------------------------------------------------------------------------------
@@ -190,6 +193,8 @@ def main() -> None:
     parser.add_argument("--targets", default="kafka,http")
     parser.add_argument("--packs", default="1,4,16",
                         help="kafka: entries per journal message to drain, one drain each (1: no packs)")
+    parser.add_argument("--orderings", default="partition",
+                        help="kafka: the target's `ordering` (partition, key), one drain each")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     services = ensure_up()
@@ -197,13 +202,14 @@ def main() -> None:
     rows = []
     for kind in args.targets.split(","):
         if kind == "kafka":
-            rows += kafka_rows(services, args.entries, args.keys, [int(p) for p in args.packs.split(",")])
+            rows += kafka_rows(services, args.entries, args.keys, [int(p) for p in args.packs.split(",")],
+                               args.orderings.split(","))
         else:
             rows.append(http_rows(services, args.http_entries, args.keys))
         print(table(headers, rows), flush=True)
     if args.record:
         command = (f"python bench/targets/run.py --entries {args.entries} --http-entries {args.http_entries} "
-                   f"--keys {args.keys} --packs {args.packs}")
+                   f"--keys {args.keys} --packs {args.packs} --orderings {args.orderings}")
         record("Targets: http and kafka", f"`{command}` — {machine()}; 200-byte values, {PARTITIONS} partitions, "
                f"one drain-only sidecar; direct = the same client library writing straight to the target, once "
                f"before and once after the drain, averaged.\n\n{table(headers, rows)}\n")

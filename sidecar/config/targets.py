@@ -160,6 +160,9 @@ class KafkaTarget(_TargetBase, tag="kafka", tag_field="type", kw_only=True):
     bootstrap_servers: list[str]
     topic: str  # {namespace} is replaced
     deletes: Literal["tombstone", "header"] = "tombstone"  # a record delete as a null value, or an empty one
+    # "partition": each journal partition produced in stream order, in long rounds (the fastest; a record
+    # that fails holds its partition back); "key": per-key lanes (a failing key holds back only itself).
+    ordering: Literal["partition", "key"] = "partition"
     create_topic: bool = False  # create it at start (partitions, replication_factor) when it does not exist
     partitions: int = 8
     replication_factor: int = 1

@@ -4,9 +4,10 @@ Entries wait in per-key lanes. Each round takes, for every key that is ready, th
 run of entries at the head of its lane and hands all those runs to the target in
 one call; for a target that allows it (`overlapping_rounds`), rounds overlap (a new
 one starts for the keys that became ready while earlier ones wait on the target), but
-a key is in one round at a time. What a run
-applied is acked (one crossing for the round) and announced as applied; where it
-stopped, the error's class decides:
+a key is in one round at a time. A target that keeps order across keys itself (`ordered`:
+a producer to one log) gets one lane for the whole partition instead: each round, one run of
+every key, in stream order. What a run applied is acked (one crossing for the round) and
+announced as applied; where it stopped, the error's class decides:
 
 - transient:   the key is parked for a backoff (exponential, jittered); other keys
                keep flowing; after `max_attempts` the entry is dead-lettered
@@ -65,14 +66,17 @@ class PartitionWorker(Settling):
         settings = drainer.settings
         self.max_inflight = settings.max_inflight
         self.fetch_batch = settings.fetch_batch
-        self.max_run = settings.max_run
+        # A target that keeps the order of what it is given across keys (a producer to one log) is handed
+        # the partition in stream order: one lane for every key, its rounds as long as what is held.
+        self.ordered_lane = f"partition-{partition}" if drainer.ordered else ""
+        self.max_run = max(settings.max_run, settings.max_inflight) if drainer.ordered else settings.max_run
         self.ack_wait = settings.ack_wait
         # A key's held entries in stream order. Lists, not deques: most lanes hold one entry, a list of
         # one is a tenth of a deque's allocation, and runs leave the front in slices.
         self.lanes: dict[str, list[Held]] = {}
         self.ready: set[str] = set()
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
-        self.blocked: set[str] = set()  # strict mode: keys behind a dead letter
+        self.blocked: dict[str, str] = {}  # strict mode: lanes behind a dead letter -> the key it was of
         self.held: dict[Position, Held] = {}
         self.packs: dict[int, Pack] = {}  # sequence -> a delivered pack some of whose entries are held
         self.held_bytes = 0
@@ -185,7 +189,7 @@ class PartitionWorker(Settling):
                 self._undecodable(item, exc)
                 continue
             entry.seq = item.seq  # for targets that pass the journal sequence on (never re-journaled)
-            if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
+            if not self.drainer.wants(entry) or self.recent.last(self.ordered_lane or entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
             self._hold(Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry),
@@ -209,10 +213,10 @@ class PartitionWorker(Settling):
             return
         pack = Pack(item.reply)
         stored_at = item.stored_ns / 1e9
-        wants, recent = self.drainer.wants, self.recent
+        wants, recent, ordered_lane = self.drainer.wants, self.recent, self.ordered_lane
         for index, (raw, entry) in enumerate(pieces):
             entry.seq = seq
-            if not wants(entry) or recent.last(entry.key) >= seq:
+            if not wants(entry) or recent.last(ordered_lane or entry.key) >= seq:
                 continue
             pack.remaining += 1
             self._hold(Held(seq, pack.reply, raw, entry, held_cost(raw, entry), stored_at, pos=(seq, index),
@@ -228,13 +232,14 @@ class PartitionWorker(Settling):
         self.held_bytes += held.cost
         if is_special(entry):
             self.special += 1
-        lane = self.lanes.get(entry.key)
+        key = self.ordered_lane or entry.key
+        lane = self.lanes.get(key)
         if lane is None:
-            self.lanes[entry.key] = [held]
+            self.lanes[key] = [held]
         else:
             lane.append(held)
-        if entry.key not in self.parked and entry.key not in self.blocked and entry.key not in self.inflight:
-            self.ready.add(entry.key)  # an in-flight key is made ready again when its round ends
+        if key not in self.parked and key not in self.blocked and key not in self.inflight:
+            self.ready.add(key)  # an in-flight key is made ready again when its round ends
 
     def _undecodable(self, item: Delivered, exc: Exception) -> None:
         log.error("undecodable_entry", namespace=self.drainer.namespace, seq=item.seq, error=str(exc))

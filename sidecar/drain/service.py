@@ -74,6 +74,8 @@ class TargetDrainer:
         self.limiter = AdaptiveLimit(**getattr(self.target, "limits", {}))  # a target may bound it its own way
         # Rounds one partition may have in flight at once; a target opts in to more than one (targets/base.py).
         self.overlapping_rounds = max(1, int(getattr(self.target, "overlapping_rounds", 1)))
+        # A target that keeps the order of a run across keys takes each partition in stream order (targets/base.py).
+        self.ordered = bool(getattr(self.target, "ordered", False))
         self.breaker = CircuitBreaker()
         self.stats = DrainStats()
         self.writer = service.journal.writer

@@ -37,7 +37,7 @@ class Settling:
     lanes: dict[str, list[Held]]
     ready: set[str]
     parked: dict[str, float]
-    blocked: set[str]
+    blocked: dict[str, str]
     inflight: set[str]
     held: dict
     rescue: bool
@@ -74,7 +74,7 @@ class Settling:
             delay = max(error.retry_after, backoff(held.attempts, retry.initial_delay, retry.max_delay,
                                                    retry.multiplier))
             self.parked[key] = trio.current_time() + delay
-            log.debug("apply_retry", target=drainer.name, key=key, seq=held.seq, attempts=held.attempts,
+            log.debug("apply_retry", target=drainer.name, key=held.entry.key, seq=held.seq, attempts=held.attempts,
                       delay=f"{delay:.2f}s", error=error.message)
             return
         error_class = "permanent" if error.error_class is ErrorClass.PERMANENT else "exhausted"
@@ -86,25 +86,27 @@ class Settling:
 
     async def _dead_letter(self, key: str, held: Held, error: ApplyError, error_class: str,
                            in_lane: bool = True) -> None:
+        """`key` is the entry's lane: its own key, or its partition's one lane for an ordered target."""
         drainer = self.drainer
         lane = self.lanes.get(key)
-        superseded = bool(lane and len(lane) > 1)
+        entry_key = held.entry.key
+        superseded = bool(lane and any(later.entry.key == entry_key for later in lane[1:]))
         now = time.time()
         if drainer.dlq_enabled:
             headers = dlq_headers(
                 target=drainer.name, error=error, error_class=error_class, attempts=held.attempts, seq=held.seq,
-                subject=f"wal.{drainer.namespace}.{self.partition}", key=key,
+                subject=f"wal.{drainer.namespace}.{self.partition}", key=entry_key,
                 first_failure=held.first_failure or now, last_failure=held.last_failure or now,
                 superseded=superseded, index=held.pos[1] if isinstance(held.pos, tuple) else -1,
             )
-            result = await dead_letter(drainer.writer, drainer.namespace, key, held.data, headers)
+            result = await dead_letter(drainer.writer, drainer.namespace, entry_key, held.data, headers)
             if not result.ok:  # keep it in the journal and try again later
                 log.warning("dead_letter_failed", target=drainer.name, seq=held.seq, error=result.message)
                 if in_lane:
                     self.parked[key] = trio.current_time() + drainer.retry.initial_delay
                 return
         log.warning("dead_lettered" if drainer.dlq_enabled else "dropped_without_dlq", namespace=drainer.namespace,
-                    target=drainer.name, key=key, seq=held.seq, error_class=error_class, error=error.message,
+                    target=drainer.name, key=entry_key, seq=held.seq, error_class=error_class, error=error.message,
                     attempts=held.attempts)
         drainer.stats.dead_lettered += 1
         # Settled without being applied: a negative sequence in the applied notice, so the ingress stops
@@ -117,8 +119,8 @@ class Settling:
         assert lane is not None
         del lane[0]
         self._release(held)
-        if drainer.strict and drainer.dlq_enabled:
-            self.blocked.add(key)
+        if drainer.strict and drainer.dlq_enabled:  # the lane waits until this key has no dead letters
+            self.blocked[key] = entry_key
         elif lane and key not in self.inflight:  # else once its round (or expiry check) is done: `_settle`
             self.ready.add(key)
         if not lane:
@@ -126,14 +128,14 @@ class Settling:
         self._refill()
 
     async def _blocked_loop(self) -> None:
-        """Strict mode: a key resumes once its dead letters were replayed or purged."""
+        """Strict mode: a lane resumes once its key's dead letters were replayed or purged."""
         while True:
             await trio.sleep(2.0)
-            for key in list(self.blocked):
+            for key, letters_of in list(self.blocked.items()):
                 if key in self.inflight:  # blocked by a round still in flight: look again next time
                     continue
-                if not await self.drainer.has_dead_letters(key):
-                    self.blocked.discard(key)
+                if not await self.drainer.has_dead_letters(letters_of):
+                    del self.blocked[key]
                     if self.lanes.get(key):
                         self.ready.add(key)
                         self._work.set()

@@ -11,10 +11,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import pytest
 import trio
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from sidecar.admin.dlq import DlqFilter
+from sidecar.drain.dlq import key_token
 from sidecar.envelope import Op
 from sidecar.log.streams import dlq_stream_name
 from tests.integration.test_drain import write_load
@@ -86,16 +89,20 @@ def kafka_target(bootstrap: str, topic: str, **settings: object) -> dict:
     return {"name": "events", "type": "kafka", "bootstrap_servers": [bootstrap], "topic": topic, **settings}
 
 
-def document(services: Services, unique: str, target: dict) -> dict:
+def document(services: Services, unique: str, target: dict, **namespace: object) -> dict:
     return sidecar_document(services.nats_url, {unique: {"partitions": 4, "retry": FAST_RETRY,
-                                                         "targets": [target]}}, drain=DRAIN)
+                                                         "targets": [target], **namespace}}, drain=DRAIN)
 
 
+ORDERINGS = pytest.mark.parametrize("ordering", ["partition", "key"])
+
+
+@ORDERINGS
 async def test_every_entry_in_order_per_key_deletes_as_tombstones_and_replay(services: Services, unique: str,
-                                                                             tmp_path) -> None:
+                                                                             tmp_path, ordering: str) -> None:
     topic = f"walcar.{unique}"
     await trio.to_thread.run_sync(create_topic, services.kafka, topic)
-    doc = document(services, unique, kafka_target(services.kafka, topic))
+    doc = document(services, unique, kafka_target(services.kafka, topic, ordering=ordering))
     keys = [f"k{i}" for i in range(100)]
     async with running_sidecar(build_config(doc)) as sidecar:
         last = await write_load(sidecar.ingress, unique, keys, 3000)
@@ -124,10 +131,11 @@ async def test_every_entry_in_order_per_key_deletes_as_tombstones_and_replay(ser
     assert verify.returncode != 0 and "verify does not apply" in verify.stdout + verify.stderr
 
 
+@ORDERINGS
 async def test_complete_and_in_order_across_a_broker_restart(services: Services, private_kafka: KafkaProcess,
-                                                            unique: str) -> None:
+                                                            unique: str, ordering: str) -> None:
     topic = f"walcar.{unique}"
-    target = kafka_target(private_kafka.bootstrap, topic, create_topic=True, timeout="3s")
+    target = kafka_target(private_kafka.bootstrap, topic, create_topic=True, timeout="3s", ordering=ordering)
     keys = [f"k{i}" for i in range(200)]
     async with running_sidecar(build_config(document(services, unique, target))) as sidecar:
         await write_load(sidecar.ingress, unique, keys, 3000)
@@ -160,6 +168,34 @@ async def test_a_record_the_broker_refuses_as_too_large_is_dead_lettered(service
     assert len(letters) == 1 and letters[0].entry().key == "big"
     headers = letters[0].headers
     assert headers["Walcar-Error-Class"] == "permanent" and "MSG_SIZE_TOO_LARGE" in headers["Walcar-Error"]
+
+
+async def test_partition_order_dead_letters_a_record_under_its_own_key_and_strict_holds_the_partition(
+        services: Services, unique: str) -> None:
+    """ordering = "partition": one lane per journal partition. A record over max_message_size in the middle
+    is dead-lettered with its own key (not the lane's); strict holds every later entry of the partition,
+    of any key, until that letter is purged; then they land in journal order."""
+    topic = f"walcar.{unique}"
+    await trio.to_thread.run_sync(create_topic, services.kafka, topic)
+    target = kafka_target(services.kafka, topic, max_message_size=20_000)
+    doc = document(services, unique, target, partitions=1, strict=True)
+    async with running_sidecar(build_config(doc)) as sidecar:
+        ingress = sidecar.ingress
+        for key, value in (("a", b"1"), ("big", b"x" * 30_000), ("b", b"2"), ("a", b"3")):
+            assert (await ingress.write(ingress.entry(unique, Op.PUT, key, value=value))).ok
+        drainer = sidecar.drain.drainer(unique, "events")
+        await until(lambda: drainer.stats.dead_lettered == 1, 60, "the dead letter")
+        letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+        assert len(letters) == 1 and letters[0].entry().key == "big"
+        assert letters[0].headers["Walcar-Key"] == "big" and letters[0].subject.endswith("." + key_token("big"))
+        assert await drainer.has_dead_letters("big")
+        await trio.sleep(2.5)  # the partition stays held however long we wait
+        held = await trio.to_thread.run_sync(lambda: consume(services.kafka, topic, 3, timeout=3))
+        assert [(r.key, r.value) for r in held] == [("a", b"1")]
+        assert sidecar.dead_letters is not None
+        await sidecar.dead_letters.purge(unique, DlqFilter(seqs=[letters[0].seq]))
+        records = await trio.to_thread.run_sync(consume, services.kafka, topic, 3)
+    assert [(r.key, r.value) for r in records] == [("a", b"1"), ("b", b"2"), ("a", b"3")]
 
 
 async def test_an_unknown_topic_is_permanent_when_the_cluster_does_not_create_topics(services: Services,

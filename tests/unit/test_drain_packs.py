@@ -46,11 +46,11 @@ class Consumer:
         pass
 
 
-def worker(budget: int) -> tuple[PartitionWorker, Consumer]:
+def worker(budget: int, ordered: bool = False) -> tuple[PartitionWorker, Consumer]:
     service = SimpleNamespace(recent_budget=RecentBudget(1 << 20))
     drainer = SimpleNamespace(settings=DrainSettings(), byte_budget=budget, service=service,
                               fetching=lambda: True, largest_message=lambda: MAX_PAYLOAD + 4096,
-                              wants=lambda entry: True, namespace="n")
+                              wants=lambda entry: True, namespace="n", ordered=ordered)
     consumer = Consumer()
     return PartitionWorker(drainer, 0, consumer), consumer  # type: ignore[arg-type]
 
@@ -106,3 +106,19 @@ def test_a_redelivered_pack_adds_nothing_while_part_of_it_is_held() -> None:
         settled = drain._settled(held, dead=False)
     assert settled == (pack.reply, 5) and not drain.packs and consumer.acked == []
 
+
+
+def test_an_ordered_target_is_handed_its_partition_as_one_lane_in_stream_order() -> None:
+    """A target that keeps order across keys (kafka, ordering = "partition") gets one run of every key,
+    in journal order; a redelivery of what the partition already applied is acked, not held again."""
+    drain, consumer = worker(64 * 1024 * 1024, ordered=True)
+    drain._take([smallest_pack(1, count=3), smallest_pack(2, count=2)])
+    assert list(drain.lanes) == ["partition-0"] and drain.ready == {"partition-0"}
+    assert [held.pos for held in drain.lanes["partition-0"]] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    keys, runs = drain._runs_for(list(drain.ready))
+    assert keys == ["partition-0"] and [held.entry.key for held in runs[0]] == ["1.0", "1.1", "1.2", "2.0", "2.1"]
+    drain.recent.remember("partition-0", 2, 0.0)  # as the round that applied them does
+    again = smallest_pack(2, count=2)
+    drain.packs.clear()
+    drain._take([Delivered(2, b"$JS.ACK.s.c.2.2.9.0.0", again.data)])
+    assert consumer.acked == [b"$JS.ACK.s.c.2.2.9.0.0"]

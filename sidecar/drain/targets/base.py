@@ -53,6 +53,11 @@ class Target(Protocol):
     # done). More suits a target whose call mostly waits on its own batching (a producer's linger and acks)
     # and that takes concurrent calls; a key is never in two rounds at once either way.
     # overlapping_rounds: int
+    # Optional: True when the target keeps the order of a run across keys, as a producer to one log does. The
+    # drain then hands it each partition in stream order: one run of many keys per round, no per-key lanes.
+    # Cheaper per entry; a failing entry holds its whole partition back (retried, then dead-lettered), and
+    # a retry applies again the entries after it in the run, which may have landed already.
+    # ordered: bool
 
     async def start(self) -> None:
         """Connect (and create schema where the target owns it)."""

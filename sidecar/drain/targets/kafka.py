@@ -20,8 +20,10 @@ need an asyncio loop of its own. librdkafka retries what is retriable inside
 - transient (retried, counted): anything else
 
 A run's entries are produced together: the idempotent producer keeps them in order
-in their partition. When one fails, those after it may already be in the topic and are
-produced again on the retry: a key's last record is always its last entry, and a
+in their partition. With `ordering = "partition"` (the default) a run is a whole journal
+partition's entries in stream order, of many keys (`ordered`, base.py); with "key", one
+key's. When one fails, those after it may already be in the topic and are produced again on
+the retry: a key's last record is always its last entry, and a
 consumer that must see each entry once dedupes by `walcar-id` (at-least-once).
 
 Everything runs on the trio thread: produce() only queues, and an apply call polls the
@@ -132,6 +134,9 @@ class KafkaTarget:
         self.name = settings.name
         self.topic = settings.topic.replace("{namespace}", namespace)
         self.producer: Any = None
+        # The idempotent producer keeps what it is given in order within a Kafka partition, and a key stays in
+        # one: a run may then be a whole journal partition's entries in stream order (`ordering`, base.py).
+        self.ordered = settings.ordering == "partition"
         self._fatal = False
 
     def _config(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 from confluent_kafka import Consumer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
 from sidecar.admin.dlq import DlqFilter
 from sidecar.drain.dlq import key_token
@@ -73,6 +73,13 @@ def consume(bootstrap: str, topic: str, until_ids: int, timeout: float = 90.0, a
     finally:
         consumer.close()
     return records
+
+
+def alter_topic(bootstrap: str, topic: str, **config: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in config.items()])
+    admin.incremental_alter_configs([resource])[resource].result(30)
 
 
 def in_order_per_key(records: list[Record]) -> dict[str, list[int]]:
@@ -151,7 +158,8 @@ async def test_complete_and_in_order_across_a_broker_restart(services: Services,
     assert not in_order_per_key(records)
 
 
-async def test_a_record_the_broker_refuses_as_too_large_is_dead_lettered(services: Services, unique: str) -> None:
+async def test_a_record_over_the_topics_limit_is_dead_lettered_before_it_is_sent(services: Services,
+                                                                                  unique: str) -> None:
     topic = f"walcar.{unique}"
     await trio.to_thread.run_sync(lambda: create_topic(services.kafka, topic, 2, **{"max.message.bytes": "20000"}))
     doc = document(services, unique, kafka_target(services.kafka, topic))
@@ -167,7 +175,35 @@ async def test_a_record_the_broker_refuses_as_too_large_is_dead_lettered(service
     letters = await read_stream(services.nats_url, dlq_stream_name(unique))
     assert len(letters) == 1 and letters[0].entry().key == "big"
     headers = letters[0].headers
-    assert headers["Walcar-Error-Class"] == "permanent" and "MSG_SIZE_TOO_LARGE" in headers["Walcar-Error"]
+    assert headers["Walcar-Error-Class"] == "permanent"
+    assert "over the topic's max.message.bytes 20000" in headers["Walcar-Error"]
+
+
+async def test_a_batch_the_broker_refuses_is_retried_and_only_the_record_too_large_is_dead_lettered(
+        services: Services, unique: str) -> None:
+    """The topic's max.message.bytes shrinks under a running sidecar. The broker refuses the whole batch
+    a large record went in (the records beside it fail too): retried, the limit read again, the large
+    record dead-lettered before it is sent, alone; the key's other records land, its last one last."""
+    topic = f"walcar.{unique}"
+    await trio.to_thread.run_sync(lambda: create_topic(services.kafka, topic, 1))
+    doc = document(services, unique, kafka_target(services.kafka, topic), partitions=1)
+    async with running_sidecar(build_config(doc)) as sidecar:
+        ingress = sidecar.ingress
+        drainer = sidecar.drain.drainer(unique, "events")
+        assert (await ingress.write(ingress.entry(unique, Op.PUT, "k", value=b"0"))).ok
+        await until(lambda: drainer.stats.applied == 1, 30, "the producer to start")
+        await trio.to_thread.run_sync(lambda: alter_topic(services.kafka, topic, **{"max.message.bytes": "20000"}))
+        big = os.urandom(60_000)  # random: lz4 cannot shrink it under the topic's limit
+        for value in (b"1", big, b"2"):
+            assert (await ingress.write(ingress.entry(unique, Op.PUT, "k", value=value))).ok
+        await until(lambda: drainer.stats.dead_lettered == 1, 60, "the dead letter")
+        records = await trio.to_thread.run_sync(consume, services.kafka, topic, 3)
+        assert drainer.stats.retries >= 1  # the refused batch
+        assert drainer.stats.dead_lettered == 1
+    letters = await read_stream(services.nats_url, dlq_stream_name(unique))
+    assert len(letters) == 1 and letters[0].entry().value == big
+    assert "over the topic's max.message.bytes 20000" in letters[0].headers["Walcar-Error"]
+    assert {r.value for r in records} == {b"0", b"1", b"2"} and records[-1].value == b"2"
 
 
 async def test_partition_order_dead_letters_a_record_under_its_own_key_and_strict_holds_the_partition(

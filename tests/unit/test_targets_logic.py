@@ -91,3 +91,42 @@ def test_kafka_records_deletes_as_tombstones_or_a_header() -> None:
     item_delete = Entry(id="i3", ns="ns", op=Op.DELETE, key="k", item="a", partition=0, write_time=9)
     value, headers = record(item_delete, "tombstone")
     assert value == b"" and headers["walcar-item"] == b"a"  # a tombstone would drop the whole key
+
+
+class _Report:
+    """What librdkafka hands the delivery callback: the record, whose key survives a failure."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def key(self) -> bytes:
+        return self._key
+
+
+def test_kafka_places_failures_reported_by_key() -> None:
+    """One callback for a call's records learns a failed record's key: a key whose every record failed
+    is placed exactly; one with a record that may have landed stops its run at the key's first record
+    (early, never late), and a permanent error is then retried, not dead-lettered."""
+    from confluent_kafka import KafkaError
+
+    from sidecar.drain.targets.kafka import _Round
+
+    def entries(*keys: str) -> list[Entry]:
+        return [Entry(id=f"{k}{i}", ns="n", op=Op.PUT, key=k, partition=0, write_time=1) for i, k in enumerate(keys)]
+
+    runs = [entries("a", "b", "c"), entries("d", "b")]
+    state = _Round()
+    for key in ("c", "b", "b"):  # every record of b failed: exact
+        state.delivered(KafkaError(KafkaError._MSG_TIMED_OUT), _Report(key.encode()))
+    assert state.place(runs) is True
+    assert sorted(state.failures) == [(0, 1), (0, 2), (1, 1)]
+    assert state.failures[(0, 2)].error_class is ErrorClass.UNAVAILABLE
+
+    runs = [entries("a", "x", "b", "x")]
+    state = _Round()
+    state.delivered(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), _Report(b"x"))  # the first x or the second?
+    state.delivered(None, _Report(b"x"))
+    assert state.place(runs) is False
+    assert list(state.failures) == [(0, 1)]  # x's first record: b and the rest are produced again
+    assert state.failures[(0, 1)].error_class is ErrorClass.TRANSIENT
+    assert "MSG_SIZE_TOO_LARGE" in state.failures[(0, 1)].message

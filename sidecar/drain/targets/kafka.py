@@ -35,6 +35,7 @@ sixth of the rate.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,7 +49,7 @@ from sidecar.logs import get_logger
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("the kafka target needs confluent-kafka: pip install 'walcar[kafka]'") from exc
 
@@ -81,6 +82,19 @@ def _apply_error(error: KafkaError) -> ApplyError:
     return ApplyError(classify(error), f"kafka: {error.name()}: {error.str()}")
 
 
+# The broker refuses a record *batch* as too large: the records batched with a large one fail with it,
+# though each fits alone. A delivery report of it is retried (transient), after reading the topic's
+# max.message.bytes again (a record over it is then dead-lettered before it is sent, alone).
+BATCH_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+RECORD_OVERHEAD = 256  # bytes of a record's framing and its batch's header, with room to spare
+
+
+def _delivery_error(error: KafkaError) -> ApplyError:
+    if error.code() in BATCH_TOO_LARGE:
+        return ApplyError(ErrorClass.TRANSIENT, f"kafka: {error.name()}: {error.str()} (its batch was; retried)")
+    return _apply_error(error)
+
+
 _OPS = {op: op.value.encode() for op in Op}
 
 
@@ -103,21 +117,65 @@ def record(entry: Entry, deletes: str) -> tuple[bytes | None, dict[str, bytes]]:
 
 
 class _Round:
-    """One apply call's deliveries, counted down by the delivery callbacks."""
+    """One apply call's deliveries, counted down by the delivery callbacks.
 
-    __slots__ = ("failures", "pending")
+    Its records share one callback (`delivered`), which learns a failed record's key, not its place: a
+    closure per record, alive until its report, made the cyclic GC walk them all (~3 us a record,
+    docs/benchmarks.md). `place` puts each failure back on its key's records; where that is ambiguous,
+    the next round gives each record its own callback (`callback`)."""
+
+    __slots__ = ("failures", "pending", "reports", "too_large")
 
     def __init__(self) -> None:
         self.pending = 0
-        self.failures: dict[tuple[int, int], ApplyError] = {}
+        self.failures: dict[tuple[int, int], ApplyError] = {}  # (run, position) -> why it did not land
+        self.reports: list[tuple[bytes, KafkaError]] = []  # failed deliveries by key (the shared callback)
+        self.too_large = False  # the broker refused a batch as too large: read the topic's limit again
+
+    def delivered(self, error: KafkaError | None, message: Any) -> None:
+        self.pending -= 1
+        if error is not None:
+            self.reports.append((message.key() or b"", error))
+            self.too_large = self.too_large or error.code() in BATCH_TOO_LARGE
 
     def callback(self, index: int, position: int) -> Callable[[KafkaError | None, object], None]:
         def delivered(error: KafkaError | None, _message: object) -> None:
             if error is not None:
-                self.failures[(index, position)] = _apply_error(error)
+                self.failures[(index, position)] = _delivery_error(error)
+                self.too_large = self.too_large or error.code() in BATCH_TOO_LARGE
             self.pending -= 1
 
         return delivered
+
+    def place(self, runs: list[list[Entry]]) -> bool:
+        """Failures reported by key, placed on their records; False when some could not be placed exactly.
+
+        A key whose every record in this call failed is exact. Otherwise each run holding the key stops
+        at the key's first record there: early, never late (a retry produces again records that had
+        landed, as after any failure), and a permanent error is retried instead of dead-lettering a
+        record that may have landed."""
+        failed = Counter(key for key, _ in self.reports)
+        first_error = {key: error for key, error in reversed(self.reports)}
+        places: dict[bytes, list[tuple[int, int]]] = {}
+        for index, run in enumerate(runs):
+            for position, entry in enumerate(run):
+                key = entry.key.encode("utf-8", "surrogateescape")
+                if key in failed:
+                    places.setdefault(key, []).append((index, position))
+        exact = True
+        for key, where in places.items():
+            error = _delivery_error(first_error[key])
+            if len(where) != failed[key]:
+                exact = False
+                if error.error_class is ErrorClass.PERMANENT:
+                    error = ApplyError(ErrorClass.TRANSIENT, f"{error.message} (retried to tell which record)")
+                first_in_run: dict[int, tuple[int, int]] = {}
+                for place in where:
+                    first_in_run.setdefault(place[0], place)
+                where = list(first_in_run.values())
+            for place in where:
+                self.failures.setdefault(place, error)
+        return exact
 
 
 class KafkaTarget:
@@ -138,6 +196,9 @@ class KafkaTarget:
         # one: a run may then be a whole journal partition's entries in stream order (`ordering`, base.py).
         self.ordered = settings.ordering == "partition"
         self._fatal = False
+        self._exact = False  # the next call gives each record its own callback (a failure was ambiguous)
+        self.topic_limit = 0  # the topic's max.message.bytes, read at start (0: not known)
+        self._relearn = False  # the broker refused a batch as too large: start again, reading topic_limit
 
     def _config(self) -> dict[str, Any]:
         settings = self.settings
@@ -163,17 +224,36 @@ class KafkaTarget:
 
     async def start(self) -> None:
         config = self._config()
-        self.producer = Producer({**config, "error_cb": self._client_error})
         if self.settings.create_topic:
             try:
                 await trio.to_thread.run_sync(self._create_topic, config)
             except KafkaException as exc:  # the drain keeps probing; entries are parked in the journal meanwhile
                 log.warning("kafka_topic_not_created", target=self.name, topic=self.topic, error=str(exc))
+        try:
+            self.topic_limit = await trio.to_thread.run_sync(self._read_topic_limit, config)
+        except KafkaException as exc:  # read again when the broker refuses a batch as too large
+            log.warning("kafka_topic_limit_unknown", target=self.name, topic=self.topic, error=str(exc))
+        if self.topic_limit:  # no batch over what the topic takes
+            config["message.max.bytes"] = max(1000, min(config["message.max.bytes"], self.topic_limit))
+            config["batch.size"] = max(1, min(1_000_000, config["message.max.bytes"] - RECORD_OVERHEAD))
+        self.producer = Producer({**config, "error_cb": self._client_error})
+
+    @staticmethod
+    def _admin(config: dict[str, Any]) -> AdminClient:
+        return AdminClient({k: v for k, v in config.items()
+                            if k in ("bootstrap.servers", "client.id", "sasl.password") or
+                            k.startswith(("security.", "sasl.", "ssl."))})
+
+    def _read_topic_limit(self, config: dict[str, Any]) -> int:
+        """The topic's max.message.bytes (the largest record batch it takes), 0 if it does not say."""
+        resource = ConfigResource(ResourceType.TOPIC, self.topic)
+        admin = self._admin(config)  # held until the result is in: its end cancels the request
+        future = admin.describe_configs([resource])[resource]
+        entry = future.result(timeout=min(5.0, float(self.settings.timeout))).get("max.message.bytes")
+        return int(entry.value) if entry is not None and entry.value else 0
 
     def _create_topic(self, config: dict[str, Any]) -> None:
-        admin = AdminClient({k: v for k, v in config.items()
-                             if k in ("bootstrap.servers", "client.id", "sasl.password") or
-                             k.startswith(("security.", "sasl.", "ssl."))})
+        admin = self._admin(config)
         future = admin.create_topics([NewTopic(self.topic, self.settings.partitions,
                                                self.settings.replication_factor)])[self.topic]
         try:
@@ -202,23 +282,27 @@ class KafkaTarget:
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         assert self.producer is not None, "start() first"
-        if self._fatal:
-            self._fatal = False
+        if self._fatal or self._relearn:
+            self._fatal = self._relearn = False
             await self.close()
             await self.start()
         state = _Round()
-        limit = int(self.settings.max_message_size)
+        exact, self._exact = self._exact, False
+        shared = state.delivered  # one bound method for every record of the call
+        # A record whose value, key, item and content type (at 4 bytes a character) come to no more than this fits
+        # both limits, with the other headers (ids, times: under 1 KiB); a larger one is measured (`_oversize`).
+        large = min(int(self.settings.max_message_size), (self.topic_limit or 1 << 62) - RECORD_OVERHEAD - 1024)
         deletes = self.settings.deletes
         producer, topic = self.producer, self.topic
         for index, run in enumerate(runs):
             for position, entry in enumerate(run):
                 value, headers = record(entry, deletes)
-                if value is not None and len(value) > limit:
-                    state.failures[(index, position)] = ApplyError(
-                        ErrorClass.PERMANENT, f"kafka: record of {len(value)} bytes is over max_message_size {limit}")
-                    break  # the run stops here; its later entries wait for the next round
                 key = entry.key.encode("utf-8", "surrogateescape")
-                callback = state.callback(index, position)
+                size = len(value or b"") + len(key) + 4 * (len(entry.item) + len(entry.content_type))
+                if size > large and (reason := self._oversize(value, key, headers)):
+                    state.failures[(index, position)] = ApplyError(ErrorClass.PERMANENT, reason)
+                    break  # the run stops here; its later entries wait for the next round
+                callback = state.callback(index, position) if exact else shared
                 state.pending += 1
                 while True:
                     try:
@@ -235,12 +319,28 @@ class KafkaTarget:
             producer.poll(0)  # runs the delivery callbacks that are due, here
             if state.pending:
                 await trio.sleep(0.001)
+        if state.reports and not state.place(runs):
+            self._exact = True
+        self._relearn = self._relearn or state.too_large
         outcomes = []
         for index, run in enumerate(runs):
             failed = [p for p in range(len(run)) if (index, p) in state.failures] if state.failures else None
             outcomes.append(RunOutcome(failed[0], state.failures[(index, failed[0])]) if failed
                             else RunOutcome(len(run)))
         return outcomes
+
+    def _oversize(self, value: bytes | None, key: bytes, headers: dict[str, bytes]) -> str:
+        """Why a record is too large to send ("" if it is not): over max_message_size, or, framed, over the
+        topic's max.message.bytes (measured uncompressed: one that compression would bring under it is
+        refused too). Sent, it would fail the whole batch it went in."""
+        value = value or b""
+        limit = int(self.settings.max_message_size)
+        if len(value) > limit:
+            return f"kafka: record of {len(value)} bytes is over max_message_size {limit}"
+        size = len(value) + len(key) + sum(len(name) + len(data) for name, data in headers.items()) + RECORD_OVERHEAD
+        if self.topic_limit and size > self.topic_limit:
+            return f"kafka: record of {size} bytes is over the topic's max.message.bytes {self.topic_limit}"
+        return ""
 
     async def health(self) -> None:
         """The cluster answers and knows the topic."""

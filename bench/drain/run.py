@@ -97,13 +97,17 @@ async def backlog(journal: Journal, namespace: str) -> int:
 
 async def watch_drain(config: config_mod.Config, namespace: str, entries: int, pid: int,
                       alive: Callable[[], bool], messages: int = 0) -> tuple[float, float]:
-    """(entries/s, peak RSS MiB) from the backlog sampled twice a second until it is empty. One connection
-    for all samples: opening one per sample cost the box CPU the drainer competes for."""
+    """(entries/s, peak RSS MiB) from the backlog sampled four times a second until it is empty. One
+    connection for all samples: opening one per sample cost the box CPU the drainer competes for.
+
+    The rate is the slope between the first sample with the drain under way and the last one with a
+    backlog left: two measured points. (Timing to the first empty sample, as before 2026-12-07 night,
+    counted up to a sampling interval of idle time after the end: a third of a 1.5 s drain.)"""
     async with open_journal(config) as journal:
         samples: list[tuple[float, int]] = []
         peak = 0.0
         while True:
-            await trio.sleep(0.5)
+            await trio.sleep(0.25)
             left = await backlog(journal, namespace)
             samples.append((time.monotonic(), left))
             peak = max(peak, peak_rss_mib(pid))
@@ -113,9 +117,14 @@ async def watch_drain(config: config_mod.Config, namespace: str, entries: int, p
                 raise RuntimeError("the drainer exited")
     # The backlog is counted in messages: `messages` (when packed) turns it back into entries.
     total = messages or entries
-    started = next(t for t, left in samples if left < total)  # the drain is under way
-    begin_left = next(left for t, left in samples if t == started) * entries / total
-    return begin_left / max(0.001, samples[-1][0] - started), peak
+    per_message = entries / total
+    under_way = [(t, left) for t, left in samples if left < total]
+    started, begin_left = under_way[0]
+    moving = [(t, left) for t, left in under_way if left > 0]
+    if len(moving) >= 2 and moving[-1][0] > started:
+        last, last_left = moving[-1]
+        return (begin_left - last_left) * per_message / (last - started), peak
+    return begin_left * per_message / max(0.001, samples[-1][0] - started), peak  # over within a sample
 
 
 def peak_rss_mib(pid: int) -> float:

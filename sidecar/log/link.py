@@ -145,6 +145,9 @@ class NatsLink:
         self._pings_outstanding = 0
         self._fd: int | None = None  # plain TCP: bytes can go out at once, without waiting for the write loop
         self._writing = False  # the write loop is inside send_all: anything else must queue behind it
+        # While a read's messages are handled, what they send (acks, pull requests of many partitions) is
+        # gathered and written once at the end: a write to a local server costs far more than its bytes.
+        self._corked = False
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
         self._timers_changed = trio.Event()
@@ -169,7 +172,7 @@ class NatsLink:
         the first burst of a scheduling round while trio is still running the rest of it."""
         if not self.connected or self._out_bytes >= self.max_pending:
             return False
-        if self._fd is not None and not self._out and not self._writing:
+        if self._fd is not None and not self._out and not self._writing and not self._corked:
             try:
                 sent = os.write(self._fd, data)
             except OSError:  # full (EAGAIN) or broken: the write loop will wait, or report the loss
@@ -179,9 +182,29 @@ class NatsLink:
             data = data[sent:]
         self._out.append(data)
         self._out_bytes += len(data)
-        if not self._wake.is_set():
+        if not self._corked and not self._wake.is_set():
             self._wake.set()
         return True
+
+    def _uncork(self) -> None:
+        """Write what the read's handlers sent, in one write if the socket takes it (else the loop does)."""
+        self._corked = False
+        if not self._out:
+            return
+        if self._fd is not None and not self._writing:
+            data = b"".join(self._out)
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:
+                sent = 0
+            self._out.clear()
+            self._out_bytes = 0
+            if sent == len(data):
+                return
+            self._out.append(data[sent:])
+            self._out_bytes = len(data) - sent
+        if not self._wake.is_set():
+            self._wake.set()
 
     def publish(self, subject: str, payload: bytes, reply: str = "") -> bool:
         """A core NATS publish, fire and forget (False: disconnected or congested, nothing sent)."""
@@ -417,6 +440,7 @@ class NatsLink:
             if not data:
                 raise LinkLost("server closed the connection")
             parser.feed(data)
+            self._corked = True
             try:
                 while (event := parser.next_event()) is not None:
                     if type(event) is ServerMessage:
@@ -432,7 +456,10 @@ class NatsLink:
                     elif type(event) is Info:
                         self._on_info(event.fields)
             finally:  # what was handled before a bad frame is still passed on
-                while self._after_read:
-                    hooks, self._after_read = self._after_read, []
-                    for hook in hooks:
-                        hook()
+                try:
+                    while self._after_read:
+                        hooks, self._after_read = self._after_read, []
+                        for hook in hooks:
+                            hook()
+                finally:
+                    self._uncork()

@@ -15,7 +15,9 @@ callback threads bridge to trio the way cassandra-driver's do, where aiokafka wo
 need an asyncio loop of its own. librdkafka retries what is retriable inside
 `timeout`; a delivery that still fails is reported per entry:
 
-- permanent (dead-lettered): record too large, authorization, unknown topic, invalid record
+- permanent (dead-lettered): record too large (checked before sending, against max_message_size
+  and the topic's max.message.bytes), authorization, unknown topic, invalid record
+- transient, the topic's limit read again: a batch the broker refuses as too large
 - unavailable (breaker; never dead-lettered): timed out, transport, all brokers down
 - transient (retried, counted): anything else
 

@@ -76,7 +76,7 @@ class PartitionWorker(Settling):
         self.lanes: dict[str, list[Held]] = {}
         self.ready: set[str] = set()
         self.parked: dict[str, float] = {}  # key -> trio time it may retry
-        self.blocked: dict[str, str] = {}  # strict mode: lanes behind a dead letter -> the key it was of
+        self.blocked: dict[str, set[str]] = {}  # strict mode: lanes behind dead letters -> the keys they are of
         self.held: dict[Position, Held] = {}
         self.packs: dict[int, Pack] = {}  # sequence -> a delivered pack some of whose entries are held
         self.held_bytes = 0
@@ -189,7 +189,7 @@ class PartitionWorker(Settling):
                 self._undecodable(item, exc)
                 continue
             entry.seq = item.seq  # for targets that pass the journal sequence on (never re-journaled)
-            if not self.drainer.wants(entry) or self.recent.last(self.ordered_lane or entry.key) >= item.seq:
+            if not self.drainer.wants(entry) or self.recent.last(entry.key) >= item.seq:
                 skip.append(item.reply)
                 continue
             self._hold(Held(item.seq, item.reply, item.data, entry, held_cost(item.data, entry),
@@ -213,10 +213,10 @@ class PartitionWorker(Settling):
             return
         pack = Pack(item.reply)
         stored_at = item.stored_ns / 1e9
-        wants, recent, ordered_lane = self.drainer.wants, self.recent, self.ordered_lane
+        wants, recent = self.drainer.wants, self.recent
         for index, (raw, entry) in enumerate(pieces):
             entry.seq = seq
-            if not wants(entry) or recent.last(ordered_lane or entry.key) >= seq:
+            if not wants(entry) or recent.last(entry.key) >= seq:
                 continue
             pack.remaining += 1
             self._hold(Held(seq, pack.reply, raw, entry, held_cost(raw, entry), stored_at, pos=(seq, index),
@@ -391,7 +391,11 @@ class PartitionWorker(Settling):
                         if held.entry.chunk is not None:
                             chunked.append(held)
                 any_success = True
-                self.recent.remember(key, landed[-1].seq, now)
+                if self.ordered_lane:  # by each entry's own key: an entry can come back after later ones of
+                    for held in landed:  # other keys landed (a lost delivery), and must be applied then
+                        self.recent.remember(held.entry.key, held.seq, now)
+                else:
+                    self.recent.remember(key, landed[-1].seq, now)
             if outcome.error is not None:
                 last_error = outcome.error.message
                 unavailable = unavailable or outcome.error.error_class is ErrorClass.UNAVAILABLE
@@ -415,6 +419,7 @@ class PartitionWorker(Settling):
         """Resolve chunked payloads and MULTI markers, then one target call for the rest."""
         outcomes: list[RunOutcome | None] = [None] * len(runs)
         plain: list[tuple[int, list[Entry]]] = []
+        stopped: dict[int, ApplyError] = {}  # runs cut short where a payload could not be read
         if not self.special:  # every entry inline, no MULTI marker: the runs go as they are
             plain.extend((index, [held.entry for held in run]) for index, run in enumerate(runs))
             runs = []
@@ -422,19 +427,24 @@ class PartitionWorker(Settling):
             if run[0].entry.op is Op.MULTI:
                 outcomes[index] = await self._apply_multi(run[0].entry)
                 continue
-            try:
-                # Most entries carry their value inline: no coroutine per entry for them.
-                entries = [held.entry if held.entry.chunk is None else await self._with_payload(held.entry)
-                           for held in run]
-            except ApplyError as exc:
-                outcomes[index] = RunOutcome(0, exc)
-                continue
-            plain.append((index, entries))
+            entries: list[Entry] = []
+            for held in run:  # most entries carry their value inline: no coroutine per entry for them
+                try:
+                    entries.append(held.entry if held.entry.chunk is None else await self._with_payload(held.entry))
+                except ApplyError as exc:  # the run stops at this entry (an ordered run holds other keys before it)
+                    stopped[index] = exc
+                    break
+            if entries:
+                plain.append((index, entries))
+            else:
+                outcomes[index] = RunOutcome(0, stopped[index])
         if plain:
             began = time.monotonic()
             results = await self.drainer.pump.apply([entries for _, entries in plain])
             self.drainer.stats.observe_latency(time.monotonic() - began)
-            for (index, _), result in zip(plain, results, strict=True):
+            for (index, entries), result in zip(plain, results, strict=True):
+                if index in stopped and result.error is None and result.applied == len(entries):
+                    result = RunOutcome(len(entries), stopped[index])
                 outcomes[index] = result
         return [o if o is not None else RunOutcome(0, ApplyError(ErrorClass.TRANSIENT, "lost")) for o in outcomes]
 

@@ -37,7 +37,7 @@ class Settling:
     lanes: dict[str, list[Held]]
     ready: set[str]
     parked: dict[str, float]
-    blocked: dict[str, str]
+    blocked: dict[str, set[str]]
     inflight: set[str]
     held: dict
     rescue: bool
@@ -119,8 +119,8 @@ class Settling:
         assert lane is not None
         del lane[0]
         self._release(held)
-        if drainer.strict and drainer.dlq_enabled:  # the lane waits until this key has no dead letters
-            self.blocked[key] = entry_key
+        if drainer.strict and drainer.dlq_enabled:  # the lane waits until these keys have no dead letters
+            self.blocked.setdefault(key, set()).add(entry_key)
         elif lane and key not in self.inflight:  # else once its round (or expiry check) is done: `_settle`
             self.ready.add(key)
         if not lane:
@@ -128,17 +128,23 @@ class Settling:
         self._refill()
 
     async def _blocked_loop(self) -> None:
-        """Strict mode: a lane resumes once its key's dead letters were replayed or purged."""
+        """Strict mode: a lane resumes once the dead letters of every key it waits on were replayed or purged,
+        or once strict mode (or the DLQ) was switched off."""
         while True:
             await trio.sleep(2.0)
+            drainer = self.drainer
             for key, letters_of in list(self.blocked.items()):
                 if key in self.inflight:  # blocked by a round still in flight: look again next time
                     continue
-                if not await self.drainer.has_dead_letters(letters_of):
-                    del self.blocked[key]
-                    if self.lanes.get(key):
-                        self.ready.add(key)
-                        self._work.set()
+                if drainer.strict and drainer.dlq_enabled:
+                    for letter_key in list(letters_of):
+                        if not await drainer.has_dead_letters(letter_key):
+                            letters_of.discard(letter_key)
+                    if letters_of:
+                        continue
+                if self.blocked.pop(key, None) is not None and self.lanes.get(key):
+                    self.ready.add(key)
+                    self._work.set()
 
     async def _expiry_loop(self) -> None:
         """Dead-letter held entries nearing the journal's max age (oldest first, a key's in order); while

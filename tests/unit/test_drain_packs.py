@@ -13,7 +13,8 @@ from sidecar.drain.consumer import Delivered
 from sidecar.drain.held import MIN_ENTRY_BYTES, Pack
 from sidecar.drain.partition import PartitionWorker
 from sidecar.drain.recent import RecentBudget
-from sidecar.envelope import Entry, Op, encode, pack_payload
+from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
+from sidecar.envelope import ChunkRef, Entry, Op, encode, pack_payload
 from sidecar.memory_budget import worker_floor
 
 MAX_PAYLOAD = 1024 * 1024
@@ -108,17 +109,65 @@ def test_a_redelivered_pack_adds_nothing_while_part_of_it_is_held() -> None:
 
 
 
-def test_an_ordered_target_is_handed_its_partition_as_one_lane_in_stream_order() -> None:
-    """A target that keeps order across keys (kafka, ordering = "partition") gets one run of every key,
-    in journal order; a redelivery of what the partition already applied is acked, not held again."""
+class _Pump:
+    """Applies every run whole, as a target that always succeeds."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[str]] = []
+
+    async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
+        self.runs += [[entry.key for entry in run] for run in runs]
+        return [RunOutcome(len(run)) for run in runs]
+
+
+def ordered_worker() -> tuple[PartitionWorker, Consumer, _Pump]:
     drain, consumer = worker(64 * 1024 * 1024, ordered=True)
-    drain._take([smallest_pack(1, count=3), smallest_pack(2, count=2)])
+    pump = _Pump()
+    drain.drainer.pump = pump  # type: ignore[attr-defined]
+    drain.drainer.stats = SimpleNamespace(observe_latency=lambda _: None, applied=0, last_error="")  # type: ignore[attr-defined]
+    drain.drainer.breaker = SimpleNamespace(record=lambda **_: None)  # type: ignore[attr-defined]
+    drain.drainer.applied = lambda _: None  # type: ignore[attr-defined]
+    return drain, consumer, pump
+
+
+async def test_an_ordered_target_is_handed_its_partition_as_one_lane_in_stream_order() -> None:
+    """A target that keeps order across keys (kafka, ordering = "partition") gets one run of every key, in
+    journal order. A delivery lost on its way comes back after later entries of other keys landed: it is
+    held and applied then (only a key's own later entry makes an older one of it skipped)."""
+    drain, consumer, pump = ordered_worker()
+    lost, later = smallest_pack(1, count=3), smallest_pack(2, count=2)
+    drain._take([later])  # the delivery of 1 was lost (a link moved to another server)
     assert list(drain.lanes) == ["partition-0"] and drain.ready == {"partition-0"}
-    assert [held.pos for held in drain.lanes["partition-0"]] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
     keys, runs = drain._runs_for(list(drain.ready))
-    assert keys == ["partition-0"] and [held.entry.key for held in runs[0]] == ["1.0", "1.1", "1.2", "2.0", "2.1"]
-    drain.recent.remember("partition-0", 2, 0.0)  # as the round that applied them does
-    again = smallest_pack(2, count=2)
-    drain.packs.clear()
-    drain._take([Delivered(2, b"$JS.ACK.s.c.2.2.9.0.0", again.data)])
-    assert consumer.acked == [b"$JS.ACK.s.c.2.2.9.0.0"]
+    assert keys == ["partition-0"] and [held.pos for held in runs[0]] == [(2, 0), (2, 1)]
+    drain.ready.clear()
+    await drain._round(keys, runs)
+    assert consumer.acked == [later.reply] and not drain.lanes and not drain.held
+    drain._take([lost])  # redelivered after AckWait
+    drain._take([Delivered(2, b"$JS.ACK.s.c.2.2.9.0.0", later.data)])  # applied already: acked again, not held
+    assert consumer.acked == [later.reply, b"$JS.ACK.s.c.2.2.9.0.0"]
+    keys, runs = drain._runs_for(list(drain.ready))
+    await drain._round(keys, runs)
+    assert pump.runs == [["2.0", "2.1"], ["1.0", "1.1", "1.2"]] and consumer.acked[-1] == lost.reply
+
+
+async def test_an_ordered_run_stops_at_a_payload_it_cannot_read() -> None:
+    """A chunked payload that cannot be read stops the run there: the entries of other keys before it
+    are applied, and the failure is its own, not charged to the run's head."""
+    drain, _, pump = ordered_worker()
+
+    def message(seq: int, key: str, chunked: bool = False) -> Delivered:
+        chunk = ChunkRef(object=f"o{seq}", size=10, chunks=1, digest="sha256=0") if chunked else None
+        entry = Entry(id=f"i{seq}", ns="n", op=Op.PUT, key=key, partition=0, write_time=0, chunk=chunk)
+        return Delivered(seq, b"$JS.ACK.s.c.1.%d.%d.0.0" % (seq, seq), encode(entry))
+
+    async def unreadable(entry: Entry) -> Entry:
+        raise ApplyError(ErrorClass.PERMANENT, "chunk not found")
+
+    drain._with_payload = unreadable  # type: ignore[method-assign]
+    drain._take([message(1, "a"), message(2, "b"), message(3, "c", chunked=True), message(4, "d")])
+    _, runs = drain._runs_for(list(drain.ready))
+    outcomes = await drain._apply_runs(runs)
+    assert pump.runs == [["a", "b"]]
+    assert outcomes[0].applied == 2 and outcomes[0].error is not None
+    assert outcomes[0].error.message == "chunk not found"

@@ -118,7 +118,7 @@ def test_kafka_places_failures_reported_by_key() -> None:
     state = _Round()
     for key in ("c", "b", "b"):  # every record of b failed: exact
         state.delivered(KafkaError(KafkaError._MSG_TIMED_OUT), _Report(key.encode()))
-    assert state.place(runs) is True
+    assert state.place(runs, [3, 2]) == set()
     assert sorted(state.failures) == [(0, 1), (0, 2), (1, 1)]
     assert state.failures[(0, 2)].error_class is ErrorClass.UNAVAILABLE
 
@@ -126,7 +126,13 @@ def test_kafka_places_failures_reported_by_key() -> None:
     state = _Round()
     state.delivered(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), _Report(b"x"))  # the first x or the second?
     state.delivered(None, _Report(b"x"))
-    assert state.place(runs) is False
+    assert state.place(runs, [4]) == {b"x"}  # its records get a callback each next time
     assert list(state.failures) == [(0, 1)]  # x's first record: b and the rest are produced again
     assert state.failures[(0, 1)].error_class is ErrorClass.TRANSIENT
     assert "MSG_SIZE_TOO_LARGE" in state.failures[(0, 1)].message
+
+    runs = [entries("x", "big", "x")]  # the run stopped at big (too large to send): its second x never went
+    state = _Round()
+    state.delivered(KafkaError(KafkaError.INVALID_RECORD), _Report(b"x"))
+    assert state.place(runs, [1]) == set()
+    assert state.failures[(0, 0)].error_class is ErrorClass.PERMANENT

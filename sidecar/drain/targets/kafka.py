@@ -91,6 +91,12 @@ BATCH_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LI
 RECORD_OVERHEAD = 256  # bytes of a record's framing and its batch's header, with room to spare
 
 
+def framing(size: int) -> int:
+    """What a record or batch of `size` bytes may grow by on the way: framing, and lz4/zstd on bytes that do
+    not compress (~1/255 more, with room)."""
+    return RECORD_OVERHEAD + size // 128
+
+
 def _delivery_error(error: KafkaError) -> ApplyError:
     if error.code() in BATCH_TOO_LARGE:
         return ApplyError(ErrorClass.TRANSIENT, f"kafka: {error.name()}: {error.str()} (its batch was; retried)")
@@ -124,7 +130,7 @@ class _Round:
     Its records share one callback (`delivered`), which learns a failed record's key, not its place: a
     closure per record, alive until its report, made the cyclic GC walk them all (~3 us a record,
     docs/benchmarks.md). `place` puts each failure back on its key's records; where that is ambiguous,
-    the next round gives each record its own callback (`callback`)."""
+    the key's records get a callback each in the next calls (`callback`) until one places it."""
 
     __slots__ = ("failures", "pending", "reports", "too_large")
 
@@ -149,8 +155,9 @@ class _Round:
 
         return delivered
 
-    def place(self, runs: list[list[Entry]]) -> bool:
-        """Failures reported by key, placed on their records; False when some could not be placed exactly.
+    def place(self, runs: list[list[Entry]], sent: list[int]) -> set[bytes]:
+        """Failures reported by key, placed on their records (`sent[i]`: how many of run i were produced);
+        returns the keys that could not be placed exactly.
 
         A key whose every record in this call failed is exact. Otherwise each run holding the key stops
         at the key's first record there: early, never late (a retry produces again records that had
@@ -160,15 +167,15 @@ class _Round:
         first_error = {key: error for key, error in reversed(self.reports)}
         places: dict[bytes, list[tuple[int, int]]] = {}
         for index, run in enumerate(runs):
-            for position, entry in enumerate(run):
+            for position, entry in enumerate(run[:sent[index]]):
                 key = entry.key.encode("utf-8", "surrogateescape")
-                if key in failed:
+                if key in failed and (index, position) not in self.failures:  # (failed when produced)
                     places.setdefault(key, []).append((index, position))
-        exact = True
+        ambiguous: set[bytes] = set()
         for key, where in places.items():
             error = _delivery_error(first_error[key])
             if len(where) != failed[key]:
-                exact = False
+                ambiguous.add(key)
                 if error.error_class is ErrorClass.PERMANENT:
                     error = ApplyError(ErrorClass.TRANSIENT, f"{error.message} (retried to tell which record)")
                 first_in_run: dict[int, tuple[int, int]] = {}
@@ -177,7 +184,7 @@ class _Round:
                 where = list(first_in_run.values())
             for place in where:
                 self.failures.setdefault(place, error)
-        return exact
+        return ambiguous
 
 
 class KafkaTarget:
@@ -198,9 +205,9 @@ class KafkaTarget:
         # one: a run may then be a whole journal partition's entries in stream order (`ordering`, base.py).
         self.ordered = settings.ordering == "partition"
         self._fatal = False
-        self._exact = False  # the next call gives each record its own callback (a failure was ambiguous)
+        self._exact_keys: set[bytes] = set()  # keys whose records get a callback each (a failure was ambiguous)
         self.topic_limit = 0  # the topic's max.message.bytes, read at start (0: not known)
-        self._relearn = False  # the broker refused a batch as too large: start again, reading topic_limit
+        self._reading_limit = False  # a refused batch sent one call to read it again
 
     def _config(self) -> dict[str, Any]:
         settings = self.settings
@@ -231,14 +238,48 @@ class KafkaTarget:
                 await trio.to_thread.run_sync(self._create_topic, config)
             except KafkaException as exc:  # the drain keeps probing; entries are parked in the journal meanwhile
                 log.warning("kafka_topic_not_created", target=self.name, topic=self.topic, error=str(exc))
-        try:
-            self.topic_limit = await trio.to_thread.run_sync(self._read_topic_limit, config)
-        except KafkaException as exc:  # read again when the broker refuses a batch as too large
-            log.warning("kafka_topic_limit_unknown", target=self.name, topic=self.topic, error=str(exc))
+        self.topic_limit = await self._topic_limit(config) or self.topic_limit
+        self.producer = self._producer(config)
+
+    def _producer(self, config: dict[str, Any]) -> Any:
         if self.topic_limit:  # no batch over what the topic takes
             config["message.max.bytes"] = max(1000, min(config["message.max.bytes"], self.topic_limit))
-            config["batch.size"] = max(1, min(1_000_000, config["message.max.bytes"] - RECORD_OVERHEAD))
-        self.producer = Producer({**config, "error_cb": self._client_error})
+            config["batch.size"] = max(1, min(int(config.get("batch.size", 1_000_000)),
+                                              config["message.max.bytes"] - framing(self.topic_limit)))
+        return Producer({**config, "error_cb": self._client_error})
+
+    async def _topic_limit(self, config: dict[str, Any]) -> int:
+        """The topic's max.message.bytes, 0 when it cannot be read (broker away, DescribeConfigs denied)."""
+        try:
+            return await trio.to_thread.run_sync(self._read_topic_limit, config)
+        except Exception as exc:  # a timeout is not a KafkaException
+            log.warning("kafka_topic_limit_unknown", target=self.name, topic=self.topic, error=str(exc))
+            return 0
+
+    async def _renew(self) -> None:
+        """A new producer in place of the old one (fatal, or the topic's limit changed). Calls under way keep
+        polling the old one until their reports are in; this one polls it too, on the trio thread (where
+        their callbacks must run), until it is empty or `timeout` passed."""
+        old, self.producer = self.producer, self._producer(self._config())
+        deadline = trio.current_time() + float(self.settings.timeout)
+        while old is not None and len(old) and trio.current_time() < deadline:
+            old.poll(0)
+            await trio.sleep(0.005)
+
+    async def _limit_changed(self) -> bool:
+        """After a refused batch: read the topic's limit again; whether it changed (then renew)."""
+        if self._reading_limit:
+            return False
+        self._reading_limit = True
+        try:
+            limit = await self._topic_limit(self._config())
+        finally:
+            self._reading_limit = False
+        if not limit or limit == self.topic_limit:
+            return False
+        log.info("kafka_topic_limit_changed", target=self.name, topic=self.topic, was=self.topic_limit, now=limit)
+        self.topic_limit = limit
+        return True
 
     @staticmethod
     def _admin(config: dict[str, Any]) -> AdminClient:
@@ -284,18 +325,20 @@ class KafkaTarget:
 
     async def apply(self, runs: list[list[Entry]]) -> list[RunOutcome]:
         assert self.producer is not None, "start() first"
-        if self._fatal or self._relearn:
-            self._fatal = self._relearn = False
-            await self.close()
-            await self.start()
+        if self._fatal:
+            self._fatal = False
+            await self._renew()
         state = _Round()
-        exact, self._exact = self._exact, False
+        exact_keys = self._exact_keys
+        exactly: set[bytes] = set()  # keys of exact_keys this call gives a callback per record
         shared = state.delivered  # one bound method for every record of the call
         # A record whose value, key, item and content type (at 4 bytes a character) come to no more than this fits
         # both limits, with the other headers (ids, times: under 1 KiB); a larger one is measured (`_oversize`).
-        large = min(int(self.settings.max_message_size), (self.topic_limit or 1 << 62) - RECORD_OVERHEAD - 1024)
+        topic_limit = self.topic_limit or 1 << 62
+        large = min(int(self.settings.max_message_size), topic_limit - framing(topic_limit) - 1024)
         deletes = self.settings.deletes
         producer, topic = self.producer, self.topic
+        sent = [len(run) for run in runs]  # records produced of each run: it stops at one too large
         for index, run in enumerate(runs):
             for position, entry in enumerate(run):
                 value, headers = record(entry, deletes)
@@ -303,8 +346,13 @@ class KafkaTarget:
                 size = len(value or b"") + len(key) + 4 * (len(entry.item) + len(entry.content_type))
                 if size > large and (reason := self._oversize(value, key, headers)):
                     state.failures[(index, position)] = ApplyError(ErrorClass.PERMANENT, reason)
+                    sent[index] = position
                     break  # the run stops here; its later entries wait for the next round
-                callback = state.callback(index, position) if exact else shared
+                if exact_keys and key in exact_keys:
+                    exactly.add(key)
+                    callback = state.callback(index, position)
+                else:
+                    callback = shared
                 state.pending += 1
                 while True:
                     try:
@@ -321,9 +369,13 @@ class KafkaTarget:
             producer.poll(0)  # runs the delivery callbacks that are due, here
             if state.pending:
                 await trio.sleep(0.001)
-        if state.reports and not state.place(runs):
-            self._exact = True
-        self._relearn = self._relearn or state.too_large
+        exact_keys -= exactly
+        if state.reports:
+            exact_keys |= state.place(runs, sent)
+            if len(exact_keys) > 100_000:  # failures on ever new keys: keep the set bounded (all shared again)
+                exact_keys.clear()
+        if state.too_large and await self._limit_changed():
+            await self._renew()
         outcomes = []
         for index, run in enumerate(runs):
             failed = [p for p in range(len(run)) if (index, p) in state.failures] if state.failures else None
@@ -339,7 +391,8 @@ class KafkaTarget:
         limit = int(self.settings.max_message_size)
         if len(value) > limit:
             return f"kafka: record of {len(value)} bytes is over max_message_size {limit}"
-        size = len(value) + len(key) + sum(len(name) + len(data) for name, data in headers.items()) + RECORD_OVERHEAD
+        size = len(value) + len(key) + sum(len(name) + len(data) for name, data in headers.items())
+        size += framing(size)
         if self.topic_limit and size > self.topic_limit:
             return f"kafka: record of {size} bytes is over the topic's max.message.bytes {self.topic_limit}"
         return ""

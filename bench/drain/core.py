@@ -53,29 +53,21 @@ class NullTarget:
 
 async def drain_rate(config: object, namespace: str, entries: int, messages: int = 0) -> float:
     """Entries/s; `messages`: what the backlog (which counts messages) was when entries were packed."""
-    from bench.drain.run import backlog
+    from bench.drain.run import backlog, rate_of
     from sidecar.drain.service import DrainService
     from sidecar.log.service import open_journal
 
-    per_message = entries / messages if messages else 1.0
-    entries = messages or entries
     async with open_journal(config) as journal, open_journal(config) as watcher:  # type: ignore[arg-type]
         service = DrainService(config, journal)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
-            started = time.monotonic()
-            began, first = 0.0, 0
-            while True:
-                await trio.sleep(0.5)
-                left = await backlog(watcher, namespace)
-                if not began and left < entries:  # under way: from here on (a tiny backlog: from the start)
-                    began, first = (time.monotonic(), left) if left else (started, entries)
-                if left == 0:
-                    break
-            rate = first * per_message / max(0.001, time.monotonic() - began)
+            samples = [(time.monotonic(), messages or entries)]  # the whole backlog left at the start
+            while samples[-1][1]:
+                await trio.sleep(0.25)
+                samples.append((time.monotonic(), await backlog(watcher, namespace)))
             await service.stop(5)
             nursery.cancel_scope.cancel()
-    return rate
+    return rate_of(samples, entries, messages)
 
 
 def child(target: str, entries: int, keys: int, pack: int) -> None:

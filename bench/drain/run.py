@@ -115,16 +115,24 @@ async def watch_drain(config: config_mod.Config, namespace: str, entries: int, p
                 break
             if not alive():
                 raise RuntimeError("the drainer exited")
-    # The backlog is counted in messages: `messages` (when packed) turns it back into entries.
+    return rate_of(samples, entries, messages), peak
+
+
+def rate_of(samples: list[tuple[float, int]], entries: int, messages: int = 0) -> float:
+    """Entries/s from (monotonic time, backlog) samples ending at an empty backlog. The backlog is counted
+    in messages: `messages` (when packed) turns it back into entries."""
     total = messages or entries
     per_message = entries / total
-    under_way = [(t, left) for t, left in samples if left < total]
+    first = next(i for i, (_, left) in enumerate(samples) if left < total)
+    under_way = samples[first:]
     started, begin_left = under_way[0]
+    if not begin_left and first:  # over within a sample: from the last one with everything left
+        started, begin_left = samples[first - 1]
     moving = [(t, left) for t, left in under_way if left > 0]
     if len(moving) >= 2 and moving[-1][0] > started:
         last, last_left = moving[-1]
-        return (begin_left - last_left) * per_message / (last - started), peak
-    return begin_left * per_message / max(0.001, samples[-1][0] - started), peak  # over within a sample
+        return (begin_left - last_left) * per_message / (last - started)
+    return begin_left * per_message / max(0.001, samples[-1][0] - started)  # over within a sample
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -173,18 +173,23 @@ class NatsLink:
         if not self.connected or self._out_bytes >= self.max_pending:
             return False
         if self._fd is not None and not self._out and not self._writing and not self._corked:
-            try:
-                sent = os.write(self._fd, data)
-            except OSError:  # full (EAGAIN) or broken: the write loop will wait, or report the loss
-                sent = 0
-            if sent == len(data):
+            data = self._write_now(self._fd, data)
+            if not data:
                 return True
-            data = data[sent:]
         self._out.append(data)
         self._out_bytes += len(data)
         if not self._corked and not self._wake.is_set():
             self._wake.set()
         return True
+
+    @staticmethod
+    def _write_now(fd: int, data: bytes) -> bytes:
+        """What the socket did not take of `data` at once."""
+        try:
+            sent = os.write(fd, data)
+        except OSError:  # full (EAGAIN) or broken: the write loop will wait, or report the loss
+            sent = 0
+        return data[sent:] if sent < len(data) else b""
 
     def _uncork(self) -> None:
         """Write what the read's handlers sent, in one write if the socket takes it (else the loop does)."""
@@ -192,17 +197,12 @@ class NatsLink:
         if not self._out:
             return
         if self._fd is not None and not self._writing:
-            data = b"".join(self._out)
-            try:
-                sent = os.write(self._fd, data)
-            except OSError:
-                sent = 0
+            rest = self._write_now(self._fd, b"".join(self._out))
             self._out.clear()
-            self._out_bytes = 0
-            if sent == len(data):
+            self._out_bytes = len(rest)
+            if not rest:
                 return
-            self._out.append(data[sent:])
-            self._out_bytes = len(data) - sent
+            self._out.append(rest)
         if not self._wake.is_set():
             self._wake.set()
 

@@ -17,9 +17,10 @@ MiB = 1024 * 1024
 # An idle sidecar's RSS (interpreter, trio, nats-py, the Cassandra and Kafka clients): ~75 MiB measured.
 IDLE_BYTES = 80 * MiB
 # What a connection holds uncharged: a request below the partial_budget threshold (LARGE_VALUE /
-# LARGE_FRAME / LARGE_BODY: 64 KiB; a KV head up to h11's 64 KiB limit) and the reads on their way
-# in, in the copies trio, hypercorn and h11 make. A KV connection whose body waits for room holds
-# a 16 KiB read in hypercorn's app queue and one more on its way: 81 KiB measured with 200 waiting.
+# LARGE_FRAME / LARGE_BODY: 64 KiB; a KV head up to h11's 64 KiB limit plus the 16 KiB read that
+# crossed it) and the reads on their way in, in the copies trio and h11 make. A KV connection reads
+# nothing beyond what its app asks for; with hypercorn (before 2026-12-07) one whose body waited
+# for room held 81 KiB, measured with 200 waiting.
 CONNECTION_BYTES = 96 * 1024
 # nats-py's own outgoing buffer (the chunk store's and the control plane's connection).
 NATS_CLIENT_PENDING = 8 * MiB

@@ -7,8 +7,8 @@ walcar is the cost of the write itself.
     python bench/kv/floor.py PORT [--server hypercorn-trio|walcar-trio|hypercorn-asyncio]
 
 `hypercorn-trio` is hypercorn's own `serve` on trio (the floor issue 24 measured),
-`walcar-trio` walcar's KV serving code (the connection gate in front of hypercorn's connection
-server), `hypercorn-asyncio` hypercorn's `serve` on asyncio (issue 24 item 3's question).
+`walcar-trio` walcar's KV serving code (its connection server on h11, sidecar/protocols/kv/server.py),
+`hypercorn-asyncio` hypercorn's `serve` on asyncio (issue 24 item 3's question).
 """
 
 from __future__ import annotations

@@ -1,158 +1,309 @@
-"""The KV listener: hypercorn's HTTP protocol code on trio, behind walcar's connection cap.
+"""The KV listener: HTTP/1.1 on h11 (the sans-I/O codec), one trio task per connection.
 
-hypercorn's own `serve` accepts every connection offered to it, so 1,100 idle clients would
-take 1,100 descriptors and starve NATS, the admin port and the probes. Here walcar accepts
-(`accept_forever`, the memcached/CQL fronts' loop) and hands each connection under the cap
-to hypercorn's per-connection server; one over the cap is answered 503 and closed at once.
-`idle_timeout` is hypercorn's keep-alive timeout (a connection with no request in flight,
-fresh ones included), and its closes are counted for `walcar_front_idle_closed`.
+The app runs in its connection's task and reads its body from h11 as it asks for it; its answer
+goes out in one send. hypercorn's connection server, used here before, spent more per request
+than the write itself: a task spawned for the app, the body through a memory channel, a lock and
+a cancel scope per send, an idle timer moved twice (docs/benchmarks.md, *KV API: its own HTTP/1.1
+server*). The admin endpoint and the injector stay on hypercorn: they are not on a write's path.
+
+walcar accepts (`accept_forever`, the memcached/CQL fronts' loop) up to the listener's cap; one
+over the cap is answered 503 and closed at once. `idle_timeout` bounds the wait for a request's
+head, from the connection's start or its last answer (a slow head is not a way to stay); those
+closes are counted for `walcar_front_idle_closed`. A request's body has no timer of its own: the
+room it waits for is bounded by `partial_wait`.
 """
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, Final
+from urllib.parse import unquote
+from wsgiref.handlers import format_date_time
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, RawData
-from hypercorn.trio import tcp_server
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import LifespanState
-from hypercorn.utils import wrap_app
 
 from sidecar.config import Config, Listener
-from sidecar.http import AnsweredTaskGroup
 from sidecar.ingress import Ingress
+from sidecar.logs import get_logger
 from sidecar.tcp import ConnectionGate, accept_forever, cap_connections
 
-# hypercorn's keep-alive timeout for a kv listener whose idle_timeout is 0 (the default).
+log = get_logger("kv")
+
+# The wait for a request's head on a kv listener whose idle_timeout is 0 (the default).
 DEFAULT_IDLE_TIMEOUT: Final = 75.0
-# Body pieces (64 KiB reads) hypercorn queues for the app. While a request waits for room in
-# partial_budget it reads nothing, and hypercorn's default of 10 held ~0.8 MB of its body per
-# connection uncharged; one is the least that works (an answer's `http.disconnect` needs a place).
-APP_QUEUE: Final = 1
-# One read from a client (hypercorn's is 64 KiB). What a connection holds uncharged is a few
-# copies of two reads (memory_budget.CONNECTION_BYTES); large bodies take 4x the reads, each short.
+# One read from a client. A connection holds at most one read beside h11's buffer: nothing is
+# read ahead of what the app asks for (memory_budget.CONNECTION_BYTES).
 READ_BYTES: Final = 16 * 1024
+# How long a connection closed mid-body keeps reading (and dropping) what its client still sends.
+LINGER_SECONDS: Final = 1.0
 _TOO_MANY_BODY = b'{"error":"too many connections to this listener (its max_connections)"}'
 TOO_MANY: Final = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
                    % (len(_TOO_MANY_BODY), _TOO_MANY_BODY))
+_DISCONNECT: Final = {"type": "http.disconnect"}
+_ASGI: Final = {"version": "3.0", "spec_version": "2.1"}
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+_STREAM_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
-class _IdleTimer:
-    """hypercorn's idle timer (its `idle_task`) without a task per request.
+class _Date:
+    """The Date header (RFC 9110 wants it), formatted once a second rather than once a request."""
 
-    hypercorn stops its timer task when a request arrives and starts a new one (a lock, a cancel
-    and a task spawn) after every answer. Here one task per connection sleeps in a cancel scope
-    whose deadline those calls move: infinite while a request is in flight."""
+    second = -1
+    value = b""
 
-    def __init__(self, connection: _Connection) -> None:
-        self.connection = connection
-        self.deadline = math.inf
-        self.scope: trio.CancelScope | None = None
-        self.finished = False
-
-    async def restart(self, task_group: Any, _action: Any) -> None:
-        terminated = self.connection.context.terminated.is_set()  # shutting down: an idle connection goes now
-        self.deadline = trio.current_time() + (0.0 if terminated else self.connection.config.keep_alive_timeout)
-        if self.scope is None:
-            self.scope = trio.CancelScope()
-            task_group.spawn(self._watch, self.scope)
-        self.scope.deadline = self.deadline
-
-    async def stop(self) -> None:
-        self.deadline = math.inf
-        if self.scope is not None:
-            self.scope.deadline = math.inf
-
-    def expire_if_idle(self) -> None:
-        if self.deadline != math.inf and self.scope is not None:
-            self.scope.deadline = -math.inf
-
-    def finish(self) -> None:
-        """The connection is over: the timer goes without closing anything."""
-        self.finished = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    async def _watch(self, scope: trio.CancelScope) -> None:
-        with scope:
-            await trio.sleep_forever()
-        if not self.finished:
-            with trio.CancelScope(shield=True):
-                await self.connection._initiate_server_close()
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.value = second, format_date_time(second).encode("ascii")
+        return cls.value
 
 
-class _Connection(TCPServer):
-    """hypercorn's connection server with a cheaper idle timer, counting the closes it makes, and
-    a response's head sent with its body (one send instead of two)."""
+class _Listening:
+    """What a listener's connections share: the gate, the wait for a head, and shutdown. Once
+    shutting down, a connection waiting for a head closes now, a busy one after its answer."""
 
-    def __init__(self, gate: ConnectionGate, idle: set[_IdleTimer], app: Any, config: HypercornConfig,
-                 context: WorkerContext, state: LifespanState, stream: Any) -> None:
-        super().__init__(app, config, context, state, stream)
+    def __init__(self, app: App, gate: ConnectionGate, idle_timeout: float, max_head: int) -> None:
+        self.app = app
         self.gate = gate
-        self.idle_task = _IdleTimer(self)  # type: ignore[assignment]
-        self.idle_timers = idle
-        self.held = b""  # a response head waiting for its first body bytes
+        self.idle_timeout = idle_timeout
+        self.max_head = max_head
+        self.closing = False
+        self.waiting: set[trio.CancelScope] = set()
+
+    def close(self) -> None:
+        self.closing = True
+        for scope in self.waiting:
+            scope.cancel()
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _Connection:
+    def __init__(self, listening: _Listening, stream: trio.abc.Stream, secure: bool) -> None:
+        self.listening = listening
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=listening.max_head)
+        self.scheme = "https" if secure else "http"
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+        self.client = _address(sock.getpeername) if sock is not None else None
+        self.server = _address(sock.getsockname) if sock is not None else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False
+        self.no_body = False
+        self.body_done = False
+        self.answered = False
+        self.pending: h11.Data | None = None  # body read past the piece handed over
 
     async def run(self) -> None:
-        self.idle_timers.add(self.idle_task)  # type: ignore[arg-type]
         try:
-            await super().run()
+            while await self._serve_one():
+                self.h11.start_next_cycle()
+                self._reset()
+        except _BadRequest as bad:
+            await self._refuse(bad.status)
+        except _STREAM_GONE:
+            pass  # the client went (reset, or a TLS handshake that failed)
         finally:
-            self.idle_timers.discard(self.idle_task)
+            if self.h11.their_state in (h11.SEND_BODY, h11.ERROR):
+                await self._linger()
+            with trio.move_on_after(1.0) as cleanup:
+                cleanup.shield = True  # a TLS close_notify must not wait on a client that does not read
+                await self.stream.aclose()
 
-    async def protocol_send(self, event: Any) -> None:
-        if isinstance(event, RawData):
-            data = event.data
-            if not self.held and _is_final_head(data):
-                self.held = data  # an HTTP/1.1 head: h11 hands the body over next, in the same task
-                return
-            if self.held:
-                event = RawData(data=self.held + data)
-                self.held = b""
-        elif self.held:  # anything else first sends what is held
-            held, self.held = self.held, b""
-            await super().protocol_send(RawData(data=held))
-        await super().protocol_send(event)
+    async def _linger(self) -> None:
+        """Answered while the client may still be sending (a 413 or 503 before its body's end):
+        closing with its bytes unread would reset the connection, and the client would lose the
+        answer it has not read yet. Stop sending and discard what comes, for a moment."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                if isinstance(self.stream, trio.SocketStream):
+                    await self.stream.send_eof()
+                while await self.stream.receive_some(READ_BYTES):
+                    pass
+            except (*_STREAM_GONE, OSError):
+                pass
 
-    async def _read_data(self) -> None:
-        """hypercorn's reader with smaller reads: a connection waiting on its app holds a read in the
-        app's queue and one more on its way there, in several copies each (trio's, hypercorn's, h11's)."""
+    async def _serve_one(self) -> bool:
+        """Serve one request; whether the connection takes another."""
+        request = await self._request()
+        if request is None:
+            return False
+        headers = list(request.headers)
+        framing = [name for name, _ in headers if name in _FRAMING]
+        if len(framing) > 1 and b"transfer-encoding" in framing and b"content-length" in framing:
+            # RFC 9112 6.3: either may be what a proxy in front believed; refuse rather than pick one.
+            raise _BadRequest(400)
+        target = request.target
+        path, _, query = target.partition(b"?")
+        method = request.method.decode("ascii")
+        self.no_body = method == "HEAD"
+        scope = {
+            "type": "http", "asgi": _ASGI, "http_version": request.http_version.decode("ascii"),
+            "method": method, "scheme": self.scheme, "path": _unquote(path), "raw_path": path,
+            "query_string": query, "root_path": "", "headers": headers,
+            "client": self.client, "server": self.server, "extensions": {},
+        }
         try:
-            while True:
-                try:
-                    with trio.fail_after(self.config.read_timeout or math.inf):
-                        data = await self.stream.receive_some(READ_BYTES)
-                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-                    break
-                await self.protocol.handle(RawData(bytes(data)))
-                if not data:
-                    break
-            await self.protocol.handle(Closed())
-        finally:
-            # The client is gone (or the server closed). hypercorn's idle timer would keep this
-            # connection, and its descriptor, for the rest of keep_alive_timeout.
-            self.idle_task.finish()  # type: ignore[attr-defined]
+            await self.listening.app(scope, self._receive, self._send)
+        except _STREAM_GONE:
+            raise
+        except Exception as exc:  # a bug in the app: its answer, if not begun, is a 500
+            log.error("kv_request_failed", exc_info=True, path=scope["path"], error=str(exc))
+            if self.status is None:
+                await self._refuse(500)
+            return False
+        if not self.answered:
+            if self.status is None:
+                await self._refuse(500)  # the app returned without answering
+            return False
+        # our_state: HTTP/1.0 without keep-alive, or `connection: close` either way, leave h11 at MUST_CLOSE.
+        return not self.listening.closing and self._request_read() and self.h11.our_state is h11.DONE
 
-    async def _initiate_server_close(self) -> None:
-        # Called by the idle timer only: on its timeout, or at shutdown (then it is not idleness).
-        if not self.context.terminated.is_set():
-            self.gate.idle_closed += 1
-        await super()._initiate_server_close()
+    def _request_read(self) -> bool:
+        """Whether the request is read to its end: a body the app left unread goes if it is in hand
+        already (a GET's empty one); one still coming (an early 413) leaves the client mid-message."""
+        try:
+            while self.h11.their_state is h11.SEND_BODY:
+                event = self._next()
+                if event is h11.NEED_DATA:
+                    return False
+        except _BadRequest:
+            return False
+        return self.h11.their_state is h11.DONE
+
+    async def _request(self) -> h11.Request | None:
+        """The next request's head; None once the client closes, or its time (or the listener's) is up."""
+        if self.listening.closing:
+            return None
+        deadline = trio.current_time() + self.listening.idle_timeout
+        with trio.CancelScope(deadline=deadline) as waiting:
+            self.listening.waiting.add(waiting)
+            try:
+                while True:
+                    event = self._next()
+                    if event is h11.NEED_DATA:
+                        await self._read()
+                    elif isinstance(event, h11.Request):
+                        return event
+                    else:
+                        return None  # ConnectionClosed
+            finally:
+                self.listening.waiting.discard(waiting)
+        if not self.listening.closing:
+            self.listening.gate.idle_closed += 1
+        return None
+
+    def _next(self) -> Any:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _BadRequest(exc.error_status_hint) from None
+
+    async def _read(self) -> None:
+        data = await self.stream.receive_some(READ_BYTES)
+        self.h11.receive_data(data if isinstance(data, bytes) else bytes(data))
+
+    async def _receive(self) -> dict[str, Any]:
+        """ASGI's receive: the next piece of the body, the last one marked; then `http.disconnect`."""
+        if self.body_done or self.answered:
+            return _DISCONNECT
+        if self.h11.they_are_waiting_for_100_continue:
+            await self.stream.send_all(self.h11.send(h11.InformationalResponse(
+                status_code=100, headers=[(b"date", _Date.now())])) or b"")
+        event: Any = self.pending
+        self.pending = None
+        try:
+            while event is None:
+                event = self._next()
+                if event is h11.NEED_DATA:
+                    event = None
+                    await self._read()
+            if isinstance(event, h11.Data):
+                # Usually the whole body is in hand: say so with it, not in a second message.
+                after = self._next()
+                if isinstance(after, h11.EndOfMessage):
+                    self.body_done = True
+                    return {"type": "http.request", "body": bytes(event.data), "more_body": False}
+                if isinstance(after, h11.Data):
+                    self.pending = after
+                return {"type": "http.request", "body": bytes(event.data), "more_body": True}
+        except _BadRequest:
+            return _DISCONNECT  # a broken body: the app answers 400 and the connection closes
+        if isinstance(event, h11.EndOfMessage):
+            self.body_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return _DISCONNECT  # the client closed mid-body
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        """ASGI's send: the head is held until the body's first piece, and goes with it."""
+        kind = message["type"]
+        if kind == "http.response.start" and self.status is None:
+            self.status = int(message["status"])
+            self.headers = [*message.get("headers", ()), (b"date", _Date.now())]
+            if self.listening.closing or not self._request_read():
+                self.headers.append((b"connection", b"close"))  # the client learns it will not be reused
+            self.no_body = self.no_body or self.status in _NO_BODY_STATUS
+            return
+        if kind != "http.response.body" or self.status is None or self.answered:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} for this response")
+        out = b""
+        if not self.head_sent:
+            out = self.h11.send(h11.Response(status_code=self.status, headers=self.headers)) or b""
+            self.head_sent = True
+        body = message.get("body", b"")
+        if body and not self.no_body:
+            out += self.h11.send(h11.Data(data=body)) or b""
+        if not message.get("more_body", False):
+            out += self.h11.send(h11.EndOfMessage()) or b""
+            self.answered = True
+        await self.stream.send_all(out)
+
+    async def _refuse(self, status: int) -> None:
+        """An answer without a body that closes the connection: a head h11 refused, or an app's failure."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [(b"content-length", b"0"), (b"connection", b"close"), (b"date", _Date.now())]
+        try:
+            data = (self.h11.send(h11.Response(status_code=status, headers=headers)) or b"") + (
+                self.h11.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            return
+        with trio.move_on_after(1.0):  # a client that does not read must not hold us
+            try:
+                await self.stream.send_all(data)
+            except (*_STREAM_GONE, OSError):
+                pass
 
 
-def _is_final_head(data: bytes) -> bool:
-    """An HTTP/1.1 response head that is not informational (a 100 Continue must go out at once)."""
-    return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1" and data.endswith(b"\r\n\r\n")
+def _address(get: Callable[[], Any]) -> tuple[str, int] | None:
+    try:
+        address = get()
+    except OSError:
+        return None
+    return (address[0], address[1]) if isinstance(address, tuple) else None
 
 
-async def serve_kv(app: Callable[..., Awaitable[None]], http: HypercornConfig, listener: Listener, config: Config,
+def _unquote(path: bytes) -> str:
+    return unquote(path.decode("latin-1"))  # h11 lets only visible ASCII through: latin-1 cannot fail
+
+
+async def serve_kv(app: App, http: HypercornConfig, listener: Listener, config: Config,
                    ingress: Ingress, shutdown: trio.Event, *,
                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `app` on `http`'s bind (TLS when it has a certificate) until `shutdown` is set; in-flight
@@ -161,37 +312,32 @@ async def serve_kv(app: Callable[..., Awaitable[None]], http: HypercornConfig, l
                           getattr(app, "body_budget", None))
     ingress.connection_gates[listener.bind] = gate
     idle_seconds = float(listener.idle_timeout)
-    http.keep_alive_timeout = idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT
-    http.max_app_queue_size = APP_QUEUE
-    # A queue of one holds a GET's end-of-body message that the app never reads: only the task group
-    # that drops it once the app has answered keeps such a connection from hanging (sidecar.http).
-    assert tcp_server.TaskGroup is AnsweredTaskGroup
+    listening = _Listening(app, gate, idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT,
+                           http.h11_max_incomplete_size)
     sockets = http.create_sockets()
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
         sock.listen(http.backlog)
     ssl_context = http.create_ssl_context()
-    listeners: list[Any] = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets.insecure_sockets]
+    listeners: list[tuple[Any, bool]] = [
+        (trio.SocketListener(trio.socket.from_stdlib_socket(s)), False) for s in sockets.insecure_sockets]
     if ssl_context is not None:
-        listeners += [trio.SSLListener(trio.SocketListener(trio.socket.from_stdlib_socket(s)), ssl_context,
-                                       https_compatible=True) for s in sockets.secure_sockets]
-    context = WorkerContext(None)
-    idle: set[_IdleTimer] = set()
-    handle = partial(_serve_connection, wrap_app(app, http.wsgi_max_body_size, "asgi"), http, context, gate, idle)
+        listeners += [(trio.SSLListener(trio.SocketListener(trio.socket.from_stdlib_socket(s)), ssl_context,
+                                        https_compatible=True), True) for s in sockets.secure_sockets]
+
+    async def plain(stream: trio.abc.Stream) -> None:
+        await _Connection(listening, stream, secure=False).run()
+
+    async def secure(stream: trio.abc.Stream) -> None:
+        await _Connection(listening, stream, secure=True).run()
+
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptors:
-            for item in listeners:
-                acceptors.start_soon(accept_forever, item, handle, connections, "kv", gate)
+            for item, is_secure in listeners:
+                acceptors.start_soon(accept_forever, item, secure if is_secure else plain, connections, "kv", gate)
             task_status.started()
             await shutdown.wait()
             acceptors.cancel_scope.cancel()
-        for item in listeners:
+        for item, _ in listeners:
             await item.aclose()
-        await context.terminated.set()  # idle keep-alive connections close now, busy ones after their answer
-        for timer in list(idle):
-            timer.expire_if_idle()
+        listening.close()  # connections waiting for a head close now, busy ones after their answer
         connections.cancel_scope.deadline = trio.current_time() + http.graceful_timeout
-
-
-async def _serve_connection(app: Any, http: HypercornConfig, context: WorkerContext, gate: ConnectionGate,
-                            idle: set[_IdleTimer], stream: Any) -> None:
-    await _Connection(gate, idle, app, http, context, {}, stream).run()

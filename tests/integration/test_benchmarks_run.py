@@ -48,6 +48,7 @@ def test_benchmark_runs_and_prints_its_table(bench: str, services: Services, tmp
 
 # Comparisons that print lines rather than a table (A/B runs, measurements behind a decision).
 TINY_AB = {
+    "drain/ack_policies.py": ["--messages", "2000", "--rounds", "1"],
     "journal/batch_acks.py": ["--messages", "2000", "--rounds", "1"],
     "memcached/run.py": ["--ab-mux", "1", "--seconds", "1", "--latency-seconds", "0.5"],
 }

@@ -133,14 +133,18 @@ class Journal:
         `packable[i]` says entry i may share a message (see `message_for`); none may when it is empty."""
         results: list[WriteResult] = []
         run: list[Message | WriteResult] = []
+        limit = self.entry_limit
         for index, entry in enumerate(entries):
-            try:
-                prepared = await self._externalize(entry, self.namespace(entry.ns))
-            except ChunkError as exc:
-                run.append(WriteResult(Durable.FALSE, message=str(exc)))
-                continue
+            prepared = entry
+            ns = self.namespace(entry.ns)
+            if not _fits_inline(entry, ns):  # checked here first: most entries fit, and an await costs
+                try:
+                    prepared = await self._externalize(entry, ns)
+                except ChunkError as exc:
+                    run.append(WriteResult(Durable.FALSE, message=str(exc)))
+                    continue
             message = self.message_for(prepared, bool(packable) and packable[index])
-            if len(message.payload) > self.entry_limit:
+            if len(message.payload) > limit:
                 results += await self._publish_run(run)
                 run = []
                 results.append(await self._append_multi([prepared], prepared.id))

@@ -90,7 +90,8 @@ class Listener(_Base):
     # Limits (docs/configuration.md, "Limits"): each bounds what one client can make the sidecar hold.
     # connections served at once; more are accepted and closed at once (counted).
     max_connections: int = 128
-    # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s).
+    # a connection that sends nothing for this long is closed; 0: never (kv: HTTP keep-alive's 75 s,
+    # and a kv client that reads none of its answers for this long is let go too).
     idle_timeout: Duration = Duration(0.0)
     # memcached, cql, kv: bytes of large requests (values, frames, bodies of 64 KiB or more) the listener holds at once.
     partial_budget: ByteSize = ByteSize(16 * 1024 * 1024)

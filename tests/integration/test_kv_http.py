@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.services import Services
-from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document
+from tests.support.sidecar import SidecarProcess, kv_listener, sidecar_document, wait_until
 
 NAMESPACE = "http"
 
@@ -114,6 +117,71 @@ def test_a_chunked_body_sent_in_pieces_is_written(sidecar: SidecarProcess) -> No
         assert status == 200 and json.loads(answer)["durable"] == "true"
 
 
+def test_a_body_of_one_byte_chunks_is_written_whole(sidecar: SidecarProcess) -> None:
+    body = json.dumps({"key": "tiny-chunks", "text": "v" * 3000}).encode()
+    with connect(sidecar) as sock:
+        sock.sendall(b"POST /v1/log/%s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n" % NAMESPACE.encode()
+                     + b"".join(b"1\r\n%s\r\n" % body[n:n + 1] for n in range(len(body))) + b"0\r\n\r\n")
+        status, _, answer = Answers(sock).next()
+        assert status == 200 and json.loads(answer)["durable"] == "true"
+
+
+def kv_gauge(sidecar: SidecarProcess, name: str) -> float:
+    bind = sidecar.document["listeners"][0]["bind"]
+    with urllib.request.urlopen(f"{sidecar.admin}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f'{name}{{bind="{bind}",protocol="kv"}}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_reset_mid_body_is_not_an_error(sidecar: SidecarProcess) -> None:
+    for expect in (b"", b"expect: 100-continue\r\n"):
+        sock = connect(sidecar)
+        sock.sendall(b"POST /v1/log/%s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n%s"
+                     b"content-length: 1000\r\n\r\n{\"key\"" % (NAMESPACE.encode(), expect))
+        if expect:
+            assert Answers(sock).next()[0] == 100
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, not a FIN
+    with connect(sidecar) as sock:
+        sock.sendall(post("after-reset"))
+        assert Answers(sock).next()[0] == 200
+    log = sidecar.log()
+    assert "kv_handler_failed" not in log and "kv_request_failed" not in log
+
+
+def test_a_stalled_body_and_a_client_that_reads_nothing_are_let_go_after_idle_timeout(
+        sidecar: SidecarProcess) -> None:
+    """idle_timeout is 3 s here: a body that stops coming would hold its room in partial_budget, and
+    a client that pipelines without reading would hold its connection (and a graceful shutdown)."""
+    closed_before = kv_gauge(sidecar, "walcar_front_idle_closed_total")
+    with connect(sidecar) as stalled:
+        stalled.sendall(b"POST /v1/log/%s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                        b"content-length: 1000\r\n\r\n{\"key\":" % NAMESPACE.encode())
+        began = time.monotonic()
+        answers = Answers(stalled)
+        status, headers, _ = answers.next()  # the app's answer: the body never came
+        assert status == 400 and headers.get(b"connection") == b"close"
+        assert answers.closed() and time.monotonic() - began < 10
+    deaf = connect(sidecar)
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.setblocking(False)
+    request = b"GET /openapi.json HTTP/1.1\r\nhost: localhost\r\n\r\n" * 200
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # until neither side's buffers take more
+        try:
+            deaf.send(request)
+        except BlockingIOError:
+            time.sleep(0.05)
+    try:
+        wait_until(lambda: kv_gauge(sidecar, "walcar_front_connections") == 0, 15, "the deaf client let go")
+        assert kv_gauge(sidecar, "walcar_front_idle_closed_total") >= closed_before + 2
+    finally:
+        deaf.close()
+
+
 def test_http_1_0_is_answered_and_closed(sidecar: SidecarProcess) -> None:
     with connect(sidecar) as sock:
         sock.sendall(post("old", version=b"1.0"))
@@ -133,6 +201,7 @@ def test_http_1_0_is_answered_and_closed(sidecar: SidecarProcess) -> None:
     (b"POST /v1/log/http HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n"
      b"0\r\n\r\n", 400),
     (b"POST /v1/log/http HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: gzip\r\n\r\n", 501),
+    (b"GET /healthz HTTP/2.0\r\nhost: localhost\r\n\r\n", 505),
     # over h11_max_incomplete_size (64 KiB) still incomplete; h11 checks between reads (16 KiB)
     (b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-long: " + b"a" * 200_000 + b"\r\n\r\n", 431),
     (b"POST /v1/log/http HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
@@ -183,4 +252,4 @@ def test_raw_requests_get_a_protocol_answer_or_a_close_never_a_500(sidecar: Side
         except ConnectionResetError:
             return  # closed with our bytes unread: a close is an allowed answer
     for status_line in (part.split(b"\r\n", 1)[0] for part in data.split(b"HTTP/1.1 ")[1:]):
-        assert not status_line.startswith(b"5") or status_line[:3] in (b"501", b"503"), data[:300]
+        assert not status_line.startswith(b"5") or status_line[:3] in (b"501", b"503", b"505"), data[:300]

@@ -37,8 +37,10 @@ DEFAULT_IDLE_TIMEOUT: Final = 75.0
 # One read from a client. A connection holds at most one read beside h11's buffer: nothing is
 # read ahead of what the app asks for (memory_budget.CONNECTION_BYTES).
 READ_BYTES: Final = 16 * 1024
-# How long a connection closed mid-body keeps reading (and dropping) what its client still sends.
+# How long a closing connection keeps reading (and dropping) what its client still sends.
 LINGER_SECONDS: Final = 1.0
+# Body chunks parsed in one step of the loop: one 16 KiB read can hold ~2,700 one-byte chunks.
+CHUNKS_A_STEP: Final = 64
 _TOO_MANY_BODY = b'{"error":"too many connections to this listener (its max_connections)"}'
 TOO_MANY: Final = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
@@ -108,9 +110,9 @@ class _Connection:
         self.no_body = False
         self.body_done = False
         self.answered = False
-        self.pending: h11.Data | None = None  # body read past the piece handed over
 
     async def run(self) -> None:
+        gone = False
         try:
             while await self._serve_one():
                 self.h11.start_next_cycle()
@@ -118,18 +120,28 @@ class _Connection:
         except _BadRequest as bad:
             await self._refuse(bad.status)
         except _STREAM_GONE:
-            pass  # the client went (reset, or a TLS handshake that failed)
+            gone = True  # the client went (reset, a TLS handshake that failed, or too slow: _write)
         finally:
-            if self.h11.their_state in (h11.SEND_BODY, h11.ERROR):
-                await self._linger()
-            with trio.move_on_after(1.0) as cleanup:
-                cleanup.shield = True  # a TLS close_notify must not wait on a client that does not read
-                await self.stream.aclose()
+            try:
+                if not gone and self._client_may_be_sending():
+                    await self._linger()
+            finally:
+                with trio.move_on_after(1.0) as cleanup:
+                    cleanup.shield = True  # a TLS close_notify must not wait on a client that does not read
+                    await self.stream.aclose()
+
+    def _client_may_be_sending(self) -> bool:
+        if self.h11.their_state is h11.CLOSED:
+            return False
+        if isinstance(self.stream, trio.SocketStream):
+            return True  # the FIN goes first: a client with nothing more to send closes at once
+        return self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or bool(self.h11.trailing_data[0])
 
     async def _linger(self) -> None:
-        """Answered while the client may still be sending (a 413 or 503 before its body's end):
-        closing with its bytes unread would reset the connection, and the client would lose the
-        answer it has not read yet. Stop sending and discard what comes, for a moment."""
+        """Closing while the client may still be sending (a 413 before its body's end, requests
+        pipelined behind a `connection: close`): closing with its bytes unread would reset the
+        connection, and the client would lose the answer it has not read yet. Stop sending and
+        discard what comes until it closes too, for a moment."""
         with trio.move_on_after(LINGER_SECONDS):
             try:
                 if isinstance(self.stream, trio.SocketStream):
@@ -144,6 +156,8 @@ class _Connection:
         request = await self._request()
         if request is None:
             return False
+        if request.http_version not in (b"1.1", b"1.0"):
+            raise _BadRequest(505)  # h11 parses any version; HTTP/2 is not served here
         headers = list(request.headers)
         framing = [name for name, _ in headers if name in _FRAMING]
         if len(framing) > 1 and b"transfer-encoding" in framing and b"content-length" in framing:
@@ -165,11 +179,11 @@ class _Connection:
             raise
         except Exception as exc:  # a bug in the app: its answer, if not begun, is a 500
             log.error("kv_request_failed", exc_info=True, path=scope["path"], error=str(exc))
-            if self.status is None:
+            if not self.head_sent:
                 await self._refuse(500)
             return False
         if not self.answered:
-            if self.status is None:
+            if not self.head_sent:
                 await self._refuse(500)  # the app returned without answering
             return False
         # our_state: HTTP/1.0 without keep-alive, or `connection: close` either way, leave h11 at MUST_CLOSE.
@@ -219,35 +233,48 @@ class _Connection:
         data = await self.stream.receive_some(READ_BYTES)
         self.h11.receive_data(data if isinstance(data, bytes) else bytes(data))
 
+    async def _write(self, data: bytes) -> None:
+        """Send, or give the client up if it reads nothing for idle_timeout (its answers would pile up)."""
+        with trio.move_on_after(self.listening.idle_timeout):
+            await self.stream.send_all(data)
+            return
+        self.listening.gate.idle_closed += 1
+        raise trio.BrokenResourceError("the client read nothing for idle_timeout")
+
     async def _receive(self) -> dict[str, Any]:
-        """ASGI's receive: the next piece of the body, the last one marked; then `http.disconnect`."""
+        """ASGI's receive: what is in hand of the body (read when nothing is), its end marked; then
+        `http.disconnect` at once (no app here waits on a disconnect after reading its body)."""
         if self.body_done or self.answered:
             return _DISCONNECT
-        if self.h11.they_are_waiting_for_100_continue:
-            await self.stream.send_all(self.h11.send(h11.InformationalResponse(
-                status_code=100, headers=[(b"date", _Date.now())])) or b"")
-        event: Any = self.pending
-        self.pending = None
+        pieces: list[bytes] = []
         try:
-            while event is None:
+            if self.h11.they_are_waiting_for_100_continue:
+                await self._write(self.h11.send(h11.InformationalResponse(
+                    status_code=100, headers=[(b"date", _Date.now())])) or b"")
+            while True:
                 event = self._next()
-                if event is h11.NEED_DATA:
-                    event = None
-                    await self._read()
-            if isinstance(event, h11.Data):
-                # Usually the whole body is in hand: say so with it, not in a second message.
-                after = self._next()
-                if isinstance(after, h11.EndOfMessage):
-                    self.body_done = True
-                    return {"type": "http.request", "body": bytes(event.data), "more_body": False}
-                if isinstance(after, h11.Data):
-                    self.pending = after
-                return {"type": "http.request", "body": bytes(event.data), "more_body": True}
+                if isinstance(event, h11.Data):
+                    pieces.append(event.data)
+                    if not len(pieces) % CHUNKS_A_STEP:
+                        await trio.lowlevel.checkpoint()  # a body of tiny chunks: h11 parses each one
+                elif event is h11.NEED_DATA and not pieces:
+                    with trio.move_on_after(self.listening.idle_timeout):
+                        await self._read()
+                        continue
+                    self.listening.gate.idle_closed += 1  # the body stopped coming
+                    return _DISCONNECT
+                else:
+                    break
         except _BadRequest:
             return _DISCONNECT  # a broken body: the app answers 400 and the connection closes
+        except _STREAM_GONE:
+            return _DISCONNECT  # the client went mid-body: the app's answer finds it gone
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if isinstance(event, h11.EndOfMessage):
             self.body_done = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        if event is h11.NEED_DATA:
+            return {"type": "http.request", "body": bytes(body), "more_body": True}
         return _DISCONNECT  # the client closed mid-body
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -256,14 +283,14 @@ class _Connection:
         if kind == "http.response.start" and self.status is None:
             self.status = int(message["status"])
             self.headers = [*message.get("headers", ()), (b"date", _Date.now())]
-            if self.listening.closing or not self._request_read():
-                self.headers.append((b"connection", b"close"))  # the client learns it will not be reused
             self.no_body = self.no_body or self.status in _NO_BODY_STATUS
             return
         if kind != "http.response.body" or self.status is None or self.answered:
             raise RuntimeError(f"unexpected ASGI message {kind!r} for this response")
         out = b""
         if not self.head_sent:
+            if self.listening.closing or not self._request_read():
+                self.headers.append((b"connection", b"close"))  # the client learns it will not be reused
             out = self.h11.send(h11.Response(status_code=self.status, headers=self.headers)) or b""
             self.head_sent = True
         body = message.get("body", b"")
@@ -272,7 +299,7 @@ class _Connection:
         if not message.get("more_body", False):
             out += self.h11.send(h11.EndOfMessage()) or b""
             self.answered = True
-        await self.stream.send_all(out)
+        await self._write(out)
 
     async def _refuse(self, status: int) -> None:
         """An answer without a body that closes the connection: a head h11 refused, or an app's failure."""

@@ -8,9 +8,9 @@ server*). The admin endpoint and the injector stay on hypercorn: they are not on
 
 walcar accepts (`accept_forever`, the memcached/CQL fronts' loop) up to the listener's cap; one
 over the cap is answered 503 and closed at once. `idle_timeout` bounds the wait for a request's
-head, from the connection's start or its last answer (a slow head is not a way to stay); those
-closes are counted for `walcar_front_idle_closed`. A request's body has no timer of its own: the
-room it waits for is bounded by `partial_wait`.
+head, from the connection's start or its last answer (a slow head is not a way to stay), the wait
+for each next piece of a body, and for the client to take an answer; those closes are counted for
+`walcar_front_idle_closed`.
 """
 
 from __future__ import annotations

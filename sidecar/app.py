@@ -36,7 +36,7 @@ from sidecar.log.service import open_journal
 from sidecar.log.streams import provision_namespace
 from sidecar.logs import get_logger
 from sidecar.protocols.kv.app import KvApp
-from sidecar.protocols.kv.server import serve_kv
+from sidecar.protocols.kv.server import KV_ALPN, serve_kv
 from sidecar.reads import Readers
 from sidecar.secrets import read_token_file
 from sidecar.tcp import ByteBudget
@@ -256,6 +256,7 @@ class Sidecar:
                         max_items=listener.max_items, body_budget=ByteBudget(int(listener.partial_budget)),
                         body_wait=float(listener.partial_wait), max_json_body=int(listener.max_json_body))
             http = hypercorn_config(listener.bind, graceful_timeout=self.config.sidecar.shutdown_deadline)
+            http.alpn_protocols = list(KV_ALPN)  # before serve_tls builds the context: no h2 offered
             if listener.tls is not None:
                 assert self._services is not None
                 serve_tls(http, listener.tls.cert_file, listener.tls.key_file, float(listener.tls.reload_interval),

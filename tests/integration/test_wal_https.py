@@ -3,6 +3,7 @@ that trusts the operator's CA (and sends the region token). Both sides re-read r
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -31,6 +32,13 @@ async def test_a_replicates_to_b_over_https_and_both_pick_up_a_rotated_pki(
           "tls": {"cert_file": str(served.cert), "key_file": str(served.key), "reload_interval": "100ms"}}],
         region="b", region_token_file=str(tmp_path / "token")), tmp_path / "b").start()
     trusted = first.write(tmp_path / "a-trusts.pem")
+    offering_h2 = ssl.create_default_context(cafile=str(trusted))
+    offering_h2.set_alpn_protocols(["h2", "http/1.1"])  # as Go's net/http, curl and httpx[http2] do
+    with socket.create_connection(("127.0.0.1", b_port), timeout=10) as raw, \
+            offering_h2.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.selected_alpn_protocol() == "http/1.1"  # the KV server speaks HTTP/1.1 only
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200 ")
     a_kv = kv_listener()
     a = SidecarProcess(sidecar_document(
         services.nats_url,

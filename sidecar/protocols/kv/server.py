@@ -37,6 +37,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 75.0
 # One read from a client. A connection holds at most one read beside h11's buffer: nothing is
 # read ahead of what the app asks for (memory_budget.CONNECTION_BYTES).
 READ_BYTES: Final = 16 * 1024
+# What TLS offers in ALPN: HTTP/1.1 only (hypercorn's default offers h2 first, which this server does not speak).
+KV_ALPN: Final = ("http/1.1",)
 # How long a closing connection keeps reading (and dropping) what its client still sends.
 LINGER_SECONDS: Final = 1.0
 # Body chunks parsed in one step of the loop: one 16 KiB read can hold ~2,700 one-byte chunks.
@@ -341,6 +343,7 @@ async def serve_kv(app: App, http: HypercornConfig, listener: Listener, config: 
     idle_seconds = float(listener.idle_timeout)
     listening = _Listening(app, gate, idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT,
                            http.h11_max_incomplete_size)
+    http.alpn_protocols = list(KV_ALPN)
     sockets = http.create_sockets()
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
         sock.listen(http.backlog)

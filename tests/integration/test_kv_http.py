@@ -5,6 +5,7 @@ before the app sees them; raw bytes fuzzed at the connection, where no answer ma
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 import time
@@ -180,6 +181,49 @@ def test_a_stalled_body_and_a_client_that_reads_nothing_are_let_go_after_idle_ti
         assert kv_gauge(sidecar, "walcar_front_idle_closed_total") >= closed_before + 2
     finally:
         deaf.close()
+
+
+def test_a_slow_reader_that_keeps_reading_gets_its_whole_answer(sidecar: SidecarProcess) -> None:
+    """idle_timeout (3 s) bounds a wait without progress, not the whole answer: ~0.6 MB read at
+    ~150 KB/s takes longer than that."""
+    body = json.dumps([{"key": f"slow{n}", "text": "v"} for n in range(6000)]).encode()
+    with connect(sidecar) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/log/%s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (NAMESPACE.encode(), len(body), body))
+        data, began = b"", time.monotonic()
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                data.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            chunk = sock.recv(1536)
+            assert chunk, f"closed after {len(data)} bytes"
+            data += chunk
+            time.sleep(0.01)
+        assert time.monotonic() - began > 3  # slower than idle_timeout as a whole
+        results = json.loads(data.split(b"\r\n\r\n", 1)[1])["results"]
+        assert len(results) == 6000 and all(r["durable"] == "true" for r in results)
+
+
+def test_shutdown_does_not_wait_on_idle_connections_or_stalled_bodies(services: Services, tmp_path: Path) -> None:
+    document = sidecar_document(services.nats_url, {NAMESPACE: {"partitions": 2}}, [kv_listener()],
+                                shutdown_deadline="30s")
+    process = SidecarProcess(document, tmp_path / "sidecar").start()
+    held = []
+    try:
+        for n in range(20):
+            sock = connect(process)
+            if n % 2:  # half of them stall in a body, half wait between requests
+                sock.sendall(b"POST /v1/log/%s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                             b"content-length: 100\r\n\r\n{" % NAMESPACE.encode())
+            held.append(sock)
+        time.sleep(0.5)
+        began = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(30) == 0
+        assert time.monotonic() - began < 15  # far from the 30 s deadline: nothing waited on these clients
+    finally:
+        for sock in held:
+            sock.close()
+        process.stop()
 
 
 def test_http_1_0_is_answered_and_closed(sidecar: SidecarProcess) -> None:

@@ -41,6 +41,8 @@ READ_BYTES: Final = 16 * 1024
 KV_ALPN: Final = ("http/1.1",)
 # How long a closing connection keeps reading (and dropping) what its client still sends.
 LINGER_SECONDS: Final = 1.0
+# An answer is sent in slices this big, each with idle_timeout to go: a slow reader is not a stalled one.
+WRITE_SLICE: Final = 64 * 1024
 # Body chunks parsed in one step of the loop: one 16 KiB read can hold ~2,700 one-byte chunks.
 CHUNKS_A_STEP: Final = 64
 _TOO_MANY_BODY = b'{"error":"too many connections to this listener (its max_connections)"}'
@@ -72,8 +74,9 @@ class _Date:
 
 
 class _Listening:
-    """What a listener's connections share: the gate, the wait for a head, and shutdown. Once
-    shutting down, a connection waiting for a head closes now, a busy one after its answer."""
+    """What a listener's connections share: the gate, the waits, and shutdown. Once shutting down, a
+    connection waiting for a head closes now, one waiting for its body gets LINGER_SECONDS a piece
+    (a stalled body must not hold shutdown to its deadline), a busy one closes after its answer."""
 
     def __init__(self, app: App, gate: ConnectionGate, idle_timeout: float, max_head: int) -> None:
         self.app = app
@@ -81,12 +84,16 @@ class _Listening:
         self.idle_timeout = idle_timeout
         self.max_head = max_head
         self.closing = False
-        self.waiting: set[trio.CancelScope] = set()
+        self.waiting: set[trio.CancelScope] = set()  # for a head
+        self.body_waits: set[trio.CancelScope] = set()
 
     def close(self) -> None:
         self.closing = True
         for scope in self.waiting:
             scope.cancel()
+        soon = trio.current_time() + LINGER_SECONDS
+        for scope in self.body_waits:
+            scope.deadline = min(scope.deadline, soon)
 
 
 class _BadRequest(Exception):
@@ -112,6 +119,7 @@ class _Connection:
         self.no_body = False
         self.body_done = False
         self.answered = False
+        self.given_up = False  # its body stopped coming: the answer gets a moment, not idle_timeout
 
     async def run(self) -> None:
         gone = False
@@ -133,11 +141,12 @@ class _Connection:
                     await self.stream.aclose()
 
     def _client_may_be_sending(self) -> bool:
-        if self.h11.their_state is h11.CLOSED:
-            return False
-        if isinstance(self.stream, trio.SocketStream):
-            return True  # the FIN goes first: a client with nothing more to send closes at once
-        return self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or bool(self.h11.trailing_data[0])
+        """After an answer, or mid-request. Not a connection idle between requests (timed out, or the
+        listener closing): no answer of it is on its way to be lost, and a pooled client that reads
+        nothing would hold the close (and shutdown) for the whole linger."""
+        their, ours = self.h11.their_state, self.h11.our_state
+        return their in (h11.SEND_BODY, h11.ERROR, h11.DONE) or ours in (h11.DONE, h11.MUST_CLOSE) or bool(
+            self.h11.trailing_data[0])
 
     async def _linger(self) -> None:
         """Closing while the client may still be sending (a 413 before its body's end, requests
@@ -236,12 +245,34 @@ class _Connection:
         self.h11.receive_data(data if isinstance(data, bytes) else bytes(data))
 
     async def _write(self, data: bytes) -> None:
-        """Send, or give the client up if it reads nothing for idle_timeout (its answers would pile up)."""
-        with trio.move_on_after(self.listening.idle_timeout):
-            await self.stream.send_all(data)
-            return
-        self.listening.gate.idle_closed += 1
-        raise trio.BrokenResourceError("the client read nothing for idle_timeout")
+        """Send a slice at a time; a client that takes none of a slice for idle_timeout is given up (its
+        answers would pile up). A slow reader that keeps reading gets its whole answer."""
+        wait = LINGER_SECONDS if self.given_up else self.listening.idle_timeout
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SLICE):
+            with trio.move_on_after(wait):
+                await self.stream.send_all(view[start:start + WRITE_SLICE])
+                continue
+            if not self.given_up:
+                self.listening.gate.idle_closed += 1
+            self.given_up = True
+            raise trio.BrokenResourceError("the client took nothing of its answer for idle_timeout")
+
+    async def _read_body(self) -> bool:
+        """Read the next piece of a body; False once none came for idle_timeout (LINGER_SECONDS a piece
+        once the listener closes)."""
+        wait = LINGER_SECONDS if self.listening.closing else self.listening.idle_timeout
+        with trio.CancelScope(deadline=trio.current_time() + wait) as waiting:
+            self.listening.body_waits.add(waiting)
+            try:
+                await self._read()
+                return True
+            finally:
+                self.listening.body_waits.discard(waiting)
+        if not self.listening.closing:
+            self.listening.gate.idle_closed += 1  # the body stopped coming
+        self.given_up = True
+        return False
 
     async def _receive(self) -> dict[str, Any]:
         """ASGI's receive: what is in hand of the body (read when nothing is), its end marked; then
@@ -260,11 +291,8 @@ class _Connection:
                     if not len(pieces) % CHUNKS_A_STEP:
                         await trio.lowlevel.checkpoint()  # a body of tiny chunks: h11 parses each one
                 elif event is h11.NEED_DATA and not pieces:
-                    with trio.move_on_after(self.listening.idle_timeout):
-                        await self._read()
-                        continue
-                    self.listening.gate.idle_closed += 1  # the body stopped coming
-                    return _DISCONNECT
+                    if not await self._read_body():
+                        return _DISCONNECT
                 else:
                     break
         except _BadRequest:

@@ -41,10 +41,10 @@ def connect(sidecar: SidecarProcess) -> socket.socket:
     return sock
 
 
-def post(key: str, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
+def post(key: str, version: bytes = b"1.1") -> bytes:
     body = json.dumps({"key": key, "text": "v"}).encode()
     return (b"POST /v1/log/%s HTTP/%s\r\nhost: localhost\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n%s\r\n%s" % (NAMESPACE.encode(), version, len(body), extra, body))
+            b"content-length: %d\r\n\r\n%s" % (NAMESPACE.encode(), version, len(body), body))
 
 
 class Answers:

@@ -216,23 +216,13 @@ class _Connection:
         """The next request's head; None once the client closes, or its time (or the listener's) is up."""
         if self.listening.closing:
             return None
-        deadline = trio.current_time() + self.listening.idle_timeout
-        with trio.CancelScope(deadline=deadline) as waiting:
-            self.listening.waiting.add(waiting)
-            try:
-                while True:
-                    event = self._next()
-                    if event is h11.NEED_DATA:
-                        await self._read()
-                    elif isinstance(event, h11.Request):
-                        return event
-                    else:
-                        return None  # ConnectionClosed
-            finally:
-                self.listening.waiting.discard(waiting)
-        if not self.listening.closing:
-            self.listening.gate.idle_closed += 1
-        return None
+        deadline = trio.current_time() + self.listening.idle_timeout  # for the whole head
+        while True:
+            event = self._next()
+            if isinstance(event, h11.Request):
+                return event
+            if event is not h11.NEED_DATA or not await self._read_by(deadline, self.listening.waiting):
+                return None  # the client closed, or its time (or the listener's) is up
 
     def _next(self) -> Any:
         try:
@@ -258,20 +248,27 @@ class _Connection:
             self.given_up = True
             raise trio.BrokenResourceError("the client took nothing of its answer for idle_timeout")
 
-    async def _read_body(self) -> bool:
-        """Read the next piece of a body; False once none came for idle_timeout (LINGER_SECONDS a piece
-        once the listener closes)."""
-        wait = LINGER_SECONDS if self.listening.closing else self.listening.idle_timeout
-        with trio.CancelScope(deadline=trio.current_time() + wait) as waiting:
-            self.listening.body_waits.add(waiting)
+    async def _read_by(self, deadline: float, waits: set[trio.CancelScope]) -> bool:
+        """Read more, in a wait the listener can cut short (`waits`); False once the deadline passed first,
+        counted as an idle close unless the listener is closing."""
+        with trio.CancelScope(deadline=deadline) as waiting:
+            waits.add(waiting)
             try:
                 await self._read()
                 return True
             finally:
-                self.listening.body_waits.discard(waiting)
+                waits.discard(waiting)
         if not self.listening.closing:
-            self.listening.gate.idle_closed += 1  # the body stopped coming
-        self.given_up = True
+            self.listening.gate.idle_closed += 1
+        return False
+
+    async def _read_body(self) -> bool:
+        """Read the next piece of a body; False once none came for idle_timeout (LINGER_SECONDS a piece
+        once the listener closes)."""
+        wait = LINGER_SECONDS if self.listening.closing else self.listening.idle_timeout
+        if await self._read_by(trio.current_time() + wait, self.listening.body_waits):
+            return True
+        self.given_up = True  # the body stopped coming
         return False
 
     async def _receive(self) -> dict[str, Any]:
@@ -371,7 +368,6 @@ async def serve_kv(app: App, http: HypercornConfig, listener: Listener, config: 
     idle_seconds = float(listener.idle_timeout)
     listening = _Listening(app, gate, idle_seconds if idle_seconds > 0 else DEFAULT_IDLE_TIMEOUT,
                            http.h11_max_incomplete_size)
-    http.alpn_protocols = list(KV_ALPN)
     sockets = http.create_sockets()
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
         sock.listen(http.backlog)

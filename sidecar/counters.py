@@ -22,9 +22,9 @@ class Histogram:
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += count
+        self.sum += value * count
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, running = [], 0
@@ -41,6 +41,7 @@ class WriteCounters:
         self.writes: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
         self.ack_latency: defaultdict[str, Histogram] = defaultdict(Histogram)
 
-    def record(self, namespace: str, protocol: str, op: str, durable: str, seconds: float) -> None:
-        self.writes[(namespace, protocol, op, durable)] += 1
-        self.ack_latency[namespace].observe(seconds)
+    def record(self, namespace: str, protocol: str, op: str, durable: str, seconds: float, count: int = 1) -> None:
+        """`count` writes answered alike after `seconds` (the entries of one batch)."""
+        self.writes[(namespace, protocol, op, durable)] += count
+        self.ack_latency[namespace].observe(seconds, count)

@@ -156,25 +156,25 @@ def now_us() -> int:
 
 
 class _RandomPool(threading.local):
-    """Random bytes drawn from the OS 4 KiB at a time, per thread (a fork starts afresh)."""
+    """Random bytes drawn from the OS 2 KiB at a time, per thread (a fork starts afresh), kept as hex."""
 
-    data = b""
+    hex = ""
     used = 0
 
 
 _random = _RandomPool()
-os.register_at_fork(after_in_child=lambda: setattr(_random, "data", b""))
+os.register_at_fork(after_in_child=lambda: setattr(_random, "hex", ""))
 
 
 def new_id() -> str:
     """128 random bits in hex, as uuid4 gives but without a system call per id (ids are made per
     entry, and an unpredictable id is what keeps a client from claiming another write's id)."""
     pool = _random
-    if pool.used + 16 > len(pool.data):
-        pool.data, pool.used = os.urandom(4096), 0
     start = pool.used
-    pool.used = start + 16
-    return pool.data[start:start + 16].hex()
+    if start + 32 > len(pool.hex):
+        pool.hex, start = os.urandom(2048).hex(), 0
+    pool.used = start + 32
+    return pool.hex[start:start + 32]
 
 
 def subject_for(namespace: str, partition: int) -> str:

@@ -7,8 +7,9 @@ they get back are the same, so they live here once.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -37,8 +38,9 @@ from sidecar.reused_token import check_duplicate
 from sidecar.tcp import ConnectionGate
 
 
-class Ack(msgspec.Struct, omit_defaults=True):
-    """The answer to a journaled mutation, as every front reports it."""
+class Ack(msgspec.Struct, omit_defaults=True, gc=False):
+    """The answer to a journaled mutation, as every front reports it (`gc=False`: no cycle through it,
+    and a batch holds one per entry)."""
 
     durable: Durable
     visible: bool = False
@@ -94,6 +96,8 @@ class Ingress:
         self.counters = WriteCounters()
         # Each memcached/CQL listener's connection cap and counts, by bind (for metrics).
         self.connection_gates: dict[str, ConnectionGate] = {}
+        self._limits: dict[str, _Limits] = {}
+        self._last_stamp = 0
 
     def namespace(self, name: str) -> Namespace:
         ns = self.config.namespaces.get(name)
@@ -120,8 +124,7 @@ class Ingress:
     ) -> Entry:
         """Build a checked entry; raises UnknownNamespace, TooLarge or WriteTimeError."""
         ns = self.namespace(namespace)
-        now = now_us()
-        stamp = resolve_write_time(write_time, ns.write_time_drift, now)
+        now = self._clock()
         entry = Entry(
             id=entry_id or new_id(),
             ns=namespace,
@@ -132,7 +135,7 @@ class Ingress:
             value=value,
             flags=flags,
             expires_at=expires_at,
-            write_time=stamp,
+            write_time=resolve_write_time(write_time, ns.write_time_drift, now),
             deliver_at=now + delay_ms * 1000 if delay_ms > 0 else 0,
             origin=self.region,
             targets=list(targets),
@@ -142,24 +145,31 @@ class Ingress:
         self.check_entry(entry, ns)
         return entry
 
+    def _clock(self) -> int:
+        """µs since the epoch, never the same twice: a key written twice within a microsecond still gets
+        its later write the later write time (Cassandra breaks a timestamp tie by the value, not the order)."""
+        now = now_us()
+        if now <= self._last_stamp:
+            now = self._last_stamp + 1
+        self._last_stamp = now
+        return now
+
     def check_entry(self, entry: Entry, ns: Namespace) -> None:
         """The front door's checks on a built entry, in one place: every front and the cross-region
         entry point pass through here before anything is journaled. Raises Refused (TooLarge,
         BadKey) for a write that must not be acked: one that no target of the namespace it is
         addressed to could ever store."""
+        limits = self._limits.get(entry.ns)
+        if limits is None or limits.ns is not ns:  # a config change replaces the namespace object
+            limits = self._limits[entry.ns] = _Limits(ns)
         value = entry.value
-        limit = ns.item_limit()
-        if value is not None and len(value) > limit:
-            raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {limit}")
+        if value is not None and len(value) > limits.item_limit:
+            raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {limits.item_limit}")
         if entry.op not in _KEYED_OPS:
             return
-        for target in ns.targets:
-            if entry.targets and target.name not in entry.targets:
-                continue
-            if isinstance(target, MemcachedTarget):
-                _check_memcached(entry, target)
-            elif isinstance(target, CassandraTarget):
-                _check_cassandra(entry, target)
+        for target, check in limits.checks:
+            if not entry.targets or target.name in entry.targets:
+                check(entry, target)
 
     def wal_off(self, namespace: str) -> bool:
         return self.namespace(namespace).mode == "off"
@@ -241,21 +251,34 @@ class Ingress:
         atomic: an entry the journal refuses does not stop the others). In a `sync` namespace they
         share one visibility budget. `packable[i]`: entry i's id was made by walcar."""
         acks: list[Ack] = []
+        namespace = entries[0].ns
+        packs = self._packs(namespace)
         for start in range(0, len(entries), WRITE_GROUP):
             # A group at a time, each after the one before (per-key order): one long list would hold
             # the loop for tens of ms building, sending and answering its messages in one step.
             group = entries[start:start + WRITE_GROUP]
             began = trio.current_time()
-            results = await self.journal.append_many(
-                group, packable[start:start + WRITE_GROUP] if self._packs(entries[0].ns) else ())
+            results = await self.journal.append_many(group, packable[start:start + WRITE_GROUP] if packs else ())
             elapsed = trio.current_time() - began
-            stored: list[tuple[Entry, int]] = []
+            counts: Counter[tuple[Op, Durable]] = Counter()
+            stored: list[Entry] = []
+            sequences: list[int] = []
+            last_result: WriteResult | None = None
+            ack = Ack(durable=Durable.FALSE)
+            is_stored = False
             for entry, result in zip(group, results, strict=True):
-                self.counters.record(entry.ns, protocol, entry.op.value, result.durable.value, elapsed)
-                acks.append(self._ack([entry], result, note=False))
-                if _stored(result):
-                    stored.append((entry, result.sequence))
-            self._note([e for e, _ in stored], [sequence for _, sequence in stored])
+                counts[entry.op, result.durable] += 1
+                # A pack's entries share one result; outside `sync` (whose acks get their own `visible`
+                # below) they share one answer too.
+                if result is not last_result or not packs:
+                    last_result, ack, is_stored = result, self._ack([entry], result, note=False), _stored(result)
+                acks.append(ack)
+                if is_stored:
+                    stored.append(entry)
+                    sequences.append(result.sequence)
+            for (op, durable), count in counts.items():
+                self.counters.record(namespace, protocol, op.value, durable.value, elapsed, count)
+            self._note(stored, sequences)
         ns = self.namespace(entries[0].ns)
         primary = ns.primary_target()
         if ns.mode == "sync" and primary is not None:
@@ -361,6 +384,19 @@ class Ingress:
             if remaining <= 0 or not await self.applied.wait_applied(namespace, target, sequence, remaining):
                 return False
         return True
+
+
+class _Limits:
+    """What `check_entry` asks of a namespace, worked out once per namespace object, not per entry."""
+
+    __slots__ = ("checks", "item_limit", "ns")
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+        self.item_limit = ns.item_limit()
+        self.checks: list[tuple[Any, Callable[[Entry, Any], None]]] = [
+            (t, _check_memcached) if isinstance(t, MemcachedTarget) else (t, _check_cassandra)
+            for t in ns.targets if isinstance(t, _READABLE)]
 
 
 def _check_memcached(entry: Entry, target: MemcachedTarget) -> None:

@@ -18,7 +18,9 @@ class Durable(StrEnum):
     UNKNOWN = "unknown"
 
 
-class WriteResult(msgspec.Struct, omit_defaults=True):
+# WriteResult and Message are `gc=False` (no cycle through them: strings, bytes, numbers, a dict of strings):
+# a batch makes one of each per entry, and the cyclic GC would walk every one still held.
+class WriteResult(msgspec.Struct, omit_defaults=True, gc=False):
     durable: Durable
     sequence: int = 0  # stream sequence of the (last) message
     count: int = 1  # messages stored: an atomic batch stores all of them, sequences count..sequence
@@ -39,7 +41,7 @@ class WriteResult(msgspec.Struct, omit_defaults=True):
         return self.sequence - self.count + 1 if self.sequence else 0
 
 
-class Message(msgspec.Struct, frozen=True, array_like=True):
+class Message(msgspec.Struct, frozen=True, array_like=True, gc=False):
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None

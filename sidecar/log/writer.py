@@ -31,6 +31,7 @@ from sidecar.log.acks import Durable, JournalStats, Message, WriteResult, refuse
 from sidecar.log.connection import NatsConnection
 from sidecar.log.link import DEFAULT_MAX_PAYLOAD, NatsLink, new_inbox
 from sidecar.log.wire import encode_headers, encode_publish, status_of, unsafe_header
+from sidecar.log.writes import Batch, Group, Pack, Write, packed_ahead, waiting_cost
 from sidecar.logs import get_logger
 
 __all__ = ["Durable", "JournalStats", "JournalWriter", "Message", "WriteResult"]
@@ -47,80 +48,24 @@ DUPLICATE_MESSAGE_IN_BATCH = 10201
 HEADER_HEADROOM = 256
 
 
-class _Write:
-    """One logical write: a single message or an atomic batch of messages."""
-
-    __slots__ = ("atomic", "done", "group", "messages", "nbytes", "result", "waiter")
-
-    def __init__(self, messages: list[Message], atomic: bool, nbytes: int) -> None:
-        self.messages = messages
-        self.atomic = atomic
-        self.nbytes = nbytes
-        self.result: WriteResult | None = None
-        self.waiter: trio.lowlevel.Task | None = None
-        self.group: _Group | None = None
-        self.done: Callable[[WriteResult], None] | None = None
-
-
-class _Pack:
-    """Packable writes of one subject in one burst, stored as one message; its place in the burst is
-    where its first write was (`slot`), and it holds at most one write per key."""
-
-    __slots__ = ("keys", "nbytes", "slot", "writes")
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-        self.writes: list[_Write] = []
-        self.keys: set[str] = set()
-        self.nbytes = 0
-
-
-class _Group:
-    """Writes submitted together (publish_many): one waiter for all of them."""
-
-    __slots__ = ("done", "remaining")
-
-    def __init__(self, count: int) -> None:
-        self.remaining = count
-        self.done = trio.Event()
-
-
-class _Batch:
-    __slots__ = ("remaining", "submitted", "writes")
-
-    def __init__(self, writes: list[_Write], submitted: float) -> None:
-        self.writes = writes
-        self.remaining = len(writes)
-        self.submitted = submitted  # trio time: ack latency (shedding, stats) and the publish deadline
-
-
-# What a write waiting for in-flight room holds per entry besides its encoded messages (its models and
-# results): the waiting line counts it against max_inflight_bytes.
-WAITING_ENTRY_BYTES = 1024
-
-
-def _waiting_cost(write: _Write) -> int:
-    return write.nbytes + WAITING_ENTRY_BYTES * len(write.messages)
-
-
 class JournalWriter:
     def __init__(self, conn: NatsConnection, settings: JournalSettings) -> None:
         self.conn = conn
         self.settings = settings
         self.stats = JournalStats()
-        self._queue: list[_Write] = []
+        self._queue: list[Write] = []
         self._wake = trio.Event()
         self._capacity_freed = trio.Event()
-        self._waiting: deque[_Write] = deque()  # writers queued for in-flight room, first come first served
+        self._waiting: deque[Write] = deque()  # writers queued for in-flight room, first come first served
         # What those writers hold (their messages, and WAITING_ENTRY_BYTES an entry of objects), bounded
         # by max_inflight_bytes: past it a writer is refused at once instead of joining an unbounded line.
         # Bytes, not entries: a client pipelining small writes past a small entry limit waits its turn.
         self._waiting_bytes = 0
-        self._inflight_batches: deque[_Batch] = deque()  # in submission order, so deadlines are too
+        self._inflight_batches: deque[Batch] = deque()  # in submission order, so deadlines are too
         self._batch_sent = trio.Event()
         # full reply subject -> (write, or a pack's writes; batch; is_commit); a batch-start reply has
         # is_commit False
-        self._pending: dict[bytes, tuple[_Write | list[_Write], _Batch, bool]] = {}
+        self._pending: dict[bytes, tuple[Write | list[Write], Batch, bool]] = {}
         self._tokens = itertools.count(1)
         self._link: NatsLink | None = None
         self._inbox = b""
@@ -165,7 +110,7 @@ class JournalWriter:
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None,
                       pack_key: str = "") -> WriteResult:
-        return await self._submit(_Write([Message(subject, payload, headers, pack_key)], False, len(payload)))
+        return await self._submit(Write([Message(subject, payload, headers, pack_key)], False, len(payload)))
 
     def publish_then(self, subject: str, payload: bytes, headers: dict[str, str] | None,
                      done: Callable[[WriteResult], None], pack_key: str = "") -> bool:
@@ -175,7 +120,7 @@ class JournalWriter:
 
         A front answering pipelined requests saves a task, two switches and a scheduling round
         per write this way, which is where its latency goes."""
-        write = _Write([Message(subject, payload, headers, pack_key)], False, len(payload))
+        write = Write([Message(subject, payload, headers, pack_key)], False, len(payload))
         refusal = self._refusal(write)
         if refusal is None and (self._waiting or self._over_capacity(write)):
             return False
@@ -195,32 +140,37 @@ class JournalWriter:
         if len(messages) > MAX_ATOMIC_MESSAGES:
             raise ValueError(f"an atomic batch holds at most {MAX_ATOMIC_MESSAGES} messages")
         nbytes = sum(len(m.payload) for m in messages)
-        return await self._submit(_Write(messages, True, nbytes))
+        return await self._submit(Write(messages, True, nbytes))
 
     async def publish_many(self, messages: list[Message]) -> list[WriteResult]:
-        """Independent writes queued together, in order, so they share a group commit and keep their order."""
-        writes = [_Write([m], False, len(m.payload)) for m in messages]
+        """Independent writes queued together, in order, so they share a group commit and keep their order.
+
+        Packable messages of one subject are packed here, by the rules `_send` packs a round's single
+        writes by: one write, one PubAck and one answer for a whole pack instead of one a message. The
+        members of a pack are answered with the same WriteResult object (not to be changed by callers)."""
+        writes, places = packed_ahead(messages, *self._pack_limits())
         for write in writes:  # an oversized message is refused on its own; the others still go
             if reason := self.oversized(write.messages[0]):
                 write.result = refused(reason)
                 self._count_refused(write)
         sending = [w for w in writes if w.result is None]
         # Capacity is reserved for all at once.
-        total = _Write([w.messages[0] for w in sending], False, sum(w.nbytes for w in sending))
+        total = Write([w.messages[0] for w in sending], False, sum(w.nbytes for w in sending),
+                       sum(w.entries for w in sending))
         refusal = await self._admit(total) if sending else None
         if refusal is not None:
             for write in sending:
                 write.result = refusal
         elif sending:
-            group = _Group(len(sending))
+            group = Group(len(sending))
             for write in sending:
                 write.group = group
             self._queue.extend(sending)
             self._wake.set()
             await group.done.wait()
-        return [w.result for w in writes]  # type: ignore[misc]
+        return [writes[place].result for place in places]  # type: ignore[misc]
 
-    async def _admit(self, write: _Write) -> WriteResult | None:
+    async def _admit(self, write: Write) -> WriteResult | None:
         """Refuse at once, or reserve in-flight room (waiting at most the publish timeout).
 
         Admission is first come, first served: while anyone waits for room, later writers
@@ -241,29 +191,29 @@ class JournalWriter:
         self._count_refused(write)
         return refusal
 
-    def _reserve(self, write: _Write) -> None:
-        self.stats.inflight_entries += len(write.messages)
+    def _reserve(self, write: Write) -> None:
+        self.stats.inflight_entries += write.entries
         self.stats.inflight_bytes += write.nbytes
 
-    def _count_refused(self, write: _Write) -> None:
-        self.stats.shed += len(write.messages)
-        self.stats.failed += len(write.messages)
+    def _count_refused(self, write: Write) -> None:
+        self.stats.shed += write.entries
+        self.stats.failed += write.entries
 
-    def _enqueue(self, write: _Write) -> None:
+    def _enqueue(self, write: Write) -> None:
         """Queue an admitted write for the next group commit; a full round goes out at once."""
         self._queue.append(write)
         self._wake.set()
         if len(self._queue) >= EAGER_SEND_ENTRIES:
             self._send_queued()
 
-    def _over_capacity(self, write: _Write) -> bool:
+    def _over_capacity(self, write: Write) -> bool:
         stats, settings = self.stats, self.settings
         return stats.inflight_entries > 0 and (
-            stats.inflight_entries + len(write.messages) > settings.max_inflight_entries
+            stats.inflight_entries + write.entries > settings.max_inflight_entries
             or stats.inflight_bytes + write.nbytes > settings.max_inflight_bytes
         )
 
-    async def _submit(self, write: _Write) -> WriteResult:
+    async def _submit(self, write: Write) -> WriteResult:
         refusal = await self._admit(write)
         if refusal is not None:
             return refusal
@@ -280,7 +230,7 @@ class JournalWriter:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def _refusal(self, write: _Write) -> WriteResult | None:
+    def _refusal(self, write: Write) -> WriteResult | None:
         for message in write.messages:
             if message.headers and unsafe_header(message.headers) is not None:
                 return refused("refused: a header would contain CR/LF or an invalid name")
@@ -299,15 +249,15 @@ class JournalWriter:
                 return refused(f"journal overloaded: acks are {age:.2f}s behind; retry later")
         return None
 
-    def _waiting_full(self, write: _Write) -> bool:
+    def _waiting_full(self, write: Write) -> bool:
         """No room to wait: as many bytes wait as may be in flight (the first may always wait)."""
-        return bool(self._waiting) and self._waiting_bytes + _waiting_cost(write) > self.settings.max_inflight_bytes
+        return bool(self._waiting) and self._waiting_bytes + waiting_cost(write) > self.settings.max_inflight_bytes
 
-    async def _wait_for_capacity(self, write: _Write) -> bool:
+    async def _wait_for_capacity(self, write: Write) -> bool:
         """Queue for room in arrival order; False when the publish timeout passes first."""
         deadline = trio.current_time() + self.settings.publish_timeout
         self._waiting.append(write)
-        self._waiting_bytes += _waiting_cost(write)
+        self._waiting_bytes += waiting_cost(write)
         try:
             while self._waiting[0] is not write or self._over_capacity(write):
                 with trio.move_on_at(deadline):
@@ -317,7 +267,7 @@ class JournalWriter:
             return True
         finally:
             self._waiting.remove(write)
-            self._waiting_bytes -= _waiting_cost(write)
+            self._waiting_bytes -= waiting_cost(write)
             self._capacity_freed.set()  # the next in line re-checks
             self._capacity_freed = trio.Event()
 
@@ -337,18 +287,17 @@ class JournalWriter:
             writes, self._queue = self._queue[:max_batch], self._queue[max_batch:]
             self._send(writes)
 
-    def _send(self, writes: list[_Write]) -> None:
+    def _send(self, writes: list[Write]) -> None:
         assert self._link is not None
-        batch = _Batch(writes, trio.current_time())
+        batch = Batch(writes, trio.current_time())
         if not self._link.connected or self._link.congested:
             reason = "not connected to NATS" if not self._link.connected else "NATS is not keeping up (link full)"
             for write in writes:
                 self._settle(write, batch, refused(f"journal unavailable: {reason}"))
             return
         commands: list[bytes] = []
-        packs: dict[str, _Pack] = {}  # subject -> its open pack
-        pack_limit = min(MAX_PACK_BYTES, self.max_payload // 2)
-        pack_entries = self.settings.pack_entries
+        packs: dict[str, Pack[Write]] = {}  # subject -> its open pack
+        pack_limit, pack_entries = self._pack_limits()
         for write in writes:
             if write.atomic:
                 for subject in {m.subject for m in write.messages} & packs.keys():
@@ -360,16 +309,13 @@ class JournalWriter:
             key = message.pack_key
             pack = packs.get(message.subject)
             if key:
-                if pack is not None and (key in pack.keys or len(pack.writes) >= pack_entries
-                                         or pack.nbytes + write.nbytes > pack_limit):
-                    self._close_pack(pack, commands, batch)  # a key twice: its second entry in the next message
+                if pack is not None and not pack.takes(key, write.nbytes, pack_entries, pack_limit):
+                    self._close_pack(pack, commands, batch)
                     pack = None
                 if pack is None:
-                    pack = packs[message.subject] = _Pack(len(commands))
+                    pack = packs[message.subject] = Pack(len(commands))
                     commands.append(b"")
-                pack.writes.append(write)
-                pack.keys.add(key)
-                pack.nbytes += write.nbytes
+                pack.add(write, key, write.nbytes)
                 continue
             if pack is not None:  # a write that goes alone follows the pack of its subject, in order
                 self._close_pack(packs.pop(message.subject), commands, batch)
@@ -381,11 +327,15 @@ class JournalWriter:
         self._link.send(b"".join(commands))
         self._batch_sent.set()
 
-    def _close_pack(self, pack: _Pack, commands: list[bytes], batch: _Batch) -> None:
+    def _pack_limits(self) -> tuple[int, int]:
+        """A pack's most bytes and entries."""
+        return min(MAX_PACK_BYTES, self.max_payload // 2), self.settings.pack_entries
+
+    def _close_pack(self, pack: Pack[Write], commands: list[bytes], batch: Batch) -> None:
         """The pack's message, in its slot: one PubAck answers all its writes. A pack of one is the write's
         own message. A pack carries no Nats-Msg-Id: its entries' ids were made by walcar, once each, and
         nothing publishes them again."""
-        writes = pack.writes
+        writes = pack.members
         first = writes[0].messages[0]
         if len(writes) == 1:
             reply = self._reply_for(writes[0], batch, True)
@@ -396,12 +346,12 @@ class JournalWriter:
         payload = pack_payload([w.messages[0].payload for w in writes])
         commands[pack.slot] = encode_publish(first.subject, reply, None, payload)
 
-    def _reply_for(self, write: _Write, batch: _Batch, is_commit: bool) -> bytes:
+    def _reply_for(self, write: Write, batch: Batch, is_commit: bool) -> bytes:
         reply = b"%s.%d" % (self._inbox, next(self._tokens))
         self._pending[reply] = (write, batch, is_commit)
         return reply
 
-    def _atomic_commands(self, write: _Write, batch: _Batch) -> list[tuple[Message, bytes]]:
+    def _atomic_commands(self, write: Write, batch: Batch) -> list[tuple[Message, bytes]]:
         """(message, reply) pairs of an atomic batch, with ADR-50's headers."""
         batch_id = f"{self._inbox.decode().rsplit('.', 1)[-1]}{next(self._tokens)}"
         last = len(write.messages)
@@ -473,7 +423,7 @@ class JournalWriter:
                     self._settle(write, batch, unknown)
             self._drop_finished()
 
-    def _forget(self, write: _Write) -> None:
+    def _forget(self, write: Write) -> None:
         for reply in [r for r, (w, _, _) in self._pending.items() if w is write]:
             del self._pending[reply]
 
@@ -482,20 +432,21 @@ class JournalWriter:
         while batches and batches[0].remaining == 0:
             batches.popleft()
 
-    def _settle(self, write: _Write, batch: _Batch, result: WriteResult) -> None:
+    def _settle(self, write: Write, batch: Batch, result: WriteResult) -> None:
         if write.result is not None:
             return
         write.result = result
         stats = self.stats
+        answered = 1 if write.atomic else write.entries  # an atomic batch is one write; a pack, one a member
         if result.durable is Durable.TRUE:
-            stats.acked += 1
+            stats.acked += answered
             if result.duplicate:
-                stats.duplicates += 1
+                stats.duplicates += answered
         elif result.durable is Durable.UNKNOWN:
-            stats.unknown += 1
+            stats.unknown += answered
         else:
-            stats.failed += 1
-        stats.inflight_entries -= len(write.messages)
+            stats.failed += answered
+        stats.inflight_entries -= write.entries
         stats.inflight_bytes -= write.nbytes
         if write.waiter is not None:
             trio.lowlevel.reschedule(write.waiter, outcome.Value(result))

@@ -45,6 +45,9 @@ async def test_one_group_commit_of_a_partition_is_one_message_and_a_key_keeps_it
     writes = [entry(unique, f"k{i % 10}", f"v{i}", partition=i % 2) for i in range(30)]
     async with open_journal(config) as journal:  # in this order, in one group commit
         results = await journal.writer.publish_many([journal.message_for(w, packable=True) for w in writes])
+        stats = journal.writer.stats
+        # Counted as the 30 writes they are (metrics, memcached `stats`), and their in-flight room freed.
+        assert (stats.acked, stats.inflight_entries, stats.inflight_bytes) == (30, 0, 0)
     assert all(r.ok for r in results), results
     # Partition 0 holds k0, k2, ..., k8 three times each: three packs of five keys, one per round of keys.
     pairs = list(zip(writes, results, strict=True))

@@ -14,8 +14,10 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from sidecar.config import JournalSettings
+from sidecar.envelope import Entry, Op, decode_message, encode, is_pack
 from sidecar.log import writer as writer_module
-from sidecar.log.writer import WAITING_ENTRY_BYTES, Durable, JournalWriter, Message, WriteResult
+from sidecar.log.writer import Durable, JournalWriter, Message, WriteResult
+from sidecar.log.writes import WAITING_ENTRY_BYTES, packed_ahead
 from sidecar.units import ByteSize
 
 
@@ -176,3 +178,31 @@ async def test_writers_waiting_for_in_flight_room_are_bounded_and_the_excess_ref
     assert {name: a.durable for name, a in answers.items()} == {
         "in-flight 1": Durable.TRUE, "in-flight 2": Durable.TRUE, "waiting 1": Durable.TRUE,
         "waiting 2": Durable.TRUE, "one too many": Durable.FALSE}
+
+
+def test_a_batch_is_packed_ahead_per_subject_one_key_a_pack_and_a_go_alone_message_after_its_subjects_pack() -> None:
+    """publish_many's packs: what the drain relies on for per-key order (a key's later write in a later
+    message of its subject) and what each message's answer is (the write holding it)."""
+    def message(subject: str, key: str, value: str, packable: bool = True) -> Message:
+        payload = encode(Entry(id=value, ns="n", op=Op.PUT, key=key, partition=0, value=value.encode(), write_time=1))
+        return Message(subject, payload, {"Nats-Msg-Id": value}, key if packable else "")
+
+    messages = [message("s0", "a", "a1"), message("s1", "x", "x1"), message("s0", "b", "b1"),
+                message("s0", "a", "a2"),  # `a` again: its subject's next pack
+                message("s1", "y", "y1", packable=False),  # alone: after s1's pack, before anything later
+                message("s0", "c", "c1"), message("s0", "d", "d1"), message("s0", "e", "e1")]
+    writes, places = packed_ahead(messages, max_bytes=1 << 20, max_entries=3)
+
+    def contents(write: Any) -> list[str]:
+        payload = write.messages[0].payload
+        return [e.id for e in decode_message(payload)]
+
+    assert [contents(w) for w in writes] == [["a1", "b1"], ["x1"], ["a2", "c1", "d1"], ["y1"], ["e1"]]
+    assert [contents(writes[p])[0] for p in places] == ["a1", "x1", "a1", "a2", "y1", "a2", "a2", "e1"]
+    # A pack is one message without the members' ids; a pack of one keeps its message as it was.
+    assert is_pack(writes[0].messages[0].payload) and writes[0].messages[0].headers is None
+    assert writes[0].entries == 2 and writes[2].entries == 3
+    assert writes[1].messages[0] is messages[1] and writes[1].entries == 1
+    # The byte bound closes a pack as the entry bound does.
+    by_bytes, _ = packed_ahead(messages[:3], max_bytes=len(messages[0].payload) + 1, max_entries=64)
+    assert [contents(w) for w in by_bytes] == [["a1"], ["x1"], ["b1"]]

@@ -72,6 +72,20 @@ def _mutation_entries(request: models.MutateItems) -> int:
     return sum(max(1, len(m.items or m.item_keys or ())) for m in request.mutations)
 
 
+def _entry_error(exc: Exception, namespace: str, where: str, key_field: str = "key", item_field: str = "item",
+                 expires_field: str = "") -> HttpError:
+    """What `Ingress.entry` refused, as the API answers it; `where` names the value's field, `key_field` and
+    `item_field` the key's and the item key's."""
+    if isinstance(exc, UnknownNamespace):
+        return HttpError(404, f"unknown namespace {namespace!r}")
+    if isinstance(exc, TooLarge):
+        return HttpError(413, str(exc), where)
+    if isinstance(exc, Refused):  # a key (or expiry) no target of the namespace can store
+        fields = {"key": key_field, "item": item_field, "expires_at": expires_field}
+        return HttpError(400, str(exc), fields.get(exc.part, where))
+    return HttpError(400, str(exc), "lifecycle.write_time")
+
+
 def _status(ack: Ack) -> int:
     """A write's HTTP status: 200 durable, 409 an idempotency token reused, 503 otherwise."""
     return 200 if ack.ok else 409 if ack.conflict else 503
@@ -284,15 +298,8 @@ class KvApp:
         """`where` names the value's field, `key_field` and `item_field` the key's and the item key's."""
         try:
             return self.ingress.entry(namespace, op, key, **kwargs)
-        except UnknownNamespace:
-            raise HttpError(404, f"unknown namespace {namespace!r}") from None
-        except TooLarge as exc:
-            raise HttpError(413, str(exc), where) from None
-        except Refused as exc:  # a key (or expiry) no target of the namespace can store
-            fields = {"key": key_field, "item": item_field, "expires_at": expires_field}
-            raise HttpError(400, str(exc), fields.get(exc.part, where)) from None
-        except WriteTimeError as exc:
-            raise HttpError(400, str(exc), "lifecycle.write_time") from None
+        except (UnknownNamespace, Refused, WriteTimeError) as exc:
+            raise _entry_error(exc, namespace, where, key_field, item_field, expires_field) from None
 
     @staticmethod
     def _answer(ack: Ack) -> tuple[int, models.WriteResponse]:
@@ -328,44 +335,41 @@ class KvApp:
                                       lambda r: len(r) if isinstance(r, list) else 1, "")
         if isinstance(request, list):
             return await self._write_log_batch(namespace, request)
-        return self._answer(await self.ingress.write(self._log_entry(namespace, request),
-                                                     packable=request.idempotency_token is None))
+        entry = self._log_entry(namespace, self._writable(namespace), request)
+        return self._answer(await self.ingress.write(entry, packable=request.idempotency_token is None))
 
-    def _log_entry(self, namespace: str, request: models.WriteToLog, where: str = "") -> Entry:
-        """The entry of one WriteToLog; `where` prefixes the field an HttpError names (built only then:
-        a batch makes thousands of entries)."""
+    def _log_entry(self, namespace: str, ns: Any, request: models.WriteToLog, where: str = "") -> Entry:
+        """The entry of one WriteToLog to the writable namespace `ns`; `where` prefixes the field an
+        HttpError names (built only then). A batch makes thousands: the entry is made here, not
+        through `_entry`'s keyword passing."""
         try:
-            return self._checked_log_entry(namespace, request)
+            if (request.payload is None) == (request.text is None):
+                raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
+            payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
+            targets = request.target or ()
+            unknown = [t for t in targets if ns.target(t) is None]
+            if unknown:
+                raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
+            if request.content_type and not _CONTENT_TYPE_RE.fullmatch(request.content_type):
+                raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
+            token = request.idempotency_token
+            lifecycle = self._lifecycle(namespace, request.lifecycle) if request.lifecycle is not None else {}
+            try:
+                return self.ingress.entry(namespace, Op.PUT, request.key, value=payload,
+                                          entry_id=self._token(token) if token is not None else None,
+                                          targets=targets, content_type=request.content_type, **lifecycle)
+            except (UnknownNamespace, Refused, WriteTimeError) as exc:
+                raise _entry_error(exc, namespace, "payload") from None
         except HttpError as exc:
             if where:
                 exc.field = f"{where}{exc.field}"
             raise
 
-    def _checked_log_entry(self, namespace: str, request: models.WriteToLog) -> Entry:
-        if (request.payload is None) == (request.text is None):
-            raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
-        payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
-        targets = request.target or []
-        ns = self._writable(namespace)
-        unknown = [t for t in targets if ns.target(t) is None]
-        if unknown:
-            raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
-        if not _CONTENT_TYPE_RE.fullmatch(request.content_type):
-            raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
-        return self._entry(
-            namespace, Op.PUT, request.key, "payload",
-            value=payload,
-            entry_id=self._token(request.idempotency_token),
-            targets=targets,
-            content_type=request.content_type,
-            **self._lifecycle(namespace, request.lifecycle),
-        )
-
     async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:
         """Independent writes in one request and one group commit (not atomic: /mutate is). Each entry
         is checked as a single write is and answered on its own; a refused one is not journaled and
         does not stop the others."""
-        self._writable(namespace)
+        ns = self._writable(namespace)
         if not requests:
             raise HttpError(400, "a batch needs at least one entry")
         results: list[models.LogResult | None] = [None] * len(requests)
@@ -375,7 +379,7 @@ class KvApp:
             if index and not index % _SLICE:
                 await trio.lowlevel.checkpoint()
             try:
-                entries.append(self._log_entry(namespace, request, f"[{index}]."))
+                entries.append(self._log_entry(namespace, ns, request, f"[{index}]."))
             except HttpError as exc:
                 results[index] = models.LogResult(durable=Durable.FALSE, status=exc.status, message=exc.error,
                                                   field=exc.field)
@@ -383,11 +387,16 @@ class KvApp:
             places.append(index)
         packable = [requests[index].idempotency_token is None for index in places]
         acks = await self.ingress.write_many(entries, packable=packable) if entries else []
+        last_ack: Ack | None = None
+        result = models.LogResult(durable=Durable.FALSE)
         for n, (index, ack) in enumerate(zip(places, acks, strict=True)):
             if n and not n % (4 * _SLICE):
                 await trio.lowlevel.checkpoint()
-            results[index] = models.LogResult(durable=ack.durable, visible=ack.visible, message=ack.message,
-                                              sequence=ack.sequence, duplicate=ack.duplicate, status=_status(ack))
+            if ack is not last_ack:  # the entries of a pack share their answer
+                last_ack, result = ack, models.LogResult(durable=ack.durable, visible=ack.visible, message=ack.message,
+                                                         sequence=ack.sequence, duplicate=ack.duplicate,
+                                                         status=_status(ack))
+            results[index] = result
         answers = [r for r in results if r is not None]
         # Worth a retry (journal trouble) outranks a refusal: the client must look at every result anyway.
         statuses = [r.status for r in answers if r.status != 200]

@@ -15,7 +15,9 @@ from sidecar.envelope import Entry
 from sidecar.ingress import Durable
 
 
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+# The structs are `gc=False`: they hold strings, bytes, numbers and each other, never a cycle, and a batch
+# decodes and answers thousands of them at once — tracked, each would be walked by the cyclic GC's passes.
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True, gc=False):
     pass
 
 
@@ -73,7 +75,7 @@ class MutateItems(_Strict):
     idempotency_token: str | None = None
 
 
-class WriteResponse(msgspec.Struct, kw_only=True):
+class WriteResponse(msgspec.Struct, kw_only=True, gc=False):
     durable: Durable
     visible: bool = False
     message: str = ""
@@ -89,7 +91,7 @@ class LogResult(WriteResponse, kw_only=True):
     field: str = ""
 
 
-class LogBatchResponse(msgspec.Struct, kw_only=True):
+class LogBatchResponse(msgspec.Struct, kw_only=True, gc=False):
     results: list[LogResult]  # in the order of the request's entries
 
 
@@ -110,7 +112,7 @@ class GetItemsResponse(msgspec.Struct, kw_only=True):
     items: list[ItemOut]
 
 
-class ReplicationBatch(msgspec.Struct, kw_only=True):
+class ReplicationBatch(msgspec.Struct, kw_only=True, gc=False):
     """Entries drained from another region's journal: journaled here as they are (id, write time, origin)."""
 
     entries: list[Entry]
@@ -122,5 +124,5 @@ class ReplicatedResult(WriteResponse, kw_only=True):
     refused: bool = False
 
 
-class ReplicationResponse(msgspec.Struct, kw_only=True):
+class ReplicationResponse(msgspec.Struct, kw_only=True, gc=False):
     results: list[ReplicatedResult]

@@ -263,17 +263,16 @@ class Ingress:
             counts: Counter[tuple[Op, Durable]] = Counter()
             stored: list[Entry] = []
             sequences: list[int] = []
-            last_result: WriteResult | None = None
-            ack = Ack(durable=Durable.FALSE)
-            is_stored = False
+            # A pack's entries share one result; outside `sync` (whose acks get their own `visible` below)
+            # they share one answer too. By the result's identity: `results` holds every result alive.
+            answers: dict[int, tuple[Ack, bool]] = {}
             for entry, result in zip(group, results, strict=True):
                 counts[entry.op, result.durable] += 1
-                # A pack's entries share one result; outside `sync` (whose acks get their own `visible`
-                # below) they share one answer too.
-                if result is not last_result or not packs:
-                    last_result, ack, is_stored = result, self._ack([entry], result, note=False), _stored(result)
-                acks.append(ack)
-                if is_stored:
+                answer = answers.get(id(result)) if packs else None
+                if answer is None:
+                    answer = answers[id(result)] = (self._ack([entry], result, note=False), _stored(result))
+                acks.append(answer[0])
+                if answer[1]:
                     stored.append(entry)
                     sequences.append(result.sequence)
             for (op, durable), count in counts.items():

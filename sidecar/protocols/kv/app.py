@@ -347,8 +347,7 @@ class KvApp:
                 raise HttpError(400, "give exactly one of `payload` (bytes) and `text` (UTF-8 string)", "payload")
             payload = request.payload if request.payload is not None else request.text.encode()  # type: ignore[union-attr]
             targets = request.target or ()
-            unknown = [t for t in targets if ns.target(t) is None]
-            if unknown:
+            if targets and (unknown := [t for t in targets if ns.target(t) is None]):
                 raise HttpError(400, f"namespace {namespace!r} has no target(s) {', '.join(unknown)}", "target")
             if request.content_type and not _CONTENT_TYPE_RE.fullmatch(request.content_type):
                 raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
@@ -387,15 +386,15 @@ class KvApp:
             places.append(index)
         packable = [requests[index].idempotency_token is None for index in places]
         acks = await self.ingress.write_many(entries, packable=packable) if entries else []
-        last_ack: Ack | None = None
-        result = models.LogResult(durable=Durable.FALSE)
+        shared: dict[int, models.LogResult] = {}  # the entries of a pack share their Ack, and so their result
         for n, (index, ack) in enumerate(zip(places, acks, strict=True)):
             if n and not n % (4 * _SLICE):
                 await trio.lowlevel.checkpoint()
-            if ack is not last_ack:  # the entries of a pack share their answer
-                last_ack, result = ack, models.LogResult(durable=ack.durable, visible=ack.visible, message=ack.message,
-                                                         sequence=ack.sequence, duplicate=ack.duplicate,
-                                                         status=_status(ack))
+            result = shared.get(id(ack))
+            if result is None:
+                result = shared[id(ack)] = models.LogResult(
+                    durable=ack.durable, visible=ack.visible, message=ack.message, sequence=ack.sequence,
+                    duplicate=ack.duplicate, status=_status(ack))
             results[index] = result
         answers = [r for r in results if r is not None]
         # Worth a retry (journal trouble) outranks a refusal: the client must look at every result anyway.

@@ -135,10 +135,10 @@ class Ingress:
             value=value,
             flags=flags,
             expires_at=expires_at,
-            write_time=resolve_write_time(write_time, ns.write_time_drift, now),
+            write_time=now if write_time is None else resolve_write_time(write_time, ns.write_time_drift, now),
             deliver_at=now + delay_ms * 1000 if delay_ms > 0 else 0,
             origin=self.region,
-            targets=list(targets),
+            targets=list(targets) if targets else [],
             content_type=content_type,
             cql=cql,
         )
@@ -165,7 +165,7 @@ class Ingress:
         value = entry.value
         if value is not None and len(value) > limits.item_limit:
             raise TooLarge(f"value of {len(value)} bytes is over the namespace's max_item_size of {limits.item_limit}")
-        if entry.op not in _KEYED_OPS:
+        if not limits.checks or entry.op not in _KEYED_OPS:
             return
         for target, check in limits.checks:
             if not entry.targets or target.name in entry.targets:

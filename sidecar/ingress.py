@@ -124,7 +124,7 @@ class Ingress:
     ) -> Entry:
         """Build a checked entry; raises UnknownNamespace, TooLarge or WriteTimeError."""
         ns = self.namespace(namespace)
-        now = self._clock()
+        now = self.clock()
         entry = Entry(
             id=entry_id or new_id(),
             ns=namespace,
@@ -145,9 +145,10 @@ class Ingress:
         self.check_entry(entry, ns)
         return entry
 
-    def _clock(self) -> int:
-        """µs since the epoch, never the same twice: a key written twice within a microsecond still gets
-        its later write the later write time (Cassandra breaks a timestamp tie by the value, not the order)."""
+    def clock(self) -> int:
+        """The sidecar's write time: µs since the epoch, never the same twice, so a key written twice within
+        a microsecond still gets its later write the later time (Cassandra breaks a timestamp tie by the
+        value, not the order). Every front stamps its writes with it."""
         now = now_us()
         if now <= self._last_stamp:
             now = self._last_stamp + 1
@@ -259,6 +260,9 @@ class Ingress:
             group = entries[start:start + WRITE_GROUP]
             began = trio.current_time()
             results = await self.journal.append_many(group, packable[start:start + WRITE_GROUP] if packs else ())
+            for index, result in enumerate(results):
+                if result.duplicate:  # a retry, or a client token reused for another write (a 409): read back
+                    results[index] = await check_duplicate(self.journal, [group[index]], group[index].id, result)
             elapsed = trio.current_time() - began
             counts: Counter[tuple[Op, Durable]] = Counter()
             stored: list[Entry] = []

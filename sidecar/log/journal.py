@@ -137,9 +137,8 @@ class Journal:
         name, ns = "", None
         for index, entry in enumerate(entries):
             prepared = entry
-            if entry.ns != name:  # a batch is of one namespace, nearly always
+            if ns is None or entry.ns != name:  # a batch is of one namespace, nearly always
                 name, ns = entry.ns, self.namespace(entry.ns)
-            assert ns is not None
             if not _fits_inline(entry, ns):  # checked here first: most entries fit, and an await costs
                 try:
                     prepared = await self._externalize(entry, ns)

@@ -282,10 +282,18 @@ class JournalWriter:
             self._send_queued()
 
     def _send_queued(self) -> None:
+        """The queue in bursts of at most max_batch_entries entries (a write packed ahead holds many; a
+        write holding more than the bound goes in a burst of its own)."""
         max_batch = self.settings.max_batch_entries
-        while self._queue:
-            writes, self._queue = self._queue[:max_batch], self._queue[max_batch:]
-            self._send(writes)
+        queue, self._queue = self._queue, []
+        start = 0
+        while start < len(queue):
+            end, entries = start, 0
+            while end < len(queue) and (end == start or entries + queue[end].entries <= max_batch):
+                entries += queue[end].entries
+                end += 1
+            self._send(queue[start:end])
+            start = end
 
     def _send(self, writes: list[Write]) -> None:
         assert self._link is not None

@@ -51,6 +51,28 @@ async def test_a_batch_is_journaled_in_order_one_answer_per_entry(services: Serv
     assert [m.entry().value for m in messages[100:]] == [b"\x00\xff", b"2"]
 
 
+async def test_a_token_reused_for_another_value_in_a_batch_is_a_conflict_not_a_duplicate(
+        services: Services, unique: str) -> None:
+    """As for a single write: a stored id answers `duplicate` only when the stored entry is the same
+    write; the same token with a different value is 409, and the new value is not stored."""
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 2}}, [kv_listener()]))
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+        first = await client.post(f"/v1/log/{unique}", json=[{"key": "k", "text": "first", "idempotency_token": "t1"}])
+        assert first.status_code == 200, first.text
+        stored = first.json()["results"][0]["sequence"]
+        second = await client.post(f"/v1/log/{unique}", json=[
+            {"key": "k", "text": "SECOND", "idempotency_token": "t1"},  # reused for another value
+            {"key": "k", "text": "first", "idempotency_token": "t1"},  # the same write again: a retry
+            {"key": "other", "text": "fine"}])
+        assert second.status_code == 409, second.text
+        conflict, retry, fine = second.json()["results"]
+        assert (conflict["status"], conflict["durable"]) == (409, "false"), conflict
+        assert (retry["status"], retry["duplicate"], retry["sequence"]) == (200, True, stored), retry
+        assert (fine["status"], fine["durable"]) == (200, "true"), fine
+    values = [m.entry().value for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert sorted(values) == [b"fine", b"first"]
+
+
 async def test_refused_entries_are_answered_on_their_own_and_not_journaled(services: Services,
                                                                            unique: str) -> None:
     config = build_config(sidecar_document(services.nats_url, {unique: memcached_namespace(services)},

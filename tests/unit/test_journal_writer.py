@@ -206,3 +206,21 @@ def test_a_batch_is_packed_ahead_per_subject_one_key_a_pack_and_a_go_alone_messa
     # The byte bound closes a pack as the entry bound does.
     by_bytes, _ = packed_ahead(messages[:3], max_bytes=len(messages[0].payload) + 1, max_entries=64)
     assert [contents(w) for w in by_bytes] == [["a1"], ["x1"], ["b1"]]
+
+
+async def test_a_burst_holds_at_most_max_batch_entries_entries_also_when_packed_ahead() -> None:
+    """max_batch_entries bounds what one write to NATS carries in entries, as documented, not in writes:
+    a pack made ahead counts as the entries it holds."""
+    conn = StandInConnection()
+    writer = JournalWriter(conn, JournalSettings(max_batch_entries=8, pack_entries=4))  # type: ignore[arg-type]
+    messages = [Message(f"wal.t.{n % 2}", b"x", {"Nats-Msg-Id": f"id{n}"}, f"k{n}") for n in range(24)]
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery)
+        nursery.start_soon(writer.publish_many, messages)  # 6 packs of 4
+        await wait_all_tasks_blocked()
+        assert [chunk.count(b"PUB ") for chunk in conn.link.sent] == [2, 2, 2]
+        for sequence, reply in enumerate(conn.link.reply_subjects(), start=1):
+            writer._on_reply(reply, b"", puback(sequence), None)
+        await wait_all_tasks_blocked()
+        assert writer.stats.acked == 24 and writer.stats.inflight_entries == 0
+        nursery.cancel_scope.cancel()

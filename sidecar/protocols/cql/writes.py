@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
-from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError, new_id, now_us
+from sidecar.envelope import BatchRef, CqlMutation, CqlStatement, Entry, Op, WriteTimeError, new_id
 from sidecar.ingress import Ack, Ingress, Refused
 from sidecar.logs import get_logger
 
@@ -295,7 +295,7 @@ class Writes:
         timestamp: int | None,
     ) -> list[Entry]:
         """One entry per partition; raises WriteTimeError for a client timestamp outside the drift."""
-        write_time = timestamp if timestamp is not None else now_us()
+        write_time = timestamp if timestamp is not None else self.ingress.clock()
         return [
             self.ingress.entry(
                 self.namespace, Op.CQL, key, write_time=write_time, entry_id=self._entry_id(),

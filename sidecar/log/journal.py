@@ -134,11 +134,9 @@ class Journal:
         results: list[WriteResult] = []
         run: list[Message | WriteResult] = []
         limit = self.entry_limit
-        name, ns = "", None
         for index, entry in enumerate(entries):
             prepared = entry
-            if ns is None or entry.ns != name:  # a batch is of one namespace, nearly always
-                name, ns = entry.ns, self.namespace(entry.ns)
+            ns = self.namespace(entry.ns)
             if not _fits_inline(entry, ns):  # checked here first: most entries fit, and an await costs
                 try:
                     prepared = await self._externalize(entry, ns)

@@ -353,16 +353,16 @@ class KvApp:
                 raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
             token = request.idempotency_token
             lifecycle = self._lifecycle(namespace, request.lifecycle) if request.lifecycle is not None else {}
-            try:
-                return self.ingress.entry(namespace, Op.PUT, request.key, value=payload,
-                                          entry_id=self._token(token) if token is not None else None,
-                                          targets=targets, content_type=request.content_type, **lifecycle)
-            except (UnknownNamespace, Refused, WriteTimeError) as exc:
-                raise _entry_error(exc, namespace, "payload") from None
+            return self.ingress.entry(namespace, Op.PUT, request.key, value=payload,
+                                      entry_id=self._token(token) if token is not None else None,
+                                      targets=targets, content_type=request.content_type, **lifecycle)
         except HttpError as exc:
-            if where:
-                exc.field = f"{where}{exc.field}"
-            raise
+            error = exc
+        except (UnknownNamespace, Refused, WriteTimeError) as exc:
+            error = _entry_error(exc, namespace, "payload")
+        if where:
+            error.field = f"{where}{error.field}"
+        raise error from None
 
     async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:
         """Independent writes in one request and one group commit (not atomic: /mutate is). Each entry

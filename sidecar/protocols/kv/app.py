@@ -352,10 +352,13 @@ class KvApp:
             if request.content_type and not _CONTENT_TYPE_RE.fullmatch(request.content_type):
                 raise HttpError(400, f"must be at most {MAX_CONTENT_TYPE} printable characters", "content_type")
             token = request.idempotency_token
-            lifecycle = self._lifecycle(namespace, request.lifecycle) if request.lifecycle is not None else {}
-            return self.ingress.entry(namespace, Op.PUT, request.key, value=payload,
-                                      entry_id=self._token(token) if token is not None else None,
-                                      targets=targets, content_type=request.content_type, **lifecycle)
+            entry_id = self._token(token) if token is not None else None
+            if request.lifecycle is None:  # most entries: no `**` (a dict built per call, ~0.2 µs an entry)
+                return self.ingress.entry(namespace, Op.PUT, request.key, value=payload, entry_id=entry_id,
+                                          targets=targets, content_type=request.content_type)
+            return self.ingress.entry(namespace, Op.PUT, request.key, value=payload, entry_id=entry_id,
+                                      targets=targets, content_type=request.content_type,
+                                      **self._lifecycle(namespace, request.lifecycle))
         except HttpError as exc:
             error = exc
         except (UnknownNamespace, Refused, WriteTimeError) as exc:

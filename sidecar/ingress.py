@@ -34,7 +34,7 @@ from sidecar.log.writer import Durable, WriteResult
 from sidecar.log.writer import JournalStats as JournalStats  # re-exported: fronts see the journal only through here
 from sidecar.memcache_keys import item_size, key_problem, target_key
 from sidecar.overlay import NamespaceOverlay, Overlays
-from sidecar.reused_token import check_duplicate
+from sidecar.reused_token import check_duplicate, check_duplicates
 from sidecar.tcp import ConnectionGate
 
 
@@ -260,9 +260,8 @@ class Ingress:
             group = entries[start:start + WRITE_GROUP]
             began = trio.current_time()
             results = await self.journal.append_many(group, packable[start:start + WRITE_GROUP] if packs else ())
-            for index, result in enumerate(results):
-                if result.duplicate:  # a retry, or a client token reused for another write (a 409): read back
-                    results[index] = await check_duplicate(self.journal, [group[index]], group[index].id, result)
+            # A retry, or a client token reused for another write (a 409): each duplicate is read back.
+            await check_duplicates(self.journal, group, results)
             elapsed = trio.current_time() - began
             counts: Counter[tuple[Op, Durable]] = Counter()
             stored: list[Entry] = []

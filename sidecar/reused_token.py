@@ -12,13 +12,19 @@ What was stored can be gone by the time of the retry (a chunk deleted once every
 applied it, a message past the stream's limits): then there is nothing to compare and the
 duplicate stands, as JetStream answered it. A read that fails for another reason answers
 durable `unknown`: the client retries with the same token.
+
+A retried batch holds thousands of tokened entries, each its own duplicate: they are read back
+`READ_BACKS_AT_ONCE` at a time, not one after another (10,000 took 7.5 s one at a time).
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import msgspec
+import trio
 
 from sidecar.config import stream_name
 from sidecar.envelope import Entry, Op, decode
@@ -31,6 +37,12 @@ from sidecar.logs import get_logger
 log = get_logger("sidecar.ingress")
 
 NO_MESSAGE_FOUND = 10037  # JetStream's err_code for a sequence no longer in the stream
+# Stored messages read back at once for one request: each read holds one message (at most the server's
+# max_payload), so this bounds what a retried batch holds beside its body.
+READ_BACKS_AT_ONCE = 8
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _Gone(Exception):
@@ -46,10 +58,9 @@ async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str
     namespace = entries[0].ns
     try:
         if result.stored_at:  # an atomic batch: entry by entry, each under its own id
-            stored: list[Entry] | None = []
-            for entry, sequence in zip(entries, result.stored_at, strict=True):
-                one = await _stored_entries(journal, namespace, sequence, entry.id)
-                stored = None if one is None or stored is None else stored + one
+            pieces = await _at_once(lambda pair: _stored_entries(journal, namespace, pair[1], pair[0].id),
+                                    list(zip(entries, result.stored_at, strict=True)))
+            stored = None if any(p is None for p in pieces) else [e for p in pieces for e in p or ()]
         else:
             stored = await _stored_entries(journal, namespace, result.sequence, stored_id)
     except _Gone as exc:
@@ -67,6 +78,38 @@ async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str
         f"idempotency token reused for a different write: the write stored under it ({where}, "
         f"{len(stored)} entries) differs from this one ({len(entries)} entries); "
         "nothing of this one is stored: send it under a new token"))
+
+
+async def check_duplicates(journal: Journal, entries: Sequence[Entry], results: list[WriteResult]) -> None:
+    """`check_duplicate` for every duplicate among independent writes (a batch), in place."""
+    places = [index for index, result in enumerate(results) if result.duplicate]
+    checked = await _at_once(lambda i: check_duplicate(journal, [entries[i]], entries[i].id, results[i]), places)
+    for index, result in zip(places, checked, strict=True):
+        results[index] = result
+
+
+async def _at_once(read: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R]:
+    """`read(item)` of each item, in order, READ_BACKS_AT_ONCE running at a time; the first failure raised as
+    it is (not in an ExceptionGroup: callers catch the read's own errors)."""
+    answers: list[R | None] = [None] * len(items)
+    failures: list[Exception] = []
+    work = iter(range(len(items)))
+
+    async def worker() -> None:
+        for index in work:
+            if failures:
+                return
+            try:
+                answers[index] = await read(items[index])
+            except Exception as exc:
+                failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(READ_BACKS_AT_ONCE, len(items))):
+            nursery.start_soon(worker)
+    if failures:
+        raise failures[0]
+    return answers  # type: ignore[return-value]
 
 
 async def _stored_entries(journal: Journal, namespace: str, sequence: int, stored_id: str) -> list[Entry] | None:

@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from sidecar.config import stream_name
+from sidecar.reused_token import READ_BACKS_AT_ONCE
 from tests.support.procs import NatsProcess
 from tests.support.services import Services
 from tests.support.sidecar import base_url, build_config, kv_listener, running_sidecar, sidecar_document
@@ -71,6 +72,27 @@ async def test_a_token_reused_for_another_value_in_a_batch_is_a_conflict_not_a_d
         assert (fine["status"], fine["durable"]) == (200, "true"), fine
     values = [m.entry().value for m in await read_stream(services.nats_url, stream_name(unique))]
     assert sorted(values) == [b"fine", b"first"]
+
+
+async def test_a_retried_batch_reads_back_its_duplicates_several_at_a_time_each_answered_in_its_place(
+        services: Services, unique: str) -> None:
+    """A whole batch of tokened entries retried, some under a reused token with another value: every
+    duplicate is read back (READ_BACKS_AT_ONCE at a time), and each answer lands on its own entry."""
+    config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    count = 5 * READ_BACKS_AT_ONCE
+    batch = [{"key": f"k{n % 7}", "text": f"v{n}", "idempotency_token": f"tok-{n}"} for n in range(count)]
+    changed = {3, 17, count - 1}
+    async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
+        first = await client.post(f"/v1/log/{unique}", json=batch)
+        assert first.status_code == 200, first.text
+        sequences = [r["sequence"] for r in first.json()["results"]]
+        retried = [{**e, "text": "other"} if n in changed else e for n, e in enumerate(batch)]
+        again = await client.post(f"/v1/log/{unique}", json=retried)
+        assert again.status_code == 409, again.text
+        answers = [(r["status"], r["duplicate"], r["sequence"]) for r in again.json()["results"]]
+        assert answers == [(409, False, 0) if n in changed else (200, True, sequences[n]) for n in range(count)]
+    values = [m.entry().value for m in await read_stream(services.nats_url, stream_name(unique))]
+    assert values == [f"v{n}".encode() for n in range(count)]
 
 
 async def test_refused_entries_are_answered_on_their_own_and_not_journaled(services: Services,

@@ -7,6 +7,7 @@ import httpx
 
 from sidecar.config import stream_name
 from sidecar.envelope import Op
+from sidecar.reused_token import READ_BACKS_AT_ONCE
 from tests.support.services import Services
 from tests.support.sidecar import base_url, build_config, kv_listener, running_sidecar, sidecar_document
 from tests.support.streams import read_stream
@@ -74,15 +75,18 @@ async def test_a_reused_token_on_a_single_write_is_a_retry_or_a_conflict(service
 
 async def test_a_reused_token_on_an_atomic_batch_compares_the_values(services: Services, unique: str) -> None:
     """Small items, journaled as one atomic batch under the token's ids: the same values answer
-    duplicate; as many items with another value answer 409, and nothing of it is stored."""
+    duplicate; as many items with another value answer 409, and nothing of it is stored. Enough items
+    that their stored copies are read back several at a time (READ_BACKS_AT_ONCE), compared in order."""
     config = build_config(sidecar_document(services.nats_url, {unique: {"partitions": 4}}, [kv_listener()]))
+    texts = [f"v{n}" for n in range(3 * READ_BACKS_AT_ONCE)]
     async with running_sidecar(config), httpx.AsyncClient(base_url=base_url(config), timeout=30) as client:
-        mutation = {"items": items("a", "b"), "idempotency_token": "B"}
+        mutation = {"items": items(*texts), "idempotency_token": "B"}
         first = await client.put(f"/v1/kv/{unique}/r", json=mutation)
         assert first.status_code == 200 and not first.json()["duplicate"], first.json()
         retried = await client.put(f"/v1/kv/{unique}/r", json=mutation)
         assert retried.status_code == 200 and retried.json()["duplicate"], retried.json()
-        reused = await client.put(f"/v1/kv/{unique}/r", json={"items": items("a", "B"), "idempotency_token": "B"})
+        swapped = [*texts[:-2], texts[-1], texts[-2]]  # the same values, two of them on each other's item
+        reused = await client.put(f"/v1/kv/{unique}/r", json={"items": items(*swapped), "idempotency_token": "B"})
         assert reused.status_code == 409 and reused.json()["durable"] == "false", reused.json()
     stored = [m.entry() for m in await read_stream(services.nats_url, stream_name(unique))]
-    assert [e.value for e in stored] == [b"a", b"b"]
+    assert [e.value for e in stored] == [t.encode() for t in texts]

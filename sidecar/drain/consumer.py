@@ -93,6 +93,11 @@ class PartitionConsumer:
         self.failures = 0  # pull requests in a row answered at once with an error
         self.failing_since = 0.0  # monotonic time of the first of them
         self.failure = ""  # the last one's status and description
+        # The connection went while a pull request was out: what the server had sent on its way is gone, and
+        # JetStream would redeliver it only after AckWait, behind newer deliveries (which an older entry of a
+        # key must not follow: a log target would never get it). No more pulls; the worker restarts from the
+        # ack floor (service._supervise), where the lost deliveries come first again.
+        self.deliveries_lost = False
 
     def answered(self) -> None:
         """The consumer answered as it does when it is there (a delivery, an expiry, a limit)."""
@@ -201,7 +206,8 @@ class _Pull:
         link.on_connected.append(self.request)
 
     def request(self) -> None:
-        if self.closed or self.requested or not self.link.connected or time.monotonic() < self.not_before:
+        if self.closed or self.requested or self.consumer.deliveries_lost or not self.link.connected \
+                or time.monotonic() < self.not_before:
             return
         size, max_bytes = self.allowance(self.one_large)
         if size <= 0 or max_bytes <= 0:
@@ -235,7 +241,9 @@ class _Pull:
             self.request()
 
     def _on_lost(self, _reason: str) -> None:
-        """The request went with the connection; `request` asks again once the link is back."""
+        """The request went with the connection, and with it whatever it was bringing."""
+        if self.requested:
+            self.consumer.deliveries_lost = True
         self.requested = 0
 
     def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:

@@ -94,6 +94,7 @@ class PartitionWorker(Settling):
         self._stopping = False
         self.cancel_scope: trio.CancelScope | None = None
         self.gone_reason = ""  # why its consumer counts as gone (the worker ends; the partition is taken over)
+        self.restart = False  # it ended for deliveries lost with the connection: run anew from the ack floor
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -129,11 +130,13 @@ class PartitionWorker(Settling):
 
     def stop(self) -> None:
         """Graceful: the round in flight finishes and is acked, then the worker exits."""
+        self.restart = False
         self._stopping = True
         self._work.set()
 
     def abort(self) -> None:
         """The lease is lost: stop at once; another owner replays from the ack floor."""
+        self.restart = False
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
@@ -487,6 +490,10 @@ class PartitionWorker(Settling):
                 self.gone_reason = self.consumer.failure or "pulls keep failing"
                 if self.cancel_scope is not None:
                     self.cancel_scope.cancel()
+                return
+            if self.consumer.deliveries_lost and not self._stopping:
+                self.stop()  # what it holds is older than what was lost: its round finishes and is acked
+                self.restart = True
                 return
             self._refill()
 

@@ -4,7 +4,9 @@ An entry applied but whose ack was lost is redelivered after AckWait. Applying i
 put an older value back over a newer one on a target without write timestamps (memcached),
 so the partition skips (and acks) any delivery not newer than its key's last apply. A key
 has to be remembered only that long: two generations of plain dicts, the older dropped every
-AckWait, keep each key for one to two AckWaits after its last apply.
+AckWait, keep each key for one to two AckWaits after its last apply. (An older entry that never
+arrived, lost with the connection, is not skipped here behind a newer one: the worker restarts from
+the ack floor then, `PartitionConsumer.deliveries_lost`.)
 
 Memory is bounded in bytes for the whole process, not per partition: every partition worker
 of the drain charges one `RecentBudget` (an eighth of `sidecar.drain.max_held_bytes`). A

@@ -403,6 +403,11 @@ class DrainService:
     async def _supervise(self, lease: _Lease) -> None:
         try:
             await lease.worker.run()
+            while lease.worker.restart and not self._stopping:
+                log.info("partition_restarted", key=lease.key,
+                         reason="deliveries lost with the NATS connection: again from the ack floor, in order")
+                lease.worker = PartitionWorker(lease.drainer, lease.partition, lease.drainer.consumer(lease.partition))
+                await lease.worker.run()
         except ConsumerGone as exc:
             lease.drainer.consumer_gone(lease.partition, str(exc))
         except Exception as exc:  # the partition is released and retried on a later tick

@@ -7,14 +7,17 @@ replay through the real CLI.
 
 from __future__ import annotations
 
+import trio
+
 from sidecar.envelope import Op
 from sidecar.log.streams import dlq_stream_name
 from tests.integration.test_drain import write_load
 from tests.integration.test_injector_tls import issue, make_ca
 from tests.integration.test_replay import walcar, write_config
+from tests.support.faultproxy import FaultProxy
 from tests.support.httpapp import RecordingApp, served
 from tests.support.services import Services
-from tests.support.sidecar import build_config, running_sidecar, sidecar_document
+from tests.support.sidecar import build_config, free_port, running_sidecar, sidecar_document
 from tests.support.streams import read_stream
 from tests.support.waiting import converge, until
 
@@ -77,6 +80,39 @@ async def test_no_loss_across_an_outage_and_a_503_with_retry_after(services: Ser
             await converge(lambda: in_order(app, last), 90, "the backlog after the outage")
             assert drainer.stats.dead_lettered == 0
             assert sum(len(v) for v in app.applied.values()) == 3000
+
+
+async def test_a_delivery_lost_with_the_connection_still_comes_before_newer_entries_of_its_key(
+        services: Services, unique: str) -> None:
+    """The connection to NATS goes while the server is sending the drain an entry. JetStream would send it
+    again only after AckWait, after a newer entry of its key, and the drain (which skips what is not newer
+    than its key's last apply) would never send it on: an event missing from the application's log. The
+    partition starts again from its ack floor instead: every entry arrives, in order, well before AckWait."""
+    app = RecordingApp()
+    host, port = services.nats_url.removeprefix("nats://").rsplit(":", 1)
+    proxy = FaultProxy((host, int(port))).start()
+    async with served(app) as server:
+        direct = sidecar_document(services.nats_url, {unique: {"partitions": 1, "retry": FAST_RETRY,
+                                                               "targets": [http_target(server.url)]}},
+                                  drain={"lease_ttl": "2s", "ack_wait": "60s"})
+        through_proxy = {**direct, "sidecar": {**direct["sidecar"], "nats_url": f"nats://127.0.0.1:{proxy.port}",
+                                               "admin": f"127.0.0.1:{free_port()}"}}
+        async with running_sidecar(build_config(direct), role="ingress") as writer, \
+                running_sidecar(build_config(through_proxy), role="drain"):
+            async def put(value: bytes) -> None:
+                assert (await writer.ingress.write(writer.ingress.entry(unique, Op.PUT, "k", value=value))).ok
+
+            await put(b"1")
+            await until(lambda: app.applied.get("k") == [b"1"], 30, "the first entry")
+            proxy.stall_replies.set()  # the server's sending to the drain is held in the proxy ...
+            await put(b"2")  # ... so this reaches the drain's waiting pull, and stops there
+            await trio.sleep(0.5)
+            proxy.sever()  # and is lost with the connection
+            proxy.stall_replies.clear()
+            await put(b"3")
+            await until(lambda: len(app.applied.get("k", [])) >= 3, 30, "all three, long before the 60 s AckWait")
+            assert app.applied["k"] == [b"1", b"2", b"3"]
+    proxy.close()
 
 
 async def test_a_4xx_is_dead_lettered_with_status_and_body_and_others_flow(services: Services, unique: str) -> None:

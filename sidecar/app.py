@@ -43,9 +43,6 @@ from sidecar.tcp import ByteBudget
 
 log = get_logger("sidecar")
 
-# Tracked objects allocated (net) before a young collection; CPython's default is 700.
-YOUNG_GC_THRESHOLD = 10_000
-
 Role = Literal["ingress", "drain", "all"]
 
 
@@ -158,10 +155,6 @@ class Sidecar:
                 # Startup's own garbage is collected first, so none of it is frozen for good.
                 gc.collect()
                 gc.freeze()
-                # A KV batch allocates a few thousand short-lived objects at once: at the default young
-                # threshold (700) every batch ran the young collector, ~5% of that path's CPU. Cycles are
-                # rare here (the hot structs are gc=False), so a larger young generation costs little.
-                gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
                 log.info("ready")
                 await self._shutdown.wait()
                 await trio.sleep(config.sidecar.shutdown_grace)

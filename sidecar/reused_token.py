@@ -37,8 +37,8 @@ from sidecar.logs import get_logger
 log = get_logger("sidecar.ingress")
 
 NO_MESSAGE_FOUND = 10037  # JetStream's err_code for a sequence no longer in the stream
-# Stored messages read back at once for one request: each read holds one message (at most the server's
-# max_payload), so this bounds what a retried batch holds beside its body.
+# Stored writes read back at once for one request: each read holds one (its message, or a chunked value or
+# MULTI object read whole, at most max_item_size), so this bounds what a retried batch holds beside its body.
 READ_BACKS_AT_ONCE = 8
 
 T = TypeVar("T")
@@ -83,16 +83,18 @@ async def check_duplicate(journal: Journal, entries: list[Entry], stored_id: str
 async def check_duplicates(journal: Journal, entries: Sequence[Entry], results: list[WriteResult]) -> None:
     """`check_duplicate` for every duplicate among independent writes (a batch), in place."""
     places = [index for index, result in enumerate(results) if result.duplicate]
+    if not places:  # nearly every batch: no nursery
+        return
     checked = await _at_once(lambda i: check_duplicate(journal, [entries[i]], entries[i].id, results[i]), places)
     for index, result in zip(places, checked, strict=True):
         results[index] = result
 
 
 async def _at_once(read: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R]:
-    """`read(item)` of each item, in order, READ_BACKS_AT_ONCE running at a time; the first failure raised as
-    it is (not in an ExceptionGroup: callers catch the read's own errors)."""
+    """`read(item)` of each item, in order, READ_BACKS_AT_ONCE running at a time; the failure of the first item
+    that failed raised as it is (not in an ExceptionGroup: callers catch the read's own errors)."""
     answers: list[R | None] = [None] * len(items)
-    failures: list[Exception] = []
+    failures: list[tuple[int, Exception]] = []
     work = iter(range(len(items)))
 
     async def worker() -> None:
@@ -102,13 +104,13 @@ async def _at_once(read: Callable[[T], Awaitable[R]], items: Sequence[T]) -> lis
             try:
                 answers[index] = await read(items[index])
             except Exception as exc:
-                failures.append(exc)
+                failures.append((index, exc))
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(READ_BACKS_AT_ONCE, len(items))):
             nursery.start_soon(worker)
     if failures:
-        raise failures[0]
+        raise min(failures, key=lambda failure: failure[0])[1]
     return answers  # type: ignore[return-value]
 
 

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import trio
 
 from sidecar.drain.nats import DrainLink, DrainNats
 from sidecar.log.connection import JetStreamApiError
@@ -79,8 +80,13 @@ MAX_BYTES_EXCEEDED = b"Message Size Exceeds MaxBytes"
 
 class PartitionConsumer:
     def __init__(self, nats: DrainNats, stream: str, target: str, subject: str, partition: int,
-                 ack_wait: float, max_ack_pending: int, first_start: float | None = None) -> None:
+                 ack_wait: float, max_ack_pending: int, first_start: float | None = None,
+                 recreating: dict[int, int] | None = None) -> None:
         self.nats = nats
+        self.partition = partition
+        # The target's partitions whose consumer was deleted and not created again (a create that failed):
+        # partition -> the sequence to start from, which the deleted consumer's ack floor said.
+        self.recreating = recreating if recreating is not None else {}
         self.stream = stream
         self.name = consumer_name(target, partition)
         self.subject = subject
@@ -150,14 +156,18 @@ class PartitionConsumer:
 
         Returns the first sequence it will deliver."""
         info = await self.info()
-        start = 1
-        if info is not None:
-            start = int(info["ack_floor"]["stream_seq"]) + 1
-            await self.nats.js_api(f"CONSUMER.DELETE.{self.stream}.{self.name}")
-        await self.nats.js_api(
-            f"CONSUMER.CREATE.{self.stream}.{self.name}",
-            {"stream_name": self.stream, "config": self._config(start), "action": "create"},
-        )
+        start = self.recreating.get(self.partition, 1)
+        # Shielded: cancelled between the two, the consumer and its ack floor would be gone, and the next
+        # owner would start from the stream's first entry. A failed create leaves the floor in `recreating`.
+        with trio.CancelScope(shield=True):
+            if info is not None:
+                start = self.recreating[self.partition] = int(info["ack_floor"]["stream_seq"]) + 1
+                await self.nats.js_api(f"CONSUMER.DELETE.{self.stream}.{self.name}")
+            await self.nats.js_api(
+                f"CONSUMER.CREATE.{self.stream}.{self.name}",
+                {"stream_name": self.stream, "config": self._config(start), "action": "create"},
+            )
+            self.recreating.pop(self.partition, None)
         self.sink = sink
         assert self.nats.link is not None, "the drain needs the connection's link (open_journal opens it)"
         self._pull = _Pull(self.nats.link, self, allowance)
@@ -247,7 +257,7 @@ class _Pull:
         self.requested = 0
 
     def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if self.closed:
+        if self.closed or self.consumer.deliveries_lost:  # the restart from the ack floor brings it again
             return
         if not reply and headers:
             status = reply_status(headers)

@@ -435,7 +435,7 @@ class PartitionWorker(Settling):
                 try:
                     entries.append(held.entry if held.entry.chunk is None else await self._with_payload(held.entry))
                 except ApplyError as exc:  # the run stops at this entry (an ordered run holds other keys before it)
-                    stopped[index] = exc
+                    stopped[index] = exc.with_traceback(None)  # no traceback: a cycle holding payloads
                     break
             if entries:
                 plain.append((index, entries))
@@ -492,8 +492,11 @@ class PartitionWorker(Settling):
                     self.cancel_scope.cancel()
                 return
             if self.consumer.deliveries_lost and not self._stopping:
-                self.stop()  # what it holds is older than what was lost: its round finishes and is acked
+                self.stop()  # what it holds is older than what was lost: applied and acked first, if it can be
                 self.restart = True
+                await trio.sleep(self.ack_wait / 3)  # paused, or the breaker open: restart without waiting
+                if self.restart and self.cancel_scope is not None:
+                    self.cancel_scope.cancel()
                 return
             self._refill()
 

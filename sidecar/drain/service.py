@@ -82,6 +82,7 @@ class TargetDrainer:
         self.chunks = service.journal.chunks
         self.scope = trio.CancelScope()  # its probe and pump tasks: cancelled when the target is removed
         self.gone = False  # its consumers or stream are gone (logged once, until a partition is back)
+        self.recreating: dict[int, int] = {}  # partitions whose consumer is between delete and create (consumer.py)
 
     def consumer_gone(self, partition: int, reason: str) -> None:
         """A partition's consumer or stream is gone: logged once per episode, not per partition and retry."""
@@ -170,6 +171,7 @@ class TargetDrainer:
             ack_wait=self.settings.ack_wait,
             max_ack_pending=self.settings.max_inflight * 2,
             first_start=parse_start(self.config.start) if self.config.start != "oldest" else None,
+            recreating=self.recreating,
         )
 
     async def probe_loop(self) -> None:

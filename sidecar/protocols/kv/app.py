@@ -72,6 +72,13 @@ def _mutation_entries(request: models.MutateItems) -> int:
     return sum(max(1, len(m.items or m.item_keys or ())) for m in request.mutations)
 
 
+def _placed(error: HttpError, where: str) -> HttpError:
+    """`error` naming its field within a batch entry (`[3].payload`)."""
+    if where:
+        error.field = f"{where}{error.field}"
+    return error
+
+
 def _entry_error(exc: Exception, namespace: str, where: str, key_field: str = "key", item_field: str = "item",
                  expires_field: str = "") -> HttpError:
     """What `Ingress.entry` refused, as the API answers it; `where` names the value's field, `key_field` and
@@ -359,13 +366,12 @@ class KvApp:
             return self.ingress.entry(namespace, Op.PUT, request.key, value=payload, entry_id=entry_id,
                                       targets=targets, content_type=request.content_type,
                                       **self._lifecycle(namespace, request.lifecycle))
+        # Raised from inside the except blocks, whose names go with them: an exception kept in a local of
+        # this frame (which its traceback holds) would be a cycle keeping the entry's payload until a GC.
         except HttpError as exc:
-            error = exc
+            raise _placed(exc, where) from None
         except (UnknownNamespace, Refused, WriteTimeError) as exc:
-            error = _entry_error(exc, namespace, "payload")
-        if where:
-            error.field = f"{where}{error.field}"
-        raise error from None
+            raise _placed(_entry_error(exc, namespace, "payload"), where) from None
 
     async def _write_log_batch(self, namespace: str, requests: list[models.WriteToLog]) -> tuple[int, object]:
         """Independent writes in one request and one group commit (not atomic: /mutate is). Each entry

@@ -29,6 +29,7 @@ import trio
 from sidecar.drain.nats import DrainLink, DrainNats
 from sidecar.log.connection import JetStreamApiError
 from sidecar.log.link import Timer, new_inbox, reply_status
+from sidecar.log.streams import STREAM_NOT_FOUND
 
 CONSUMER_NOT_FOUND = 10014
 ACK = b"+ACK"
@@ -158,15 +159,21 @@ class PartitionConsumer:
         info = await self.info()
         start = self.recreating.get(self.partition, 1)
         # Shielded: cancelled between the two, the consumer and its ack floor would be gone, and the next
-        # owner would start from the stream's first entry. A failed create leaves the floor in `recreating`.
+        # owner would start from the stream's first entry. A failed create leaves the floor in `recreating`
+        # for this process's next attempt, unless the stream is gone (a new one starts from its beginning).
         with trio.CancelScope(shield=True):
             if info is not None:
                 start = self.recreating[self.partition] = int(info["ack_floor"]["stream_seq"]) + 1
                 await self.nats.js_api(f"CONSUMER.DELETE.{self.stream}.{self.name}")
-            await self.nats.js_api(
-                f"CONSUMER.CREATE.{self.stream}.{self.name}",
-                {"stream_name": self.stream, "config": self._config(start), "action": "create"},
-            )
+            try:
+                await self.nats.js_api(
+                    f"CONSUMER.CREATE.{self.stream}.{self.name}",
+                    {"stream_name": self.stream, "config": self._config(start), "action": "create"},
+                )
+            except JetStreamApiError as exc:
+                if exc.err_code == STREAM_NOT_FOUND:
+                    self.recreating.pop(self.partition, None)
+                raise
             self.recreating.pop(self.partition, None)
         self.sink = sink
         assert self.nats.link is not None, "the drain needs the connection's link (open_journal opens it)"

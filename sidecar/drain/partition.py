@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from sidecar.drain.consumer import IN_PROGRESS, ConsumerGone, Delivered, PartitionConsumer
+from sidecar.drain.consumer import CONSUMER_NOT_FOUND, IN_PROGRESS, ConsumerGone, Delivered, PartitionConsumer
 from sidecar.drain.held import (
     ENTRY_OVERHEAD,
     PULL_COST_PER_BYTE,
@@ -48,6 +48,7 @@ from sidecar.drain.targets.base import ApplyError, ErrorClass, RunOutcome
 from sidecar.envelope import MAX_PACK_ENTRIES, Entry, Op, decode, decode_pieces, is_pack
 from sidecar.log.connection import JetStreamApiError
 from sidecar.log.payloads import PayloadError, expand_multi, with_payload
+from sidecar.log.streams import STREAM_NOT_FOUND
 from sidecar.logs import get_logger
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 log = get_logger("drain")
 # JetStream API errors of a take-over that mean the stream (or the consumer) is not there.
-GONE_ERRORS = frozenset({10059, 10014})  # stream not found, consumer not found
+GONE_ERRORS = frozenset({STREAM_NOT_FOUND, CONSUMER_NOT_FOUND})
 
 
 class PartitionWorker(Settling):
@@ -495,6 +496,8 @@ class PartitionWorker(Settling):
                 self.stop()  # what it holds is older than what was lost: applied and acked first, if it can be
                 self.restart = True
                 await trio.sleep(self.ack_wait / 3)  # paused, or the breaker open: restart without waiting
+                while self.restart and self.rounds:  # noqa: ASYNC110 - a target call in flight would land after the replay
+                    await trio.sleep(0.25)
                 if self.restart and self.cancel_scope is not None:
                     self.cancel_scope.cancel()
                 return

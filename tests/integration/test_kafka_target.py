@@ -22,7 +22,8 @@ from sidecar.envelope import Op
 from sidecar.log.streams import dlq_stream_name
 from tests.integration.test_drain import write_load
 from tests.integration.test_replay import walcar, write_config
-from tests.support.procs import KafkaProcess
+from tests.support.faultproxy import FaultProxy
+from tests.support.procs import KafkaProcess, free_port
 from tests.support.services import Services
 from tests.support.sidecar import build_config, running_sidecar, sidecar_document
 from tests.support.streams import read_stream
@@ -155,6 +156,35 @@ async def test_complete_and_in_order_across_a_broker_restart(services: Services,
         records = await trio.to_thread.run_sync(consume, private_kafka.bootstrap, topic, 7000)
         assert drainer.stats.dead_lettered == 0
     assert len({r.id for r in records}) == 7000
+    assert not in_order_per_key(records)
+
+
+@ORDERINGS
+async def test_complete_and_in_order_when_the_drains_nats_connection_is_cut_mid_drain(
+        services: Services, unique: str, ordering: str) -> None:
+    """The drain's connection to NATS (through a proxy) cut three times while it drains: what the server was
+    sending each time is lost on the wire, and JetStream would send it again only after AckWait (60 s here),
+    after newer entries. Every entry still reaches the topic within the test, each key's in journal order."""
+    topic = f"walcar.{unique}"
+    await trio.to_thread.run_sync(create_topic, services.kafka, topic)
+    host, port = services.nats_url.removeprefix("nats://").rsplit(":", 1)
+    proxy = FaultProxy((host, int(port))).start()
+    direct = document(services, unique, kafka_target(services.kafka, topic, ordering=ordering))
+    direct["sidecar"]["drain"] = {**DRAIN, "ack_wait": "60s"}
+    through_proxy = {**direct, "sidecar": {**direct["sidecar"], "nats_url": f"nats://127.0.0.1:{proxy.port}",
+                                           "admin": f"127.0.0.1:{free_port()}"}}
+    keys = [f"k{i}" for i in range(50)]
+    try:
+        async with running_sidecar(build_config(direct), role="ingress") as writer, \
+                running_sidecar(build_config(through_proxy), role="drain"):
+            for cut in range(3):
+                await write_load(writer.ingress, unique, keys, 1000, first=cut * 1000)
+                await trio.sleep(0.05)  # the drain is reading the burst
+                proxy.sever()
+            records = await trio.to_thread.run_sync(lambda: consume(services.kafka, topic, 3000, timeout=45))
+    finally:
+        proxy.close()
+    assert len({r.id for r in records}) == 3000
     assert not in_order_per_key(records)
 
 

@@ -161,6 +161,10 @@ class TargetDrainer:
     def spawn(self, factory: Callable[[], Awaitable[None]]) -> None:
         self.service.spawn(factory)
 
+    def worker(self, partition: int) -> PartitionWorker:
+        """A worker for the partition, on a consumer of its own (taken over from the ack floor when it runs)."""
+        return PartitionWorker(self, partition, self.consumer(partition))
+
     def consumer(self, partition: int) -> PartitionConsumer:
         return PartitionConsumer(
             self.service.nats,
@@ -380,7 +384,7 @@ class DrainService:
             revision = await self.leases.acquire(key)
             if revision is None:
                 continue
-            worker = PartitionWorker(drainer, partition, drainer.consumer(partition))
+            worker = drainer.worker(partition)
             lease = _Lease(key, revision, drainer, partition, worker, time.monotonic(), trio.Event())
             self.held[key] = lease
             mine.append(lease)
@@ -408,7 +412,7 @@ class DrainService:
             while lease.worker.restart and not self._stopping:
                 log.info("partition_restarted", key=lease.key,
                          reason="deliveries lost with the NATS connection: again from the ack floor, in order")
-                lease.worker = PartitionWorker(lease.drainer, lease.partition, lease.drainer.consumer(lease.partition))
+                lease.worker = lease.drainer.worker(lease.partition)
                 await lease.worker.run()
         except ConsumerGone as exc:
             lease.drainer.consumer_gone(lease.partition, str(exc))
